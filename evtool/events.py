@@ -1,0 +1,161 @@
+"""Events: the one validator shared by sender, receiver and processor (design section 2).
+
+A line is parsed with orjson; numbers that orjson could only give as a float (decimals, and
+integers too large for 64 bits) are re-read from the text with the standard library as exact
+`Decimal`s, so a value is never rounded. Values with more than `MAX_SCALE` digits after the
+point, or of `MAX_ABS` or more, are rejected rather than rounded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from hashlib import blake2b
+
+import orjson
+
+from .errors import InvalidEvent, MalformedJSON
+
+NAMES = ("add_revenue", "subtract_revenue")
+MAX_USER_ID = 256
+MAX_EVENT_ID = 128
+MAX_SCALE = 18  # digits after the decimal point that are kept exactly
+MAX_ABS = Decimal(10) ** 20
+# Ids that start with this are made by `evtool serve`; clients may not send them.
+RECEIVER_ID_PREFIX = "~"
+
+Value = int | Decimal
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    """A valid event. `value` is exact: an int, or a Decimal when it has a fraction."""
+
+    user_id: str
+    name: str
+    value: Value
+    event_id: str | None
+    obj: dict
+
+    @property
+    def delta(self) -> Value:
+        """The signed change this event makes to its user's total."""
+        return self.value if self.name == "add_revenue" else -self.value
+
+
+def _exact_value(text: bytes | str) -> Decimal:
+    """Re-read the `value` of an object with the standard library, as an exact Decimal."""
+    try:
+        obj = json.loads(text, parse_float=Decimal, parse_int=Decimal)
+    except (ValueError, RecursionError) as exc:  # pragma: no cover - orjson accepted it
+        raise MalformedJSON(f"malformed JSON: {exc}") from None
+    return obj["value"]
+
+
+def _check_decimal(d: Decimal) -> Value:
+    if not d.is_finite():
+        raise InvalidEvent("value must be a finite number")
+    if d < 0:
+        raise InvalidEvent("value must be >= 0")
+    if d >= MAX_ABS:
+        raise InvalidEvent(f"value must be less than 1e{MAX_ABS.adjusted()}")
+    try:
+        exponent = d.normalize().as_tuple().exponent
+    except InvalidOperation:  # pragma: no cover - bounded above
+        raise InvalidEvent("value cannot be kept exactly") from None
+    if isinstance(exponent, int) and exponent < -MAX_SCALE:
+        raise InvalidEvent(
+            f"value has more than {MAX_SCALE} digits after the point and cannot be kept exactly"
+        )
+    if exponent >= 0:
+        return int(d)
+    return d
+
+
+def parse_json(raw: bytes | str) -> object:
+    """Parse one JSON text, raising MalformedJSON with a short reason."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJSON(f"malformed JSON: {exc}") from None
+
+
+def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: bool = False) -> Event:
+    """Check a parsed object against the event rules and return the Event.
+
+    `raw` is the JSON text `obj` came from; it is needed only to read a decimal value exactly.
+    `allow_reserved` lets receiver-made ids through (the processor reads them from journals).
+    """
+    if not isinstance(obj, dict):
+        raise InvalidEvent("an event must be a JSON object")
+    user_id = obj.get("userId")
+    if not isinstance(user_id, str) or not user_id:
+        raise InvalidEvent("userId must be a non-empty string")
+    if len(user_id) > MAX_USER_ID:
+        raise InvalidEvent(f"userId is longer than {MAX_USER_ID} characters")
+    name = obj.get("name")
+    if name not in NAMES:
+        raise InvalidEvent("name must be add_revenue or subtract_revenue")
+    if "value" not in obj:
+        raise InvalidEvent("value is missing")
+    value = obj["value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise InvalidEvent("value must be a number")
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidEvent("value must be >= 0")
+        if value >= MAX_ABS:
+            raise InvalidEvent(f"value must be less than 1e{MAX_ABS.adjusted()}")
+    else:
+        if isinstance(value, float):
+            if raw is None:
+                raise InvalidEvent("value must be given as JSON text to be read exactly")
+            value = _exact_value(raw)
+        value = _check_decimal(value)
+    event_id = obj.get("eventId")
+    if event_id is not None:
+        check_event_id(event_id, allow_reserved=allow_reserved)
+    return Event(user_id, name, value, event_id, obj)
+
+
+def check_event_id(event_id: object, *, allow_reserved: bool = False) -> str:
+    """Raise InvalidEvent unless `event_id` is an acceptable id."""
+    if not isinstance(event_id, str) or not event_id:
+        raise InvalidEvent("eventId must be a non-empty string")
+    if len(event_id) > MAX_EVENT_ID:
+        raise InvalidEvent(f"eventId is longer than {MAX_EVENT_ID} characters")
+    if not event_id.isprintable():
+        raise InvalidEvent("eventId must contain printable characters only")
+    if not allow_reserved and event_id.startswith(RECEIVER_ID_PREFIX):
+        raise InvalidEvent(f"eventId may not start with {RECEIVER_ID_PREFIX!r} (reserved for the receiver)")
+    return event_id
+
+
+def parse_line(raw: bytes, *, allow_reserved: bool = False) -> Event:
+    """Parse and validate one line (without its line ending)."""
+    return validate(parse_json(raw), raw, allow_reserved=allow_reserved)
+
+
+def format_value(value: Value) -> str:
+    """The exact JSON text of a value (no exponent, no float rounding)."""
+    if isinstance(value, int):
+        return str(value)
+    return format(value, "f")
+
+
+def value_fragment(value: Value) -> int | orjson.Fragment:
+    """What to hand orjson so a value is written with exactly its digits."""
+    if isinstance(value, int):
+        return value
+    return orjson.Fragment(format_value(value).encode())
+
+
+def event_digest(event_id: str) -> bytes:
+    """The 16-byte dedup key of an event that has an id."""
+    return blake2b(event_id.encode(), digest_size=16).digest()
+
+
+def position_digest(fingerprint: bytes, offset: int) -> bytes:
+    """The 16-byte dedup key of a line without an id: its journal and byte offset."""
+    return blake2b(b"\0pos" + fingerprint + offset.to_bytes(8, "big"), digest_size=16).digest()
