@@ -1,0 +1,136 @@
+"""The journal's single writer: exclusive lock, one write per group, group commit (design section 4).
+
+`JournalAppender.append` is called by each request with that request's complete lines. Requests
+that arrive while a write+fsync is in flight are queued; one background task writes everything
+queued with one `os.write` loop on the `O_APPEND` descriptor and one `fdatasync`, in a worker
+thread so the event loop keeps accepting, then answers every waiter. A failed group is cut back
+off the file with `ftruncate`, so nothing of a failed request stays in the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from .errors import JournalLocked, JournalWriteError
+
+
+class JournalAppender:
+    """Appends complete lines to one journal file, holding an exclusive lock on it."""
+
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise JournalWriteError(f"cannot open journal {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise JournalLocked(
+                    f"journal {self.path} is locked: another `evtool serve` writes it"
+                ) from None
+            raise JournalWriteError(f"cannot lock journal {self.path}: {exc.strerror or exc}") from None
+        self._size = os.fstat(self._fd).st_size
+        self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+        self._last_error: str | None = None
+
+    @property
+    def size(self) -> int:
+        """Current journal size in bytes (what has been written successfully)."""
+        return self._size
+
+    @property
+    def healthy(self) -> bool:
+        """False after a failed write, until a later write succeeds."""
+        return self._last_error is None
+
+    @property
+    def last_error(self) -> str | None:
+        """The message of the last failed write, or None when the last write succeeded."""
+        return self._last_error
+
+    async def append(self, data: bytes) -> None:
+        """Write `data` (complete lines) and return once it is durable (written, with fsync off).
+
+        Raises JournalWriteError when the write or fsync failed; then none of `data` is in the file.
+        """
+        if self._closed:
+            raise JournalWriteError(f"journal {self.path} is closed")
+        if not data:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._queue.append((data, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        # A cancelled waiter does not stop the write: the group is written for the others anyway.
+        await fut
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            group, self._queue = self._queue, []
+            buf = group[0][0] if len(group) == 1 else b"".join(data for data, _ in group)
+            try:
+                await loop.run_in_executor(None, self._write_group, buf)
+            except Exception as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                self._last_error = f"journal write failed: {reason}"
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(JournalWriteError(self._last_error))
+            else:
+                self._last_error = None
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_result(None)
+
+    def _write_group(self, buf: bytes) -> None:
+        """Runs in a worker thread: write all of `buf`, fsync; on failure cut the file back."""
+        fd = self._fd
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(buf)
+            done = 0
+            while done < len(buf):
+                n = os.write(fd, view[done:])
+                if n <= 0:  # pragma: no cover - regular files do not do this
+                    raise OSError(errno.EIO, "write made no progress")
+                done += n
+            if self.fsync:
+                os.fdatasync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+                if self.fsync:
+                    os.fdatasync(fd)
+            except OSError:
+                pass  # the original error is the one to report
+            raise
+        self._size = start + len(buf)
+
+    async def close(self) -> None:
+        """Finish and fsync what is in flight, release the lock and close the file."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        try:
+            if not self.fsync:
+                try:
+                    os.fdatasync(self._fd)
+                except OSError:
+                    pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)

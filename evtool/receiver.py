@@ -1,0 +1,441 @@
+"""`evtool serve`: the HTTP receiver that appends accepted events to the journal (design section 7).
+
+Routes: `POST /liveEvent` (one JSON object, a JSON array or NDJSON), `GET /userEvents/<userId>`,
+`GET /healthz`. Every answer is JSON; every error is `{"error": "<sentence>"}`, aiohttp's own
+errors included (unknown route, wrong method, body too large, malformed HTTP).
+
+A request is answered 200 only after all its lines went to the journal in one append (written
+and fsynced with group commit, see `appender`). A request that fails writes nothing.
+
+Limits: the body is capped by `max_body` (aiohttp's `client_max_size`), each event line or object
+by `max_line`, and reading the body by `request_timeout`. Request line and headers use aiohttp's
+defaults (8190 bytes per line and per header field, 32 KiB for all headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
+
+from . import events
+from .appender import JournalAppender
+from .errors import ConfigError, EvtoolError, InvalidEvent, JournalWriteError, MalformedJSON, UnknownUser
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN = "secret"
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+JSON_TYPES = frozenset({"application/json"})
+
+_JSON = "application/json"
+_ORJSON_POS = re.compile(r": line 1 column (\d+) \(char \d+\)$")
+
+APPENDER_KEY = web.AppKey("appender", JournalAppender)
+
+
+@dataclass
+class ServeSettings:
+    """Everything `evtool serve` needs; the CLI fills it from options and environment."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    journal: Path = Path("server-events.jsonl")
+    token: str | None = None  # None -> DEFAULT_TOKEN, allowed only on loopback
+    fsync: bool = True
+    max_body: int = 16 * 1024 * 1024  # bytes per request
+    max_line: int = 1024 * 1024  # bytes per event line / single object
+    request_timeout: float = 30.0  # seconds to receive a request body
+    # Sync function used by GET /userEvents/<id>, run in a thread. None -> 503.
+    revenue_lookup: Callable[[str], Decimal | int | None] | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` is a loopback address or `localhost`."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_settings(s: ServeSettings) -> str:
+    """Return the effective token; raise ConfigError for settings that must not start."""
+    if s.token is not None:
+        if not s.token:
+            raise ConfigError("the token must not be empty")
+        return s.token
+    if not is_loopback(s.host):
+        raise ConfigError(
+            f"refusing to listen on {s.host} with the default token: "
+            "pass --token or set EVTOOL_TOKEN"
+        )
+    return DEFAULT_TOKEN
+
+
+# ---------------------------------------------------------------------------------------------
+# responses
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type=_JSON, headers=headers)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return _json(status, {"error": message}, headers)
+
+
+class _Refused(Exception):
+    """A request refused with a status and a sentence (turned into a JSON error)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: int) -> str:
+    if exc.status == 404:
+        return f"not found: {request.path[:200]}"
+    if exc.status == 405:
+        return f"method {request.method} is not allowed on {request.path[:200]}"
+    if exc.status == 413:
+        return f"request body is larger than the limit of {max_body} bytes"
+    return exc.reason or "request refused"
+
+
+# ---------------------------------------------------------------------------------------------
+# the app
+
+
+class _Receiver:
+    """Request handlers; one instance per app, holding settings, token and the id generator."""
+
+    def __init__(self, s: ServeSettings, appender: JournalAppender) -> None:
+        self.s = s
+        self.appender = appender
+        self.token = check_settings(s).encode()
+        # Receiver-made ids: "~" + random per-process prefix + "-" + counter, unique by construction.
+        self._id_prefix = f"{events.RECEIVER_ID_PREFIX}{os.urandom(6).hex()}-"
+        self._counter = itertools.count(1)
+
+    def fresh_id(self) -> str:
+        return f"{self._id_prefix}{next(self._counter)}"
+
+    def authorized(self, request: web.Request) -> bool:
+        given = request.headers.get("Authorization")
+        if given is None:
+            return False
+        if given[:7].lower() == "bearer ":
+            given = given[7:]
+        return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), self.token)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Auth on every route but /healthz, and every error as a JSON sentence."""
+        try:
+            if request.path != "/healthz" and not self.authorized(request):
+                return _error(
+                    401,
+                    "missing or wrong token: send it in the Authorization header",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+            return await handler(request)
+        except _Refused as exc:
+            return _error(exc.status, exc.message)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return _error(exc.status, _http_error_message(exc, request, self.s.max_body), headers)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            log.exception("internal error on %s %s", request.method, request.path[:200])
+            return _error(500, "internal server error")
+
+    # -- POST /liveEvent ----------------------------------------------------------------------
+
+    async def live_event(self, request: web.Request) -> web.Response:
+        if "Content-Type" in request.headers:
+            ctype = request.content_type
+            if ctype in NDJSON_TYPES:
+                ndjson = True
+            elif ctype in JSON_TYPES:
+                ndjson = False
+            else:
+                raise _Refused(415, f"unsupported content type {ctype[:100]!r}: send application/json "
+                               "(one event or an array) or application/x-ndjson (one event per line)")
+        else:
+            ndjson = False  # original clients may send no content type: treat as JSON
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            try:
+                events.check_event_id(key)
+            except InvalidEvent as exc:
+                raise _Refused(400, f"Idempotency-Key header: {exc.reason}") from None
+        try:
+            async with asyncio.timeout(self.s.request_timeout):
+                body = await request.read()
+        except TimeoutError:
+            raise _Refused(408, f"request body not received within {self.s.request_timeout:g} s") from None
+        if ndjson:
+            data, count = self._ndjson(body, key)
+            single_id = None
+        else:
+            data, count, single_id = self._json(body, key)
+        if count:
+            try:
+                await self.appender.append(data)
+            except JournalWriteError as exc:
+                return _error(503, f"{exc}; nothing was stored, retry later", {"Retry-After": "1"})
+        if single_id is not None:
+            return _json(200, {"message": "Event received", "eventId": single_id})
+        return _json(200, {"accepted": count})
+
+    def _key_id(self, key: str, n: int) -> str:
+        """The id of the n-th (1-based) event of a bulk request that carries an Idempotency-Key."""
+        event_id = f"{key}#{n}"
+        try:
+            return events.check_event_id(event_id)
+        except InvalidEvent as exc:
+            raise _Refused(400, f"Idempotency-Key header: id {event_id[:40]!r}...: {exc.reason}") from None
+
+    def _ndjson(self, body: bytes, key: str | None) -> tuple[bytes, int]:
+        """Validate an NDJSON body; return the lines to store and how many events they are.
+
+        With an Idempotency-Key, an event without an eventId gets `KEY#i`, i being its 1-based
+        position among the request's events (blank lines are not counted), so it equals the line
+        number when the body has no blank lines.
+        """
+        max_line = self.s.max_line
+        parse = events.parse_json
+        validate = events.validate
+        out: list[bytes] = []
+        n = 0
+        for lineno, raw in enumerate(body.split(b"\n"), 1):
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            if not raw or raw.isspace():
+                continue
+            if len(raw) > max_line:
+                raise _Refused(413, f"line {lineno} is longer than the limit of {max_line} bytes")
+            n += 1
+            try:
+                obj = parse(raw)
+                event = validate(obj, raw)
+            except MalformedJSON as exc:
+                raise _Refused(400, f"line {lineno}: {_line_reason(exc)}") from None
+            except InvalidEvent as exc:
+                raise _Refused(422, f"line {lineno}: {exc.reason}") from None
+            if event.event_id is not None:
+                out.append(raw)  # fast path: the client's bytes, unchanged
+                continue
+            event_id = self._key_id(key, n) if key is not None else self.fresh_id()
+            out.append(_with_id(raw, obj, event, event_id))
+        out.append(b"")
+        return b"\n".join(out), n
+
+    def _json(self, body: bytes, key: str | None) -> tuple[bytes, int, str | None]:
+        """Validate an application/json body: one object, or an array of objects (a bulk)."""
+        try:
+            obj = events.parse_json(body)
+        except MalformedJSON as exc:
+            raise _Refused(400, exc.reason) from None
+        if isinstance(obj, dict):
+            if len(body) > self.s.max_line:
+                raise _Refused(413, f"the event is longer than the limit of {self.s.max_line} bytes")
+            try:
+                event = events.validate(obj, body)
+            except InvalidEvent as exc:
+                raise _Refused(422, exc.reason) from None
+            event_id = event.event_id or key or self.fresh_id()
+            # A pretty-printed object becomes one line: raw CR/LF in valid JSON can only be
+            # whitespace between tokens, so replacing them keeps every field's text exactly.
+            raw = body.strip()
+            if b"\n" in raw or b"\r" in raw:
+                raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
+            line = raw if event.event_id is not None else _with_id(raw, obj, event, event_id)
+            return line + b"\n", 1, event_id
+        if not isinstance(obj, list):
+            raise _Refused(422, "the body must be one event object or an array of event objects")
+        exact: list[Any] | None = None
+        out: list[bytes] = []
+        for i, el in enumerate(obj, 1):
+            if isinstance(el, dict) and isinstance(el.get("value"), float):
+                # orjson gave a float: take the exact number from the text, read once for the body
+                if exact is None:
+                    exact = json.loads(body, parse_float=Decimal, parse_int=Decimal)
+                el["value"] = exact[i - 1]["value"]
+            try:
+                event = events.validate(el)
+            except InvalidEvent as exc:
+                raise _Refused(422, f"element {i}: {exc.reason}") from None
+            if event.event_id is None:
+                el["eventId"] = self._key_id(key, i) if key is not None else self.fresh_id()
+            el["value"] = events.value_fragment(event.value)
+            line = orjson.dumps(el)
+            if len(line) > self.s.max_line:
+                raise _Refused(413, f"element {i} is longer than the limit of {self.s.max_line} bytes")
+            out.append(line)
+        out.append(b"")
+        return b"\n".join(out), len(obj), None
+
+    # -- GET /userEvents/<userId> -------------------------------------------------------------
+
+    async def user_events(self, request: web.Request) -> web.Response:
+        user_id = request.match_info["user_id"]
+        lookup = self.s.revenue_lookup
+        if lookup is None:
+            return _error(503, "no database configured")
+        try:
+            revenue = await asyncio.to_thread(lookup, user_id)
+        except UnknownUser:
+            revenue = None
+        except EvtoolError as exc:
+            return _error(503, str(exc), {"Retry-After": "1"})
+        if revenue is None:
+            return _error(404, f"unknown user: {user_id[:300]}")
+        text = events.format_value(revenue)
+        return _json(200, {"userId": user_id, "revenue": orjson.Fragment(text.encode())})
+
+    # -- GET /healthz -------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if self.appender.healthy:
+            return _json(200, {"status": "ok"})
+        return _error(503, f"cannot write the journal: {self.appender.last_error}", {"Retry-After": "1"})
+
+
+def _line_reason(exc: InvalidEvent) -> str:
+    """orjson's reason for one NDJSON line, without its "line 1" (the request's line is named)."""
+    return _ORJSON_POS.sub(r" at column \1", exc.reason)
+
+
+def _with_id(raw: bytes, obj: dict, event: events.Event, event_id: str) -> bytes:
+    """`raw` (one line, an object without an id) with `"eventId"` added, other text unchanged."""
+    if "eventId" in obj:  # present but null: rewrite rather than add a second key
+        obj["eventId"] = event_id
+        obj["value"] = events.value_fragment(event.value)
+        return orjson.dumps(obj)
+    raw = raw.rstrip()
+    return raw[:-1] + b',"eventId":' + orjson.dumps(event_id) + b"}"
+
+
+def make_app(s: ServeSettings, appender: JournalAppender) -> web.Application:
+    """The aiohttp application: routes, auth and JSON errors. Raises ConfigError (see check_settings)."""
+    r = _Receiver(s, appender)
+    app = web.Application(client_max_size=s.max_body, middlewares=[r.middleware])
+    app[APPENDER_KEY] = appender
+    app.router.add_post("/liveEvent", r.live_event)
+    app.router.add_get("/userEvents/{user_id:.+}", r.user_events)
+    app.router.add_get("/healthz", r.healthz)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# serving
+
+
+class _JSONErrorProtocol(RequestHandler):
+    """aiohttp's protocol, answering malformed HTTP with a JSON sentence instead of text."""
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        # The parser's message may quote request bytes (headers, maybe a token): never echo it.
+        text = "malformed HTTP request" if status < 500 else "internal server error"
+        if status >= 500:
+            log.error("error handling a request", exc_info=exc)
+        resp = _error(status, text)
+        resp.force_close()
+        return resp
+
+
+class _JSONErrorServer(Server):
+    def __call__(self) -> RequestHandler:
+        return _JSONErrorProtocol(self, loop=self._loop, **self._kwargs)
+
+
+async def start_runner(app: web.Application, host: str, port: int, *,
+                       shutdown_timeout: float = 60.0) -> web.AppRunner:
+    """Start serving `app` on host:port (0 picks a free port); return the runner to clean up."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    if type(runner.server) is Server:
+        runner.server.__class__ = _JSONErrorServer
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def _url(runner: web.AppRunner) -> str:
+    host, port = runner.addresses[0][:2]
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
+async def _serve(s: ServeSettings, appender: JournalAppender, on_ready: Callable[[str], None] | None) -> None:
+    app = make_app(s, appender)
+    runner = await start_runner(app, s.host, s.port, shutdown_timeout=s.request_timeout + 5)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if on_ready is not None:
+            durability = "fsync on" if s.fsync else "fsync OFF: acknowledgements are not durable"
+            on_ready(f"listening on {_url(runner)}, journal {s.journal}, {durability}")
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        # stop accepting, let in-flight requests finish (their appends complete and fsync)
+        await runner.cleanup()
+
+
+def run_server(s: ServeSettings, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, then finish in-flight requests, fsync, close and return.
+
+    Raises ConfigError (bad settings), JournalLocked (another serve writes the journal),
+    JournalWriteError (journal cannot be opened) and OSError (address in use).
+    """
+    # With RLIMIT_FSIZE, exceeding it would kill us; ignored, write() fails with EFBIG instead.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    check_settings(s)
+
+    async def main() -> None:
+        appender = JournalAppender(s.journal, fsync=s.fsync)
+        try:
+            await _serve(s, appender, on_ready)
+        finally:
+            await appender.close()
+
+    asyncio.run(main())
