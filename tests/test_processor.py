@@ -1,0 +1,162 @@
+"""The processor against a real PostgreSQL: exactly once, rejects, partial lines, concurrency."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+from click.testing import CliRunner
+
+from evtool.cli import cli
+from evtool.processor import process
+
+from .conftest import GEN_EVENTS, evtool, totals
+
+
+def line(user: str, name: str, value, event_id: str | None = None) -> str:
+    obj = {"userId": user, "name": name, "value": value}
+    if event_id:
+        obj["eventId"] = event_id
+    return json.dumps(obj).replace('"__raw__', "").replace('__raw__"', "") + "\n"
+
+
+def write(path: Path, *lines: str) -> None:
+    with open(path, "a", encoding="utf-8", newline="") as f:
+        f.write("".join(lines))
+
+
+def test_generated_workload_totals_exact_and_rerun_is_a_noop(dsn, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    subprocess.run([sys.executable, str(GEN_EVENTS), str(journal), "20000", "--users", "300",
+                    "--decimals", "0.3", "--with-ids", "0.5", "--repeat-ids", "0.1"],
+                   check=True, capture_output=True)
+    expected = json.loads((tmp_path / "j.jsonl.expected.json").read_text())
+    report = process(dsn, [journal], batch_bytes=256 * 1024)
+    assert report.rejected == 0
+    assert report.applied == expected["events"]
+    got = totals(dsn)
+    assert {u: str(v) for u, v in got.items()} == {u: str(Decimal(v)) for u, v in expected["per_user"].items()}
+    again = process(dsn, [journal])
+    assert again.applied == 0 and again.duplicates == 0
+    assert totals(dsn) == got
+
+
+def test_identical_lines_count_twice_and_repeated_event_id_once(dsn, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    same = line("u1", "add_revenue", 10)
+    write(journal, same, same, line("u2", "add_revenue", 5, "id-1"), line("u2", "add_revenue", 5, "id-1"))
+    report = process(dsn, [journal])
+    assert (report.applied, report.duplicates) == (3, 1)
+    assert totals(dsn) == {"u1": 20, "u2": 5}
+
+
+def test_repeated_event_id_in_a_later_batch_and_file_counts_once(dsn, tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write(a, line("u1", "add_revenue", 7, "x"), line("u1", "add_revenue", 1))
+    write(b, line("u9", "add_revenue", 3), line("u1", "add_revenue", 7, "x"))
+    report = process(dsn, [a, b], batch_bytes=1)
+    assert report.duplicates == 1
+    assert totals(dsn) == {"u1": 8, "u9": 3}
+
+
+def test_appended_lines_apply_only_the_new_ones(dsn, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    write(journal, line("u1", "add_revenue", 1))
+    process(dsn, [journal])
+    write(journal, line("u1", "add_revenue", 2), line("u1", "subtract_revenue", 0.5))
+    report = process(dsn, [journal])
+    assert report.applied == 2
+    assert totals(dsn) == {"u1": Decimal("2.5")}
+
+
+def test_decimals_sum_exactly(dsn, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    write(journal, '{"userId": "d", "name": "add_revenue", "value": 0.1}\n',
+          '{"userId": "d", "name": "add_revenue", "value": 0.2}\n',
+          '{"userId": "d", "name": "add_revenue", "value": 12.345}\n',
+          '{"userId": "e", "name": "add_revenue", "value": 12345678901234567.89}\n')
+    process(dsn, [journal])
+    assert totals(dsn) == {"d": Decimal("12.645"), "e": Decimal("12345678901234567.89")}
+
+
+def test_bad_lines_are_recorded_once_and_the_rest_applied(dsn, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    write(journal, line("u1", "add_revenue", 1), '{"userId": "u1", "name": \n',
+          line("u1", "refund", 5), line("u1", "add_revenue", 2), "\n",
+          '{"userId": "u1", "name": "add_revenue", "value": 0.1000000000000000000001}\n')
+    result = CliRunner().invoke(cli, ["process", str(journal)])
+    assert result.exit_code == 0, result.output
+    assert "rejected 3 lines" in result.output
+    assert "j.jsonl:2: rejected: malformed JSON" in result.output
+    assert "j.jsonl:3: rejected: name must be add_revenue or subtract_revenue" in result.output
+    assert "cannot be kept exactly" in result.output
+    assert totals(dsn) == {"u1": 3}
+    strict = CliRunner().invoke(cli, ["process", "--fail-on-reject", str(journal)])
+    assert strict.exit_code == 0  # nothing new was rejected in this run
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute('SELECT line_no, reason FROM rejected_lines ORDER BY "offset"').fetchall()
+    assert [r[0] for r in rows] == [2, 3, 6]
+    write(journal, "not json\n")
+    strict = CliRunner().invoke(cli, ["process", "--fail-on-reject", str(journal)])
+    assert strict.exit_code == 1
+
+
+def test_trailing_partial_line_waits_until_completed(dsn, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    write(journal, line("u1", "add_revenue", 1), '{"userId": "u1", "name": "add_revenue", "val')
+    assert process(dsn, [journal]).applied == 1
+    assert process(dsn, [journal]).applied == 0
+    write(journal, 'ue": 5}\n')
+    assert process(dsn, [journal]).applied == 1
+    assert totals(dsn) == {"u1": 6}
+
+
+def test_truncated_journal_is_refused_with_a_message(dsn, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    write(journal, line("u1", "add_revenue", 1), line("u1", "add_revenue", 2))
+    process(dsn, [journal])
+    journal.write_text(line("u1", "add_revenue", 1))
+    result = CliRunner().invoke(cli, ["process", str(journal)])
+    assert result.exit_code == 1
+    assert "shorter" in result.output and "truncated or replaced" in result.output
+    assert totals(dsn) == {"u1": 3}
+
+
+def test_two_processes_at_once_on_one_file_are_exact(dsn, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    subprocess.run([sys.executable, str(GEN_EVENTS), str(journal), "30000", "--users", "200"],
+                   check=True, capture_output=True)
+    expected = json.loads((tmp_path / "j.jsonl.expected.json").read_text())
+    procs = [subprocess.Popen([sys.executable, "-m", "evtool", "process", "--batch-mb", "1", str(journal)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    got = totals(dsn)
+    assert {u: str(v) for u, v in got.items()} == expected["per_user"]
+
+
+def test_revenue_command(dsn, tmp_path):
+    journal = tmp_path / "j.jsonl"
+    write(journal, line("u1", "add_revenue", 10), '{"userId": "u1", "name": "subtract_revenue", "value": 0.25}\n')
+    process(dsn, [journal])
+    ok = evtool("revenue", "u1")
+    assert (ok.returncode, ok.stdout) == (0, "9.75\n")
+    as_json = evtool("revenue", "u1", "--json")
+    assert json.loads(as_json.stdout) == {"userId": "u1", "revenue": 9.75}
+    assert '"revenue": 9.75}' in as_json.stdout
+    missing = evtool("revenue", "nobody")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "Error: unknown user 'nobody': no events applied for it"
+    assert "Traceback" not in missing.stderr
+
+
+def test_unreachable_database_exits_1_with_one_line(tmp_path):
+    result = evtool("process", str(tmp_path / "x.jsonl"), "--retry-for", "0",
+                    env={"EVTOOL_DSN": "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: ")
+    assert "Traceback" not in result.stderr
