@@ -1,0 +1,451 @@
+"""The sender: stream a JSONL file to `evtool serve` (or any compatible receiver), exactly once.
+
+Design sections 3 and 8. The file is read line by line (never whole), each line is checked with
+the shared validator, events without an `eventId` get the deterministic id `<source>:<line>`
+(inserted textually, so the client's number text is kept), and bulks are POSTed over a few
+keep-alive connections. Delivery is at-least-once; the ids make the receiver's side exactly-once.
+
+Resume: the state (see `sendstate`) records the end of the highest *contiguous* prefix of
+batches the receiver answered 200 for, always at the end of a complete line; a re-run starts
+there. A final line without a newline is sent but not counted as done, so it is re-sent (with the
+same id) next time. Concurrent sends of the *same* file are not supported; a second one is
+refused while the first holds the state lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from . import events
+from .errors import ConfigError, DeliveryFailed, InvalidEvent, SourceError
+from .sendstate import (
+    BOM,
+    Position,
+    SendState,
+    StateStore,
+    check_replaced,
+    digest,
+    read_first_line,
+    source_id,
+)
+
+MAX_INVALID_KEPT = 100
+MAX_ERRORS_KEPT = 20
+BACKOFF_BASE = 0.2
+BACKOFF_CAP = 5.0
+RETRY_AFTER_CAP = 60.0
+SAVE_EVERY = 1.0
+PROGRESS_EVERY = 0.1
+# Final answers that depend on the content of a bulk: split it to deliver the rest and find the line.
+SPLIT_STATUSES = frozenset({400, 413, 422})
+# Final answers that every later request would get too: stop instead of sending the whole file.
+STOP_STATUSES = frozenset({401, 403, 404, 405, 415})
+
+
+@dataclass
+class SendSettings:
+    """What `send` does; defaults match `evtool send`."""
+
+    path: Path
+    url: str = "http://127.0.0.1:8000"
+    token: str = "secret"
+    batch: int = 500
+    connections: int = 4
+    from_start: bool = False
+    max_retries: int = 8
+    state_dir: Path = Path(".evtool")
+    timeout: float = 30.0
+
+
+@dataclass
+class SendReport:
+    """The outcome of one `send`. `failed > 0` means some events were not delivered."""
+
+    source: str  # the 16-hex source id (the first half of every generated eventId)
+    path: str = ""  # the resolved path of the file
+    sent: int = 0
+    skipped_invalid: int = 0
+    already_sent: int = 0  # lines before the resume point, not read again
+    retried: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    invalid_lines: list[tuple[int, str]] = field(default_factory=list)
+    new_source_reason: str | None = None
+    errors: list[str] = field(default_factory=list)  # the receiver's refusals, first few
+    stopped: str | None = None  # why the run ended before the end of the file, if it did
+
+    @property
+    def events_per_second(self) -> float:
+        return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class _Batch:
+    seq: int
+    lines: list[bytes]
+    linenos: list[int]
+    pos: Position  # the resume point once this batch and all before it are delivered
+
+
+def send(
+    settings: SendSettings,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> SendReport:
+    """Send `settings.path` to the receiver; blocking. Returns the report.
+
+    `on_total(total_bytes)` is called once, `on_progress(bytes_done, events_sent)` as batches are
+    confirmed (at most ~10 times a second, and once at the end); `bytes_done` is the confirmed
+    resume offset.
+
+    Raises `SourceError` when the file cannot be read (or is being sent by another process), and
+    `DeliveryFailed` only when the receiver could not be reached at all: the connection failed on
+    every attempt and nothing was delivered in this run. Everything else is in the report: refused
+    batches count in `failed`, and a request that still fails after `max_retries` stops the run
+    (`stopped` says why, its events count in `failed`). Progress is saved either way.
+    """
+    if settings.batch < 1:
+        raise ConfigError("--batch must be at least 1")
+    if settings.connections < 1:
+        raise ConfigError("--connections must be at least 1")
+    if settings.max_retries < 0:
+        raise ConfigError("--max-retries must be 0 or more")
+    path = Path(settings.path)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+        if not path.is_file():
+            f.close()
+            raise IsADirectoryError(21, "not a regular file")
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        resolved = str(path.resolve())
+        store = StateStore(settings.state_dir, resolved)
+        store.lock()
+        try:
+            return _Run(settings, f, resolved, store, on_progress, on_total).run()
+        finally:
+            store.unlock()
+    finally:
+        f.close()
+
+
+class _Run:
+    """One send: the reader, the workers and the bookkeeping, all on one event loop."""
+
+    def __init__(self, settings, f, resolved, store, on_progress, on_total) -> None:  # noqa: ANN001
+        self.s = settings
+        self.f = f
+        self.store = store
+        self.on_progress = on_progress
+        self.on_total = on_total
+        self.size = os.fstat(f.fileno()).st_size
+        first_line = read_first_line(f)
+        saved = store.load()
+        generation = 0
+        reason = None
+        if saved is not None:
+            generation = saved.generation
+            why = check_replaced(f, self.size, first_line, saved)
+            if why is not None:
+                generation += 1
+                reason = f"{resolved} was replaced since the last send ({why}); sending it as a new source"
+        src = source_id(resolved, first_line, generation)
+        self.state = SendState(resolved, src, generation, digest(first_line))
+        start = Position()
+        if saved is not None and reason is None and not settings.from_start:
+            # check_replaced verified these bytes against the saved digest.
+            f.seek(saved.tail_offset)
+            tail = f.read(saved.offset - saved.tail_offset) if saved.offset else b""
+            start = Position(saved.offset, saved.line, saved.tail_offset, tail)
+            self.state.set_position(start)
+        self.start = start
+        self.report = SendReport(source=src, path=resolved, new_source_reason=reason)
+        self.report.already_sent = start.line
+        self.prefix = (src + ":").encode()
+        # Contiguous-prefix tracking: batches complete out of order.
+        self.next_seq = 0
+        self.done: dict[int, Position | None] = {}  # seq -> position if delivered, None if not
+        self.blocked = False
+        self.resume = start
+        self.dirty = True
+        self.delivered_any = False
+        self.unreachable: str | None = None
+        self.last_progress = 0.0
+
+    # --- bookkeeping -------------------------------------------------------------------------
+
+    def complete(self, seq: int, pos: Position, ok: bool) -> None:
+        if self.blocked:
+            return
+        self.done[seq] = pos if ok else None
+        while self.next_seq in self.done:
+            p = self.done.pop(self.next_seq)
+            if p is None:  # a gap that this run will not fill: the resume point stops here
+                self.blocked = True
+                self.done.clear()
+                return
+            self.resume = p
+            self.dirty = True
+            self.next_seq += 1
+        if self.on_progress is not None:
+            now = time.monotonic()
+            if now - self.last_progress >= PROGRESS_EVERY:
+                self.last_progress = now
+                self.on_progress(self.resume.offset, self.report.sent)
+
+    def save(self) -> None:
+        if self.resume is not self.start:
+            self.state.set_position(self.resume)
+        self.store.save(self.state)
+        self.dirty = False
+
+    async def saver(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_EVERY)
+            if self.dirty:
+                self.dirty = False
+                pos = self.resume
+                if pos is not self.start:
+                    self.state.set_position(pos)
+                await asyncio.to_thread(self.store.save, self.state)
+
+    def stop(self, reason: str) -> None:
+        if self.report.stopped is None:
+            self.report.stopped = reason
+
+    def error(self, message: str) -> None:
+        if len(self.report.errors) < MAX_ERRORS_KEPT:
+            self.report.errors.append(message)
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def run(self) -> SendReport:
+        if self.on_total is not None:
+            self.on_total(self.size)
+        t0 = time.perf_counter()
+        try:
+            asyncio.run(self.main())
+        finally:
+            self.report.seconds = time.perf_counter() - t0
+            self.save()
+        if self.on_progress is not None:
+            self.on_progress(self.resume.offset, self.report.sent)
+        if self.unreachable is not None and not self.delivered_any:
+            raise DeliveryFailed(
+                f"cannot reach the receiver at {self.s.url}: {self.unreachable}; is `evtool serve` running?"
+            )
+        return self.report
+
+    async def main(self) -> None:
+        s = self.s
+        single = s.batch == 1
+        ctype = "application/json" if single else "application/x-ndjson"
+        self.url = URL(s.url.rstrip("/") + "/liveEvent")
+        connector = aiohttp.TCPConnector(limit=s.connections)
+        timeout = aiohttp.ClientTimeout(total=s.timeout)
+        headers = {"Authorization": s.token, "Content-Type": ctype}
+        queue: asyncio.Queue[_Batch | None] = asyncio.Queue(maxsize=2 * s.connections)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+            self.session = session
+            self.single = single
+            workers = [asyncio.create_task(self.worker(queue)) for _ in range(s.connections)]
+            saver = asyncio.create_task(self.saver())
+
+            async def read_then_finish() -> None:
+                await self.reader(queue)
+                for _ in workers:
+                    await queue.put(None)
+
+            try:
+                await asyncio.gather(read_then_finish(), *workers)
+            finally:
+                saver.cancel()
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(saver, *workers, return_exceptions=True)
+
+    async def reader(self, queue: asyncio.Queue) -> None:
+        """Read, validate and id the lines after the resume point; queue them in batches."""
+        f, batch_size, report, prefix = self.f, self.s.batch, self.report, self.prefix
+        parse_line = events.parse_line
+        pos = self.start
+        offset, lineno = pos.offset, pos.line
+        tail_offset, tail = pos.tail_offset, pos.tail
+        raw = b"\n"
+        lines: list[bytes] = []
+        linenos: list[int] = []
+        seq = 0
+        try:
+            f.seek(offset)
+            for raw in f:
+                lineno += 1
+                if lineno & 4095 == 0:
+                    await asyncio.sleep(0)  # let the workers and the saver run on long invalid stretches
+                start = offset
+                offset += len(raw)
+                if raw[-1:] == b"\n":
+                    tail_offset, tail = start, raw
+                text = raw.strip()
+                if not text:
+                    continue
+                if start == 0 and text.startswith(BOM):
+                    text = text[3:].lstrip()
+                try:
+                    ev = parse_line(text)
+                except InvalidEvent as exc:
+                    report.skipped_invalid += 1
+                    if len(report.invalid_lines) < MAX_INVALID_KEPT:
+                        report.invalid_lines.append((lineno, exc.reason))
+                    continue
+                if ev.event_id is None:
+                    text = b"".join((text[:-1], b',"eventId":"', prefix, b"%d" % lineno, b'"}'))
+                lines.append(text)
+                linenos.append(lineno)
+                if len(lines) >= batch_size:
+                    if report.stopped is not None:
+                        return
+                    done = _position_after(raw, offset, lineno, tail_offset, tail)
+                    await queue.put(_Batch(seq, lines, linenos, done))
+                    seq += 1
+                    lines, linenos = [], []
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.state.path}: {exc.strerror or exc}") from None
+        if report.stopped is not None:
+            return
+        done = _position_after(raw, offset, lineno, tail_offset, tail)
+        if lines:
+            await queue.put(_Batch(seq, lines, linenos, done))
+        else:
+            self.complete(seq, done, True)
+
+    async def worker(self, queue: asyncio.Queue) -> None:
+        while True:
+            batch = await queue.get()
+            if batch is None:
+                return
+            if self.report.stopped is not None:
+                failed = len(batch.lines)
+                self.report.failed += failed
+            else:
+                failed = await self.deliver(batch.lines, batch.linenos)
+            self.complete(batch.seq, batch.pos, failed == 0)
+
+    async def deliver(self, lines: list[bytes], linenos: list[int]) -> int:
+        """POST these lines, retrying transient failures; return how many were not delivered."""
+        n = len(lines)
+        report = self.report
+        body = lines[0] if self.single else b"\n".join(lines) + b"\n"
+        attempt = 0
+        while True:
+            if report.stopped is not None:
+                report.failed += n
+                return n
+            retry_after = None
+            try:
+                async with self.session.post(self.url, data=body) as resp:
+                    status = resp.status
+                    payload = await resp.read()
+                    if status == 200:
+                        if not self.single:
+                            accepted = _accepted(payload)
+                            if accepted is not None and accepted != n:
+                                return self.refuse(lines, linenos, f"the receiver accepted {accepted} of {n}")
+                        report.sent += n
+                        self.delivered_any = True
+                        return 0
+                    retry_after = resp.headers.get("Retry-After")
+                reason = f"HTTP {status}: {_message(payload)}"
+                transient = status in (408, 429) or status >= 500
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                status = None
+                reason = _describe(exc)
+                transient = True
+            if transient:
+                if attempt >= self.s.max_retries:
+                    if status is None and self.unreachable is None:
+                        self.unreachable = reason
+                    self.stop(f"the receiver still failed after {self.s.max_retries} retries: {reason}")
+                    report.failed += n
+                    return n
+                attempt += 1
+                report.retried += 1
+                await asyncio.sleep(_delay(attempt, retry_after))
+                continue
+            if status in SPLIT_STATUSES and n > 1:
+                mid = n // 2
+                return await self.deliver(lines[:mid], linenos[:mid]) + await self.deliver(
+                    lines[mid:], linenos[mid:]
+                )
+            if status in STOP_STATUSES:
+                self.stop(f"the receiver refused the request: {reason}")
+            return self.refuse(lines, linenos, reason)
+
+    def refuse(self, lines: list[bytes], linenos: list[int], reason: str) -> int:
+        n = len(lines)
+        self.report.failed += n
+        where = f"line {linenos[0]}" if n == 1 else f"lines {linenos[0]}-{linenos[-1]}"
+        self.error(f"{where}: {reason}")
+        return n
+
+
+def _position_after(raw: bytes, offset: int, lineno: int, tail_offset: int, tail: bytes) -> Position:
+    """The resume point after line `lineno` (`raw`, ending at `offset`).
+
+    A line without a newline can only be the last one; it is sent but the resume point stays at
+    its start, so it is read again (same id) once it is complete.
+    """
+    if raw[-1:] == b"\n":
+        return Position(offset, lineno, tail_offset, tail)
+    return Position(offset - len(raw), lineno - 1, tail_offset, tail)
+
+
+def _delay(attempt: int, retry_after: str | None) -> float:
+    """Full-jitter exponential backoff, or the receiver's Retry-After (seconds) when given."""
+    if retry_after:
+        try:
+            return min(max(float(retry_after), 0.0), RETRY_AFTER_CAP)
+        except ValueError:
+            pass  # an HTTP date: fall back to our own backoff
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+
+
+def _accepted(payload: bytes) -> int | None:
+    try:
+        value = orjson.loads(payload).get("accepted")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _message(payload: bytes) -> str:
+    """The receiver's human sentence from an error body (JSON `error`/`message`, else the text)."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        for key in ("error", "message", "detail", "reason"):
+            if isinstance(obj.get(key), str):
+                return obj[key]
+    text = payload.decode("utf-8", "replace").strip()
+    return text[:200] or "(no message)"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return str(exc.os_error.strerror or exc.os_error) if exc.os_error else str(exc)
+    return str(exc) or type(exc).__name__
+

@@ -1,0 +1,157 @@
+"""The sender's resume state: per source file, how far delivery got (design sections 3 and 8).
+
+One small JSON file per source, `<state_dir>/send-state/<hash of the resolved path>.json`, so
+sends of different files never overwrite each other's progress. Each holds the source id's
+inputs (path, first-line digest, generation) and the resume point: the end of the last
+*complete* line of the contiguous prefix the receiver confirmed (offset, line count, and the
+digest of that last line, which lets a re-run tell an appended file from a replaced one).
+Files are written atomically: temp file, fsync, rename, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import asdict, dataclass
+from hashlib import blake2b
+from pathlib import Path
+
+from .errors import ConfigError, SourceError
+
+BOM = b"\xef\xbb\xbf"
+
+
+def digest(data: bytes) -> str:
+    """Hex digest used for the first line and the tail line."""
+    return blake2b(data, digest_size=16).hexdigest()
+
+
+def source_id(path: str, first_line: bytes, generation: int) -> str:
+    """The 16 hex digits that name a source: its resolved path, first line and generation."""
+    h = blake2b(digest_size=8, person=b"evtool-source")
+    h.update(path.encode("utf-8", "surrogateescape"))
+    h.update(b"\0")
+    h.update(first_line)
+    h.update(b"\0")
+    h.update(str(generation).encode())
+    return h.hexdigest()
+
+
+def read_first_line(f) -> bytes:  # noqa: ANN001 - a binary file object
+    """The file's first line without its line ending (b"" for an empty file)."""
+    f.seek(0)
+    return f.readline().rstrip(b"\r\n")
+
+
+@dataclass(slots=True)
+class Position:
+    """A resume point: everything before `offset` (`line` lines) was delivered.
+
+    `tail` is the last complete line before `offset` (with its line ending) and `tail_offset`
+    where it starts; only its digest is stored.
+    """
+
+    offset: int = 0
+    line: int = 0
+    tail_offset: int = 0
+    tail: bytes = b""
+
+
+@dataclass(slots=True)
+class SendState:
+    """What is remembered about one source file."""
+
+    path: str
+    source: str
+    generation: int
+    first_line_digest: str
+    offset: int = 0
+    line: int = 0
+    tail_offset: int = 0
+    tail_digest: str | None = None
+
+    def set_position(self, pos: Position) -> None:
+        self.offset, self.line, self.tail_offset = pos.offset, pos.line, pos.tail_offset
+        self.tail_digest = digest(pos.tail) if pos.offset else None
+
+
+class StateStore:
+    """The state file of one source path, locked for the duration of a send."""
+
+    def __init__(self, state_dir: Path, path: str) -> None:
+        self.path = path
+        folder = Path(state_dir) / "send-state"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the state directory {folder}: {exc.strerror}") from None
+        name = blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+        self.file = folder / f"{name}.json"
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Refuse a second concurrent send of the same file (it would fight over the state)."""
+        fd = os.open(self.file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SourceError(f"{self.path} is already being sent by another `evtool send`") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def load(self) -> SendState | None:
+        try:
+            data = json.loads(self.file.read_bytes())
+            return SendState(**data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"cannot read the send state {self.file}: {exc}; delete it to send {self.path} from the start"
+            ) from None
+
+    def save(self, state: SendState) -> None:
+        """Write the state atomically: a crash leaves the old or the new one, never a torn file."""
+        tmp = self.file.with_suffix(f".tmp{os.getpid()}")
+        data = json.dumps(asdict(state), indent=1).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.file)
+        dfd = os.open(self.file.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def check_replaced(f, size: int, first_line: bytes, saved: SendState) -> str | None:  # noqa: ANN001
+    """Why the file now at the saved path is not the one that was sent from, or None.
+
+    Shorter than the resume point, a different first line, or a different last line before
+    the resume point all mean the path now holds another file (truncated, rewritten, rotated).
+    """
+    if size < saved.offset:
+        return "shorter than what was sent"
+    if digest(first_line) != saved.first_line_digest:
+        # An empty file that later got content was never really sent from.
+        if saved.offset == 0 and saved.first_line_digest == digest(b""):
+            return None
+        return "different content"
+    if saved.offset and saved.tail_digest is not None:
+        length = saved.offset - saved.tail_offset
+        if length <= 0:
+            return "different content"
+        f.seek(saved.tail_offset)
+        if digest(f.read(length)) != saved.tail_digest:
+            return "different content"
+    return None
