@@ -83,7 +83,9 @@ def ensure_running(pgdata: Path) -> str:
         ) from exc
     info = running(pgdata)
     if info is None:
-        raise DatabaseUnavailable(f"the embedded PostgreSQL in {pgdata} did not come up (see {pgdata / 'log'})")
+        raise DatabaseUnavailable(
+            f"the embedded PostgreSQL in {pgdata} did not come up (see {pgdata / 'log'})"
+        )
     return info.dsn
 
 

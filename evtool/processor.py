@@ -80,6 +80,7 @@ class Processor:
         self.on_retry = on_retry
         self.store: Store | None = None
         self.retries = 0
+        self._users: set[str] = set()  # users whose totals this run changed
 
     def _connected(self) -> Store:
         if self.store is None or self.store.conn.closed:
@@ -225,13 +226,12 @@ class Processor:
             users.add(ev.user_id)
         return rows, rejects, users
 
-    _users: set[str]
-
-    def process(self, paths: list[Path], on_progress: Callable[[str, int, int], None] | None = None) -> ProcessReport:
+    def process(
+        self, paths: list[Path], on_progress: Callable[[str, int, int], None] | None = None
+    ) -> ProcessReport:
         """Apply every journal in `paths`; the report covers what this run committed."""
         started = time.perf_counter()
-        report = ProcessReport()
-        self._users = report.users
+        report = ProcessReport(users=self._users)
         try:
             for path in paths:
                 cb = None

@@ -36,7 +36,8 @@ def process_summary(console: Console, report) -> None:
         for line, reason in f.reject_samples:
             console.print(f"{f.path}:{line}: rejected: {reason}", style="yellow")
         if f.rejected > len(f.reject_samples):
-            console.print(f"{f.path}: ... and {f.rejected - len(f.reject_samples)} more rejected", style="yellow")
+            more = f.rejected - len(f.reject_samples)
+            console.print(f"{f.path}: ... and {more} more rejected", style="yellow")
     console.print(
         f"applied {report.applied} events, skipped {report.duplicates} duplicates, "
         f"rejected {report.rejected} lines, {len(report.users)} users touched, "

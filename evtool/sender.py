@@ -448,4 +448,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return str(exc.os_error.strerror or exc.os_error) if exc.os_error else str(exc)
     return str(exc) or type(exc).__name__
-

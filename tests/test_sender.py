@@ -118,9 +118,7 @@ def write(path: Path, lines: list[str], end: str = "\n") -> Path:
 
 def test_delivers_all_lines_with_structured_ids(sink, tmp_path, home):
     src = tmp_path / "events.jsonl"
-    src.write_bytes(
-        (ev("a") + "\r\n" + "\n" + ev("b") + "\n" + "   \n" + ev("c") + "\n").encode()
-    )
+    src.write_bytes((ev("a") + "\r\n" + "\n" + ev("b") + "\n" + "   \n" + ev("c") + "\n").encode())
     report = send(settings(sink, src, home, batch=2))
     assert (report.sent, report.failed, report.skipped_invalid) == (3, 0, 0)
     assert all(ct == "application/x-ndjson" for ct, _ in sink.requests)
@@ -347,8 +345,11 @@ def test_progress_callbacks(sink, tmp_path, home):
     src = write(tmp_path / "e.jsonl", [ev(f"u{i}") for i in range(20)])
     totals: list[int] = []
     progress: list[tuple[int, int]] = []
-    send(settings(sink, src, home, batch=3), on_progress=lambda b, n: progress.append((b, n)),
-         on_total=totals.append)
+    send(
+        settings(sink, src, home, batch=3),
+        on_progress=lambda b, n: progress.append((b, n)),
+        on_total=totals.append,
+    )
     assert totals == [src.stat().st_size]
     assert progress[-1] == (src.stat().st_size, 20)
 
