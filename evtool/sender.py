@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 import orjson
@@ -122,7 +123,7 @@ def send(
         raise ConfigError("--max-retries must be 0 or more")
     path = Path(settings.path)
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below
+        f = open(path, "rb")  # closed below, after the run
         if not path.is_file():
             f.close()
             raise IsADirectoryError(21, "not a regular file")
@@ -143,7 +144,15 @@ def send(
 class _Run:
     """One send: the reader, the workers and the bookkeeping, all on one event loop."""
 
-    def __init__(self, settings, f, resolved, store, on_progress, on_total) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        settings: SendSettings,
+        f: BinaryIO,
+        resolved: str,
+        store: StateStore,
+        on_progress: Callable[[int, int], None] | None,
+        on_total: Callable[[int], None] | None,
+    ) -> None:
         self.s = settings
         self.f = f
         self.store = store
@@ -240,7 +249,8 @@ class _Run:
             self.report.seconds = time.perf_counter() - t0
             self.save()
         if self.on_progress is not None:
-            self.on_progress(self.resume.offset, self.report.sent)
+            finished = self.report.failed == 0 and self.report.stopped is None
+            self.on_progress(self.size if finished else self.resume.offset, self.report.sent)
         if self.unreachable is not None and not self.delivered_any:
             raise DeliveryFailed(
                 f"cannot reach the receiver at {self.s.url}: {self.unreachable}; is `evtool serve` running?"

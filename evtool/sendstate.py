@@ -16,6 +16,7 @@ import os
 from dataclasses import asdict, dataclass
 from hashlib import blake2b
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import ConfigError, SourceError
 
@@ -38,7 +39,7 @@ def source_id(path: str, first_line: bytes, generation: int) -> str:
     return h.hexdigest()
 
 
-def read_first_line(f) -> bytes:  # noqa: ANN001 - a binary file object
+def read_first_line(f: BinaryIO) -> bytes:
     """The file's first line without its line ending (b"" for an empty file)."""
     f.seek(0)
     return f.readline().rstrip(b"\r\n")
@@ -120,21 +121,22 @@ class StateStore:
         """Write the state atomically: a crash leaves the old or the new one, never a torn file."""
         tmp = self.file.with_suffix(f".tmp{os.getpid()}")
         data = json.dumps(asdict(state), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.file)
-        dfd = os.open(self.file.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.file)
+            dfd = os.open(self.file.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the send state {self.file}: {exc.strerror or exc}") from None
 
 
-def check_replaced(f, size: int, first_line: bytes, saved: SendState) -> str | None:  # noqa: ANN001
+def check_replaced(f: BinaryIO, size: int, first_line: bytes, saved: SendState) -> str | None:
     """Why the file now at the saved path is not the one that was sent from, or None.
 
     Shorter than the resume point, a different first line, or a different last line before

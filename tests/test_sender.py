@@ -225,6 +225,36 @@ def test_unterminated_last_line_is_resent_with_the_same_id(sink, tmp_path, home)
     assert [int(ID_RE.match(i).group(2)) for i in ids] == [1, 2, 2, 3]
 
 
+def test_unterminated_line_appended_after_a_resume_point(sink, tmp_path, home):
+    src = write(tmp_path / "e.jsonl", [ev("a")])
+    send(settings(sink, src, home))
+    with src.open("ab") as f:
+        f.write(ev("b").encode())  # no newline yet
+    for _ in range(2):
+        report = send(settings(sink, src, home))
+        assert (report.sent, report.already_sent, report.new_source_reason) == (1, 1, None)
+    ids = sink.ids()
+    assert ids[1] == ids[2] and ids[1].endswith(":2")
+
+
+def test_byte_order_mark_on_the_first_line(sink, tmp_path, home):
+    src = tmp_path / "e.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + (ev("a") + "\n" + ev("b") + "\n").encode())
+    report = send(settings(sink, src, home))
+    assert report.sent == 2 and report.skipped_invalid == 0
+    assert [e["userId"] for e in sink.events()] == ["a", "b"]
+
+
+def test_state_file_records_the_resume_point(sink, tmp_path, home):
+    src = write(tmp_path / "e.jsonl", [ev("a"), ev("b")])
+    report = send(settings(sink, src, home))
+    [state_file] = (home / "send-state").glob("*.json")
+    state = orjson.loads(state_file.read_bytes())
+    assert state["path"] == str(src.resolve()) and state["source"] == report.source
+    assert (state["offset"], state["line"], state["generation"]) == (src.stat().st_size, 2, 0)
+    assert not list((home / "send-state").glob("*.tmp*"))
+
+
 @pytest.mark.parametrize(
     "replacement, why",
     [
