@@ -227,7 +227,14 @@ class _Run:
                 pos = self.resume
                 if pos is not self.start:
                     self.state.set_position(pos)
-                await asyncio.to_thread(self.store.save, self.state)
+                # Never leave a write running in its thread when cancelled: the final save must
+                # come after it, or an older state could land last.
+                write = asyncio.ensure_future(asyncio.to_thread(self.store.save, self.state))
+                try:
+                    await asyncio.shield(write)
+                except asyncio.CancelledError:
+                    await write
+                    raise
 
     def stop(self, reason: str) -> None:
         if self.report.stopped is None:

@@ -39,6 +39,7 @@ class Sink:
         self.retry_after = "0"
         self.drop = 0  # close the connection without answering for the next N requests
         self.reject_user: str | None = None  # 400 for any request containing this userId
+        self.accept_budget: int | None = None  # accept this many requests, then 503 for good
         self.lock = threading.Lock()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -51,6 +52,10 @@ class Sink:
                 self.drop -= 1
                 request.transport.close()
                 return web.Response()
+            if self.accept_budget is not None:
+                if self.accept_budget == 0:
+                    return web.json_response({"error": "down"}, status=503)
+                self.accept_budget -= 1
             if self.fail_503:
                 self.fail_503 -= 1
                 return web.json_response(
@@ -322,6 +327,19 @@ def test_persistent_503_stops_the_run(sink, tmp_path, home):
     assert report.sent == 0 and report.failed >= 2 and report.retried == 2
     assert report.stopped and "503" in report.stopped
     assert sink.attempts == 3  # one batch tried 1 + 2 times, then the run stopped
+
+
+def test_interrupted_run_resumes_without_loss_or_new_ids(sink, tmp_path, home):
+    src = write(tmp_path / "e.jsonl", [ev(f"u{i}") for i in range(20)])
+    sink.accept_budget = 3
+    first = send(settings(sink, src, home, batch=2, connections=1, max_retries=1))
+    assert first.sent == 6 and first.failed > 0 and first.stopped
+    sink.accept_budget = None
+    second = send(settings(sink, src, home, batch=2, connections=1))
+    assert (second.already_sent, second.sent, second.failed) == (6, 14, 0)
+    ids = sink.ids()
+    assert len(ids) == len(set(ids)) == 20
+    assert sorted(int(ID_RE.match(i).group(2)) for i in ids) == list(range(1, 21))
 
 
 def test_permanent_4xx_fails_only_that_line_and_resume_keeps_it(sink, tmp_path, home):
