@@ -463,5 +463,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return str(exc.os_error.strerror or exc.os_error) if exc.os_error else str(exc)
+        err = exc.os_error
+        if err is not None and err.errno:
+            return os.strerror(err.errno).lower()  # "connection refused", not asyncio's wording
+        return str(err or exc)
     return str(exc) or type(exc).__name__

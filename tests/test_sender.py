@@ -374,7 +374,9 @@ def test_unreachable_receiver_raises_delivery_failed(tmp_path, home):
     src = write(tmp_path / "e.jsonl", [ev("a"), ev("b")])
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
-    with pytest.raises(DeliveryFailed, match=r"cannot reach the receiver at .*evtool serve"):
+    with pytest.raises(
+        DeliveryFailed, match=r"cannot reach the receiver at .*: connection refused; is `evtool serve`"
+    ):
         send(SendSettings(path=src, url=url, state_dir=home, max_retries=2))
     assert time.monotonic() - t0 < 5
 
