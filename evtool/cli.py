@@ -258,10 +258,16 @@ def send(file: Path, url: str, token: str, batch: int, connections: int, from_st
             "already_sent": report.already_sent, "retried": report.retried, "failed": report.failed,
             "seconds": round(report.seconds, 3), "events_per_second": round(report.events_per_second, 1),
             "invalid": [{"line": n, "reason": r} for n, r in report.invalid_lines],
+            "new_source_reason": report.new_source_reason, "stopped": report.stopped,
+            "errors": report.errors,
         })
     else:
         send_summary(_console(), report)
     if report.failed:
+        for error in report.errors:
+            click.echo(f"  {error}", err=True)
+        if report.stopped:
+            click.echo(f"Stopped: {report.stopped}", err=True)
         click.echo(f"Error: {report.failed} event(s) were not delivered; run the same command again "
                    "to retry them (ids make re-sending harmless)", err=True)
         sys.exit(1)

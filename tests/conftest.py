@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -19,12 +21,17 @@ GEN_EVENTS = ROOT / "tests" / "gen_events.py"
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory):
-    """DSN of the session's embedded server (maintenance database)."""
-    pgdata = tmp_path_factory.mktemp("pg") / "data"
+def pg_server():
+    """DSN of the session's embedded server (maintenance database).
+
+    Its data lives outside pytest's tmp_path tree, which pytest prunes when other sessions run.
+    """
+    base = Path(tempfile.mkdtemp(prefix="evtool-test-pg-"))
+    pgdata = base / "data"
     dsn = embedded.ensure_running(pgdata)
     yield dsn
     embedded.stop(pgdata)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def _with_db(dsn: str, name: str) -> str:
