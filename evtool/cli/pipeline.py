@@ -1,78 +1,14 @@
-"""The command line: parses options, calls one or two library functions, renders the result.
-
-Only this module turns library exceptions into messages and exit codes (0 ok, 1 failed, 2 usage).
-Heavy modules (rich, aiohttp, psycopg) are imported inside the commands that need them, so
-`evtool revenue` starts fast.
-"""
+"""The pipeline commands: serve, send, process, revenue."""
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import EvtoolError
-
-DSN_HELP = "PostgreSQL DSN. Default: EVTOOL_DSN, DATABASE_URL, PG* variables, else the embedded server."
-
-
-def _fail(ctx: click.Context, exc: BaseException) -> None:
-    if ctx.find_root().obj.get("verbose"):
-        import traceback
-
-        traceback.print_exception(exc)
-    click.echo(f"Error: {exc}", err=True)
-    ctx.exit(1)
-
-
-def handle_errors(fn):
-    """Turn our exceptions into one line on stderr and exit 1 (a traceback with --verbose)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context()
-        try:
-            return fn(*args, **kwargs)
-        except EvtoolError as exc:
-            _fail(ctx, exc)
-        except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
-            ctx.exit(130)
-
-    return wrapper
-
-
-def dsn_option(fn):
-    return click.option("--dsn", envvar="EVTOOL_DSN", show_envvar=True, help=DSN_HELP)(fn)
-
-
-def _console(err: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=err, highlight=False, soft_wrap=True)
-
-
-def _print_json(obj: object) -> None:
-    import orjson
-
-    click.echo(orjson.dumps(obj).decode())
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks and details on errors.")
-@click.version_option(package_name="evtool")
-@click.pass_context
-def cli(ctx: click.Context, verbose: bool) -> None:
-    """Revenue events from JSONL files into PostgreSQL, exactly once.
-
-    \b
-    events.jsonl --send--> POST /liveEvent --serve--> server-events.jsonl
-    server-events.jsonl --process--> PostgreSQL users_revenue --revenue USER--> total
-    """
-    ctx.obj = {"verbose": verbose}
-
+from ..errors import EvtoolError
+from .base import cli, console, dsn_option, handle_errors, print_json
 
 # -- process ---------------------------------------------------------------------------
 
@@ -94,12 +30,12 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
     Safe to re-run and to run several at once: every batch commits its offset, its event
     digests, its totals and its rejects in one transaction.
     """
-    from . import config, processor
-    from .render import process_summary, progress_bar
+    from .. import config, processor
+    from ..render import process_summary, progress_bar
 
     paths = list(journals) or [Path("server-events.jsonl")]
     url = config.resolve_dsn(dsn)
-    err = _console(err=True)
+    err = console(err=True)
 
     def on_retry(message: str) -> None:
         err.print(f"[yellow]{message}; retrying[/yellow]")
@@ -108,9 +44,9 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
         report = processor.process(url, paths, batch_bytes=batch_mb << 20, retry_for=retry_for,
                                    on_retry=on_retry, on_progress=bar)
     if as_json:
-        _print_json(processor_report_dict(report))
+        print_json(processor_report_dict(report))
     else:
-        process_summary(_console(), report)
+        process_summary(console(), report)
     if report.rejected:
         click.echo(f"Warning: {report.rejected} line(s) rejected; they are kept with their reasons "
                    "in the rejected_lines table", err=True)
@@ -146,10 +82,10 @@ def processor_report_dict(report) -> dict:
 @handle_errors
 def revenue(user: str, dsn: str | None, as_json: bool) -> None:
     """Print USER's exact total revenue (exit 1 for an unknown user)."""
-    from . import config
-    from .errors import UnknownUser
-    from .events import format_value
-    from .store import Store
+    from .. import config
+    from ..errors import UnknownUser
+    from ..events import format_value
+    from ..store import Store
 
     with Store.connect(config.resolve_dsn(dsn)) as store:
         store.migrate()
@@ -192,9 +128,9 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
     POST /liveEvent takes one JSON object or a bulk (NDJSON or a JSON array);
     GET /userEvents/<userId> answers a user's total; GET /healthz needs no token.
     """
-    from . import config
-    from .receiver import ServeSettings, run_server
-    from .store import Store
+    from .. import config
+    from ..receiver import ServeSettings, run_server
+    from ..store import Store
 
     state: dict = {}
 
@@ -238,22 +174,22 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
 def send(file: Path, url: str, token: str, batch: int, connections: int, from_start: bool,
          max_retries: int, as_json: bool) -> None:
     """Send FILE (JSONL events) to the receiver; re-running resumes where it stopped."""
-    from . import config
-    from .render import progress_bar, send_summary
-    from .sender import SendSettings
-    from .sender import send as do_send
+    from .. import config
+    from ..render import progress_bar, send_summary
+    from ..sender import SendSettings
+    from ..sender import send as do_send
 
     settings = SendSettings(path=file, url=url.rstrip("/"), token=token, batch=batch,
                             connections=connections, from_start=from_start, max_retries=max_retries,
                             state_dir=config.home())
-    err = _console(err=True)
+    err = console(err=True)
     with progress_bar(err, "sending") as bar:
         report = do_send(settings, on_progress=lambda done, sent: bar(str(file), done, None),
                          on_total=lambda total: bar(str(file), 0, total))
     if report.new_source_reason:
         click.echo(f"Note: {report.new_source_reason}", err=True)
     if as_json:
-        _print_json({
+        print_json({
             "source": report.source, "sent": report.sent, "skipped_invalid": report.skipped_invalid,
             "already_sent": report.already_sent, "retried": report.retried, "failed": report.failed,
             "seconds": round(report.seconds, 3), "events_per_second": round(report.events_per_second, 1),
@@ -262,7 +198,7 @@ def send(file: Path, url: str, token: str, batch: int, connections: int, from_st
             "errors": report.errors,
         })
     else:
-        send_summary(_console(), report)
+        send_summary(console(), report)
     if report.failed:
         for error in report.errors:
             click.echo(f"  {error}", err=True)
@@ -273,75 +209,3 @@ def send(file: Path, url: str, token: str, batch: int, connections: int, from_st
         sys.exit(1)
 
 
-# -- db --------------------------------------------------------------------------------
-
-
-@cli.group()
-def db() -> None:
-    """Manage the embedded PostgreSQL (under $EVTOOL_HOME/pg)."""
-
-
-@db.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-@handle_errors
-def db_status(as_json: bool) -> None:
-    """Is the embedded server running, where, and its DSN."""
-    from . import config, embedded
-
-    pgdata = config.home() / "pg"
-    info = embedded.running(pgdata)
-    explicit = config.explicit_dsn()
-    status = {
-        "running": info is not None,
-        "pgdata": str(pgdata.resolve()),
-        "pid": info.pid if info else None,
-        "dsn": info.dsn if info else None,
-        "in_use": explicit is None,
-    }
-    if as_json:
-        _print_json(status)
-        return
-    if info:
-        click.echo(f"embedded PostgreSQL: running (pid {info.pid})")
-        click.echo(f"data:  {status['pgdata']}")
-        click.echo(f"dsn:   {info.dsn}")
-    else:
-        click.echo(f"embedded PostgreSQL: not running (data: {status['pgdata']}); "
-                   "any command that needs it starts it")
-    if explicit is not None:
-        click.echo("note: a DSN is configured (EVTOOL_DSN, DATABASE_URL or PG*), so commands use it, "
-                   "not the embedded server")
-
-
-@db.command("url")
-@dsn_option
-@handle_errors
-def db_url(dsn: str | None) -> None:
-    """Print the DSN commands use (starting the embedded server if needed): psql "$(evtool db url)"."""
-    from . import config
-
-    click.echo(config.resolve_dsn(dsn))
-
-
-@db.command("start")
-@handle_errors
-def db_start() -> None:
-    """Start the embedded server (commands also start it on first use)."""
-    from . import config, embedded
-
-    click.echo(embedded.ensure_running(config.home() / "pg"))
-
-
-@db.command("stop")
-@handle_errors
-def db_stop() -> None:
-    """Stop the embedded server."""
-    from . import config, embedded
-
-    stopped = embedded.stop(config.home() / "pg")
-    click.echo("stopped" if stopped else "not running")
-
-
-
-def main() -> None:
-    cli(prog_name="evtool")
