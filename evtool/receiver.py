@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN = "secret"
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
-JSON_TYPES = frozenset({"application/json"})
+# Form-urlencoded is what `curl -d` and Python's urllib send by default: read as JSON too, so such
+# clients of the original endpoint keep working (a real form body is then 400 malformed JSON).
+JSON_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded"})
 
 _JSON = "application/json"
 _ORJSON_POS = re.compile(r": line 1 column (\d+) \(char \d+\)$")
@@ -111,6 +113,10 @@ class _Refused(Exception):
         self.message = message
 
 
+class _ShuttingDown(Exception):
+    """Set on the body stream of a request still arriving when the server stops."""
+
+
 def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: int) -> str:
     if exc.status == 404:
         return f"not found: {request.path[:200]}"
@@ -135,6 +141,8 @@ class _Receiver:
         # Receiver-made ids: "~" + random per-process prefix + "-" + counter, unique by construction.
         self._id_prefix = f"{events.RECEIVER_ID_PREFIX}{os.urandom(6).hex()}-"
         self._counter = itertools.count(1)
+        self._reading: set[StreamReader] = set()  # bodies being read
+        self._stopping = False
 
     def fresh_id(self) -> str:
         return f"{self._id_prefix}{next(self._counter)}"
@@ -159,7 +167,16 @@ class _Receiver:
                 )
             return await handler(request)
         except _Refused as exc:
-            return _error(exc.status, exc.message)
+            resp = _error(exc.status, exc.message)
+            if exc.status in (408, 503):
+                # The body is not coming (slow client, or shutting down): answer, then close the
+                # connection at once instead of lingering to read the rest of the body.
+                resp.force_close()
+                await resp.prepare(request)
+                await resp.write_eof()
+                if request.protocol is not None:
+                    request.protocol.force_close()
+            return resp
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -191,11 +208,7 @@ class _Receiver:
                 events.check_event_id(key)
             except InvalidEvent as exc:
                 raise _Refused(400, f"Idempotency-Key header: {exc.reason}") from None
-        try:
-            async with asyncio.timeout(self.s.request_timeout):
-                body = await request.read()
-        except TimeoutError:
-            raise _Refused(408, f"request body not received within {self.s.request_timeout:g} s") from None
+        body = await self._read_body(request)
         if ndjson:
             data, count = self._ndjson(body, key)
             single_id = None
@@ -209,6 +222,29 @@ class _Receiver:
         if single_id is not None:
             return _json(200, {"message": "Event received", "eventId": single_id})
         return _json(200, {"accepted": count})
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, within request_timeout; cut short when the server stops."""
+        if self._stopping and not request.content.is_eof():
+            raise _Refused(503, "the server is shutting down; retry")
+        self._reading.add(request.content)
+        try:
+            async with asyncio.timeout(self.s.request_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise _Refused(408, f"request body not received within {self.s.request_timeout:g} s") from None
+        except _ShuttingDown:
+            raise _Refused(503, "the server is shutting down; retry") from None
+        finally:
+            self._reading.discard(request.content)
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        """Listening has stopped: refuse requests whose body is still arriving (aiohttp no longer
+        reads it), so they fail now rather than at their timeout; requests already appending finish."""
+        self._stopping = True
+        for stream in list(self._reading):
+            if not stream.is_eof():
+                stream.set_exception(_ShuttingDown())
 
     def _key_id(self, key: str, n: int) -> str:
         """The id of the n-th (1-based) event of a bulk request that carries an Idempotency-Key."""
@@ -344,6 +380,7 @@ def make_app(s: ServeSettings, appender: JournalAppender) -> web.Application:
     r = _Receiver(s, appender)
     app = web.Application(client_max_size=s.max_body, middlewares=[r.middleware])
     app[APPENDER_KEY] = appender
+    app.on_shutdown.append(r.on_shutdown)
     app.router.add_post("/liveEvent", r.live_event)
     app.router.add_get("/userEvents/{user_id:.+}", r.user_events)
     app.router.add_get("/healthz", r.healthz)
@@ -383,7 +420,10 @@ class _JSONErrorServer(Server):
 async def start_runner(app: web.Application, host: str, port: int, *,
                        shutdown_timeout: float = 60.0) -> web.AppRunner:
     """Start serving `app` on host:port (0 picks a free port); return the runner to clean up."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    # lingering_time: how long to read and drop the rest of a body we refused (default 10 s) so
+    # the client sees the answer; short, because it also delays shutdown.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
+                           lingering_time=2.0)
     await runner.setup()
     if type(runner.server) is Server:
         runner.server.__class__ = _JSONErrorServer
