@@ -9,6 +9,7 @@ point, or of `MAX_ABS` or more, are rejected rather than rounded.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from hashlib import blake2b
@@ -44,8 +45,20 @@ class Event:
         return self.value if self.name == "add_revenue" else -self.value
 
 
-def _exact_value(text: bytes | str) -> Decimal:
-    """Re-read the `value` of an object with the standard library, as an exact Decimal."""
+_VALUE_TEXT = re.compile(rb'"value"\s*:\s*(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)')
+
+
+def _exact_value(text: bytes | str, parsed: float) -> Decimal:
+    """The exact Decimal of an object's `value`, from its JSON text.
+
+    Fast path: the one `"value": <number>` in the text, when it reads as the float orjson
+    parsed. Anything less clear-cut (nested or repeated keys, escapes) is re-read with the
+    standard library.
+    """
+    raw = text.encode() if isinstance(text, str) else text
+    found = _VALUE_TEXT.findall(raw)
+    if len(found) == 1 and raw.count(b'"value"') == 1 and float(found[0]) == parsed:
+        return Decimal(found[0].decode())
     try:
         obj = json.loads(text, parse_float=Decimal, parse_int=Decimal)
     except (ValueError, RecursionError) as exc:  # pragma: no cover - orjson accepted it
@@ -111,7 +124,7 @@ def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: boo
         if isinstance(value, float):
             if raw is None:
                 raise InvalidEvent("value must be given as JSON text to be read exactly")
-            value = _exact_value(raw)
+            value = _exact_value(raw, value)
         value = _check_decimal(value)
     event_id = obj.get("eventId")
     if event_id is not None:
@@ -138,10 +151,13 @@ def parse_line(raw: bytes, *, allow_reserved: bool = False) -> Event:
 
 
 def format_value(value: Value) -> str:
-    """The exact JSON text of a value (no exponent, no float rounding)."""
+    """The exact JSON text of a value: no exponent, no float rounding, no trailing zeros."""
     if isinstance(value, int):
         return str(value)
-    return format(value, "f")
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
 
 
 def value_fragment(value: Value) -> int | orjson.Fragment:
@@ -154,8 +170,3 @@ def value_fragment(value: Value) -> int | orjson.Fragment:
 def event_digest(event_id: str) -> bytes:
     """The 16-byte dedup key of an event that has an id."""
     return blake2b(event_id.encode(), digest_size=16).digest()
-
-
-def position_digest(fingerprint: bytes, offset: int) -> bytes:
-    """The 16-byte dedup key of a line without an id: its journal and byte offset."""
-    return blake2b(b"\0pos" + fingerprint + offset.to_bytes(8, "big"), digest_size=16).digest()

@@ -1,20 +1,27 @@
 """`evtool process`: apply journals to per-user totals exactly once (design section 5).
 
-Each batch is one PostgreSQL transaction that locks the journal's progress row, re-reads the
-committed offset, loads the batch's digests, applies only new ones to the totals, records
-rejects and advances the offset. A crash anywhere leaves either the whole batch or nothing.
+Each batch is one PostgreSQL transaction: lock the journal's progress row, check the committed
+offset, apply only events never applied before (by position, by sender ranges, or by digest;
+see `batch`), record rejects, advance the offset, commit. A crash anywhere leaves the whole
+batch or nothing. Parsing runs in worker processes, ahead of the database work, so the two
+cores overlap; the transaction never trusts a parse that started from a stale offset.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
-from . import events, journal
-from .errors import EvtoolError, InvalidEvent, JournalError, SourceError
+from . import batch, journal
+from .batch import Summary
+from .errors import EvtoolError, JournalError, SourceError
 from .store import FileProgress, Store, retrying
 
 DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
@@ -60,7 +67,18 @@ class ProcessReport:
         return n / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass
+class Outcome:
+    """What one transaction did."""
+
+    applied: int = 0
+    duplicates: int = 0
+    rejects: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
+    users: list[str] = field(default_factory=list)
+
+
 ProgressFn = Callable[[int], None]
+_DONE, _MOVED, _COMMITTED = "done", "moved", "committed"
 
 
 class Processor:
@@ -73,14 +91,19 @@ class Processor:
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         retry_for: float = 30.0,
         on_retry: Callable[[str], None] | None = None,
+        workers: int | None = None,
     ) -> None:
         self.dsn = dsn
         self.batch_bytes = batch_bytes
         self.retry_for = retry_for
         self.on_retry = on_retry
+        self.workers = min(2, os.cpu_count() or 1) if workers is None else workers
         self.store: Store | None = None
+        self.pool: ProcessPoolExecutor | None = None
         self.retries = 0
         self._users: set[str] = set()  # users whose totals this run changed
+
+    # -- plumbing ----------------------------------------------------------------------
 
     def _connected(self) -> Store:
         if self.store is None or self.store.conn.closed:
@@ -89,24 +112,32 @@ class Processor:
         return self.store
 
     def _with_retry(self, fn: Callable[[Store], object]) -> object:
-        def attempt() -> object:
-            store = self._connected()
-            try:
-                return fn(store)
-            except EvtoolError:
-                if store.conn.closed or store.conn.broken:
-                    self.store = None
-                raise
+        """Run fn(store); a lost connection is retried on a new one for `retry_for` seconds."""
 
         def retried(message: str) -> None:
             self.retries += 1
+            if self.store is not None:
+                self.store.close()
             self.store = None
             if self.on_retry:
                 self.on_retry(message)
 
-        return retrying(attempt, self.retry_for, retried)
+        return retrying(lambda: fn(self._connected()), self.retry_for, retried)
+
+    def _submit(self, chunk: journal.Chunk) -> Future | Summary:
+        """Parse a chunk in a worker process; small inputs are parsed here, no pool needed."""
+        if self.workers <= 0 or len(chunk.data) < self.batch_bytes // 2:
+            return batch.summarize(chunk.data, chunk.offset)
+        if self.pool is None:
+            # fork: workers start at once and share the loaded modules. They never touch the
+            # inherited database socket, and leave with os._exit, which sends nothing on it.
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+        return self.pool.submit(batch.summarize, chunk.data, chunk.offset)
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
         if self.store is not None:
             self.store.close()
 
@@ -128,14 +159,40 @@ class Processor:
                 report.waiting = "no complete line yet" if report.size else "empty"
                 return report
             display = str(path.resolve())
-            self._with_retry(lambda s: self._check_identity(s, fp, display))
-            while True:
-                done = self._with_retry(lambda s: self._batch(s, f, fp, display, report))
-                if done:
-                    break
-                if on_progress:
-                    on_progress(report.offset)
+            start = self._with_retry(lambda s: self._start(s, fp, display))
+            self._run(f, fp, display, start, report, on_progress)
         return report
+
+    def _run(self, f: BinaryIO, fp: bytes, display: str, offset: int, report: FileReport,
+             on_progress: ProgressFn | None) -> None:
+        pending: deque[tuple[journal.Chunk, Future | Summary]] = deque()
+        depth = self.workers + 1
+        while True:
+            while len(pending) < depth:  # read ahead; workers parse while we commit
+                at = pending[-1][0].end if pending else offset
+                chunk = journal.read_chunk(f, at, self.batch_bytes)
+                if chunk is None:
+                    break
+                pending.append((chunk, self._submit(chunk)))
+            expected = pending[0][0].offset if pending else offset
+            status = self._with_retry(
+                lambda s, at=expected: self._transaction(s, f, fp, display, at, pending, report)
+            )
+            if status == _DONE:
+                return
+            if status == _MOVED:  # another processor committed meanwhile: start again from it
+                pending.clear()
+                offset = report.offset
+                continue
+            chunk, _ = pending.popleft()
+            offset = chunk.end
+            if on_progress:
+                on_progress(offset)
+
+    def _start(self, store: Store, fp: bytes, display: str) -> int:
+        self._check_identity(store, fp, display)
+        known = store.file_progress(fp)
+        return known.offset if known else 0
 
     def _check_identity(self, store: Store, fp: bytes, display: str) -> None:
         """Refuse a second file that begins with the same line as a journal we already know."""
@@ -154,41 +211,46 @@ class Processor:
                 "they cannot be told apart. Process only one of them, or give each a distinct first line"
             )
 
-    def _batch(self, store: Store, f, fp: bytes, display: str, report: FileReport) -> bool:
-        """One transaction. Returns True when there is nothing more to read."""
+    def _transaction(self, store: Store, f: BinaryIO, fp: bytes, display: str, expected: int,
+                     pending: deque, report: FileReport) -> str:
+        """One batch, one transaction. Counts go into `report` only once it committed."""
         with store.transaction():
             p = store.lock_file(fp, display)
             self._check_file(f, p, display)
-            chunk = journal.read_chunk(f, p.offset, self.batch_bytes)
             report.offset = p.offset
-            if chunk is None:
-                return True
-            rows, rejects, users = self._parse(chunk, p, fp, display, report)
-            result = store.apply_events(rows)
-            store.record_rejects(rejects)
+            if p.offset != expected:
+                return _MOVED
+            if not pending:
+                return _DONE
+            chunk, parsed = pending[0]
+            summary = parsed.result() if isinstance(parsed, Future) else parsed
+            outcome = apply(store, summary, chunk.data)
+            store.record_rejects(
+                (fp, offset, p.lines + index + 1, display, raw, reason)
+                for offset, index, raw, reason in summary.rejects
+            )
             p.path = display
             p.offset = chunk.end
-            p.lines += chunk.data.count(b"\n")
+            p.lines += summary.lines
             p.tail_digest = journal.tail_digest(f, chunk.end)
-            p.applied += result.applied
-            p.duplicates += result.duplicates
-            p.rejected += len(rejects)
+            p.applied += outcome.applied
+            p.duplicates += outcome.duplicates
+            p.rejected += len(summary.rejects)
             store.advance(p)
-        # Counted only once the transaction committed.
-        report.applied += result.applied
-        report.duplicates += result.duplicates
-        report.rejected += len(rejects)
+        report.applied += outcome.applied
+        report.duplicates += outcome.duplicates
+        report.rejected += len(summary.rejects)
         report.bytes += len(chunk.data)
         report.batches += 1
         report.offset = chunk.end
+        room = MAX_REJECT_SAMPLES - len(report.reject_samples)
         report.reject_samples.extend(
-            (line_no, reason) for _, _, line_no, _, _, reason in rejects[: MAX_REJECT_SAMPLES]
+            (p.lines - summary.lines + index + 1, reason) for _, index, _, reason in summary.rejects[:room]
         )
-        del report.reject_samples[MAX_REJECT_SAMPLES:]
-        self._users.update(users)
-        return False
+        self._users.update(outcome.users)
+        return _COMMITTED
 
-    def _check_file(self, f, p: FileProgress, display: str) -> None:
+    def _check_file(self, f: BinaryIO, p: FileProgress, display: str) -> None:
         size = journal.size(f)
         if size < p.offset:
             raise JournalError(
@@ -202,29 +264,7 @@ class Processor:
                 f"{p.offset}: it was replaced or rewritten. Nothing was applied from it"
             )
 
-    @staticmethod
-    def _parse(chunk: journal.Chunk, p: FileProgress, fp: bytes, display: str, report: FileReport):
-        rows: list[tuple[int, bytes, str, object]] = []
-        rejects: list[tuple[bytes, int, int, str, bytes, str]] = []
-        users: set[str] = set()
-        line_no = p.lines
-        parse = events.parse_line
-        for offset, raw in journal.iter_lines(chunk):
-            line_no += 1
-            if not raw.strip():
-                continue
-            try:
-                ev = parse(raw, allow_reserved=True)
-            except InvalidEvent as exc:
-                rejects.append((fp, offset, line_no, display, raw, exc.reason))
-                continue
-            if ev.event_id is not None:
-                digest = events.event_digest(ev.event_id)
-            else:
-                digest = events.position_digest(fp, offset)
-            rows.append((line_no, digest, ev.user_id, ev.delta))
-            users.add(ev.user_id)
-        return rows, rejects, users
+    # -- many journals -----------------------------------------------------------------
 
     def process(
         self, paths: list[Path], on_progress: Callable[[str, int, int], None] | None = None
@@ -248,6 +288,53 @@ class Processor:
         return report
 
 
+def apply(store: Store, summary: Summary, data: bytes) -> Outcome:
+    """Apply a parsed chunk inside the caller's transaction; only never-applied events count."""
+    out = Outcome()
+    sums: batch.Sums = {}
+    batch.merge(sums, summary.fresh)
+    out.applied += _count(summary.fresh)
+
+    applied_ranges = store.lock_sources(summary.sources)
+    added: dict[str, str] = {}
+    for source, part in summary.sources.items():
+        have = applied_ranges.get(source, [])
+        if not part.repeats and not batch.overlaps(have, part.ranges):
+            batch.merge(sums, part.sums)  # the common case: all new, summed in the worker
+            out.applied += _count(part.sums)
+            added[source] = batch.multirange_text(part.ranges)
+            continue
+        seen: set[int] = set()  # some lines were applied before, or repeat in this chunk
+        for line, user, is_add, value in batch.source_events(data, source):
+            if line in seen or batch.contains(have, line):
+                out.duplicates += 1
+                continue
+            seen.add(line)
+            batch.add(sums, user, is_add, value)
+            out.applied += 1
+        if seen:
+            added[source] = batch.multirange_text(batch.to_ranges(sorted(seen)))
+
+    if summary.opaque:
+        new = store.new_digests(d for d, _, _, _ in summary.opaque)
+        for digest, user, is_add, value in summary.opaque:
+            if digest in new:
+                new.discard(digest)  # a repeat later in this chunk is a duplicate
+                batch.add(sums, user, is_add, value)
+                out.applied += 1
+            else:
+                out.duplicates += 1
+
+    store.apply_sums(sums)
+    store.add_ranges(added)
+    out.users = list(sums)
+    return out
+
+
+def _count(sums: batch.Sums) -> int:
+    return sum(s[0] + s[2] for s in sums.values())
+
+
 def process(
     dsn: str,
     paths: list[Path],
@@ -256,10 +343,14 @@ def process(
     retry_for: float = 30.0,
     on_retry: Callable[[str], None] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    workers: int | None = None,
 ) -> ProcessReport:
     """Apply the journals at `paths` exactly once; see Processor."""
-    proc = Processor(dsn, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry)
+    proc = Processor(dsn, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry,
+                     workers=workers)
     try:
         return proc.process(paths, on_progress)
+    except EvtoolError:
+        raise
     finally:
         proc.close()

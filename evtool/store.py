@@ -18,6 +18,7 @@ from typing import TypeVar
 import psycopg
 
 from .errors import DatabaseError, DatabaseUnavailable
+from .events import format_value
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 T = TypeVar("T")
@@ -56,13 +57,6 @@ class FileProgress:
     applied: int
     duplicates: int
     rejected: int
-
-
-@dataclass
-class BatchResult:
-    applied: int
-    duplicates: int
-    users: int
 
 
 class Store:
@@ -166,50 +160,73 @@ class Store:
     def _ensure_temp(self) -> None:
         if not self._temp_ready:
             self.conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS batch_rows"
-                " (seq int, digest bytea, user_id text, delta numeric) ON COMMIT DELETE ROWS"
+                "CREATE TEMP TABLE IF NOT EXISTS batch_digests (digest bytea) ON COMMIT DELETE ROWS"
             )
             self._temp_ready = True
 
-    def apply_events(self, rows: Iterable[tuple[int, bytes, str, object]]) -> BatchResult:
-        """Apply (seq, digest, user_id, delta) rows whose digests are new; inside `transaction()`.
+    def lock_sources(self, sources: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
+        """Lock the applied-range rows of these sender sources (in source order) and read them."""
+        names = sorted(sources)
+        if not names:
+            return {}
+        self.conn.execute(
+            "INSERT INTO applied_ranges (source)"
+            " SELECT s FROM unnest(%s::text[]) AS s ORDER BY s ON CONFLICT DO NOTHING",
+            (names,),
+        )
+        rows = self.conn.execute(
+            "SELECT source, lines FROM applied_ranges WHERE source = ANY(%s)"
+            " ORDER BY source FOR UPDATE",
+            (names,),
+        ).fetchall()
+        return {source: [(r.lower, r.upper) for r in lines] for source, lines in rows}
 
-        Digests are inserted in digest order and totals upserted in user order, so concurrent
-        processors sharing events or users wait for each other instead of deadlocking.
+    def add_ranges(self, ranges: dict[str, str]) -> None:
+        """Add line ranges (multirange text) to the sources' applied ranges."""
+        if not ranges:
+            return
+        names = sorted(ranges)
+        self.conn.execute(
+            "UPDATE applied_ranges a SET lines = a.lines + n.lines::int8multirange, updated_at = now()"
+            " FROM unnest(%s::text[], %s::text[]) AS n(source, lines) WHERE a.source = n.source",
+            (names, [ranges[n] for n in names]),
+        )
+
+    def new_digests(self, digests: Iterable[bytes]) -> set[bytes]:
+        """Record event digests; return those never recorded before (each once).
+
+        Inserted in digest order, so processors sharing events wait instead of deadlocking.
         """
         self._ensure_temp()
         with self.conn.cursor() as cur:
-            with cur.copy("COPY batch_rows (seq, digest, user_id, delta) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+            with cur.copy("COPY batch_digests (digest) FROM STDIN") as copy:
+                for d in digests:
+                    copy.write_row((d,))
             cur.execute(
-                """
-                WITH b AS (
-                    SELECT DISTINCT ON (digest) digest, user_id, delta
-                    FROM batch_rows ORDER BY digest, seq
-                ), fresh AS (
-                    INSERT INTO applied_events (digest)
-                    SELECT digest FROM b ORDER BY digest
-                    ON CONFLICT DO NOTHING RETURNING digest
-                ), sums AS (
-                    SELECT b.user_id, sum(b.delta) AS delta, count(*) AS n
-                    FROM b JOIN fresh USING (digest) GROUP BY b.user_id
-                ), up AS (
-                    INSERT INTO users_revenue AS u (user_id, revenue, events)
-                    SELECT user_id, delta, n FROM sums ORDER BY user_id
-                    ON CONFLICT (user_id) DO UPDATE
-                    SET revenue = u.revenue + excluded.revenue,
-                        events = u.events + excluded.events,
-                        updated_at = now()
-                    RETURNING 1
-                )
-                SELECT (SELECT count(*) FROM batch_rows),
-                       (SELECT coalesce(sum(n), 0) FROM sums),
-                       (SELECT count(*) FROM up)
-                """
+                "INSERT INTO applied_events (digest)"
+                " SELECT DISTINCT digest FROM batch_digests ORDER BY digest"
+                " ON CONFLICT DO NOTHING RETURNING digest"
             )
-            total, applied, users = cur.fetchone()  # type: ignore[misc]
-        return BatchResult(int(applied), int(total) - int(applied), int(users))
+            return {row[0] for row in cur.fetchall()}
+
+    def apply_sums(self, sums: dict[str, list]) -> None:
+        """Add per-user [adds, added, subtracts, subtracted] to the totals, in user order."""
+        if not sums:
+            return
+        users = list(sums)
+        self.conn.execute(
+            """
+            INSERT INTO users_revenue AS u (user_id, revenue, events)
+            SELECT user_id, delta::numeric, n
+            FROM unnest(%s::text[], %s::text[], %s::int8[]) AS t(user_id, delta, n)
+            ORDER BY user_id
+            ON CONFLICT (user_id) DO UPDATE
+            SET revenue = u.revenue + excluded.revenue, events = u.events + excluded.events,
+                updated_at = now()
+            """,
+            (users, [format_value(s[1] - s[3]) for s in sums.values()],
+             [s[0] + s[2] for s in sums.values()]),
+        )
 
     def record_rejects(self, rows: Iterable[tuple[bytes, int, int, str, bytes, str]]) -> None:
         """Record (fingerprint, offset, line_no, path, raw, reason) rows, each once."""

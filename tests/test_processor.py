@@ -39,7 +39,7 @@ def test_generated_workload_totals_exact_and_rerun_is_a_noop(dsn, tmp_path):
     assert report.rejected == 0
     assert report.applied == expected["events"]
     got = totals(dsn)
-    assert {u: str(v) for u, v in got.items()} == expected["per_user"]
+    assert got == {u: Decimal(v) for u, v in expected["per_user"].items()}
     again = process(dsn, [journal])
     assert again.applied == 0 and again.duplicates == 0
     assert totals(dsn) == got
@@ -136,7 +136,7 @@ def test_two_processes_at_once_on_one_file_are_exact(dsn, tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     got = totals(dsn)
-    assert {u: str(v) for u, v in got.items()} == expected["per_user"]
+    assert got == {u: Decimal(v) for u, v in expected["per_user"].items()}
 
 
 def test_revenue_command(dsn, tmp_path):

@@ -1,0 +1,202 @@
+"""Turning a chunk of journal lines into what one transaction needs (runs in worker processes).
+
+Identity decides how an event is remembered (design section 3):
+
+- no `eventId`, or an id the receiver made (`~...`): the line's position identifies it, and
+  the committed offset already covers that, so it is always new ("fresh");
+- a sender id `<16 hex>:<line>`: remembered per source as ranges of line numbers;
+- any other id: a digest row each.
+
+Events are summed per user here, so the database sees one row per user and one range per
+source per batch, not one row per event. The summaries are small and cheap to pickle.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+import orjson
+
+from . import events
+from .errors import InvalidEvent
+
+# Sums per user: [adds, added amount, subtracts, subtracted amount]
+Sums = dict[str, list]
+SOURCE_ID = re.compile(r"([0-9a-f]{16}):([1-9][0-9]{0,17})")
+_MAX_INT = 10**20
+_INF = float("inf")
+
+
+@dataclass
+class SourcePart:
+    """The events of one sender source in a chunk: their line numbers as ranges, and sums."""
+
+    lines: array = field(default_factory=lambda: array("q"))
+    sums: Sums = field(default_factory=dict)
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    repeats: bool = False  # a line number occurs twice in the chunk (a retry within the batch)
+
+    def close(self) -> None:
+        """Turn the line numbers into ranges; drop them so the part pickles small."""
+        self.ranges = to_ranges(self.lines)
+        self.repeats = sum(hi - lo for lo, hi in self.ranges) != len(self.lines)
+        self.lines = array("q")
+
+
+@dataclass
+class Summary:
+    """One chunk, parsed: sums by identity kind, plus rejects (offset, index, raw, reason)."""
+
+    fresh: Sums = field(default_factory=dict)
+    sources: dict[str, SourcePart] = field(default_factory=dict)
+    opaque: list[tuple[bytes, str, bool, events.Value]] = field(default_factory=list)
+    rejects: list[tuple[int, int, bytes, str]] = field(default_factory=list)
+    lines: int = 0
+
+
+def add(sums: Sums, user: str, is_add: bool, value: events.Value) -> None:
+    s = sums.get(user)
+    if s is None:
+        sums[user] = [1, value, 0, 0] if is_add else [0, 0, 1, value]
+    elif is_add:
+        s[0] += 1
+        s[1] += value
+    else:
+        s[2] += 1
+        s[3] += value
+
+
+def merge(into: Sums, other: Sums) -> None:
+    for user, s in other.items():
+        t = into.get(user)
+        if t is None:
+            into[user] = list(s)
+        else:
+            t[0] += s[0]
+            t[1] += s[1]
+            t[2] += s[2]
+            t[3] += s[3]
+
+
+def _event(raw: bytes) -> tuple[str, bool, events.Value, str | None]:
+    """(user, is_add, value, eventId) of a valid line; raises InvalidEvent.
+
+    The common shape (integer value) is checked inline; everything else goes through the
+    shared validator, which accepts a superset of what the inline checks accept.
+    """
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise events.MalformedJSON(f"malformed JSON: {exc}") from None
+    if type(obj) is dict:
+        user = obj.get("userId")
+        name = obj.get("name")
+        value = obj.get("value")
+        if (type(value) is int and 0 <= value < _MAX_INT and type(user) is str
+                and 0 < len(user) <= events.MAX_USER_ID
+                and (name == "add_revenue" or name == "subtract_revenue")):
+            eid = obj.get("eventId")
+            if eid is not None:
+                events.check_event_id(eid, allow_reserved=True)
+            return user, name == "add_revenue", value, eid
+    ev = events.validate(obj, raw, allow_reserved=True)
+    return ev.user_id, ev.name == "add_revenue", ev.value, ev.event_id
+
+
+def summarize(data: bytes, offset: int) -> Summary:
+    """Parse complete lines `data` (starting at byte `offset` of the journal)."""
+    out = Summary()
+    fresh, sources, opaque, rejects = out.fresh, out.sources, out.opaque, out.rejects
+    match = SOURCE_ID.fullmatch
+    pos = offset
+    index = -1
+    for index, line in enumerate(data.split(b"\n")[:-1]):
+        start = pos
+        pos += len(line) + 1
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line or line.isspace():
+            continue
+        try:
+            user, is_add, value, eid = _event(line)
+        except InvalidEvent as exc:
+            rejects.append((start, index, line, exc.reason))
+            continue
+        if eid is None or eid[0] == events.RECEIVER_ID_PREFIX:
+            add(fresh, user, is_add, value)
+            continue
+        m = match(eid)
+        if m is None:
+            opaque.append((events.event_digest(eid), user, is_add, value))
+            continue
+        part = sources.get(m[1])
+        if part is None:
+            part = sources[m[1]] = SourcePart()
+        part.lines.append(int(m[2]))
+        add(part.sums, user, is_add, value)
+    out.lines = index + 1
+    for part in sources.values():
+        part.close()
+    return out
+
+
+def source_events(data: bytes, source: str) -> list[tuple[int, str, bool, events.Value]]:
+    """(line, user, is_add, value) of every valid event of `source` in `data`, in order.
+
+    The slow path, used when some of a source's lines may have been applied already.
+    """
+    found = []
+    prefix = source.encode()
+    for line in data.split(b"\n"):
+        if prefix not in line:
+            continue
+        line = line.rstrip(b"\r")
+        try:
+            user, is_add, value, eid = _event(line)
+        except InvalidEvent:
+            continue
+        m = SOURCE_ID.fullmatch(eid) if eid else None
+        if m is not None and m[1] == source:
+            found.append((int(m[2]), user, is_add, value))
+    return found
+
+
+def to_ranges(lines: array) -> list[tuple[int, int]]:
+    """Sorted, merged half-open ranges [lo, hi) covering `lines`."""
+    ranges: list[tuple[int, int]] = []
+    if not lines:
+        return ranges
+    ordered = sorted(lines)
+    lo = prev = ordered[0]
+    for n in ordered[1:]:
+        if n > prev + 1:
+            ranges.append((lo, prev + 1))
+            lo = n
+        prev = n
+    ranges.append((lo, prev + 1))
+    return ranges
+
+
+def multirange_text(ranges: list[tuple[int, int]]) -> str:
+    return "{" + ",".join(f"[{lo},{hi})" for lo, hi in ranges) + "}"
+
+
+def overlaps(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    """Whether two sorted lists of disjoint half-open ranges share a number."""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i][1] <= b[j][0]:
+            i += 1
+        elif b[j][1] <= a[i][0]:
+            j += 1
+        else:
+            return True
+    return False
+
+
+def contains(ranges: list[tuple[int, int]], n: int) -> bool:
+    i = bisect_right(ranges, (n, _INF)) - 1
+    return i >= 0 and ranges[i][0] <= n < ranges[i][1]
