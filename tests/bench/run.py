@@ -1,0 +1,143 @@
+"""`make bench`: evtool beside minimal baselines, in one run, several times; a table and a JSON file.
+
+    python -m tests.bench.run [--quick] [--repeat N] [--only NAME,...] [--out bench-results.json]
+                              [--events N] [--cache DIR]
+
+NAME is a group (process, tenth, rss, send, revenue, lookup) or a figure key (see the JSON).
+Workloads are generated deterministically into the cache dir (default .evtool/bench-cache) and
+reused; PostgreSQL is the bench's own embedded server in a temp dir, a fresh database per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .figures import Figure
+from .measure import FIGURES, Bench, fmt_rate
+from .pg import PgServer
+from .procs import ROOT
+from .workloads import DEFAULT_CACHE, Cache, Sizes
+
+
+def git_revision() -> str:
+    """HEAD's short hash, with "+dirty" when evtool/ or sql/ differ from it (what was measured)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--", "evtool", "sql") else "")
+
+
+def fmt(fig: Figure, x: float) -> str:
+    if fig.unit == "events/s":
+        return fmt_rate(x)
+    return f"{x:.1f}" if fig.unit == "MiB" else f"{x:.2f}"
+
+
+def cell(fig: Figure, xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    return f"{fmt(fig, statistics.median(xs))} ({fmt(fig, min(xs))}-{fmt(fig, max(xs))})"
+
+
+def table(figures: list[Figure], title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    right = {"justify": "right"}
+    for name, kw in [("figure", {"no_wrap": True}), ("unit", {}), ("evtool median (min-max)", right),
+                     ("baseline median (min-max)", right), ("baseline", {}),
+                     ("ratio", right), ("target", {}), ("met?", {})]:
+        t.add_column(name, **kw)
+    for f in figures:
+        if f.error:
+            t.add_row(f.label, f.unit, "[red]error[/red]", "", f.baseline_label, "", f.target,
+                      f"[red]{f.error[:60]}[/red]")
+            continue
+        ratio = f"{f.ratio:.3f}x" if f.ratio is not None else "-"
+        met = {True: "[green]met[/green]", False: "[red]not met[/red]", None: "-"}[f.met]
+        t.add_row(f.label, f.unit, cell(f, f.evtool), cell(f, f.baseline), f.baseline_label, ratio,
+                  f.target, met)
+    return t
+
+
+def selected(only: str | None) -> list:
+    if not only:
+        return FIGURES
+    names = {n.strip() for n in only.split(",") if n.strip()}
+    known = {g for g, _, _ in FIGURES} | {k for _, k, _ in FIGURES}
+    if names - known:
+        raise SystemExit(f"unknown --only name(s): {', '.join(sorted(names - known))}; "
+                         f"choose from {', '.join(sorted(known))}")
+    return [f for f in FIGURES if f[0] in names or f[1] in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="workloads ~10x smaller (100k events)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each side per figure (default 3)")
+    ap.add_argument("--only", help="comma-separated groups or figure keys")
+    ap.add_argument("--out", type=Path, default=Path("bench-results.json"), help="the JSON file")
+    ap.add_argument("--events", type=int, help="base workload size (default 1M, --quick 100k)")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="workload cache dir")
+    a = ap.parse_args(argv)
+    if a.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    sizes = Sizes(a.events or (100_000 if a.quick else 1_000_000))
+    chosen = selected(a.only)
+    err = Console(stderr=True)
+    out = Console() if sys.stdout.isatty() else Console(width=170)
+    revision = git_revision()
+    started = time.perf_counter()
+    err.print(f"evtool bench at {revision}: {sizes.events:,} events, repeat {a.repeat}, "
+              f"{os.cpu_count()} cpus; cache {a.cache}")
+    pg = PgServer()
+    figures: list[Figure] = []
+    try:
+        bench = Bench(pg, Cache(a.cache), sizes, a.repeat, err.print)
+        for _group, key, measure in chosen:
+            err.print(f"[bold]{key}[/bold]")
+            t0 = time.perf_counter()
+            try:
+                fig = measure(bench)
+            except Exception as exc:  # one broken figure must not hide the others
+                err.print(traceback.format_exc(), markup=False)
+                fig = Figure(key, key, "", "", "min_ratio", 0, error=f"{type(exc).__name__}: {exc}")
+            fig.key = key
+            fig.extra["seconds"] = round(time.perf_counter() - t0, 1)
+            figures.append(fig)
+    finally:
+        pg.stop()
+    seconds = time.perf_counter() - started
+    title = (f"evtool bench, {revision}, {sizes.events:,}-event workloads, {a.repeat} run(s) each side, "
+             f"{os.cpu_count()} cpus, {seconds:.0f} s")
+    out.print(table(figures, title))
+    for f in figures:
+        for note in f.notes:
+            out.print(f"  {f.key}: {note}", highlight=False)
+    result = {
+        "revision": revision, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1), "repeat": a.repeat, "sizes": sizes.as_dict(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "command": " ".join(["python -m tests.bench.run", *(argv if argv is not None else sys.argv[1:])]),
+        "figures": [f.as_dict() for f in figures],
+    }
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.print(f"wrote {a.out}")
+    return 1 if any(f.error for f in figures) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Deterministic workloads, generated once into a cache dir and reused.
+
+Plain files come from tests/gen_events.py (same arguments, same bytes). The processor's inputs
+are *journals*: the plain file sent through the real `evtool send` -> `evtool serve`, so every
+line carries the `eventId` (`<source>:<line>`) that a real journal has. Delete the cache dir to
+regenerate (e.g. after a change to what `serve` writes).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .procs import PY, ROOT, child_env, evtool_cmd, free_port, run, serving
+
+GEN_EVENTS = ROOT / "tests" / "gen_events.py"
+DEFAULT_CACHE = ROOT / ".evtool" / "bench-cache"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One generated file and what a correct run must end with."""
+
+    path: Path
+    events: int
+    users: int
+    seed: int
+
+    @property
+    def expected(self) -> dict:
+        return json.loads(Path(f"{self.path}.expected.json").read_text())
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Workload sizes, all derived from the base event count (1M; --quick 100k)."""
+
+    events: int
+
+    @property
+    def many_users(self) -> int:
+        return max(1000, self.events // 10)
+
+    @property
+    def small(self) -> int:
+        return self.events // 10
+
+    @property
+    def bulk(self) -> int:
+        return self.events // 5
+
+    @property
+    def single(self) -> int:
+        return self.events // 50
+
+    def as_dict(self) -> dict[str, int]:
+        return {"events": self.events, "many_users": self.many_users, "rss_small": self.small,
+                "send_bulk": self.bulk, "send_single": self.single, "chain_files": CHAIN_FILES}
+
+
+CHAIN_FILES = 10
+
+
+class Cache:
+    """Creates workloads on demand under `root`."""
+
+    def __init__(self, root: Path = DEFAULT_CACHE) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def plain(self, n: int, users: int, seed: int) -> Workload:
+        """A gen_events file: `{"userId", "name", "value"}` lines, no ids."""
+        path = self.root / f"plain-n{n}-u{users}-s{seed}.jsonl"
+        expected = Path(f"{path}.expected.json")
+        if not expected.exists():
+            tmp = path.with_suffix(".tmp")
+            run([PY, str(GEN_EVENTS), str(tmp), str(n), "--users", str(users), "--seed", str(seed)]
+                ).check("gen_events")
+            tmp.rename(path)
+            Path(f"{tmp}.expected.json").rename(expected)
+        return Workload(path, n, users, seed)
+
+    def journal(self, n: int, users: int, seed: int) -> Workload:
+        """The plain file as `evtool serve` journals it after `evtool send` (ids on every line)."""
+        source = self.plain(n, users, seed)
+        path = self.root / f"journal-n{n}-u{users}-s{seed}.jsonl"
+        expected = Path(f"{path}.expected.json")
+        if not expected.exists():
+            work = Path(tempfile.mkdtemp(prefix="evtool-bench-gen-", dir=self.root))
+            try:
+                tmp = work / "journal.jsonl"
+                env = child_env(EVTOOL_HOME=str(work / "home"))
+                port = free_port()
+                serve = evtool_cmd("serve", "--port", str(port), "--journal", str(tmp), "--fsync", "off")
+                with serving(serve, port, env=env, cwd=work) as url:
+                    sent = run(evtool_cmd("send", str(source.path), "--url", url, "--json"), env=env,
+                               cwd=work).check("evtool send")
+                if json.loads(sent.stdout)["sent"] != n:
+                    raise RuntimeError(f"evtool send delivered {sent.stdout.strip()}, expected {n}")
+                tmp.rename(path)
+                shutil.copyfile(f"{source.path}.expected.json", expected)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return Workload(path, n, users, seed)
+
+    def chain(self, sizes: Sizes) -> list[Workload]:
+        """CHAIN_FILES journals of `sizes.events` each over 1k users; the first is the cold 1k one."""
+        seeds = [1] + [100 + i for i in range(2, CHAIN_FILES + 1)]
+        return [self.journal(sizes.events, 1000, s) for s in seeds]
