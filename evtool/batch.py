@@ -13,6 +13,7 @@ source per batch, not one row per event. The summaries are small and cheap to pi
 
 from __future__ import annotations
 
+import os
 import re
 from array import array
 from bisect import bisect_right
@@ -21,11 +22,12 @@ from dataclasses import dataclass, field
 import orjson
 
 from . import events
-from .errors import InvalidEvent
+from .errors import InvalidEvent, JournalError
 
 # Sums per user: [adds, added amount, subtracts, subtracted amount]
 Sums = dict[str, list]
 SOURCE_ID = re.compile(r"([0-9a-f]{16}):([1-9][0-9]{0,17})")
+PIECE_BYTES = 4 * 1024 * 1024  # what a worker reads at once: bounds its memory
 _MAX_INT = 10**20
 _INF = float("inf")
 
@@ -48,13 +50,37 @@ class SourcePart:
 
 @dataclass
 class Summary:
-    """One chunk, parsed: sums by identity kind, plus rejects (offset, index, raw, reason)."""
+    """Lines [offset, end) of a journal, parsed: sums by identity kind, and rejects.
 
+    A summary is not changed once made, so a transaction that failed can apply it again.
+    """
+
+    offset: int = 0
+    end: int = 0
     fresh: Sums = field(default_factory=dict)
     sources: dict[str, SourcePart] = field(default_factory=dict)
     opaque: list[tuple[bytes, str, bool, events.Value]] = field(default_factory=list)
-    rejects: list[tuple[int, int, bytes, str]] = field(default_factory=list)
+    rejects: list[tuple[int, int, bytes, str]] = field(default_factory=list)  # offset, index, raw, why
     lines: int = 0
+    # The totals' COPY rows if every event with an id turns out to be new (the common case),
+    # rendered by the worker so the committing process only sends them.
+    copy_rows: bytes | None = None
+    users: list[str] = field(default_factory=list)
+
+    def finish(self) -> None:
+        """Close the sources and render the optimistic COPY rows."""
+        for part in self.sources.values():
+            part.close()
+        groups = [g for g in [self.fresh, *(p.sums for p in self.sources.values())] if g]
+        if len(groups) == 1:
+            total = groups[0]
+        else:
+            total = {}
+            for g in groups:
+                merge(total, g)
+        if not self.opaque:
+            self.copy_rows = copy_rows(total)
+        self.users = list(total)
 
 
 def add(sums: Sums, user: str, is_add: bool, value: events.Value) -> None:
@@ -69,11 +95,12 @@ def add(sums: Sums, user: str, is_add: bool, value: events.Value) -> None:
         s[3] += value
 
 
-def merge(into: Sums, other: Sums) -> None:
+def merge(into: Sums, other: Sums, *, take: bool = False) -> None:
+    """Add `other` into `into`; with take=True, `other` is dropped after and its lists reused."""
     for user, s in other.items():
         t = into.get(user)
         if t is None:
-            into[user] = list(s)
+            into[user] = s if take else list(s)
         else:
             t[0] += s[0]
             t[1] += s[1]
@@ -96,7 +123,7 @@ def _event(raw: bytes) -> tuple[str, bool, events.Value, str | None]:
         name = obj.get("name")
         value = obj.get("value")
         if (type(value) is int and 0 <= value < _MAX_INT and type(user) is str
-                and 0 < len(user) <= events.MAX_USER_ID
+                and 0 < len(user) <= events.MAX_USER_ID and "\x00" not in user
                 and (name == "add_revenue" or name == "subtract_revenue")):
             eid = obj.get("eventId")
             if eid is not None:
@@ -106,14 +133,39 @@ def _event(raw: bytes) -> tuple[str, bool, events.Value, str | None]:
     return ev.user_id, ev.name == "add_revenue", ev.value, ev.event_id
 
 
-def summarize(data: bytes, offset: int) -> Summary:
-    """Parse complete lines `data` (starting at byte `offset` of the journal)."""
-    out = Summary()
+def summarize_range(path: str, identity: tuple[int, int], start: int, end: int,
+                    piece: int = PIECE_BYTES) -> Summary:
+    """Parse bytes [start, end) of a journal (both at line boundaries), `piece` bytes at a time.
+
+    Runs in a worker process, which opens the file itself; `identity` (st_dev, st_ino) makes
+    sure it reads the same file the caller holds open.
+    """
+    out = Summary(start, end)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if (st.st_dev, st.st_ino) != identity:
+            raise JournalError(f"{path} was replaced while it was being processed; run again")
+        f.seek(start)
+        pos, rest = start, b""
+        while pos < end:
+            data = rest + f.read(min(piece, end - pos))
+            pos += len(data) - len(rest)
+            cut = data.rfind(b"\n") + 1 if pos < end else len(data)
+            summarize(data[:cut], pos - len(data), out, close=False)
+            rest = data[cut:]
+    out.finish()
+    return out
+
+
+def summarize(data: bytes, offset: int, out: Summary | None = None, *, close: bool = True) -> Summary:
+    """Parse complete lines `data` (starting at byte `offset` of the journal) into `out`."""
+    out = Summary(offset, offset + len(data)) if out is None else out
     fresh, sources, opaque, rejects = out.fresh, out.sources, out.opaque, out.rejects
     match = SOURCE_ID.fullmatch
     pos = offset
+    base = out.lines
     index = -1
-    for index, line in enumerate(data.split(b"\n")[:-1]):
+    for index, line in enumerate(data.split(b"\n")[:-1], base):
         start = pos
         pos += len(line) + 1
         if line.endswith(b"\r"):
@@ -137,10 +189,24 @@ def summarize(data: bytes, offset: int) -> Summary:
             part = sources[m[1]] = SourcePart()
         part.lines.append(int(m[2]))
         add(part.sums, user, is_add, value)
-    out.lines = index + 1
-    for part in sources.values():
-        part.close()
+    out.lines = max(base, index + 1)
+    if close:
+        out.finish()
     return out
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_rows(sums: Sums) -> bytes:
+    """COPY text rows `user_id<TAB>delta<TAB>events` for per-user sums."""
+    fmt = events.format_value
+    rows = []
+    for user, s in sums.items():
+        if "\\" in user or "\t" in user or "\n" in user or "\r" in user:
+            user = user.translate(_COPY_ESCAPES)
+        rows.append(f"{user}\t{fmt(s[1] - s[3])}\t{s[0] + s[2]}\n")
+    return "".join(rows).encode()
 
 
 def source_events(data: bytes, source: str) -> list[tuple[int, str, bool, events.Value]]:

@@ -107,6 +107,8 @@ def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: boo
         raise InvalidEvent("userId must be a non-empty string")
     if len(user_id) > MAX_USER_ID:
         raise InvalidEvent(f"userId is longer than {MAX_USER_ID} characters")
+    if "\x00" in user_id:
+        raise InvalidEvent("userId may not contain NUL characters")
     name = obj.get("name")
     if name not in NAMES:
         raise InvalidEvent("name must be add_revenue or subtract_revenue")

@@ -14,6 +14,7 @@ from hashlib import blake2b
 from typing import BinaryIO
 
 FIRST_LINE_LIMIT = 1024 * 1024  # a first line longer than this is fingerprinted by its prefix
+SCAN_BYTES = 64 * 1024  # read size when looking for a line end
 TAIL_BYTES = 64  # bytes before the committed offset kept as a check that the file is the same
 
 
@@ -62,6 +63,54 @@ def read_chunk(f: BinaryIO, offset: int, max_bytes: int) -> Chunk | None:
         cut = data.rfind(b"\n")
         max_bytes *= 2
     return Chunk(offset, data[: cut + 1])
+
+
+def line_end(f: BinaryIO, pos: int, size: int) -> int | None:
+    """End (just past the newline) of the line holding byte `pos`; None if it is incomplete."""
+    f.seek(pos)
+    while pos < size:
+        block = f.read(min(SCAN_BYTES, size - pos))
+        if not block:
+            break
+        i = block.find(b"\n")
+        if i >= 0:
+            return pos + i + 1
+        pos += len(block)
+    return None
+
+
+def last_line_end(f: BinaryIO, start: int, end: int) -> int:
+    """End of the last complete line in [start, end); `start` if there is none."""
+    pos = end
+    while pos > start:
+        lo = max(start, pos - SCAN_BYTES)
+        f.seek(lo)
+        i = f.read(pos - lo).rfind(b"\n")
+        if i >= 0:
+            return lo + i + 1
+        pos = lo
+    return start
+
+
+def batch_end(f: BinaryIO, start: int, max_bytes: int) -> int:
+    """End of a batch from `start`: whole lines, about `max_bytes` (more if one line is longer)."""
+    size_now = size(f)
+    if start + max_bytes < size_now:
+        end = line_end(f, start + max_bytes - 1, size_now)
+        if end is not None:
+            return end
+    return last_line_end(f, start, size_now)
+
+
+def split(f: BinaryIO, start: int, end: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) cut into up to `parts` ranges of whole lines."""
+    cuts = [start]
+    for i in range(1, parts):
+        at = line_end(f, start + (end - start) * i // parts - 1, end)
+        if at is not None and cuts[-1] < at < end:
+            cuts.append(at)
+    cuts.append(end)
+    return list(zip(cuts, cuts[1:], strict=False))
 
 
 def iter_lines(chunk: Chunk) -> Iterator[tuple[int, bytes]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -24,7 +25,8 @@ from .batch import Summary
 from .errors import EvtoolError, JournalError, SourceError
 from .store import FileProgress, Store, retrying
 
-DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
+DEFAULT_BATCH_BYTES = 32 * 1024 * 1024  # one transaction: fewer, larger upserts of the totals
+INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
 MAX_REJECT_SAMPLES = 20
 
 
@@ -77,6 +79,24 @@ class Outcome:
     users: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Planned:
+    """A batch: its byte range and its summary, or the worker's future of it."""
+
+    start: int
+    end: int
+    parsed: Future | Summary
+
+    def summary(self) -> Summary:
+        if isinstance(self.parsed, Future):
+            self.parsed = self.parsed.result()
+        return self.parsed
+
+    def cancel(self) -> None:
+        if isinstance(self.parsed, Future):
+            self.parsed.cancel()
+
+
 ProgressFn = Callable[[int], None]
 _DONE, _MOVED, _COMMITTED = "done", "moved", "committed"
 
@@ -92,9 +112,13 @@ class Processor:
         retry_for: float = 30.0,
         on_retry: Callable[[str], None] | None = None,
         workers: int | None = None,
+        inline_bytes: int = INLINE_BYTES,
+        piece_bytes: int = batch.PIECE_BYTES,
     ) -> None:
         self.dsn = dsn
         self.batch_bytes = batch_bytes
+        self.chunk_bytes = piece_bytes
+        self.inline_bytes = inline_bytes
         self.retry_for = retry_for
         self.on_retry = on_retry
         self.workers = min(2, os.cpu_count() or 1) if workers is None else workers
@@ -124,15 +148,22 @@ class Processor:
 
         return retrying(lambda: fn(self._connected()), self.retry_for, retried)
 
-    def _submit(self, chunk: journal.Chunk) -> Future | Summary:
-        """Parse a chunk in a worker process; small inputs are parsed here, no pool needed."""
-        if self.workers <= 0 or len(chunk.data) < self.batch_bytes // 2:
-            return batch.summarize(chunk.data, chunk.offset)
+    def _plan(self, f: BinaryIO, path: str, start: int) -> _Planned | None:
+        """The next batch from `start`, handed to the workers (or parsed here when small)."""
+        end = journal.batch_end(f, start, self.batch_bytes)
+        if end <= start:
+            return None
+        if self.workers <= 0 or end - start < self.inline_bytes:
+            f.seek(start)
+            return _Planned(start, end, batch.summarize(f.read(end - start), start))
         if self.pool is None:
             # fork: workers start at once and share the loaded modules. They never touch the
             # inherited database socket, and leave with os._exit, which sends nothing on it.
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
-        return self.pool.submit(batch.summarize, chunk.data, chunk.offset)
+        st = os.fstat(f.fileno())
+        identity = (st.st_dev, st.st_ino)
+        return _Planned(start, end, self.pool.submit(batch.summarize_range, path, identity, start, end,
+                                                     self.chunk_bytes))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -165,27 +196,30 @@ class Processor:
 
     def _run(self, f: BinaryIO, fp: bytes, display: str, offset: int, report: FileReport,
              on_progress: ProgressFn | None) -> None:
-        pending: deque[tuple[journal.Chunk, Future | Summary]] = deque()
-        depth = self.workers + 1
+        """Commit batch after batch; the workers parse the next batches during each commit."""
+        planned: deque[_Planned] = deque()
         while True:
-            while len(pending) < depth:  # read ahead; workers parse while we commit
-                at = pending[-1][0].end if pending else offset
-                chunk = journal.read_chunk(f, at, self.batch_bytes)
-                if chunk is None:
+            ahead = planned[-1].end if planned else offset
+            while len(planned) < self.workers + 1:
+                nxt = self._plan(f, display, ahead)
+                if nxt is None:
                     break
-                pending.append((chunk, self._submit(chunk)))
-            expected = pending[0][0].offset if pending else offset
+                planned.append(nxt)
+                ahead = nxt.end
+            current = planned[0].summary() if planned else Summary(offset, offset)
             status = self._with_retry(
-                lambda s, at=expected: self._transaction(s, f, fp, display, at, pending, report)
+                lambda s, b=current: self._transaction(s, f, fp, display, b, report)
             )
             if status == _DONE:
                 return
-            if status == _MOVED:  # another processor committed meanwhile: start again from it
-                pending.clear()
+            if status == _MOVED:  # another processor committed meanwhile: go on from there
+                for p in planned:
+                    p.cancel()
+                planned.clear()
                 offset = report.offset
                 continue
-            chunk, _ = pending.popleft()
-            offset = chunk.end
+            planned.popleft()
+            offset = current.end
             if on_progress:
                 on_progress(offset)
 
@@ -211,42 +245,44 @@ class Processor:
                 "they cannot be told apart. Process only one of them, or give each a distinct first line"
             )
 
-    def _transaction(self, store: Store, f: BinaryIO, fp: bytes, display: str, expected: int,
-                     pending: deque, report: FileReport) -> str:
+    def _transaction(self, store: Store, f: BinaryIO, fp: bytes, display: str, b: Summary,
+                     report: FileReport) -> str:
         """One batch, one transaction. Counts go into `report` only once it committed."""
         with store.transaction():
             p = store.lock_file(fp, display)
             self._check_file(f, p, display)
             report.offset = p.offset
-            if p.offset != expected:
+            if p.offset != b.offset:
                 return _MOVED
-            if not pending:
+            if b.end == b.offset:
                 return _DONE
-            chunk, parsed = pending[0]
-            summary = parsed.result() if isinstance(parsed, Future) else parsed
-            outcome = apply(store, summary, chunk.data)
+
+            def reread() -> bytes:
+                f.seek(b.offset)
+                return f.read(b.end - b.offset)
+
+            outcome = apply(store, b, reread)
+            first_line = p.lines + 1
             store.record_rejects(
-                (fp, offset, p.lines + index + 1, display, raw, reason)
-                for offset, index, raw, reason in summary.rejects
+                (fp, offset, first_line + index, display, raw, reason)
+                for offset, index, raw, reason in b.rejects
             )
             p.path = display
-            p.offset = chunk.end
-            p.lines += summary.lines
-            p.tail_digest = journal.tail_digest(f, chunk.end)
+            p.offset = b.end
+            p.lines += b.lines
+            p.tail_digest = journal.tail_digest(f, b.end)
             p.applied += outcome.applied
             p.duplicates += outcome.duplicates
-            p.rejected += len(summary.rejects)
+            p.rejected += len(b.rejects)
             store.advance(p)
         report.applied += outcome.applied
         report.duplicates += outcome.duplicates
-        report.rejected += len(summary.rejects)
-        report.bytes += len(chunk.data)
+        report.rejected += len(b.rejects)
+        report.bytes += b.end - b.offset
         report.batches += 1
-        report.offset = chunk.end
+        report.offset = b.end
         room = MAX_REJECT_SAMPLES - len(report.reject_samples)
-        report.reject_samples.extend(
-            (p.lines - summary.lines + index + 1, reason) for _, index, _, reason in summary.rejects[:room]
-        )
+        report.reject_samples.extend((first_line + index, why) for _, index, _, why in b.rejects[:room])
         self._users.update(outcome.users)
         return _COMMITTED
 
@@ -288,23 +324,30 @@ class Processor:
         return report
 
 
-def apply(store: Store, summary: Summary, data: bytes) -> Outcome:
-    """Apply a parsed chunk inside the caller's transaction; only never-applied events count."""
-    out = Outcome()
-    sums: batch.Sums = {}
-    batch.merge(sums, summary.fresh)
-    out.applied += _count(summary.fresh)
+def apply(store: Store, b: Summary, reread: Callable[[], bytes]) -> Outcome:
+    """Apply a parsed batch inside the caller's transaction; only never-applied events count.
 
-    applied_ranges = store.lock_sources(summary.sources)
+    `b` is only read, so a failed transaction can apply it again. `reread` returns the
+    batch's bytes, needed only when some sender lines may have been applied before.
+    """
+    out = Outcome(applied=_count(b.fresh))
+    groups: list[batch.Sums] = [b.fresh]
+    applied_ranges = store.lock_sources(b.sources)
     added: dict[str, str] = {}
-    for source, part in summary.sources.items():
+    data: bytes | None = None
+    all_new = not b.opaque
+    for source, part in b.sources.items():
         have = applied_ranges.get(source, [])
         if not part.repeats and not batch.overlaps(have, part.ranges):
-            batch.merge(sums, part.sums)  # the common case: all new, summed in the worker
+            groups.append(part.sums)  # the common case: all new, already summed
             out.applied += _count(part.sums)
             added[source] = batch.multirange_text(part.ranges)
             continue
-        seen: set[int] = set()  # some lines were applied before, or repeat in this chunk
+        # Some lines were applied before, or repeat within the batch: decide line by line.
+        all_new = False
+        data = reread() if data is None else data
+        sums: batch.Sums = {}
+        seen: set[int] = set()
         for line, user, is_add, value in batch.source_events(data, source):
             if line in seen or batch.contains(have, line):
                 out.duplicates += 1
@@ -312,22 +355,32 @@ def apply(store: Store, summary: Summary, data: bytes) -> Outcome:
             seen.add(line)
             batch.add(sums, user, is_add, value)
             out.applied += 1
+        groups.append(sums)
         if seen:
-            added[source] = batch.multirange_text(batch.to_ranges(sorted(seen)))
+            added[source] = batch.multirange_text(batch.to_ranges(array("q", seen)))
 
-    if summary.opaque:
-        new = store.new_digests(d for d, _, _, _ in summary.opaque)
-        for digest, user, is_add, value in summary.opaque:
+    if b.opaque:
+        new = store.new_digests(d for d, _, _, _ in b.opaque)
+        sums = {}
+        for digest, user, is_add, value in b.opaque:
             if digest in new:
-                new.discard(digest)  # a repeat later in this chunk is a duplicate
+                new.discard(digest)  # a repeat later in this batch is a duplicate
                 batch.add(sums, user, is_add, value)
                 out.applied += 1
             else:
                 out.duplicates += 1
+        groups.append(sums)
 
-    store.apply_sums(sums)
+    if all_new and b.copy_rows is not None:
+        store.apply_copy_rows(b.copy_rows)  # rendered by the worker
+        out.users = b.users
+    else:
+        total: batch.Sums = {}
+        for g in groups:
+            batch.merge(total, g)
+        store.apply_copy_rows(batch.copy_rows(total))
+        out.users = list(total)
     store.add_ranges(added)
-    out.users = list(sums)
     return out
 
 
@@ -343,11 +396,10 @@ def process(
     retry_for: float = 30.0,
     on_retry: Callable[[str], None] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
-    workers: int | None = None,
+    **tuning: int,
 ) -> ProcessReport:
-    """Apply the journals at `paths` exactly once; see Processor."""
-    proc = Processor(dsn, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry,
-                     workers=workers)
+    """Apply the journals at `paths` exactly once; see Processor (and it for `tuning`)."""
+    proc = Processor(dsn, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry, **tuning)
     try:
         return proc.process(paths, on_progress)
     except EvtoolError:

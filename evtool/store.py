@@ -18,7 +18,6 @@ from typing import TypeVar
 import psycopg
 
 from .errors import DatabaseError, DatabaseUnavailable
-from .events import format_value
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 T = TypeVar("T")
@@ -162,6 +161,10 @@ class Store:
             self.conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS batch_digests (digest bytea) ON COMMIT DELETE ROWS"
             )
+            self.conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS batch_sums (user_id text, delta numeric, n int8)"
+                " ON COMMIT DELETE ROWS"
+            )
             self._temp_ready = True
 
     def lock_sources(self, sources: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
@@ -209,24 +212,23 @@ class Store:
             )
             return {row[0] for row in cur.fetchall()}
 
-    def apply_sums(self, sums: dict[str, list]) -> None:
-        """Add per-user [adds, added, subtracts, subtracted] to the totals, in user order."""
-        if not sums:
+    def apply_copy_rows(self, rows: bytes) -> None:
+        """Add COPY text rows `user_id, delta, events` to the totals, upserted in user order."""
+        if not rows:
             return
-        users = list(sums)
-        self.conn.execute(
-            """
-            INSERT INTO users_revenue AS u (user_id, revenue, events)
-            SELECT user_id, delta::numeric, n
-            FROM unnest(%s::text[], %s::text[], %s::int8[]) AS t(user_id, delta, n)
-            ORDER BY user_id
-            ON CONFLICT (user_id) DO UPDATE
-            SET revenue = u.revenue + excluded.revenue, events = u.events + excluded.events,
-                updated_at = now()
-            """,
-            (users, [format_value(s[1] - s[3]) for s in sums.values()],
-             [s[0] + s[2] for s in sums.values()]),
-        )
+        self._ensure_temp()
+        with self.conn.cursor() as cur:
+            with cur.copy("COPY batch_sums (user_id, delta, n) FROM STDIN") as copy:
+                copy.write(rows)
+            cur.execute(
+                """
+                INSERT INTO users_revenue AS u (user_id, revenue, events)
+                SELECT user_id, delta, n FROM batch_sums ORDER BY user_id
+                ON CONFLICT (user_id) DO UPDATE
+                SET revenue = u.revenue + excluded.revenue, events = u.events + excluded.events,
+                    updated_at = now()
+                """
+            )
 
     def record_rejects(self, rows: Iterable[tuple[bytes, int, int, str, bytes, str]]) -> None:
         """Record (fingerprint, offset, line_no, path, raw, reason) rows, each once."""

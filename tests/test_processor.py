@@ -45,6 +45,37 @@ def test_generated_workload_totals_exact_and_rerun_is_a_noop(dsn, tmp_path):
     assert totals(dsn) == got
 
 
+def test_parallel_parsing_over_many_batches_is_exact(dsn, tmp_path):
+    """Batches split across worker processes, parsed in small pieces, read ahead of commits."""
+    journal = tmp_path / "j.jsonl"
+    subprocess.run([sys.executable, str(GEN_EVENTS), str(journal), "30000", "--users", "500",
+                    "--decimals", "0.2", "--with-ids", "0.3", "--repeat-ids", "0.2", "--invalid", "0.01"],
+                   check=True, capture_output=True)
+    expected = json.loads((tmp_path / "j.jsonl.expected.json").read_text())
+    report = process(dsn, [journal], batch_bytes=300_000, workers=2, inline_bytes=0, piece_bytes=20_000)
+    assert report.applied == expected["events"]
+    assert report.rejected > 0
+    assert totals(dsn) == {u: Decimal(v) for u, v in expected["per_user"].items()}
+    assert process(dsn, [journal], workers=2, inline_bytes=0).applied == 0
+
+
+def test_sender_ids_resent_in_later_batches_count_once(dsn, tmp_path):
+    """`<source>:<line>` ids: overlap with applied ranges, and repeats within one batch."""
+    journal = tmp_path / "j.jsonl"
+    src = "0123456789abcdef"
+    lines = [line(f"u{n % 7}", "add_revenue", n, f"{src}:{n}") for n in range(1, 2001)]
+    write(journal, *lines)
+    write(journal, *lines[500:1500])  # a re-send, in later batches
+    write(journal, lines[0], lines[0], line("u1", "add_revenue", 1, f"{src}:01"))  # not canonical: opaque
+    report = process(dsn, [journal], batch_bytes=50_000, workers=2, inline_bytes=0, piece_bytes=8_000)
+    assert (report.applied, report.duplicates) == (2001, 1002)
+    want: dict[str, int] = {}
+    for n in range(1, 2001):
+        want[f"u{n % 7}"] = want.get(f"u{n % 7}", 0) + n
+    want["u1"] += 1
+    assert totals(dsn) == want
+
+
 def test_identical_lines_count_twice_and_repeated_event_id_once(dsn, tmp_path):
     journal = tmp_path / "j.jsonl"
     same = line("u1", "add_revenue", 10)
