@@ -199,13 +199,13 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 
 
 def copy_rows(sums: Sums) -> bytes:
-    """COPY text rows `user_id<TAB>delta<TAB>events` for per-user sums."""
+    """COPY text rows `user_id, adds, added, subtracts, subtracted` for per-user sums."""
     fmt = events.format_value
     rows = []
     for user, s in sums.items():
         if "\\" in user or "\t" in user or "\n" in user or "\r" in user:
             user = user.translate(_COPY_ESCAPES)
-        rows.append(f"{user}\t{fmt(s[1] - s[3])}\t{s[0] + s[2]}\n")
+        rows.append(f"{user}\t{s[0]}\t{fmt(s[1])}\t{s[2]}\t{fmt(s[3])}\n")
     return "".join(rows).encode()
 
 

@@ -162,8 +162,8 @@ class Store:
                 "CREATE TEMP TABLE IF NOT EXISTS batch_digests (digest bytea) ON COMMIT DELETE ROWS"
             )
             self.conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS batch_sums (user_id text, delta numeric, n int8)"
-                " ON COMMIT DELETE ROWS"
+                "CREATE TEMP TABLE IF NOT EXISTS batch_sums (user_id text, adds int8, added numeric,"
+                " subtracts int8, subtracted numeric) ON COMMIT DELETE ROWS"
             )
             self._temp_ready = True
 
@@ -213,21 +213,28 @@ class Store:
             return {row[0] for row in cur.fetchall()}
 
     def apply_copy_rows(self, rows: bytes) -> None:
-        """Add COPY text rows `user_id, delta, events` to the totals, upserted in user order."""
+        """Add per-user COPY rows (see batch.copy_rows) to the totals and the revenue log.
+
+        Totals are upserted in user order, so concurrent processors never deadlock.
+        """
         if not rows:
             return
         self._ensure_temp()
         with self.conn.cursor() as cur:
-            with cur.copy("COPY batch_sums (user_id, delta, n) FROM STDIN") as copy:
+            with cur.copy("COPY batch_sums FROM STDIN") as copy:
                 copy.write(rows)
             cur.execute(
                 """
                 INSERT INTO users_revenue AS u (user_id, revenue, events)
-                SELECT user_id, delta, n FROM batch_sums ORDER BY user_id
+                SELECT user_id, added - subtracted, adds + subtracts FROM batch_sums ORDER BY user_id
                 ON CONFLICT (user_id) DO UPDATE
                 SET revenue = u.revenue + excluded.revenue, events = u.events + excluded.events,
                     updated_at = now()
                 """
+            )
+            cur.execute(
+                "INSERT INTO revenue_log (user_id, adds, added, subtracts, subtracted)"
+                " SELECT user_id, adds, added, subtracts, subtracted FROM batch_sums"
             )
 
     def record_rejects(self, rows: Iterable[tuple[bytes, int, int, str, bytes, str]]) -> None:
