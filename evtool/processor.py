@@ -184,15 +184,20 @@ class Processor:
         except OSError as exc:
             raise SourceError(f"{path}: cannot read: {exc.strerror}") from None
         with f:
-            fp = journal.fingerprint(f)
-            report.size = journal.size(f)
-            if fp is None:
-                report.waiting = "no complete line yet" if report.size else "empty"
-                return report
-            display = str(path.resolve())
-            start = self._with_retry(lambda s: self._start(s, fp, display))
-            self._run(f, fp, display, start, report, on_progress)
+            self.process_open(f, str(path.resolve()), report, on_progress)
         return report
+
+    def process_open(self, f: BinaryIO, display: str, report: FileReport,
+                     on_progress: ProgressFn | None = None) -> None:
+        """Apply the complete lines of an open journal (known as `display`) not applied yet."""
+        fp = journal.fingerprint(f)
+        report.size = journal.size(f)
+        if fp is None:
+            report.waiting = "no complete line yet" if report.size else "empty"
+            return
+        report.waiting = None
+        start = self._with_retry(lambda s: self._start(s, fp, display))
+        self._run(f, fp, display, start, report, on_progress)
 
     def _run(self, f: BinaryIO, fp: bytes, display: str, offset: int, report: FileReport,
              on_progress: ProgressFn | None) -> None:

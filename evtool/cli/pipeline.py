@@ -21,10 +21,14 @@ from .base import cli, console, dsn_option, handle_errors, print_json
 @click.option("--retry-for", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds to keep retrying a lost database connection before giving up.")
 @click.option("--fail-on-reject", is_flag=True, help="Exit 1 when any line was rejected in this run.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep applying new lines as they arrive, until SIGINT or SIGTERM.")
+@click.option("--poll", type=click.FloatRange(0.001, 60), default=0.02, show_default=True,
+              help="With --follow: seconds between checks of an idle journal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handle_errors
 def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_for: float,
-            fail_on_reject: bool, as_json: bool) -> None:
+            fail_on_reject: bool, follow: bool, poll: float, as_json: bool) -> None:
     """Apply journal files (default ./server-events.jsonl) to the totals, exactly once.
 
     Safe to re-run and to run several at once: every batch commits its offset, its event
@@ -40,9 +44,12 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
     def on_retry(message: str) -> None:
         err.print(f"[yellow]{message}; retrying[/yellow]")
 
-    with progress_bar(err, "processing") as bar:
-        report = processor.process(url, paths, batch_bytes=batch_mb << 20, retry_for=retry_for,
-                                   on_retry=on_retry, on_progress=bar)
+    if follow:
+        report = _follow(url, paths, batch_mb << 20, retry_for, poll, on_retry, err)
+    else:
+        with progress_bar(err, "processing") as bar:
+            report = processor.process(url, paths, batch_bytes=batch_mb << 20, retry_for=retry_for,
+                                       on_retry=on_retry, on_progress=bar)
     if as_json:
         print_json(processor_report_dict(report))
     else:
@@ -52,6 +59,32 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
                    "in the rejected_lines table", err=True)
         if fail_on_reject:
             sys.exit(1)
+
+
+def _follow(url: str, paths: list[Path], batch_bytes: int, retry_for: float, poll: float,
+            on_retry, err):
+    """Run the follower until SIGINT/SIGTERM; the batch in flight finishes first."""
+    import signal
+
+    from ..follow import follow
+    from ..processor import Processor
+
+    stop: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    proc = Processor(url, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry)
+    err.print(f"following {', '.join(map(str, paths))}; Ctrl-C or SIGTERM to stop")
+
+    def on_applied(file_report, n: int) -> None:
+        err.print(f"{file_report.path}: +{n} lines, offset {file_report.offset}")
+
+    try:
+        return follow(proc, paths, lambda: bool(stop), poll=poll,
+                      on_applied=on_applied if err.is_terminal else None)
+    finally:
+        proc.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def processor_report_dict(report) -> dict:
