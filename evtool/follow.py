@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from .processor import FileReport, Processor, ProcessReport
 
-DEFAULT_POLL = 0.02  # seconds between checks of an idle journal
+DEFAULT_POLL = 0.01  # seconds between checks of an idle journal
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import EvtoolError
-from .base import cli, console, dsn_option, handle_errors, print_json
+from .base import cli, console, dsn_option, handle_errors, print_json, strict_option
 
 # -- process ---------------------------------------------------------------------------
 
@@ -23,12 +23,13 @@ from .base import cli, console, dsn_option, handle_errors, print_json
 @click.option("--fail-on-reject", is_flag=True, help="Exit 1 when any line was rejected in this run.")
 @click.option("--follow", "-f", is_flag=True,
               help="Keep applying new lines as they arrive, until SIGINT or SIGTERM.")
-@click.option("--poll", type=click.FloatRange(0.001, 60), default=0.02, show_default=True,
+@click.option("--poll", type=click.FloatRange(0.001, 60), default=0.01, show_default=True,
               help="With --follow: seconds between checks of an idle journal.")
+@strict_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handle_errors
 def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_for: float,
-            fail_on_reject: bool, follow: bool, poll: float, as_json: bool) -> None:
+            fail_on_reject: bool, follow: bool, poll: float, strict: bool, as_json: bool) -> None:
     """Apply journal files (default ./server-events.jsonl) to the totals, exactly once.
 
     Safe to re-run and to run several at once: every batch commits its offset, its event
@@ -45,11 +46,11 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
         err.print(f"[yellow]{message}; retrying[/yellow]")
 
     if follow:
-        report = _follow(url, paths, batch_mb << 20, retry_for, poll, on_retry, err)
+        report = _follow(url, paths, batch_mb << 20, retry_for, poll, on_retry, err, strict)
     else:
         with progress_bar(err, "processing") as bar:
             report = processor.process(url, paths, batch_bytes=batch_mb << 20, retry_for=retry_for,
-                                       on_retry=on_retry, on_progress=bar)
+                                       on_retry=on_retry, on_progress=bar, strict=strict)
     if as_json:
         print_json(processor_report_dict(report))
     else:
@@ -62,7 +63,7 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
 
 
 def _follow(url: str, paths: list[Path], batch_bytes: int, retry_for: float, poll: float,
-            on_retry, err):
+            on_retry, err, strict: bool = False):
     """Run the follower until SIGINT/SIGTERM; the batch in flight finishes first."""
     import signal
 
@@ -72,7 +73,7 @@ def _follow(url: str, paths: list[Path], batch_bytes: int, retry_for: float, pol
     stop: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
-    proc = Processor(url, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry)
+    proc = Processor(url, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry, strict=strict)
     err.print(f"following {', '.join(map(str, paths))}; Ctrl-C or SIGTERM to stop")
 
     def on_applied(file_report, n: int) -> None:
@@ -152,10 +153,11 @@ def _json_str(s: str) -> str:
               help="Acknowledge only after the data is on disk (off: faster, not durable).")
 @click.option("--max-body-mb", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="Largest request body accepted.")
+@strict_option
 @dsn_option
 @handle_errors
 def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, max_body_mb: int,
-          dsn: str | None) -> None:
+          strict: bool, dsn: str | None) -> None:
     """Receive events over HTTP and append them durably to the journal.
 
     POST /liveEvent takes one JSON object or a bulk (NDJSON or a JSON array);
@@ -182,7 +184,7 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
             raise
 
     settings = ServeSettings(host=host, port=port, journal=journal, token=token, fsync=fsync == "on",
-                             max_body=max_body_mb << 20, revenue_lookup=lookup)
+                             max_body=max_body_mb << 20, revenue_lookup=lookup, strict=strict)
     run_server(settings, on_ready=lambda message: click.echo(message, err=True))
 
 
@@ -202,10 +204,11 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
 @click.option("--from-start", is_flag=True, help="Resend the whole file (ids make it harmless).")
 @click.option("--max-retries", type=click.IntRange(0, 100), default=8, show_default=True,
               help="Retries per request for transient failures (connection errors, 408, 429, 5xx).")
+@strict_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handle_errors
 def send(file: Path, url: str, token: str, batch: int, connections: int, from_start: bool,
-         max_retries: int, as_json: bool) -> None:
+         max_retries: int, strict: bool, as_json: bool) -> None:
     """Send FILE (JSONL events) to the receiver; re-running resumes where it stopped."""
     from .. import config
     from ..render import progress_bar, send_summary
@@ -214,7 +217,7 @@ def send(file: Path, url: str, token: str, batch: int, connections: int, from_st
 
     settings = SendSettings(path=file, url=url.rstrip("/"), token=token, batch=batch,
                             connections=connections, from_start=from_start, max_retries=max_retries,
-                            state_dir=config.home())
+                            state_dir=config.home(), strict=strict)
     err = console(err=True)
     with progress_bar(err, "sending") as bar:
         report = do_send(settings, on_progress=lambda done, sent: bar(str(file), done, None),
