@@ -66,6 +66,7 @@ class Summary:
     # rendered by the worker so the committing process only sends them.
     copy_rows: bytes | None = None
     users: list[str] = field(default_factory=list)
+    strict: bool = False  # parsed without normalization (events.validate's strict)
 
     def finish(self) -> None:
         """Close the sources and render the optimistic COPY rows."""
@@ -108,11 +109,12 @@ def merge(into: Sums, other: Sums, *, take: bool = False) -> None:
             t[3] += s[3]
 
 
-def _event(raw: bytes) -> tuple[str, bool, events.Value, str | None]:
+def _event(raw: bytes, strict: bool = False) -> tuple[str, bool, events.Value, str | None]:
     """(user, is_add, value, eventId) of a valid line; raises InvalidEvent.
 
     The common shape (integer value) is checked inline; everything else goes through the
-    shared validator, which accepts a superset of what the inline checks accept.
+    shared validator, which accepts a superset of what the inline checks accept. A `user_id`
+    key (an alias that may disagree with `userId`) always takes the validator.
     """
     try:
         obj = orjson.loads(raw)
@@ -124,23 +126,24 @@ def _event(raw: bytes) -> tuple[str, bool, events.Value, str | None]:
         value = obj.get("value")
         if (type(value) is int and 0 <= value < _MAX_INT and type(user) is str
                 and 0 < len(user) <= events.MAX_USER_ID and "\x00" not in user
-                and (name == "add_revenue" or name == "subtract_revenue")):
+                and (name == "add_revenue" or name == "subtract_revenue")
+                and (strict or "user_id" not in obj)):
             eid = obj.get("eventId")
             if eid is not None:
                 events.check_event_id(eid, allow_reserved=True)
             return user, name == "add_revenue", value, eid
-    ev = events.validate(obj, raw, allow_reserved=True)
+    ev = events.validate(obj, raw, allow_reserved=True, strict=strict)
     return ev.user_id, ev.name == "add_revenue", ev.value, ev.event_id
 
 
 def summarize_range(path: str, identity: tuple[int, int], start: int, end: int,
-                    piece: int = PIECE_BYTES) -> Summary:
+                    piece: int = PIECE_BYTES, strict: bool = False) -> Summary:
     """Parse bytes [start, end) of a journal (both at line boundaries), `piece` bytes at a time.
 
     Runs in a worker process, which opens the file itself; `identity` (st_dev, st_ino) makes
     sure it reads the same file the caller holds open.
     """
-    out = Summary(start, end)
+    out = Summary(start, end, strict=strict)
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         if (st.st_dev, st.st_ino) != identity:
@@ -157,9 +160,14 @@ def summarize_range(path: str, identity: tuple[int, int], start: int, end: int,
     return out
 
 
-def summarize(data: bytes, offset: int, out: Summary | None = None, *, close: bool = True) -> Summary:
-    """Parse complete lines `data` (starting at byte `offset` of the journal) into `out`."""
-    out = Summary(offset, offset + len(data)) if out is None else out
+def summarize(data: bytes, offset: int, out: Summary | None = None, *, close: bool = True,
+              strict: bool = False) -> Summary:
+    """Parse complete lines `data` (starting at byte `offset` of the journal) into `out`.
+
+    `strict` applies only to a new summary; a given `out` keeps its own.
+    """
+    out = Summary(offset, offset + len(data), strict=strict) if out is None else out
+    strict = out.strict
     fresh, sources, opaque, rejects = out.fresh, out.sources, out.opaque, out.rejects
     match = SOURCE_ID.fullmatch
     pos = offset
@@ -173,7 +181,7 @@ def summarize(data: bytes, offset: int, out: Summary | None = None, *, close: bo
         if not line or line.isspace():
             continue
         try:
-            user, is_add, value, eid = _event(line)
+            user, is_add, value, eid = _event(line, strict)
         except InvalidEvent as exc:
             rejects.append((start, index, line, exc.reason))
             continue
@@ -209,7 +217,8 @@ def copy_rows(sums: Sums) -> bytes:
     return "".join(rows).encode()
 
 
-def source_events(data: bytes, source: str) -> list[tuple[int, str, bool, events.Value]]:
+def source_events(data: bytes, source: str,
+                  strict: bool = False) -> list[tuple[int, str, bool, events.Value]]:
     """(line, user, is_add, value) of every valid event of `source` in `data`, in order.
 
     The slow path, used when some of a source's lines may have been applied already.
@@ -221,7 +230,7 @@ def source_events(data: bytes, source: str) -> list[tuple[int, str, bool, events
             continue
         line = line.rstrip(b"\r")
         try:
-            user, is_add, value, eid = _event(line)
+            user, is_add, value, eid = _event(line, strict)
         except InvalidEvent:
             continue
         m = SOURCE_ID.fullmatch(eid) if eid else None

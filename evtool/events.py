@@ -4,6 +4,15 @@ A line is parsed with orjson; numbers that orjson could only give as a float (de
 integers too large for 64 bits) are re-read from the text with the standard library as exact
 `Decimal`s, so a value is never rounded. Values with more than `MAX_SCALE` digits after the
 point, or of `MAX_ABS` or more, are rejected rather than rounded.
+
+Normalization (on unless `strict=True`), only where it cannot change meaning:
+
+- `user_id` is an alias of `userId`; an object with both, different, is rejected as ambiguous;
+- a string `value` that is the plain text of a non-negative decimal number ("100", "12.50":
+  digits, at most one point with digits on both sides, no leading zeros, no sign, exponent or
+  spaces) is read as exactly that number; any other string is rejected with the reason.
+
+It lives only here, so sender, receiver and processor give every line the same verdict.
 """
 
 from __future__ import annotations
@@ -94,16 +103,44 @@ def parse_json(raw: bytes | str) -> object:
         raise MalformedJSON(f"malformed JSON: {exc}") from None
 
 
-def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: bool = False) -> Event:
+_PLAIN_DECIMAL = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
+USER_ID_ALIAS = "user_id"
+
+
+def _string_value(text: str) -> Decimal:
+    """The exact number a plain decimal string stands for; InvalidEvent for anything else."""
+    if len(text) > 64:
+        raise InvalidEvent("value is a string of more than 64 characters")
+    if _PLAIN_DECIMAL.fullmatch(text):
+        return Decimal(text)
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    raise InvalidEvent(
+        f"value {json.dumps(shown)} is not a plain decimal number: a string value must be digits "
+        "with at most one point, without sign, exponent, spaces or leading zeros"
+    )
+
+
+def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: bool = False,
+             strict: bool = False) -> Event:
     """Check a parsed object against the event rules and return the Event.
 
     `raw` is the JSON text `obj` came from; it is needed only to read a decimal value exactly.
     `allow_reserved` lets receiver-made ids through (the processor reads them from journals).
+    `strict` turns normalization off (see the module docstring): no `user_id` alias, no
+    string values.
     """
     if not isinstance(obj, dict):
         raise InvalidEvent("an event must be a JSON object")
     user_id = obj.get("userId")
+    if not strict and USER_ID_ALIAS in obj:
+        alias = obj[USER_ID_ALIAS]
+        if "userId" not in obj:
+            user_id = alias
+        elif type(alias) is not type(user_id) or alias != user_id:
+            raise InvalidEvent("ambiguous user: userId and user_id are both given and differ")
     if not isinstance(user_id, str) or not user_id:
+        if strict and "userId" not in obj and USER_ID_ALIAS in obj:
+            raise InvalidEvent("userId is missing (user_id is read as userId only when not strict)")
         raise InvalidEvent("userId must be a non-empty string")
     if len(user_id) > MAX_USER_ID:
         raise InvalidEvent(f"userId is longer than {MAX_USER_ID} characters")
@@ -115,7 +152,11 @@ def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: boo
     if "value" not in obj:
         raise InvalidEvent("value is missing")
     value = obj["value"]
+    if isinstance(value, str) and not strict:
+        value = _string_value(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        if isinstance(value, str):
+            raise InvalidEvent("value must be a number (a numeric string is read only when not strict)")
         raise InvalidEvent("value must be a number")
     if isinstance(value, int):
         if value < 0:
@@ -147,9 +188,9 @@ def check_event_id(event_id: object, *, allow_reserved: bool = False) -> str:
     return event_id
 
 
-def parse_line(raw: bytes, *, allow_reserved: bool = False) -> Event:
+def parse_line(raw: bytes, *, allow_reserved: bool = False, strict: bool = False) -> Event:
     """Parse and validate one line (without its line ending)."""
-    return validate(parse_json(raw), raw, allow_reserved=allow_reserved)
+    return validate(parse_json(raw), raw, allow_reserved=allow_reserved, strict=strict)
 
 
 def format_value(value: Value) -> str:

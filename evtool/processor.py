@@ -114,8 +114,10 @@ class Processor:
         workers: int | None = None,
         inline_bytes: int = INLINE_BYTES,
         piece_bytes: int = batch.PIECE_BYTES,
+        strict: bool = False,
     ) -> None:
         self.dsn = dsn
+        self.strict = strict  # events.validate without normalization
         self.batch_bytes = batch_bytes
         self.chunk_bytes = piece_bytes
         self.inline_bytes = inline_bytes
@@ -155,7 +157,7 @@ class Processor:
             return None
         if self.workers <= 0 or end - start < self.inline_bytes:
             f.seek(start)
-            return _Planned(start, end, batch.summarize(f.read(end - start), start))
+            return _Planned(start, end, batch.summarize(f.read(end - start), start, strict=self.strict))
         if self.pool is None:
             # fork: workers start at once and share the loaded modules. They never touch the
             # inherited database socket, and leave with os._exit, which sends nothing on it.
@@ -163,7 +165,7 @@ class Processor:
         st = os.fstat(f.fileno())
         identity = (st.st_dev, st.st_ino)
         return _Planned(start, end, self.pool.submit(batch.summarize_range, path, identity, start, end,
-                                                     self.chunk_bytes))
+                                                     self.chunk_bytes, self.strict))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -353,7 +355,7 @@ def apply(store: Store, b: Summary, reread: Callable[[], bytes]) -> Outcome:
         data = reread() if data is None else data
         sums: batch.Sums = {}
         seen: set[int] = set()
-        for line, user, is_add, value in batch.source_events(data, source):
+        for line, user, is_add, value in batch.source_events(data, source, b.strict):
             if line in seen or batch.contains(have, line):
                 out.duplicates += 1
                 continue

@@ -66,6 +66,7 @@ class ServeSettings:
     request_timeout: float = 30.0  # seconds to receive a request body
     # Sync function used by GET /userEvents/<id>, run in a thread. None -> 503.
     revenue_lookup: Callable[[str], Decimal | int | None] | None = None
+    strict: bool = False  # events.validate without normalization (no user_id alias, no string values)
 
 
 def is_loopback(host: str) -> bool:
@@ -264,6 +265,7 @@ class _Receiver:
         max_line = self.s.max_line
         parse = events.parse_json
         validate = events.validate
+        strict = self.s.strict
         if b"\r" in body:  # a CR in valid NDJSON is whitespace; only a line-ending one is dropped
             body = body.replace(b"\r\n", b"\n")
             if body.endswith(b"\r"):
@@ -279,7 +281,7 @@ class _Receiver:
             n += 1
             try:
                 obj = parse(raw)
-                event = validate(obj, raw)
+                event = validate(obj, raw, strict=strict)
             except MalformedJSON as exc:
                 raise _Refused(400, f"line {lineno}: {_line_reason(exc)}") from None
             except InvalidEvent as exc:
@@ -302,7 +304,7 @@ class _Receiver:
             if len(body) > self.s.max_line:
                 raise _Refused(413, f"the event is longer than the limit of {self.s.max_line} bytes")
             try:
-                event = events.validate(obj, body)
+                event = events.validate(obj, body, strict=self.s.strict)
             except InvalidEvent as exc:
                 raise _Refused(422, exc.reason) from None
             event_id = event.event_id or key or self.fresh_id()
@@ -324,7 +326,7 @@ class _Receiver:
                     exact = json.loads(body, parse_float=Decimal, parse_int=Decimal)
                 el["value"] = exact[i - 1]["value"]
             try:
-                event = events.validate(el)
+                event = events.validate(el, strict=self.s.strict)
             except InvalidEvent as exc:
                 raise _Refused(422, f"element {i}: {exc.reason}") from None
             if event.event_id is None:

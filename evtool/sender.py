@@ -66,6 +66,7 @@ class SendSettings:
     max_retries: int = 8
     state_dir: Path = Path(".evtool")
     timeout: float = 30.0
+    strict: bool = False  # events.validate without normalization
 
 
 @dataclass
@@ -296,6 +297,7 @@ class _Run:
         """Read, validate and id the lines after the resume point; queue them in batches."""
         f, batch_size, report, prefix = self.f, self.s.batch, self.report, self.prefix
         parse_line = events.parse_line
+        strict = self.s.strict
         pos = self.start
         offset, lineno = pos.offset, pos.line
         tail_offset, tail = pos.tail_offset, pos.tail
@@ -319,7 +321,7 @@ class _Run:
                 if start == 0 and text.startswith(BOM):
                     text = text[3:].lstrip()
                 try:
-                    ev = parse_line(text)
+                    ev = parse_line(text, strict=strict)
                 except InvalidEvent as exc:
                     report.skipped_invalid += 1
                     if len(report.invalid_lines) < MAX_INVALID_KEPT:

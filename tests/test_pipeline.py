@@ -143,9 +143,11 @@ def test_invalid_lines_in_the_source_are_reported_and_skipped(dsn, tmp_path):
         result = evtool("send", str(samples / "invalid.jsonl"), "--url", url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "line 2: skipped: malformed JSON" in result.stdout
-    assert "skipped 7 invalid" in result.stdout
+    assert "skipped 8 invalid" in result.stdout
+    assert "line 6:" not in result.stdout  # "5" is read as 5 (input normalization)
+    assert "line 11: skipped: ambiguous user" in result.stdout
     evtool("process", cwd=tmp_path, check=True)
-    assert totals(dsn) == {"user1": 11}
+    assert totals(dsn) == {"user1": 16}
 
 
 def test_unreachable_receiver_exits_1(tmp_path):

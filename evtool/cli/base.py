@@ -46,6 +46,13 @@ def dsn_option(fn):
     return click.option("--dsn", envvar="EVTOOL_DSN", show_envvar=True, help=DSN_HELP)(fn)
 
 
+def strict_option(fn):
+    return click.option(
+        "--strict", is_flag=True,
+        help="No input normalization: user_id is not read as userId, string values are invalid.",
+    )(fn)
+
+
 def console(err: bool = False):
     from rich.console import Console
 
