@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -39,6 +40,11 @@ class PgServer:
             self.execute(f"CREATE DATABASE {name}")
         return name
 
+    def settle(self) -> None:
+        """Flush what earlier runs left dirty (a CHECKPOINT, then sync) so it cannot land in a timed run."""
+        self.execute("CHECKPOINT")
+        os.sync()
+
     def drop(self, name: str) -> None:
         self.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
@@ -46,6 +52,7 @@ class PgServer:
     def database(self, template: str | None = None) -> Iterator[str]:
         """A fresh database for one measurement; yields its DSN, drops it after."""
         name = self.create(template)
+        self.settle()
         try:
             yield self.url(name)
         finally:

