@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import db, pipeline  # noqa: F401  (they register their commands on the group)
+from . import db, ops, pipeline  # noqa: F401  (they register their commands on the group)
 from .base import cli
 
 __all__ = ["cli", "main"]

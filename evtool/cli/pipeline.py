@@ -110,12 +110,26 @@ def processor_report_dict(report) -> dict:
 
 
 @cli.command()
-@click.argument("user")
+@click.argument("user", required=False)
 @dsn_option
-@click.option("--json", "as_json", is_flag=True, help='Print {"userId": ..., "revenue": ...}.')
+@click.option("--all", "every", is_flag=True, help="Every user's total, in user order, streamed.")
+@click.option("--csv", "as_csv", is_flag=True, help="With --all: CSV with a user_id,revenue header.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"userId": ..., "revenue": ...} (with --all: one such object per line).')
 @handle_errors
-def revenue(user: str, dsn: str | None, as_json: bool) -> None:
-    """Print USER's exact total revenue (exit 1 for an unknown user)."""
+def revenue(user: str | None, dsn: str | None, every: bool, as_csv: bool, as_json: bool) -> None:
+    """Print USER's exact total revenue (exit 1 for an unknown user), or --all users' totals.
+
+    --all prints `user<TAB>revenue` lines (or --csv, or --json: JSON Lines), streamed from a
+    server-side cursor, so any number of users works in constant memory.
+    """
+    from .ops import revenue_all, usage_checks
+
+    usage_checks(user, every, as_csv, as_json)
+    if every:
+        revenue_all(dsn, "csv" if as_csv else "json" if as_json else "text")
+        return
+    assert user is not None
     from .. import config
     from ..errors import UnknownUser
     from ..events import format_value

@@ -1,0 +1,165 @@
+"""`evtool rejects --reapply`: apply rejected lines that the current rules accept, exactly once.
+
+Each batch is one transaction that first locks the journal's progress row (`FOR UPDATE`), so it
+serializes with `evtool process` on that journal and with another reapply. A line that is now
+valid is applied under the same identity rules as the processor (design section 3):
+
+- a sender id `<16 hex>:<line>`: the source's applied line ranges (locked, checked, extended);
+- any other client id: its digest in applied_events;
+- no id, or a receiver-made `~` id: a digest of (journal fingerprint, byte offset) in
+  applied_events, so a second reapply cannot apply the line again.
+
+An event whose identity was already applied counts as a duplicate. Either way the reject row
+is kept and marked (`reapplied_at`, `reapply_outcome`), and the journal's counters move from
+rejected to applied/duplicates. Lines still invalid stay rejected, with their reason updated
+when the rules now give another one.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from pathlib import Path
+from typing import Any
+
+from . import batch, events
+from .errors import InvalidEvent
+from .reports import peek
+from .store import Store
+
+BATCH_ROWS = 1000
+
+
+@dataclass
+class ReapplyReport:
+    applied: int = 0
+    duplicates: int = 0
+    still_invalid: int = 0
+    reasons_updated: int = 0
+    users: set[str] = field(default_factory=set)
+    lines: list[tuple[str, int, str]] = field(default_factory=list)  # (path, line, outcome), first ones
+
+
+MAX_LINES_KEPT = 50
+
+
+def position_digest(fingerprint: bytes, offset: int) -> bytes:
+    """The dedup key of a line identified by its position (it cannot equal an id's digest:
+    ids are printable text, this starts with a NUL byte)."""
+    return blake2b(b"\x00" + fingerprint + offset.to_bytes(8, "big"), digest_size=16).digest()
+
+
+def reapply(store: Store, *, reason: str | None = None, path: Path | None = None, strict: bool = False,
+            batch_rows: int = BATCH_ROWS) -> ReapplyReport:
+    """Re-validate pending rejected lines (optionally filtered) and apply those now valid."""
+    report = ReapplyReport()
+    conds, params = ["reapplied_at IS NULL"], []
+    if reason:
+        conds.append("strpos(lower(reason), lower(%s)) > 0")
+        params.append(reason)
+    if path is not None:
+        fp, _ = peek(path)
+        conds.append("(path = %s OR fingerprint = %s)")
+        params += [str(path.resolve()), fp]
+    where = " AND ".join(conds)
+    with store.transaction():
+        fingerprints = [r[0] for r in store.conn.execute(
+            f"SELECT DISTINCT fingerprint FROM rejected_lines WHERE {where} ORDER BY fingerprint", params)]
+    for fp in fingerprints:
+        after = -1
+        while True:
+            with store.transaction():
+                after = _batch(store, fp, after, where, params, strict, batch_rows, report)
+            if after is None:
+                break
+    return report
+
+
+def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], strict: bool,
+           limit: int, report: ReapplyReport) -> int | None:
+    """One transaction: up to `limit` pending rejects of journal `fp` after offset `after`.
+
+    Returns the last offset handled, or None when there was nothing left.
+    """
+    conn = store.conn
+    # Serialize with `process` (and other reappliers) on this journal.
+    conn.execute("SELECT 1 FROM journal_files WHERE fingerprint = %s FOR UPDATE", (fp,))
+    # Read after the lock: a concurrent reapply that committed meanwhile is seen.
+    rows = conn.execute(
+        f'SELECT "offset", line_no, path, raw, reason FROM rejected_lines'
+        f' WHERE fingerprint = %s AND "offset" > %s AND {where} ORDER BY "offset" LIMIT %s',
+        [fp, after, *params, limit],
+    ).fetchall()
+    if not rows:
+        return None
+    valid: list[tuple[int, int, str, events.Event]] = []  # offset, line, path, event
+    new_reasons: list[tuple[str, bytes, int]] = []
+    for offset, line_no, path, raw, old_reason in rows:
+        try:
+            ev = events.parse_line(bytes(raw), allow_reserved=True, strict=strict)
+        except InvalidEvent as exc:
+            report.still_invalid += 1
+            if exc.reason != old_reason:
+                new_reasons.append((exc.reason, fp, offset))
+            continue
+        valid.append((offset, line_no, path, ev))
+
+    # Decide each valid line's identity and whether it was applied before.
+    sources: dict[str, list[int]] = {}
+    digests: list[bytes] = []
+    keys: list[tuple[str, Any]] = []
+    for offset, _, _, ev in valid:
+        eid = ev.event_id
+        m = batch.SOURCE_ID.fullmatch(eid) if eid else None
+        if m is not None:
+            keys.append(("source", (m[1], int(m[2]))))
+            sources.setdefault(m[1], [])
+        else:
+            d = (position_digest(fp, offset) if eid is None or eid.startswith(events.RECEIVER_ID_PREFIX)
+                 else events.event_digest(eid))
+            keys.append(("digest", d))
+            digests.append(d)
+    have = store.lock_sources(sources)
+    new_digests = store.new_digests(digests) if digests else set()
+    sums: batch.Sums = {}
+    outcomes: list[tuple[str, bytes, int]] = []
+    for (offset, line_no, path, ev), (kind, key) in zip(valid, keys, strict=True):
+        if kind == "source":
+            source, n = key
+            fresh = not batch.contains(have[source], n) and n not in sources[source]
+            if fresh:
+                sources[source].append(n)
+        else:
+            fresh = key in new_digests
+            new_digests.discard(key)  # a repeat later in this batch is a duplicate
+        if fresh:
+            batch.add(sums, ev.user_id, ev.name == "add_revenue", ev.value)
+            report.applied += 1
+            report.users.add(ev.user_id)
+        else:
+            report.duplicates += 1
+        outcome = "applied" if fresh else "duplicate"
+        outcomes.append((outcome, fp, offset))
+        if len(report.lines) < MAX_LINES_KEPT:
+            report.lines.append((path, line_no, outcome))
+    store.apply_copy_rows(batch.copy_rows(sums))
+    store.add_ranges({s: batch.multirange_text(batch.to_ranges(array("q", lines)))
+                      for s, lines in sources.items() if lines})
+    with conn.cursor() as cur:
+        if outcomes:
+            cur.executemany(
+                "UPDATE rejected_lines SET reapplied_at = now(), reapply_outcome = %s"
+                ' WHERE fingerprint = %s AND "offset" = %s', outcomes)
+        if new_reasons:
+            cur.executemany('UPDATE rejected_lines SET reason = %s WHERE fingerprint = %s AND "offset" = %s',
+                            new_reasons)
+    report.reasons_updated += len(new_reasons)
+    applied = sum(1 for o, _, _ in outcomes if o == "applied")
+    if outcomes:
+        conn.execute(
+            "UPDATE journal_files SET applied = applied + %s, duplicates = duplicates + %s,"
+            " rejected = rejected - %s WHERE fingerprint = %s",
+            (applied, len(outcomes) - applied, len(outcomes), fp),
+        )
+    return rows[-1][0]

@@ -1,0 +1,333 @@
+"""What the operator reads: journal status, revenue reports, every user's total, rejected lines.
+
+Plain functions over a Store that return plain data (dicts, tuples, Decimals); the CLI renders
+them for people (rich) or for scripts (JSON, CSV). Nothing here writes, except `migrate` done by
+whoever opened the Store.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import journal
+from .errors import EvtoolError
+from .store import Store, translated
+
+READ_BYTES = 1 << 20  # counting lag lines streams the file this much at a time
+FETCH_ROWS = 5000  # rows per round trip of a server-side cursor
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by ***, for display."""
+    dsn = re.sub(r"(://[^:/@?]*:)[^@/?]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+
+
+def count_lines(path: Path, start: int, end: int) -> int:
+    """Newlines in bytes [start, end) of a file, read a block at a time (never the whole file)."""
+    n = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            block = f.read(min(READ_BYTES, left))
+            if not block:
+                break
+            n += block.count(b"\n")
+            left -= len(block)
+    return n
+
+
+def peek(path: Path) -> tuple[bytes | None, int | None]:
+    """(fingerprint, size) of a journal on disk; (None, None) when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return journal.fingerprint(f), journal.size(f)
+    except OSError:
+        return None, None
+
+
+_JOURNAL_ROWS = """
+SELECT j.fingerprint, j.path, j."offset", j.applied, j.duplicates, j.rejected, j.updated_at,
+       (SELECT count(*) FROM rejected_lines r
+        WHERE r.fingerprint = j.fingerprint AND r.reapplied_at IS NULL) AS pending
+FROM journal_files j ORDER BY j.path, j.first_seen
+"""
+
+
+def journal_status(store: Store | None, paths: list[Path]) -> list[dict[str, Any]]:
+    """Per journal (the database's and `paths`): size, processed offset, lag, counters.
+
+    `state` says how the file on disk relates to its progress row: `ok`; `new` (never
+    processed); `waiting` (no complete first line yet); `missing` (the file at the recorded
+    path is gone, e.g. rotated away); `replaced` (that path now holds another file; its row is
+    listed on its own); `truncated` (shorter than its processed offset); `unknown` (no
+    database to compare with).
+    """
+    rows: list[tuple] = []
+    if store is not None:
+        with translated():
+            rows = store.conn.execute(_JOURNAL_ROWS).fetchall()
+    by_fp = {r[0]: r for r in rows}
+    out: list[dict[str, Any]] = []
+    shown: set[bytes] = set()
+
+    def entry(display: str, path: Path, row: tuple | None, fp: bytes | None, size: int | None) -> dict:
+        e: dict[str, Any] = {
+            "path": display, "exists": size is not None, "size": size, "offset": None,
+            "lag_bytes": None, "lag_lines": None, "applied": None, "duplicates": None,
+            "rejected": None, "rejects_pending": None, "last_processed": None,
+            "fingerprint": fp.hex() if fp else (row[0].hex() if row else None),
+        }
+        if row is not None:
+            e.update(offset=row[2], applied=row[3], duplicates=row[4], rejected=row[5],
+                     last_processed=row[6], rejects_pending=row[7])
+        if size is None:
+            e["state"] = "missing"
+        elif row is not None and fp != row[0]:
+            e["state"] = "replaced"
+        elif store is None:
+            e["state"] = "unknown"
+        elif fp is None:
+            e.update(state="waiting", offset=0, lag_bytes=size, lag_lines=0)
+        else:
+            offset = row[2] if row is not None else 0
+            if size < offset:
+                e["state"] = "truncated"
+            else:
+                e.update(state="ok" if row is not None else "new", offset=offset, lag_bytes=size - offset,
+                         lag_lines=count_lines(path, offset, size))
+        return e
+
+    for path in paths:
+        fp, size = peek(path)
+        row = by_fp.get(fp) if fp is not None else None
+        if row is not None:
+            shown.add(row[0])
+        out.append(entry(str(path), path, row, fp, size))
+    for row in rows:
+        if row[0] in shown:
+            continue
+        path = Path(row[1])
+        fp, size = peek(path)
+        out.append(entry(row[1], path, row, fp if size is not None else row[0], size))
+    return out
+
+
+def totals(journals: list[dict[str, Any]]) -> dict[str, int]:
+    """The processor's figures summed over the journals (unknown ones count as 0)."""
+    keys = ("applied", "duplicates", "rejected", "rejects_pending", "lag_bytes", "lag_lines")
+    return {k: sum(j[k] or 0 for j in journals) for k in keys}
+
+
+def receiver_status(url: str, timeout: float = 1.0) -> dict[str, Any]:
+    """Whether a receiver answers GET /healthz at `url` (no token needed)."""
+    out: dict[str, Any] = {"url": url, "reachable": False, "healthy": False, "error": None}
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/healthz", timeout=timeout) as resp:
+            out.update(reachable=True, healthy=resp.status == 200)
+    except urllib.error.HTTPError as exc:
+        out["reachable"] = True
+        try:
+            out["error"] = orjson.loads(exc.read()).get("error") or f"HTTP {exc.code}"
+        except (orjson.JSONDecodeError, AttributeError, OSError):
+            out["error"] = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        out["error"] = f"no answer: {reason}"
+    return out
+
+
+def server_version(store: Store) -> str:
+    with translated():
+        row = store.conn.execute("SHOW server_version").fetchone()
+    return str(row[0]).split()[0] if row else "?"
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def _filters(prefix: str | None, since: datetime | None, until: datetime | None,
+             time_column: str | None) -> tuple[str, list[Any]]:
+    conds: list[str] = []
+    params: list[Any] = []
+    if prefix:
+        conds.append("starts_with(user_id, %s)")
+        params.append(prefix)
+    if time_column and since is not None:
+        conds.append(f"{time_column} >= %s")
+        params.append(since)
+    if time_column and until is not None:
+        conds.append(f"{time_column} < %s")
+        params.append(until)
+    return (" WHERE " + " AND ".join(conds) if conds else ""), params
+
+
+def report(store: Store, *, top: int = 10, prefix: str | None = None, since: datetime | None = None,
+           until: datetime | None = None) -> dict[str, Any]:
+    """Overall revenue, users, events applied by name, top and bottom `top` users.
+
+    Without a time window the totals and rankings come from users_revenue (every event ever
+    applied) and the counts by name from revenue_log. With `since`/`until` everything comes
+    from revenue_log: what batches committed in [since, until) contributed.
+    """
+    windowed = since is not None or until is not None
+    where, params = _filters(prefix, since, until, "applied_at")
+    with translated():
+        conn = store.conn
+        adds, added, subs, subtracted = conn.execute(
+            "SELECT coalesce(sum(adds), 0), coalesce(sum(added), 0), coalesce(sum(subtracts), 0),"
+            f" coalesce(sum(subtracted), 0) FROM revenue_log{where}", params
+        ).fetchone()
+        if windowed:
+            source = (f"(SELECT user_id, sum(added) - sum(subtracted) AS revenue FROM revenue_log{where}"
+                      " GROUP BY user_id) AS w")
+            source_params = params
+        else:
+            uwhere, source_params = _filters(prefix, None, None, None)
+            source = f"(SELECT user_id, revenue FROM users_revenue{uwhere}) AS w"
+        revenue, users = conn.execute(
+            f"SELECT coalesce(sum(revenue), 0), count(*) FROM {source}", source_params
+        ).fetchone()
+        best = worst = []
+        if top:
+            best = conn.execute(f"SELECT user_id, revenue FROM {source} ORDER BY revenue DESC, user_id"
+                                " LIMIT %s", [*source_params, top]).fetchall()
+            worst = conn.execute(f"SELECT user_id, revenue FROM {source} ORDER BY revenue, user_id"
+                                 " LIMIT %s", [*source_params, top]).fetchall()
+    return {
+        "since": since, "until": until, "prefix": prefix,
+        "revenue": revenue, "users": users,
+        "events": {
+            "add_revenue": {"count": adds, "amount": added},
+            "subtract_revenue": {"count": subs, "amount": subtracted},
+        },
+        "top": [{"userId": u, "revenue": r} for u, r in best],
+        "bottom": [{"userId": u, "revenue": r} for u, r in worst],
+    }
+
+
+# -- every user -------------------------------------------------------------------------------
+
+
+def _stream(store: Store, query: str, params: list[Any]) -> Iterator[tuple]:
+    """Rows of `query` from a server-side cursor, FETCH_ROWS per round trip."""
+    with translated(), store.conn.transaction():
+        with store.conn.cursor(name="evtool_stream") as cur:
+            cur.itersize = FETCH_ROWS
+            cur.execute(query, params)
+            yield from cur
+
+
+def all_revenue(store: Store, prefix: str | None = None) -> Iterator[tuple[str, Decimal]]:
+    """(user_id, revenue) of every user in user order, streamed (never all in memory)."""
+    where, params = _filters(prefix, None, None, None)
+    yield from _stream(store, f"SELECT user_id, revenue FROM users_revenue{where} ORDER BY user_id", params)
+
+
+# -- rejected lines ---------------------------------------------------------------------------
+
+
+def rejects(store: Store, *, reason: str | None = None, path: Path | None = None, limit: int = 0,
+            include_reapplied: bool = False) -> Iterator[dict[str, Any]]:
+    """Rejected lines, by file and line number; `limit` 0 means all."""
+    conds: list[str] = []
+    params: list[Any] = []
+    if not include_reapplied:
+        conds.append("reapplied_at IS NULL")
+    if reason:
+        conds.append("strpos(lower(reason), lower(%s)) > 0")
+        params.append(reason)
+    if path is not None:
+        fp, _ = peek(path)
+        conds.append("(path = %s OR fingerprint = %s)")
+        params += [str(path.resolve()), fp]
+    where = " WHERE " + " AND ".join(conds) if conds else ""
+    query = ('SELECT path, line_no, "offset", reason, rejected_at, raw, reapplied_at, reapply_outcome'
+             f" FROM rejected_lines{where} ORDER BY path, line_no")
+    if limit:
+        query += " LIMIT %s"
+        params.append(limit)
+    for path_, line_no, offset, why, at, raw, reapplied_at, outcome in _stream(store, query, params):
+        yield {"path": path_, "line": line_no, "offset": offset, "reason": why, "rejected_at": at,
+               "raw": bytes(raw).decode("utf-8", "replace"), "reapplied_at": reapplied_at,
+               "reapply_outcome": outcome}
+
+
+
+# -- the whole status -------------------------------------------------------------------------
+
+
+class StatusProbe:
+    """Takes status snapshots, keeping one database connection across them (for --watch).
+
+    It never starts the embedded server: a dashboard observes. A lost connection is reported
+    in the snapshot and reopened on the next one.
+    """
+
+    def __init__(self, dsn: str | None, paths: list[Path], url: str, timeout: float = 1.0) -> None:
+        self.dsn = dsn
+        self.paths = paths
+        self.url = url
+        self.timeout = timeout
+        self.store: Store | None = None
+
+    def _database(self) -> dict[str, Any]:
+        from . import config, embedded
+
+        explicit = config.explicit_dsn(self.dsn)
+        db: dict[str, Any] = {"kind": "dsn" if explicit is not None else "embedded", "dsn": None,
+                              "reachable": False, "version": None, "error": None}
+        if explicit is None:
+            info = embedded.running(config.home() / "pg")
+            if info is None:
+                db["error"] = "the embedded server is not running (evtool db start starts it)"
+                self.close()
+                return db
+            url = info.dsn
+        else:
+            url = explicit
+        db["dsn"] = mask_dsn(url) if url else "(libpq PG* variables)"
+        try:
+            if self.store is None or self.store.conn.closed:
+                self.close()
+                self.store = Store.connect(url)
+                self.store.migrate()
+            db.update(reachable=True, version=server_version(self.store))
+        except EvtoolError as exc:
+            self.close()
+            db["error"] = str(exc)
+        return db
+
+    def snapshot(self) -> dict[str, Any]:
+        db = self._database()
+        try:
+            journals = journal_status(self.store, self.paths)
+        except EvtoolError as exc:
+            self.close()
+            db.update(reachable=False, version=None, error=str(exc))
+            journals = journal_status(None, self.paths)
+        return {
+            "time": datetime.now(UTC),
+            "database": db,
+            "receiver": receiver_status(self.url, self.timeout),
+            "journals": journals,
+            "totals": totals(journals),
+        }
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
