@@ -13,6 +13,8 @@ import asyncio
 import errno
 import fcntl
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import JournalLocked, JournalWriteError
@@ -42,6 +44,8 @@ class JournalAppender:
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         self._last_error: str | None = None
+        # Called (from the writer thread) with the seconds each successful group's write+fsync took.
+        self.on_group_written: Callable[[float], None] | None = None
 
     @property
     def size(self) -> int:
@@ -98,6 +102,7 @@ class JournalAppender:
         """Runs in a worker thread: write all of `buf`, fsync; on failure cut the file back."""
         fd = self._fd
         start = os.fstat(fd).st_size
+        began = time.perf_counter()
         try:
             view = memoryview(buf)
             done = 0
@@ -117,6 +122,8 @@ class JournalAppender:
                 pass  # the original error is the one to report
             raise
         self._size = start + len(buf)
+        if self.on_group_written is not None:
+            self.on_group_written(time.perf_counter() - began)
 
     async def close(self) -> None:
         """Finish and fsync what is in flight, release the lock and close the file."""

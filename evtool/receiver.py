@@ -1,8 +1,9 @@
 """`evtool serve`: the HTTP receiver that appends accepted events to the journal (design section 7).
 
 Routes: `POST /liveEvent` (one JSON object, a JSON array or NDJSON), `GET /userEvents/<userId>`,
-`GET /healthz`. Every answer is JSON; every error is `{"error": "<sentence>"}`, aiohttp's own
-errors included (unknown route, wrong method, body too large, malformed HTTP).
+`GET /healthz`, `GET /metrics` (Prometheus text format; the token is needed, as on data routes).
+Every answer but /metrics is JSON; every error is `{"error": "<sentence>"}`, aiohttp's own errors
+included (unknown route, wrong method, body too large, malformed HTTP).
 
 A request is answered 200 only after all its lines went to the journal in one append (written
 and fsynced with group commit, see `appender`). A request that fails writes nothing.
@@ -37,6 +38,8 @@ from aiohttp.web_server import Server
 from . import events
 from .appender import JournalAppender
 from .errors import ConfigError, EvtoolError, InvalidEvent, JournalWriteError, MalformedJSON, UnknownUser
+from .metrics import CONTENT_TYPE as METRICS_TYPE
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,8 @@ class _Receiver:
         self._counter = itertools.count(1)
         self._reading: set[StreamReader] = set()  # bodies being read
         self._stopping = False
+        self.metrics = Metrics()
+        appender.on_group_written = self.metrics.fsync
 
     def fresh_id(self) -> str:
         return f"{self._id_prefix}{next(self._counter)}"
@@ -155,6 +160,15 @@ class _Receiver:
         if given[:7].lower() == "bearer ":
             given = given[7:]
         return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), self.token)
+
+    @web.middleware
+    async def counting(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Count answers by method, route pattern and status (outermost: sees every answer)."""
+        resp = await handler(request)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "other"
+        self.metrics.request(request.method, route, resp.status)
+        return resp
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -220,6 +234,7 @@ class _Receiver:
                 await self.appender.append(data)
             except JournalWriteError as exc:
                 return _error(503, f"{exc}; nothing was stored, retry later", {"Retry-After": "1"})
+            self.metrics.appended(count, len(data))
         if single_id is not None:
             return _json(200, {"message": "Event received", "eventId": single_id})
         return _json(200, {"accepted": count})
@@ -357,6 +372,12 @@ class _Receiver:
         text = events.format_value(revenue)
         return _json(200, {"userId": user_id, "revenue": orjson.Fragment(text.encode())})
 
+    # -- GET /metrics -------------------------------------------------------------------------
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        text = self.metrics.render(self.appender.size, self.appender.healthy)
+        return web.Response(body=text.encode(), headers={"Content-Type": METRICS_TYPE})
+
     # -- GET /healthz -------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -383,12 +404,13 @@ def _with_id(raw: bytes, obj: dict, event: events.Event, event_id: str) -> bytes
 def make_app(s: ServeSettings, appender: JournalAppender) -> web.Application:
     """The aiohttp application: routes, auth and JSON errors. Raises ConfigError (see check_settings)."""
     r = _Receiver(s, appender)
-    app = web.Application(client_max_size=s.max_body, middlewares=[r.middleware])
+    app = web.Application(client_max_size=s.max_body, middlewares=[r.counting, r.middleware])
     app[APPENDER_KEY] = appender
     app.on_shutdown.append(r.on_shutdown)
     app.router.add_post("/liveEvent", r.live_event)
     app.router.add_get("/userEvents/{user_id:.+}", r.user_events)
     app.router.add_get("/healthz", r.healthz)
+    app.router.add_get("/metrics", r.metrics_text)
     return app
 
 

@@ -175,7 +175,8 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
     """Receive events over HTTP and append them durably to the journal.
 
     POST /liveEvent takes one JSON object or a bulk (NDJSON or a JSON array);
-    GET /userEvents/<userId> answers a user's total; GET /healthz needs no token.
+    GET /userEvents/<userId> answers a user's total; GET /healthz needs no token;
+    GET /metrics serves Prometheus metrics (token needed).
     """
     from .. import config
     from ..receiver import ServeSettings, run_server
