@@ -50,7 +50,8 @@ class Run:
 
     def check(self, what: str) -> Run:
         if self.returncode != 0:
-            raise RuntimeError(f"{what} exited {self.returncode}: {self.stderr.strip()[-2000:]}")
+            lines = self.stderr.strip().splitlines() or ["(no output)"]
+            raise RuntimeError(f"{what} exited {self.returncode}: {lines[-1][:300]}\n" + self.stderr[-3000:])
         return self
 
 

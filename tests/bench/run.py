@@ -62,8 +62,8 @@ def table(figures: list[Figure], title: str) -> Table:
         t.add_column(name, **kw)
     for f in figures:
         if f.error:
-            t.add_row(f.label, f.unit, "[red]error[/red]", "", f.baseline_label, "", f.target,
-                      f"[red]{f.error[:60]}[/red]")
+            t.add_row(f.label, f.unit, "[red]error[/red]", "", f.baseline_label, "", "",
+                      f"[red]{f.error.splitlines()[0][:90]}[/red]", style=None)
             continue
         ratio = f"{f.ratio:.3f}x" if f.ratio is not None else "-"
         met = {True: "[green]met[/green]", False: "[red]not met[/red]", None: "-"}[f.met]
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         pg.stop()
     seconds = time.perf_counter() - started
+    end_revision = git_revision()
+    if end_revision != revision:  # others committed or edited evtool/ while the bench ran
+        revision = f"{revision}..{end_revision} (changed during the run)"
     title = (f"evtool bench, {revision}, {sizes.events:,}-event workloads, {a.repeat} run(s) each side, "
              f"{os.cpu_count()} cpus, {seconds:.0f} s")
     out.print(table(figures, title))
