@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -134,6 +136,21 @@ def _event(raw: bytes, strict: bool = False) -> tuple[str, bool, events.Value, s
             return user, name == "add_revenue", value, eid
     ev = events.validate(obj, raw, allow_reserved=True, strict=strict)
     return ev.user_id, ev.name == "add_revenue", ev.value, ev.event_id
+
+
+def exit_with_parent(parent: int) -> None:
+    """Pool initializer: the worker leaves as soon as the processor that forked it is gone.
+
+    After a `kill -9` of the processor its workers would otherwise wait forever on the pool's
+    queue: forked, they hold its pipe's write end themselves, so they never see it close.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def summarize_range(path: str, identity: tuple[int, int], start: int, end: int,

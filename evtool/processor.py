@@ -161,7 +161,8 @@ class Processor:
         if self.pool is None:
             # fork: workers start at once and share the loaded modules. They never touch the
             # inherited database socket, and leave with os._exit, which sends nothing on it.
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=batch.exit_with_parent, initargs=(os.getpid(),))
         st = os.fstat(f.fileno())
         identity = (st.st_dev, st.st_ino)
         return _Planned(start, end, self.pool.submit(batch.summarize_range, path, identity, start, end,

@@ -1,0 +1,360 @@
+"""Shared machinery of the fault-injection suite: workloads, real processes, kills and checks.
+
+Everything here drives the real thing: `evtool` subprocesses, files on disk, HTTP on loopback
+and the session's PostgreSQL (see tests/conftest.py for the `dsn` fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+
+from ..conftest import GEN_EVENTS
+
+PY = sys.executable
+TOKEN = "secret"
+SENDER_SOURCE = "5eed5eed5eed5eed"  # the `<16 hex>` of the sender ids written by build_journal
+
+
+# -- workloads ---------------------------------------------------------------------------------
+
+
+def generate(path: Path, n: int, *args: str) -> dict:
+    """tests/gen_events.py: `n` lines at `path`; returns its expected totals document."""
+    subprocess.run([PY, str(GEN_EVENTS), str(path), str(n), *args], check=True, capture_output=True)
+    return json.loads(Path(f"{path}.expected.json").read_text())
+
+
+@dataclass
+class Workload:
+    """A journal as `evtool serve` (and foreign writers) would leave it, with its exact totals."""
+
+    path: Path
+    expected: dict[str, Decimal]
+    lines: int  # lines in the journal, retries included
+    events: int  # distinct valid events (what the totals are made of)
+    kinds: dict[str, int] = field(default_factory=dict)
+
+
+def build_journal(path: Path, n: int, *, seed: int = 1, users: int = 2000) -> Workload:
+    """A journal of `n` generated events with every kind of identity, and retried deliveries.
+
+    gen_events gives opaque client ids with retries (`--with-ids`, `--repeat-ids`) and id-less
+    lines; of the id-less ones about half get sender ids `<16hex>:<line>` (as `evtool send`
+    makes them), a tenth receiver ids `~...`, the rest stay without an id (a foreign writer).
+    Now and then the last few hundred sender-id lines are written again, as the receiver does
+    when a sender re-sends a bulk whose answer it never got. None of that changes the totals.
+    """
+    source = path.with_name(path.name + ".source")
+    doc = generate(source, n, "--seed", str(seed), "--users", str(users), "--decimals", "0.2",
+                   "--with-ids", "0.3", "--repeat-ids", "0.2")
+    rng = random.Random(seed)
+    kinds = {"sender": 0, "opaque": 0, "receiver": 0, "none": 0, "resent": 0}
+    recent: list[bytes] = []
+    out: list[bytes] = []
+    with open(source, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            body = raw.rstrip(b"\n")
+            if b'"eventId"' in body:
+                kinds["opaque"] += 1
+            else:
+                r = rng.random()
+                if r < 0.5:
+                    body = body[:-1] + b', "eventId": "%s:%d"}' % (SENDER_SOURCE.encode(), lineno)
+                    recent.append(body)
+                    kinds["sender"] += 1
+                elif r < 0.6:
+                    body = body[:-1] + b', "eventId": "~%x-%d"}' % (seed, lineno)
+                    kinds["receiver"] += 1
+                else:
+                    kinds["none"] += 1
+            out.append(body + b"\n")
+            if lineno % 2000 == 0 and recent and rng.random() < 0.3:
+                again = recent[-rng.randint(1, 300):]
+                out.extend(b + b"\n" for b in again)
+                kinds["resent"] += len(again)
+                recent.clear()
+    path.write_bytes(b"".join(out))
+    source.unlink()
+    Path(f"{source}.expected.json").unlink()
+    return Workload(path, exact(doc["per_user"]), len(out), doc["events"], kinds)
+
+
+def exact(d: dict) -> dict[str, Decimal]:
+    """Totals as Decimals: compares values, not how many trailing zeros each carries."""
+    return {u: Decimal(str(v)) for u, v in d.items()}
+
+
+def db_totals(dsn: str) -> dict[str, Decimal]:
+    with psycopg.connect(dsn) as conn:
+        return dict(conn.execute("SELECT user_id, revenue FROM users_revenue").fetchall())
+
+
+def mismatches(dsn: str, expected: dict[str, Decimal]) -> dict[str, tuple]:
+    """Users whose stored total differs from the expected one: user -> (got, want)."""
+    got = db_totals(dsn)
+    return {u: (got.get(u), expected.get(u)) for u in set(got) | set(expected)
+            if got.get(u) != expected.get(u)}
+
+
+def progress(dsn: str) -> list[tuple]:
+    """(path, offset, applied, duplicates, rejected) of every journal the database knows."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute('SELECT path, "offset", applied, duplicates, rejected FROM journal_files'
+                            " ORDER BY path").fetchall()
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def evtool_cmd(*args: str) -> list[str]:
+    return [PY, "-m", "evtool", *args]
+
+
+def start(args: list[str], cwd: Path, log: Path, env: dict | None = None, **kw) -> subprocess.Popen:
+    """Start a command in its own session (so its forked children can be found), output to `log`."""
+    out = open(log, "ab")
+    try:
+        return subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True, **kw)
+    finally:
+        out.close()
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes whose session id is `sid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            found.append(int(entry))
+    return found
+
+
+def kill_9(proc: subprocess.Popen, *, linger: float = 3.0) -> list[int]:
+    """`kill -9` the command itself (not its children), as a user would; reap it.
+
+    Returns the children (forked workers) still alive `linger` seconds later: orphans. They are
+    then killed, so a finding never leaks into later tests.
+    """
+    try:
+        proc.send_signal(signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    deadline = time.monotonic() + linger
+    left = session_members(proc.pid)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = session_members(proc.pid)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None,
+         timeout: float = 10) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of one request; HTTP errors are answers, not exceptions."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+class Serve:
+    """`evtool serve` as a real subprocess on a fixed port, which can be killed and restarted."""
+
+    def __init__(self, workdir: Path, *args: str, port: int | None = None, preexec_fn=None,
+                 env: dict | None = None) -> None:
+        self.workdir = workdir
+        self.args = args
+        self.port = port or free_port()
+        self.preexec_fn = preexec_fn
+        self.env = env
+        self.log = workdir / f"serve-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, preexec_fn=None, timeout: float = 20) -> Serve:
+        self.starts += 1
+        self.proc = start(evtool_cmd("serve", "--port", str(self.port), *self.args), self.workdir,
+                          self.log, self.env, preexec_fn=preexec_fn or self.preexec_fn)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.proc.kill()
+                    self.proc.wait()
+                    raise AssertionError(f"serve did not start: {self.log.read_text()}") from None
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM: must exit 0 without a traceback."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=60)
+        text = self.log.read_text(errors="replace")
+        assert rc == 0, text
+        assert "Traceback" not in text, text
+
+    def __enter__(self) -> Serve:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            if exc[0] is None:
+                self.stop()
+            else:
+                self.kill()
+
+
+def journal_lines(path: Path) -> list[bytes]:
+    """The journal's lines; it must end with a complete line (no partial write ever stays)."""
+    data = path.read_bytes() if path.exists() else b""
+    assert data == b"" or data.endswith(b"\n"), "the journal ends with a partial line"
+    return data.splitlines()
+
+
+# -- the reference model -----------------------------------------------------------------------
+
+
+class Model:
+    """What the totals must be: a small, slow and obviously right version of the semantics.
+
+    An event with an `eventId` (other than a receiver-made `~` id) counts the first time its id
+    is seen; any other valid line counts once per position, so two identical lines count twice.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, Decimal] = {}
+        self.seen: set[str] = set()
+        self.applied = 0
+        self.duplicates = 0
+
+    def feed(self, user: str, name: str, value: Decimal, event_id: str | None) -> None:
+        if event_id is not None and not event_id.startswith("~"):
+            if event_id in self.seen:
+                self.duplicates += 1
+                return
+            self.seen.add(event_id)
+        self.applied += 1
+        delta = value if name == "add_revenue" else -value
+        self.totals[user] = self.totals.get(user, Decimal(0)) + delta
+
+
+def journal_events(path: Path) -> list[tuple[int, str, str, Decimal, str | None]]:
+    """(end offset, user, name, value, eventId) of every line of a journal of valid events."""
+    out = []
+    pos = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            pos += len(raw)
+            obj = json.loads(raw, parse_float=Decimal)
+            out.append((pos, obj["userId"], obj["name"], Decimal(obj["value"]), obj.get("eventId")))
+    return out
+
+
+def model_upto(lines: list[tuple], offset: int) -> Model:
+    """The model fed with every line that ends at or before `offset`."""
+    m = Model()
+    for end, user, name, value, event_id in lines:
+        if end > offset:
+            break
+        m.feed(user, name, value, event_id)
+    return m
+
+
+def committed_state(dsn: str, path: Path) -> tuple[int, int, int, dict[str, Decimal]]:
+    """(offset, applied, duplicates, totals) of one journal, read in one snapshot.
+
+    One REPEATABLE READ transaction: a killed client's last COMMIT may still be landing on the
+    server, and the offset and the totals must come from the same side of it.
+    """
+    with psycopg.connect(dsn) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            row = conn.execute('SELECT "offset", applied, duplicates FROM journal_files WHERE path = %s',
+                               (str(path.resolve()),)).fetchone()
+            got = dict(conn.execute("SELECT user_id, revenue FROM users_revenue").fetchall())
+    offset, applied, duplicates = row if row else (0, 0, 0)
+    return offset, applied, duplicates, got
+
+
+def diff(got: dict[str, Decimal], want: dict[str, Decimal]) -> dict[str, tuple]:
+    return {u: (got.get(u), want.get(u)) for u in set(got) | set(want) if got.get(u) != want.get(u)}
+
+
+def reset(dsn: str) -> None:
+    """Forget everything the processor did (the schema stays)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE users_revenue, applied_events, applied_ranges, rejected_lines, journal_files")
+
+
+def backend_phase(conn: psycopg.Connection) -> str:
+    """What the other client backend of this database is doing right now (the processor's)."""
+    rows = conn.execute(
+        "SELECT state, query FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid() AND backend_type = 'client backend'").fetchall()
+    if not rows:
+        return "not connected (starting)"
+    state, query = rows[0]
+    query = " ".join((query or "").split())
+    if state == "idle":
+        return "between transactions (parsing)"
+    if state and state.startswith("idle in transaction"):
+        return "in transaction, client side"
+    for prefix, phase in (("COPY batch_sums", "COPY totals"), ("COPY batch_digests", "COPY digests"),
+                          ("INSERT INTO users_revenue", "upsert totals"),
+                          ("INSERT INTO applied_events", "insert digests"),
+                          ("UPDATE applied_ranges", "update ranges"),
+                          ("INSERT INTO applied_ranges", "lock ranges"),
+                          ("SELECT source, lines FROM applied_ranges", "lock ranges"),
+                          ("CREATE TEMP TABLE", "temp tables"),
+                          ("INSERT INTO rejected_lines", "record rejects"),
+                          ("UPDATE journal_files", "advance offset"), ("COMMIT", "commit")):
+        if query.startswith(prefix):
+            return phase
+    return f"other: {query[:40]}"
