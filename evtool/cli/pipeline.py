@@ -158,7 +158,8 @@ def _json_str(s: str) -> str:
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0 picks a free one).")
 @click.option("--journal", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("server-events.jsonl"), show_default=True, help="The file accepted events go to.")
 @click.option("--token", envvar="EVTOOL_TOKEN", show_envvar=True,
