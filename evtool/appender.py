@@ -27,7 +27,7 @@ class JournalAppender:
         self.path = Path(path)
         self.fsync = fsync
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise JournalWriteError(f"cannot open journal {self.path}: {exc.strerror or exc}") from None
         try:
@@ -40,12 +40,39 @@ class JournalAppender:
                 ) from None
             raise JournalWriteError(f"cannot lock journal {self.path}: {exc.strerror or exc}") from None
         self._size = os.fstat(self._fd).st_size
+        try:
+            self.dropped_tail = self._drop_torn_tail()
+        except OSError as exc:
+            os.close(self._fd)
+            raise JournalWriteError(f"cannot repair journal {self.path}: {exc.strerror or exc}") from None
         self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         self._last_error: str | None = None
         # Called (from the writer thread) with the seconds each successful group's write+fsync took.
         self.on_group_written: Callable[[float], None] | None = None
+
+    def _drop_torn_tail(self) -> int:
+        """Cut a partial last line off the journal; return how many bytes were cut.
+
+        Only a write cut short by a crash (a kill -9 can stop write() between pages) leaves one,
+        and it was never acknowledged. Appending after it would glue the next request's first
+        line onto it, losing an acknowledged event. The processor never reads a partial line.
+        """
+        end = self._size
+        while end > 0:
+            start = max(0, end - 65536)
+            i = os.pread(self._fd, end - start, start).rfind(b"\n")
+            if i >= 0:
+                end = start + i + 1
+                break
+            end = start
+        cut = self._size - end
+        if cut:
+            os.ftruncate(self._fd, end)
+            os.fsync(self._fd)
+            self._size = end
+        return cut
 
     @property
     def size(self) -> int:

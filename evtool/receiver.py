@@ -480,6 +480,9 @@ async def _serve(s: ServeSettings, appender: JournalAppender, on_ready: Callable
         if on_ready is not None:
             durability = "fsync on" if s.fsync else "fsync OFF: acknowledgements are not durable"
             on_ready(f"listening on {_url(runner)}, journal {s.journal}, {durability}")
+            if appender.dropped_tail:
+                on_ready(f"cut a partial last line ({appender.dropped_tail} bytes) off {s.journal}: a write "
+                         "cut short by a crash, never acknowledged")
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
