@@ -8,8 +8,6 @@ without its newline waits for the next run.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
 from hashlib import blake2b
 from typing import BinaryIO
 
@@ -34,35 +32,6 @@ def tail_digest(f: BinaryIO, offset: int) -> bytes | None:
     start = max(0, offset - TAIL_BYTES)
     f.seek(start)
     return blake2b(f.read(offset - start), digest_size=16).digest()
-
-
-@dataclass
-class Chunk:
-    """Complete lines read from a journal: `data` starts at byte `offset` and ends with a newline."""
-
-    offset: int
-    data: bytes
-
-    @property
-    def end(self) -> int:
-        return self.offset + len(self.data)
-
-
-def read_chunk(f: BinaryIO, offset: int, max_bytes: int) -> Chunk | None:
-    """Up to `max_bytes` of complete lines from `offset` (more if a single line is longer)."""
-    f.seek(offset)
-    data = f.read(max_bytes)
-    cut = data.rfind(b"\n")
-    while cut < 0:
-        if len(data) < max_bytes:
-            return None  # only a partial line so far
-        more = f.read(max_bytes)
-        if not more:
-            return None
-        data += more
-        cut = data.rfind(b"\n")
-        max_bytes *= 2
-    return Chunk(offset, data[: cut + 1])
 
 
 def line_end(f: BinaryIO, pos: int, size: int) -> int | None:
@@ -100,25 +69,6 @@ def batch_end(f: BinaryIO, start: int, max_bytes: int) -> int:
         if end is not None:
             return end
     return last_line_end(f, start, size_now)
-
-
-def split(f: BinaryIO, start: int, end: int, parts: int) -> list[tuple[int, int]]:
-    """[start, end) cut into up to `parts` ranges of whole lines."""
-    cuts = [start]
-    for i in range(1, parts):
-        at = line_end(f, start + (end - start) * i // parts - 1, end)
-        if at is not None and cuts[-1] < at < end:
-            cuts.append(at)
-    cuts.append(end)
-    return list(zip(cuts, cuts[1:], strict=False))
-
-
-def iter_lines(chunk: Chunk) -> Iterator[tuple[int, bytes]]:
-    """(offset, line without its ending) for each line in the chunk, blank lines included."""
-    pos = chunk.offset
-    for line in chunk.data.split(b"\n")[:-1]:
-        yield pos, line[:-1] if line.endswith(b"\r") else line
-        pos += len(line) + 1
 
 
 def size(f: BinaryIO) -> int:

@@ -258,15 +258,6 @@ class Store:
             (p.path, p.offset, p.lines, p.tail_digest, p.applied, p.duplicates, p.rejected, p.fingerprint),
         )
 
-    def files_by_path(self, path: str) -> list[FileProgress]:
-        """Progress rows last seen at `path`."""
-        with translated():
-            rows = self.conn.execute(
-                'SELECT fingerprint, path, "offset", lines, tail_digest, applied, duplicates, rejected'
-                " FROM journal_files WHERE path = %s",
-                (path,),
-            ).fetchall()
-        return [FileProgress(*r) for r in rows]
 
 
 def retrying(fn: Callable[[], T], retry_for: float, on_retry: Callable[[str], None] | None = None) -> T:
