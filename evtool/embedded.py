@@ -73,6 +73,9 @@ def ensure_running(pgdata: Path) -> str:
     pgdata = pgdata.resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     package = _package()
+    # The package caches one handle per data directory and per process, and hands it back without
+    # starting anything: forget it, or a server stopped in this process could never start again.
+    getattr(package.PostgresServer, "_instances", {}).pop(pgdata, None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

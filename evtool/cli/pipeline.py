@@ -42,8 +42,12 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
     url = config.resolve_dsn(dsn)
     err = console(err=True)
 
+    said: list[str] = []
+
     def on_retry(message: str) -> None:
-        err.print(f"[yellow]{message}; retrying[/yellow]")
+        if said[-1:] != [message]:  # once per reason, not once per backoff step
+            err.print(f"[yellow]{message}; retrying for up to {retry_for:g} s[/yellow]")
+        said[-1:] = [message]
 
     if follow:
         report = _follow(url, paths, batch_mb << 20, retry_for, poll, on_retry, err, strict)

@@ -316,6 +316,8 @@ def committed_state(dsn: str, path: Path) -> tuple[int, int, int, dict[str, Deci
     with psycopg.connect(dsn) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         with conn.transaction():
+            if conn.execute("SELECT to_regclass('journal_files')").fetchone()[0] is None:
+                return 0, 0, 0, {}  # no command has run yet
             row = conn.execute('SELECT "offset", applied, duplicates FROM journal_files WHERE path = %s',
                                (str(path.resolve()),)).fetchone()
             got = dict(conn.execute("SELECT user_id, revenue FROM users_revenue").fetchall())

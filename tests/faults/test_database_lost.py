@@ -1,0 +1,150 @@
+"""Scenario 3: the database goes away under `evtool process`.
+
+The processor's backend is terminated mid-run; the server is stopped during a run and started
+again within `--retry-for`; `process` starts while the server stays down longer than that. Never
+a partial batch: at every moment the committed state is the reference model of the journal up to
+the committed offset. Stopping a server needs one of our own, not the session's shared one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from evtool import embedded
+
+from .helpers import (
+    build_journal,
+    committed_state,
+    diff,
+    evtool_cmd,
+    journal_events,
+    model_upto,
+    start,
+)
+
+
+@pytest.fixture(scope="module")
+def own_pg():
+    """A separate embedded PostgreSQL that tests may stop and start: (data directory, DSN)."""
+    base = Path(tempfile.mkdtemp(prefix="evtool-faults-pg-"))
+    pgdata = base / "data"
+    dsn = embedded.ensure_running(pgdata)
+    yield pgdata, dsn
+    embedded.stop(pgdata)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def new_database(server_dsn: str) -> str:
+    name = "f_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return server_dsn.replace("/postgres?", f"/{name}?")
+
+
+def assert_consistent(dsn: str, path: Path, lines: list) -> int:
+    """The committed state is the model of the journal up to the committed offset; return it."""
+    offset, applied, duplicates, got = committed_state(dsn, path)
+    want = model_upto(lines, offset)
+    assert not diff(got, want.totals), f"partial batch at offset {offset}"
+    assert (applied, duplicates) == (want.applied, want.duplicates)
+    return offset
+
+
+def processor_backends(conn: psycopg.Connection) -> list[int]:
+    return [r[0] for r in conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid() AND backend_type = 'client backend'")]
+
+
+def test_backend_terminated_mid_run_is_retried_and_exact(dsn, tmp_path):
+    work = build_journal(tmp_path / "j.jsonl", 120_000, seed=31)
+    lines = journal_events(work.path)
+    rng = random.Random(31)
+    proc = start(evtool_cmd("process", "--batch-mb", "1", "--json", str(work.path)), tmp_path,
+                 tmp_path / "process.log")
+    terminated = 0
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        while proc.poll() is None:
+            time.sleep(rng.uniform(0.3, 0.7))
+            for pid in processor_backends(admin):
+                if admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]:
+                    terminated += 1
+            assert_consistent(dsn, work.path, lines)
+    out = (tmp_path / "process.log").read_text()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    report = json.loads(out.splitlines()[-1])
+    assert terminated >= 3 and report["retries"] >= 1
+    assert "retrying" in out
+    offset = assert_consistent(dsn, work.path, lines)
+    assert offset == work.path.stat().st_size
+    print(f"\npg_terminate_backend: {terminated} terminations, {report['retries']} retries, "
+          f"{work.events} events, exact")
+
+
+def test_server_stopped_during_a_run_and_back_within_the_window(own_pg, tmp_path):
+    pgdata, server = own_pg
+    db = new_database(server)
+    work = build_journal(tmp_path / "j.jsonl", 120_000, seed=32)
+    lines = journal_events(work.path)
+    proc = start(evtool_cmd("process", "--dsn", db, "--batch-mb", "1", "--retry-for", "30", "--json",
+                            str(work.path)), tmp_path, tmp_path / "process.log")
+    outages = 0
+    try:
+        for pause in (0.8, 0.6):
+            time.sleep(pause)
+            if proc.poll() is not None:
+                break
+            embedded.stop(pgdata)
+            outages += 1
+            time.sleep(1.5)
+            assert proc.poll() is None, "process gave up inside its retry window"
+            embedded.ensure_running(pgdata)
+            assert_consistent(db, work.path, lines)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        embedded.ensure_running(pgdata)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (tmp_path / "process.log").read_text()
+    assert outages >= 1 and "retrying" in out and "Traceback" not in out
+    assert json.loads(out.splitlines()[-1])["retries"] >= outages
+    assert assert_consistent(db, work.path, lines) == work.path.stat().st_size
+    print(f"\nserver stopped {outages} times mid-run, {work.events} events, exact")
+
+
+def test_database_down_longer_than_the_window_exits_1_then_recovers(own_pg, tmp_path):
+    pgdata, server = own_pg
+    db = new_database(server)
+    work = build_journal(tmp_path / "j.jsonl", 20_000, seed=33)
+    lines = journal_events(work.path)
+    cmd = evtool_cmd("process", "--dsn", db, "--retry-for", "2", str(work.path))
+    embedded.stop(pgdata)
+    try:
+        started = time.monotonic()
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        embedded.ensure_running(pgdata)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: database unavailable"), result.stderr
+    assert result.stderr.count("retrying for up to 2 s") == 1  # said once, not at every backoff step
+    assert 2 <= elapsed < 15
+    assert assert_consistent(db, work.path, lines) == 0  # nothing, not half a batch
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert assert_consistent(db, work.path, lines) == work.path.stat().st_size
+    assert committed_state(db, work.path)[3] == work.expected
