@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from decimal import Decimal
+from hashlib import blake2b
 from pathlib import Path
 
 import psycopg
@@ -26,7 +27,6 @@ from ..conftest import GEN_EVENTS
 
 PY = sys.executable
 TOKEN = "secret"
-SENDER_SOURCE = "5eed5eed5eed5eed"  # the `<16 hex>` of the sender ids written by build_journal
 
 
 # -- workloads ---------------------------------------------------------------------------------
@@ -49,6 +49,11 @@ class Workload:
     kinds: dict[str, int] = field(default_factory=dict)
 
 
+def sender_source(seed: int) -> str:
+    """The `<16 hex>` source of the sender ids in build_journal(seed=seed)."""
+    return blake2b(str(seed).encode(), digest_size=8).hexdigest()
+
+
 def build_journal(path: Path, n: int, *, seed: int = 1, users: int = 2000) -> Workload:
     """A journal of `n` generated events with every kind of identity, and retried deliveries.
 
@@ -62,6 +67,7 @@ def build_journal(path: Path, n: int, *, seed: int = 1, users: int = 2000) -> Wo
     doc = generate(source, n, "--seed", str(seed), "--users", str(users), "--decimals", "0.2",
                    "--with-ids", "0.3", "--repeat-ids", "0.2")
     rng = random.Random(seed)
+    sender = sender_source(seed).encode()
     kinds = {"sender": 0, "opaque": 0, "receiver": 0, "none": 0, "resent": 0}
     recent: list[bytes] = []
     out: list[bytes] = []
@@ -73,7 +79,7 @@ def build_journal(path: Path, n: int, *, seed: int = 1, users: int = 2000) -> Wo
             else:
                 r = rng.random()
                 if r < 0.5:
-                    body = body[:-1] + b', "eventId": "%s:%d"}' % (SENDER_SOURCE.encode(), lineno)
+                    body = body[:-1] + b', "eventId": "%s:%d"}' % (sender, lineno)
                     recent.append(body)
                     kinds["sender"] += 1
                 elif r < 0.6:
