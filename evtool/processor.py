@@ -299,13 +299,14 @@ class Processor:
         if size < p.offset:
             raise JournalError(
                 f"{display} is shorter ({size} bytes) than its processed offset ({p.offset}): it was "
-                "truncated or replaced. Nothing was applied from it. If it is a new file, move it to a new "
-                "name and keep the old one; evtool never guesses which lines are new"
+                "truncated or replaced. Nothing was applied from it. Put the processed file back; a new file "
+                "needs a first line of its own (evtool never guesses which lines are new)"
             )
         if p.tail_digest is not None and journal.tail_digest(f, p.offset) != p.tail_digest:
             raise JournalError(
                 f"{display} differs from the journal processed under the same first line before offset "
-                f"{p.offset}: it was replaced or rewritten. Nothing was applied from it"
+                f"{p.offset}: it was replaced or rewritten. Nothing was applied from it. Put the processed "
+                "file back; a new file needs a first line of its own (evtool never guesses which lines are new)"
             )
 
     # -- many journals -----------------------------------------------------------------
