@@ -29,7 +29,7 @@ from .errors import InvalidEvent, JournalError
 # Sums per user: [adds, added amount, subtracts, subtracted amount]
 Sums = dict[str, list]
 SOURCE_ID = re.compile(r"([0-9a-f]{16}):([1-9][0-9]{0,17})")
-PIECE_BYTES = 4 * 1024 * 1024  # what a worker reads at once: bounds its memory
+PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
 _MAX_INT = 10**20
 _INF = float("inf")
 
@@ -42,11 +42,13 @@ class SourcePart:
     sums: Sums = field(default_factory=dict)
     ranges: list[tuple[int, int]] = field(default_factory=list)
     repeats: bool = False  # a line number occurs twice in the chunk (a retry within the batch)
+    count: int = 0  # events
 
     def close(self) -> None:
         """Turn the line numbers into ranges; drop them so the part pickles small."""
         self.ranges = to_ranges(self.lines)
-        self.repeats = sum(hi - lo for lo, hi in self.ranges) != len(self.lines)
+        self.count = len(self.lines)
+        self.repeats = sum(hi - lo for lo, hi in self.ranges) != self.count
         self.lines = array("q")
 
 
@@ -69,11 +71,13 @@ class Summary:
     copy_rows: bytes | None = None
     users: list[str] = field(default_factory=list)
     strict: bool = False  # parsed without normalization (events.validate's strict)
+    fresh_count: int = 0  # events in `fresh`
 
     def finish(self) -> None:
-        """Close the sources and render the optimistic COPY rows."""
+        """Close the sources, count, and render the optimistic COPY rows."""
         for part in self.sources.values():
             part.close()
+        self.fresh_count = count(self.fresh)
         groups = [g for g in [self.fresh, *(p.sums for p in self.sources.values())] if g]
         if len(groups) == 1:
             total = groups[0]
@@ -84,6 +88,54 @@ class Summary:
         if not self.opaque:
             self.copy_rows = copy_rows(total)
         self.users = list(total)
+
+
+@dataclass
+class SourceLines:
+    """One sender source across the parts of a batch."""
+
+    ranges: list[tuple[int, int]]
+    repeats: bool
+    parts: list[SourcePart]
+
+
+class Batch:
+    """What one transaction applies: lines [offset, end), parsed as consecutive parts.
+
+    Large batches are parsed by several workers at once; their parts are not merged in Python
+    (PostgreSQL sums the parts' COPY rows per user), only their small per-source facts.
+    """
+
+    def __init__(self, parts: list[Summary]) -> None:
+        self.parts = parts
+        self.offset = parts[0].offset
+        self.end = parts[-1].end
+        self.lines = sum(p.lines for p in parts)
+        self.rejects: list[tuple[int, int, bytes, str]] = []  # offset, index in batch, raw, why
+        self.sources: dict[str, SourceLines] = {}
+        base = 0
+        for p in parts:
+            self.rejects.extend((off, base + i, raw, why) for off, i, raw, why in p.rejects)
+            base += p.lines
+            for source, part in p.sources.items():
+                have = self.sources.get(source)
+                if have is None:
+                    self.sources[source] = SourceLines(part.ranges, part.repeats, [part])
+                else:
+                    have.repeats = have.repeats or part.repeats or overlaps(have.ranges, part.ranges)
+                    have.ranges = union(have.ranges, part.ranges)
+                    have.parts.append(part)
+        self.opaque = [o for p in parts for o in p.opaque]
+        self.strict = parts[0].strict
+
+    @classmethod
+    def empty(cls, offset: int) -> Batch:
+        return cls([Summary(offset, offset)])
+
+
+def count(sums: Sums) -> int:
+    """Events summed in `sums`."""
+    return sum(s[0] + s[2] for s in sums.values())
 
 
 def add(sums: Sums, user: str, is_add: bool, value: events.Value) -> None:
@@ -181,22 +233,63 @@ def summarize(data: bytes, offset: int, out: Summary | None = None, *, close: bo
               strict: bool = False) -> Summary:
     """Parse complete lines `data` (starting at byte `offset` of the journal) into `out`.
 
-    `strict` applies only to a new summary; a given `out` keeps its own.
+    `strict` applies only to a new summary; a given `out` keeps its own. The loop inlines the
+    common case (an integer value, and no id or an id of the source seen last) because it runs
+    once per event; every other line takes `_event`, which ends in the shared validator.
     """
     out = Summary(offset, offset + len(data), strict=strict) if out is None else out
     strict = out.strict
     fresh, sources, opaque, rejects = out.fresh, out.sources, out.opaque, out.rejects
-    match = SOURCE_ID.fullmatch
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    max_user = events.MAX_USER_ID
+    last_prefix, last_part = "\0", SourcePart()  # "<source>:" of the last sender id seen
+    last_lines, last_sums = last_part.lines, last_part.sums
     pos = offset
     base = out.lines
-    index = -1
+    index = base - 1
     for index, line in enumerate(data.split(b"\n")[:-1], base):
         start = pos
         pos += len(line) + 1
-        if line.endswith(b"\r"):
+        if line[-1:] == b"\r":
             line = line[:-1]
-        if not line or line.isspace():
-            continue
+        try:
+            obj = loads(line)
+        except decode_error:
+            if not line or line.isspace():
+                continue
+            obj = None  # _event below says what is wrong
+        # The inline checks accept a subset of what events.validate accepts.
+        if type(obj) is dict:
+            user = obj.get("userId")
+            value = obj.get("value")
+            name = obj.get("name")
+            if (type(value) is int and 0 <= value < _MAX_INT and type(user) is str
+                    and 0 < len(user) <= max_user and "\x00" not in user
+                    and (name == "add_revenue" or name == "subtract_revenue")
+                    and (strict or "user_id" not in obj)):
+                eid = obj.get("eventId")
+                if eid is None:
+                    sums = fresh
+                elif type(eid) is str and eid.startswith(last_prefix):
+                    tail = eid[17:]
+                    if not (tail.isdigit() and tail.isascii() and tail[0] != "0" and len(tail) <= 18):
+                        sums = None
+                    else:
+                        last_lines.append(int(tail))
+                        sums = last_sums
+                else:
+                    sums = None
+                if sums is not None:  # add(sums, user, is_add, value), inlined
+                    s = sums.get(user)
+                    if s is None:
+                        sums[user] = [1, value, 0, 0] if name == "add_revenue" else [0, 0, 1, value]
+                    elif name == "add_revenue":
+                        s[0] += 1
+                        s[1] += value
+                    else:
+                        s[2] += 1
+                        s[3] += value
+                    continue
         try:
             user, is_add, value, eid = _event(line, strict)
         except InvalidEvent as exc:
@@ -205,16 +298,18 @@ def summarize(data: bytes, offset: int, out: Summary | None = None, *, close: bo
         if eid is None or eid[0] == events.RECEIVER_ID_PREFIX:
             add(fresh, user, is_add, value)
             continue
-        m = match(eid)
+        m = SOURCE_ID.fullmatch(eid)
         if m is None:
             opaque.append((events.event_digest(eid), user, is_add, value))
             continue
-        part = sources.get(m[1])
-        if part is None:
-            part = sources[m[1]] = SourcePart()
-        part.lines.append(int(m[2]))
-        add(part.sums, user, is_add, value)
-    out.lines = max(base, index + 1)
+        last_prefix = m[1] + ":"
+        last_part = sources.get(m[1])
+        if last_part is None:
+            last_part = sources[m[1]] = SourcePart()
+        last_lines, last_sums = last_part.lines, last_part.sums
+        last_lines.append(int(m[2]))
+        add(last_sums, user, is_add, value)
+    out.lines = index + 1
     if close:
         out.finish()
     return out
@@ -274,6 +369,17 @@ def to_ranges(lines: array) -> list[tuple[int, int]]:
 
 def multirange_text(ranges: list[tuple[int, int]]) -> str:
     return "{" + ",".join(f"[{lo},{hi})" for lo, hi in ranges) + "}"
+
+
+def union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged ranges covering both inputs."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(a + b):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(hi, out[-1][1]))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def overlaps(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:

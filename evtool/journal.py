@@ -71,5 +71,16 @@ def batch_end(f: BinaryIO, start: int, max_bytes: int) -> int:
     return last_line_end(f, start, size_now)
 
 
+def split(f: BinaryIO, start: int, end: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) cut into up to `parts` ranges of whole lines."""
+    cuts = [start]
+    for i in range(1, parts):
+        at = line_end(f, start + (end - start) * i // parts - 1, end)
+        if at is not None and cuts[-1] < at < end:
+            cuts.append(at)
+    cuts.append(end)
+    return list(zip(cuts, cuts[1:], strict=False))
+
+
 def size(f: BinaryIO) -> int:
     return os.fstat(f.fileno()).st_size

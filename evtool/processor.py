@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import batch, journal
-from .batch import Summary
+from .batch import Batch, Summary
 from .errors import EvtoolError, JournalError, SourceError
 from .store import FileProgress, Store, retrying
 
-DEFAULT_BATCH_BYTES = 32 * 1024 * 1024  # one transaction: fewer, larger upserts of the totals
+DEFAULT_BATCH_BYTES = 128 * 1024 * 1024  # one transaction: its cost is one upsert per user
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
 MAX_REJECT_SAMPLES = 20
 
@@ -81,20 +81,24 @@ class Outcome:
 
 @dataclass
 class _Planned:
-    """A batch: its byte range and its summary, or the worker's future of it."""
+    """A batch: its byte range and its parts' summaries, or the workers' futures of them."""
 
     start: int
     end: int
-    parsed: Future | Summary
+    parsed: list[Future | Summary]
+    _batch: Batch | None = None
 
-    def summary(self) -> Summary:
-        if isinstance(self.parsed, Future):
-            self.parsed = self.parsed.result()
-        return self.parsed
+    def batch(self) -> Batch:
+        """The parsed batch (waiting for the workers); made once, so a retry reuses it."""
+        if self._batch is None:
+            self._batch = Batch([p.result() if isinstance(p, Future) else p for p in self.parsed])
+            self.parsed = []
+        return self._batch
 
     def cancel(self) -> None:
-        if isinstance(self.parsed, Future):
-            self.parsed.cancel()
+        for p in self.parsed:
+            if isinstance(p, Future):
+                p.cancel()
 
 
 ProgressFn = Callable[[int], None]
@@ -157,7 +161,7 @@ class Processor:
             return None
         if self.workers <= 0 or end - start < self.inline_bytes:
             f.seek(start)
-            return _Planned(start, end, batch.summarize(f.read(end - start), start, strict=self.strict))
+            return _Planned(start, end, [batch.summarize(f.read(end - start), start, strict=self.strict)])
         if self.pool is None:
             # fork: workers start at once and share the loaded modules. They never touch the
             # inherited database socket, and leave with os._exit, which sends nothing on it.
@@ -165,8 +169,12 @@ class Processor:
                                             initializer=batch.exit_with_parent, initargs=(os.getpid(),))
         st = os.fstat(f.fileno())
         identity = (st.st_dev, st.st_ino)
-        return _Planned(start, end, self.pool.submit(batch.summarize_range, path, identity, start, end,
-                                                     self.chunk_bytes, self.strict))
+        # The workers parse parts of one batch at the same time.
+        parts = journal.split(f, start, end, self.workers)
+        return _Planned(start, end, [
+            self.pool.submit(batch.summarize_range, path, identity, lo, hi, self.chunk_bytes, self.strict)
+            for lo, hi in parts
+        ])
 
     def close(self) -> None:
         if self.pool is not None:
@@ -206,15 +214,17 @@ class Processor:
              on_progress: ProgressFn | None) -> None:
         """Commit batch after batch; the workers parse the next batches during each commit."""
         planned: deque[_Planned] = deque()
-        while True:
-            ahead = planned[-1].end if planned else offset
-            while len(planned) < self.workers + 1:
-                nxt = self._plan(f, display, ahead)
+
+        def plan(depth: int) -> None:
+            while len(planned) < depth:
+                nxt = self._plan(f, display, planned[-1].end if planned else offset)
                 if nxt is None:
-                    break
+                    return
                 planned.append(nxt)
-                ahead = nxt.end
-            current = planned[0].summary() if planned else Summary(offset, offset)
+
+        while True:
+            plan(2)  # the batch to commit, and the next one, parsed while this one commits
+            current = planned[0].batch() if planned else Batch.empty(offset)
             status = self._with_retry(
                 lambda s, b=current: self._transaction(s, f, fp, display, b, report)
             )
@@ -253,7 +263,7 @@ class Processor:
                 "they cannot be told apart. Process only one of them, or give each a distinct first line"
             )
 
-    def _transaction(self, store: Store, f: BinaryIO, fp: bytes, display: str, b: Summary,
+    def _transaction(self, store: Store, f: BinaryIO, fp: bytes, display: str, b: Batch,
                      report: FileReport) -> str:
         """One batch, one transaction. Counts go into `report` only once it committed."""
         with store.transaction():
@@ -305,8 +315,9 @@ class Processor:
         if p.tail_digest is not None and journal.tail_digest(f, p.offset) != p.tail_digest:
             raise JournalError(
                 f"{display} differs from the journal processed under the same first line before offset "
-                f"{p.offset}: it was replaced or rewritten. Nothing was applied from it. Put the processed "
-                "file back; a new file needs a first line of its own (evtool never guesses which lines are new)"
+                f"{p.offset}: it was replaced or rewritten. Nothing was applied from it. Put the "
+                "processed file back; a new file needs a first line of its own (evtool never guesses "
+                "which lines are new)"
             )
 
     # -- many journals -----------------------------------------------------------------
@@ -333,24 +344,24 @@ class Processor:
         return report
 
 
-def apply(store: Store, b: Summary, reread: Callable[[], bytes]) -> Outcome:
+def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
     """Apply a parsed batch inside the caller's transaction; only never-applied events count.
 
     `b` is only read, so a failed transaction can apply it again. `reread` returns the
     batch's bytes, needed only when some sender lines may have been applied before.
     """
-    out = Outcome(applied=_count(b.fresh))
-    groups: list[batch.Sums] = [b.fresh]
+    out = Outcome(applied=sum(p.fresh_count for p in b.parts))
+    groups: list[batch.Sums] = [p.fresh for p in b.parts]
     applied_ranges = store.lock_sources(b.sources)
     added: dict[str, str] = {}
     data: bytes | None = None
     all_new = not b.opaque
-    for source, part in b.sources.items():
+    for source, lines in b.sources.items():
         have = applied_ranges.get(source, [])
-        if not part.repeats and not batch.overlaps(have, part.ranges):
-            groups.append(part.sums)  # the common case: all new, already summed
-            out.applied += _count(part.sums)
-            added[source] = batch.multirange_text(part.ranges)
+        if not lines.repeats and not batch.overlaps(have, lines.ranges):
+            groups.extend(part.sums for part in lines.parts)  # the common case: all new
+            out.applied += sum(part.count for part in lines.parts)
+            added[source] = batch.multirange_text(lines.ranges)
             continue
         # Some lines were applied before, or repeat within the batch: decide line by line.
         all_new = False
@@ -380,9 +391,9 @@ def apply(store: Store, b: Summary, reread: Callable[[], bytes]) -> Outcome:
                 out.duplicates += 1
         groups.append(sums)
 
-    if all_new and b.copy_rows is not None:
-        store.apply_copy_rows(b.copy_rows)  # rendered by the worker
-        out.users = b.users
+    if all_new and all(p.copy_rows is not None for p in b.parts):
+        store.apply_copy_rows(b"".join(p.copy_rows or b"" for p in b.parts))  # from the workers
+        out.users = [u for p in b.parts for u in p.users]
     else:
         total: batch.Sums = {}
         for g in groups:
@@ -391,10 +402,6 @@ def apply(store: Store, b: Summary, reread: Callable[[], bytes]) -> Outcome:
         out.users = list(total)
     store.add_ranges(added)
     return out
-
-
-def _count(sums: batch.Sums) -> int:
-    return sum(s[0] + s[2] for s in sums.values())
 
 
 def process(

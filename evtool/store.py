@@ -215,7 +215,8 @@ class Store:
     def apply_copy_rows(self, rows: bytes) -> None:
         """Add per-user COPY rows (see batch.copy_rows) to the totals and the revenue log.
 
-        Totals are upserted in user order, so concurrent processors never deadlock.
+        A user may have several rows (one per part of a batch); they are summed here. Totals
+        are upserted in user order, so concurrent processors never deadlock.
         """
         if not rows:
             return
@@ -226,7 +227,8 @@ class Store:
             cur.execute(
                 """
                 INSERT INTO users_revenue AS u (user_id, revenue, events)
-                SELECT user_id, added - subtracted, adds + subtracts FROM batch_sums ORDER BY user_id
+                SELECT user_id, sum(added) - sum(subtracted), sum(adds) + sum(subtracts)
+                FROM batch_sums GROUP BY user_id ORDER BY user_id
                 ON CONFLICT (user_id) DO UPDATE
                 SET revenue = u.revenue + excluded.revenue, events = u.events + excluded.events,
                     updated_at = now()
@@ -234,7 +236,8 @@ class Store:
             )
             cur.execute(
                 "INSERT INTO revenue_log (user_id, adds, added, subtracts, subtracted)"
-                " SELECT user_id, adds, added, subtracts, subtracted FROM batch_sums"
+                " SELECT user_id, sum(adds), sum(added), sum(subtracts), sum(subtracted)"
+                " FROM batch_sums GROUP BY user_id"
             )
 
     def record_rejects(self, rows: Iterable[tuple[bytes, int, int, str, bytes, str]]) -> None:
