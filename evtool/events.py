@@ -32,13 +32,14 @@ MAX_USER_ID = 256
 MAX_EVENT_ID = 128
 MAX_SCALE = 18  # digits after the decimal point that are kept exactly
 MAX_ABS = Decimal(10) ** 20
+_MAX_INT = 10**20
 # Ids that start with this are made by `evtool serve`; clients may not send them.
 RECEIVER_ID_PREFIX = "~"
 
 Value = int | Decimal
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Event:
     """A valid event. `value` is exact: an int, or a Decimal when it has a fraction."""
 
@@ -129,6 +130,20 @@ def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: boo
     `strict` turns normalization off (see the module docstring): no `user_id` alias, no
     string values.
     """
+    if type(obj) is dict:  # the common shape, checked in a few operations
+        user_id = obj.get("userId")
+        name = obj.get("name")
+        value = obj.get("value")
+        if (type(value) is int and 0 <= value < _MAX_INT and type(user_id) is str
+                and 0 < len(user_id) <= MAX_USER_ID and "\x00" not in user_id
+                and (name == "add_revenue" or name == "subtract_revenue")
+                and (strict or USER_ID_ALIAS not in obj)):
+            event_id = obj.get("eventId")
+            if event_id is None or (
+                type(event_id) is str and 0 < len(event_id) <= MAX_EVENT_ID and event_id.isprintable()
+                and (allow_reserved or event_id[0] != RECEIVER_ID_PREFIX)
+            ):
+                return Event(user_id, name, value, event_id, obj)
     if not isinstance(obj, dict):
         raise InvalidEvent("an event must be a JSON object")
     user_id = obj.get("userId")
