@@ -60,7 +60,7 @@ class SendSettings:
     path: Path
     url: str = "http://127.0.0.1:8000"
     token: str = "secret"
-    batch: int = 500
+    batch: int = 1000
     connections: int = 4
     from_start: bool = False
     max_retries: int = 8

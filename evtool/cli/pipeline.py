@@ -218,7 +218,7 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
               show_default=True, help="The receiver's base URL.")
 @click.option("--token", envvar="EVTOOL_TOKEN", show_envvar=True, default="secret", show_default=True,
               help="Sent as the Authorization header.")
-@click.option("--batch", type=click.IntRange(1, 100_000), default=500, show_default=True,
+@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True,
               help="Events per request; 1 sends one JSON object per request.")
 @click.option("--connections", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Concurrent keep-alive connections.")

@@ -202,7 +202,7 @@ class Bench:
             fig.baseline.append(self._sink_run(w, 1000))
             fig.evtool.append(self._evtool_send_run(w, None))
             self.log(f"  raw {fmt_rate(fig.baseline[-1])}/s, evtool {fmt_rate(fig.evtool[-1])}/s")
-        fig.notes.append("evtool send with its defaults (--batch 500, --connections 4); raw client: "
+        fig.notes.append("evtool send with its defaults (--batch 1000, --connections 4); raw client: "
                          "1,000 lines per body, 4 connections; both fsync before answering "
                          "(serve: group commit; sink: one fdatasync per request)")
         return fig
