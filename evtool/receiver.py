@@ -9,7 +9,8 @@ A request is answered 200 only after all its lines went to the journal in one ap
 and fsynced with group commit, see `appender`). A request that fails writes nothing.
 
 Limits: the body is capped by `max_body` (aiohttp's `client_max_size`), each event line or object
-by `max_line`, and reading the body by `request_timeout`. Request line and headers use aiohttp's
+by `max_line`, and reading the body by `request_timeout`, which also bounds how long a connection
+may sit without a complete request head. Request line and headers use aiohttp's
 defaults (8190 bytes per line and per header field, 32 KiB for all headers).
 """
 
@@ -358,6 +359,9 @@ class _Receiver:
 
     async def user_events(self, request: web.Request) -> web.Response:
         user_id = request.match_info["user_id"]
+        if len(user_id) > events.MAX_USER_ID or "\x00" in user_id:
+            # No event can carry such an id (and PostgreSQL text cannot even hold a NUL).
+            return _error(404, f"unknown user: {user_id[:300]}")
         lookup = self.s.revenue_lookup
         if lookup is None:
             return _error(503, "no database configured")
@@ -366,7 +370,8 @@ class _Receiver:
         except UnknownUser:
             revenue = None
         except EvtoolError as exc:
-            return _error(503, str(exc), {"Retry-After": "1"})
+            log.warning("GET /userEvents: %s", exc)  # the details stay in the server's log
+            return _error(503, "cannot read the totals from PostgreSQL; retry later", {"Retry-After": "1"})
         if revenue is None:
             return _error(404, f"unknown user: {user_id[:300]}")
         text = events.format_value(revenue)
@@ -432,7 +437,7 @@ class _JSONErrorProtocol(RequestHandler):
             raise ConnectionError("response already started")
         # The parser's message may quote request bytes (headers, maybe a token): never echo it.
         text = "malformed HTTP request" if status < 500 else "internal server error"
-        if status >= 500:
+        if status >= 500 and not isinstance(exc, ConnectionError):  # a client hanging up is no error
             log.error("error handling a request", exc_info=exc)
         resp = _error(status, text)
         resp.force_close()
@@ -445,12 +450,18 @@ class _JSONErrorServer(Server):
 
 
 async def start_runner(app: web.Application, host: str, port: int, *,
-                       shutdown_timeout: float = 60.0) -> web.AppRunner:
-    """Start serving `app` on host:port (0 picks a free port); return the runner to clean up."""
+                       shutdown_timeout: float = 60.0, idle_timeout: float = 30.0) -> web.AppRunner:
+    """Start serving `app` on host:port (0 picks a free port); return the runner to clean up.
+
+    A connection that has not sent a complete request head for `idle_timeout` seconds (a client
+    that never finishes its headers, or an idle keep-alive connection) is closed.
+    """
     # lingering_time: how long to read and drop the rest of a body we refused (default 10 s) so
-    # the client sees the answer; short, because it also delays shutdown.
+    # the client sees the answer; short, because it also delays shutdown. keepalive_timeout is
+    # aiohttp's idle limit, which also runs from the start of a connection: its default (an
+    # hour) let slow-header clients hold connections open.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
-                           lingering_time=2.0)
+                           lingering_time=2.0, keepalive_timeout=idle_timeout)
     await runner.setup()
     if type(runner.server) is Server:
         runner.server.__class__ = _JSONErrorServer
@@ -471,7 +482,8 @@ def _url(runner: web.AppRunner) -> str:
 
 async def _serve(s: ServeSettings, appender: JournalAppender, on_ready: Callable[[str], None] | None) -> None:
     app = make_app(s, appender)
-    runner = await start_runner(app, s.host, s.port, shutdown_timeout=s.request_timeout + 5)
+    runner = await start_runner(app, s.host, s.port, shutdown_timeout=s.request_timeout + 5,
+                                idle_timeout=s.request_timeout)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
