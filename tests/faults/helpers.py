@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psycopg
 
+from evtool.store import Store
+
 from ..conftest import GEN_EVENTS
 
 PY = sys.executable
@@ -336,7 +338,9 @@ def diff(got: dict[str, Decimal], want: dict[str, Decimal]) -> dict[str, tuple]:
 
 
 def reset(dsn: str) -> None:
-    """Forget everything the processor did (the schema stays)."""
+    """Forget everything the processor did (the schema stays, created if need be)."""
+    with Store.connect(dsn) as store:
+        store.migrate()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE users_revenue, applied_events, applied_ranges, rejected_lines, journal_files")
 
