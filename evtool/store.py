@@ -226,18 +226,20 @@ class Store:
                 copy.write(rows)
             cur.execute(
                 """
-                INSERT INTO users_revenue AS u (user_id, revenue, events)
-                SELECT user_id, sum(added) - sum(subtracted), sum(adds) + sum(subtracts)
-                FROM batch_sums GROUP BY user_id ORDER BY user_id
-                ON CONFLICT (user_id) DO UPDATE
-                SET revenue = u.revenue + excluded.revenue, events = u.events + excluded.events,
-                    updated_at = now()
+                WITH s AS MATERIALIZED (
+                    SELECT user_id, sum(adds) AS adds, sum(added) AS added,
+                           sum(subtracts) AS subtracts, sum(subtracted) AS subtracted
+                    FROM batch_sums GROUP BY user_id
+                ), totals AS (
+                    INSERT INTO users_revenue AS u (user_id, revenue, events)
+                    SELECT user_id, added - subtracted, adds + subtracts FROM s ORDER BY user_id
+                    ON CONFLICT (user_id) DO UPDATE
+                    SET revenue = u.revenue + excluded.revenue, events = u.events + excluded.events,
+                        updated_at = now()
+                )
+                INSERT INTO revenue_log (user_id, adds, added, subtracts, subtracted)
+                SELECT user_id, adds, added, subtracts, subtracted FROM s
                 """
-            )
-            cur.execute(
-                "INSERT INTO revenue_log (user_id, adds, added, subtracts, subtracted)"
-                " SELECT user_id, sum(adds), sum(added), sum(subtracts), sum(subtracted)"
-                " FROM batch_sums GROUP BY user_id"
             )
 
     def record_rejects(self, rows: Iterable[tuple[bytes, int, int, str, bytes, str]]) -> None:
