@@ -360,6 +360,7 @@ def backend_phase(conn: psycopg.Connection) -> str:
         return "in transaction, client side"
     for prefix, phase in (("COPY batch_sums", "COPY totals"), ("COPY batch_digests", "COPY digests"),
                           ("INSERT INTO users_revenue", "upsert totals"),
+                          ("WITH s AS MATERIALIZED", "upsert totals"),
                           ("INSERT INTO applied_events", "insert digests"),
                           ("UPDATE applied_ranges", "update ranges"),
                           ("INSERT INTO applied_ranges", "lock ranges"),
