@@ -352,7 +352,9 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
     """
     out = Outcome(applied=sum(p.fresh_count for p in b.parts))
     groups: list[batch.Sums] = [p.fresh for p in b.parts]
-    applied_ranges = store.lock_sources(b.sources)
+    applied_ranges = store.lock_sources(
+        b.sources, {s: (lines.ranges[0][0], lines.ranges[-1][1]) for s, lines in b.sources.items()}
+    )
     added: dict[str, str] = {}
     data: bytes | None = None
     all_new = not b.opaque

@@ -167,8 +167,13 @@ class Store:
             )
             self._temp_ready = True
 
-    def lock_sources(self, sources: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
-        """Lock the applied-range rows of these sender sources (in source order) and read them."""
+    def lock_sources(self, sources: Iterable[str], windows: dict[str, tuple[int, int]] | None = None
+                     ) -> dict[str, list[tuple[int, int]]]:
+        """Lock the applied-range rows of these sender sources (in source order) and read them.
+
+        With `windows`, only the applied lines within each source's [low, high) are read: a
+        source whose ids have many gaps (lines that carried ids of their own) has many ranges.
+        """
         names = sorted(sources)
         if not names:
             return {}
@@ -177,10 +182,15 @@ class Store:
             " SELECT s FROM unnest(%s::text[]) AS s ORDER BY s ON CONFLICT DO NOTHING",
             (names,),
         )
+        windows = windows or {}
+        low = [windows.get(n, (None, None))[0] for n in names]
+        high = [windows.get(n, (None, None))[1] for n in names]
         rows = self.conn.execute(
-            "SELECT source, lines FROM applied_ranges WHERE source = ANY(%s)"
-            " ORDER BY source FOR UPDATE",
-            (names,),
+            "SELECT a.source, a.lines * int8multirange(int8range(w.low, w.high))"
+            " FROM applied_ranges a"
+            " JOIN unnest(%s::text[], %s::int8[], %s::int8[]) AS w(source, low, high) USING (source)"
+            " ORDER BY a.source FOR UPDATE OF a",
+            (names, low, high),
         ).fetchall()
         return {source: [(r.lower, r.upper) for r in lines] for source, lines in rows}
 
