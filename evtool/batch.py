@@ -38,18 +38,19 @@ _INF = float("inf")
 class SourcePart:
     """The events of one sender source in a chunk: their line numbers as ranges, and sums."""
 
-    lines: array = field(default_factory=lambda: array("q"))
+    # Runs of consecutive line numbers as they came: memory grows with the gaps, not the lines.
+    runs: list[tuple[int, int]] = field(default_factory=list)
     sums: Sums = field(default_factory=dict)
     ranges: list[tuple[int, int]] = field(default_factory=list)
     repeats: bool = False  # a line number occurs twice in the chunk (a retry within the batch)
     count: int = 0  # events
 
     def close(self) -> None:
-        """Turn the line numbers into ranges; drop them so the part pickles small."""
-        self.ranges = to_ranges(self.lines)
-        self.count = len(self.lines)
+        """Merge the runs into ranges; drop them so the part pickles small."""
+        self.count = sum(hi - lo for lo, hi in self.runs)
+        self.ranges = union(self.runs, [])
         self.repeats = sum(hi - lo for lo, hi in self.ranges) != self.count
-        self.lines = array("q")
+        self.runs = []
 
 
 @dataclass
@@ -242,8 +243,10 @@ def summarize(data: bytes, offset: int, out: Summary | None = None, *, close: bo
     fresh, sources, opaque, rejects = out.fresh, out.sources, out.opaque, out.rejects
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
     max_user = events.MAX_USER_ID
-    last_prefix, last_part = "\0", SourcePart()  # "<source>:" of the last sender id seen
-    last_lines, last_sums = last_part.lines, last_part.sums
+    last_prefix = "\0"  # "<source>:" of the last sender id seen
+    last_runs: list[tuple[int, int]] = []
+    last_sums: Sums = {}
+    run_lo = run_next = 0  # the current run of consecutive lines of that source: [run_lo, run_next)
     pos = offset
     base = out.lines
     index = base - 1
@@ -275,7 +278,12 @@ def summarize(data: bytes, offset: int, out: Summary | None = None, *, close: bo
                     if not (tail.isdigit() and tail.isascii() and tail[0] != "0" and len(tail) <= 18):
                         sums = None
                     else:
-                        last_lines.append(int(tail))
+                        n = int(tail)
+                        if n != run_next:
+                            if run_next:
+                                last_runs.append((run_lo, run_next))
+                            run_lo = n
+                        run_next = n + 1
                         sums = last_sums
                 else:
                     sums = None
@@ -302,13 +310,18 @@ def summarize(data: bytes, offset: int, out: Summary | None = None, *, close: bo
         if m is None:
             opaque.append((events.event_digest(eid), user, is_add, value))
             continue
+        if run_next:
+            last_runs.append((run_lo, run_next))
         last_prefix = m[1] + ":"
-        last_part = sources.get(m[1])
-        if last_part is None:
-            last_part = sources[m[1]] = SourcePart()
-        last_lines, last_sums = last_part.lines, last_part.sums
-        last_lines.append(int(m[2]))
+        part = sources.get(m[1])
+        if part is None:
+            part = sources[m[1]] = SourcePart()
+        last_runs, last_sums = part.runs, part.sums
+        run_lo = int(m[2])
+        run_next = run_lo + 1
         add(last_sums, user, is_add, value)
+    if run_next:
+        last_runs.append((run_lo, run_next))
     out.lines = index + 1
     if close:
         out.finish()
