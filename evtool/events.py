@@ -121,16 +121,14 @@ def _string_value(text: str) -> Decimal:
     )
 
 
-def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: bool = False,
-             strict: bool = False) -> Event:
-    """Check a parsed object against the event rules and return the Event.
+def event_id_of(obj: object, raw: bytes | str | None = None, *, allow_reserved: bool = False,
+                strict: bool = False) -> str | None:
+    """Validate like `validate`, but return only the eventId (None when there is none).
 
-    `raw` is the JSON text `obj` came from; it is needed only to read a decimal value exactly.
-    `allow_reserved` lets receiver-made ids through (the processor reads them from journals).
-    `strict` turns normalization off (see the module docstring): no `user_id` alias, no
-    string values.
+    For the sender's and receiver's per-line loops: the common shape is checked in a few
+    operations and no Event is built.
     """
-    if type(obj) is dict:  # the common shape, checked in a few operations
+    if type(obj) is dict:
         user_id = obj.get("userId")
         name = obj.get("name")
         value = obj.get("value")
@@ -143,7 +141,19 @@ def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: boo
                 type(event_id) is str and 0 < len(event_id) <= MAX_EVENT_ID and event_id.isprintable()
                 and (allow_reserved or event_id[0] != RECEIVER_ID_PREFIX)
             ):
-                return Event(user_id, name, value, event_id, obj)
+                return event_id
+    return validate(obj, raw, allow_reserved=allow_reserved, strict=strict).event_id
+
+
+def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: bool = False,
+             strict: bool = False) -> Event:
+    """Check a parsed object against the event rules and return the Event.
+
+    `raw` is the JSON text `obj` came from; it is needed only to read a decimal value exactly.
+    `allow_reserved` lets receiver-made ids through (the processor reads them from journals).
+    `strict` turns normalization off (see the module docstring): no `user_id` alias, no
+    string values.
+    """
     if not isinstance(obj, dict):
         raise InvalidEvent("an event must be a JSON object")
     user_id = obj.get("userId")

@@ -280,7 +280,7 @@ class _Receiver:
         """
         max_line = self.s.max_line
         parse = events.parse_json
-        validate = events.validate
+        validate, event_id_of = events.validate, events.event_id_of
         strict = self.s.strict
         if b"\r" in body:  # a CR in valid NDJSON is whitespace; only a line-ending one is dropped
             body = body.replace(b"\r\n", b"\n")
@@ -297,14 +297,14 @@ class _Receiver:
             n += 1
             try:
                 obj = parse(raw)
+                if event_id_of(obj, raw, strict=strict) is not None:
+                    append(raw)  # fast path: the client's bytes, unchanged
+                    continue
                 event = validate(obj, raw, strict=strict)
             except MalformedJSON as exc:
                 raise _Refused(400, f"line {lineno}: {_line_reason(exc)}") from None
             except InvalidEvent as exc:
                 raise _Refused(422, f"line {lineno}: {exc.reason}") from None
-            if event.event_id is not None:
-                append(raw)  # fast path: the client's bytes, unchanged
-                continue
             event_id = self._key_id(key, n) if key is not None else self.fresh_id()
             append(_with_id(raw, obj, event, event_id))
         append(b"")

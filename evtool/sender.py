@@ -296,7 +296,7 @@ class _Run:
     async def reader(self, queue: asyncio.Queue) -> None:
         """Read, validate and id the lines after the resume point; queue them in batches."""
         f, batch_size, report, prefix = self.f, self.s.batch, self.report, self.prefix
-        parse_line = events.parse_line
+        parse_json, event_id_of = events.parse_json, events.event_id_of
         strict = self.s.strict
         pos = self.start
         offset, lineno = pos.offset, pos.line
@@ -321,13 +321,13 @@ class _Run:
                 if start == 0 and text.startswith(BOM):
                     text = text[3:].lstrip()
                 try:
-                    ev = parse_line(text, strict=strict)
+                    event_id = event_id_of(parse_json(text), text, strict=strict)
                 except InvalidEvent as exc:
                     report.skipped_invalid += 1
                     if len(report.invalid_lines) < MAX_INVALID_KEPT:
                         report.invalid_lines.append((lineno, exc.reason))
                     continue
-                if ev.event_id is None:
+                if event_id is None:
                     text = b"".join((text[:-1], b',"eventId":"', prefix, b"%d" % lineno, b'"}'))
                 lines.append(text)
                 linenos.append(lineno)

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from ..errors import EvtoolError
-from .base import cli, console, dsn_option, handle_errors, print_json, strict_option
+from ..render import console
+from .base import cli, dsn_option, handle_errors, print_json, strict_option
 
 # -- process ---------------------------------------------------------------------------
 
@@ -47,7 +48,7 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
 
     def on_retry(message: str) -> None:
         if said[-1:] != [message]:  # once per reason, not once per backoff step
-            err.print(f"[yellow]{message}; retrying for up to {retry_for:g} s[/yellow]")
+            err.print(f"{message}; retrying for up to {retry_for:g} s", style="yellow")
         said[-1:] = [message]
 
     if follow:
