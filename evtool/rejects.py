@@ -25,7 +25,7 @@ from typing import Any
 
 from . import batch, events
 from .errors import InvalidEvent
-from .reports import peek
+from .reports import reject_filter
 from .store import Store
 
 BATCH_ROWS = 1000
@@ -54,14 +54,7 @@ def reapply(store: Store, *, reason: str | None = None, path: Path | None = None
             batch_rows: int = BATCH_ROWS) -> ReapplyReport:
     """Re-validate pending rejected lines (optionally filtered) and apply those now valid."""
     report = ReapplyReport()
-    conds, params = ["reapplied_at IS NULL"], []
-    if reason:
-        conds.append("strpos(lower(reason), lower(%s)) > 0")
-        params.append(reason)
-    if path is not None:
-        fp, _ = peek(path)
-        conds.append("(path = %s OR fingerprint = %s)")
-        params += [str(path.resolve()), fp]
+    conds, params = reject_filter(reason, path)
     where = " AND ".join(conds)
     with store.transaction():
         fingerprints = [r[0] for r in store.conn.execute(

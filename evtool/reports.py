@@ -50,6 +50,21 @@ def count_lines(path: Path, start: int, end: int) -> int:
     return n
 
 
+def reject_filter(reason: str | None, path: Path | None, include_reapplied: bool = False
+                  ) -> tuple[list[str], list[Any]]:
+    """SQL conditions and parameters that select rejected lines by reason, file and state."""
+    conds: list[str] = [] if include_reapplied else ["reapplied_at IS NULL"]
+    params: list[Any] = []
+    if reason:
+        conds.append("strpos(lower(reason), lower(%s)) > 0")
+        params.append(reason)
+    if path is not None:
+        fp, _ = peek(path)
+        conds.append("(path = %s OR fingerprint = %s)")
+        params += [str(path.resolve()), fp]
+    return conds, params
+
+
 def peek(path: Path) -> tuple[bytes | None, int | None]:
     """(fingerprint, size) of a journal on disk; (None, None) when it cannot be read."""
     try:
@@ -243,17 +258,7 @@ def all_revenue(store: Store, prefix: str | None = None) -> Iterator[tuple[str, 
 def rejects(store: Store, *, reason: str | None = None, path: Path | None = None, limit: int = 0,
             include_reapplied: bool = False) -> Iterator[dict[str, Any]]:
     """Rejected lines, by file and line number; `limit` 0 means all."""
-    conds: list[str] = []
-    params: list[Any] = []
-    if not include_reapplied:
-        conds.append("reapplied_at IS NULL")
-    if reason:
-        conds.append("strpos(lower(reason), lower(%s)) > 0")
-        params.append(reason)
-    if path is not None:
-        fp, _ = peek(path)
-        conds.append("(path = %s OR fingerprint = %s)")
-        params += [str(path.resolve()), fp]
+    conds, params = reject_filter(reason, path, include_reapplied)
     where = " WHERE " + " AND ".join(conds) if conds else ""
     query = ('SELECT path, line_no, "offset", reason, rejected_at, raw, reapplied_at, reapply_outcome'
              f" FROM rejected_lines{where} ORDER BY path, line_no")
