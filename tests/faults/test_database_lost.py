@@ -67,7 +67,7 @@ def processor_backends(conn: psycopg.Connection) -> list[int]:
 
 
 def test_backend_terminated_mid_run_is_retried_and_exact(dsn, tmp_path):
-    work = build_journal(tmp_path / "j.jsonl", 120_000, seed=31)
+    work = build_journal(tmp_path / "j.jsonl", 240_000, seed=31)
     lines = journal_events(work.path)
     rng = random.Random(31)
     proc = start(evtool_cmd("process", "--batch-mb", "1", "--json", str(work.path)), tmp_path,
@@ -95,16 +95,26 @@ def test_backend_terminated_mid_run_is_retried_and_exact(dsn, tmp_path):
 def test_server_stopped_during_a_run_and_back_within_the_window(own_pg, tmp_path):
     pgdata, server = own_pg
     db = new_database(server)
-    work = build_journal(tmp_path / "j.jsonl", 120_000, seed=32)
+    work = build_journal(tmp_path / "j.jsonl", 240_000, seed=32)
     lines = journal_events(work.path)
+    size = work.path.stat().st_size
     proc = start(evtool_cmd("process", "--dsn", db, "--batch-mb", "1", "--retry-for", "30", "--json",
                             str(work.path)), tmp_path, tmp_path / "process.log")
     outages = 0
     try:
-        for pause in (0.8, 0.6):
-            time.sleep(pause)
-            if proc.poll() is not None:
+        seen = 0
+        for _ in range(2):
+            # Stop the server right after the processor committed a batch, in the first half of
+            # the journal: a timed pause could land after a fast run had already finished.
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                offset = committed_state(db, work.path)[0]
+                if offset > seen:
+                    break
+                time.sleep(0.01)
+            if proc.poll() is not None or offset > size // 2:
                 break
+            seen = offset
             embedded.stop(pgdata)
             outages += 1
             time.sleep(1.5)
