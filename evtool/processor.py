@@ -16,6 +16,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -91,7 +92,11 @@ class _Planned:
     def batch(self) -> Batch:
         """The parsed batch (waiting for the workers); made once, so a retry reuses it."""
         if self._batch is None:
-            self._batch = Batch([p.result() if isinstance(p, Future) else p for p in self.parsed])
+            try:
+                self._batch = Batch([p.result() if isinstance(p, Future) else p for p in self.parsed])
+            except BrokenProcessPool:
+                raise EvtoolError("a parsing worker process died (killed, or out of memory); "
+                                  "nothing of the batch was applied: run the command again") from None
             self.parsed = []
         return self._batch
 
