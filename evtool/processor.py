@@ -247,14 +247,16 @@ class Processor:
                 on_progress(offset)
 
     def _start(self, store: Store, fp: bytes, display: str) -> int:
-        self._check_identity(store, fp, display)
+        """The journal's committed offset, once it is known not to be a second file (see below)."""
         known = store.file_progress(fp)
+        if known is not None:
+            self._check_identity(known, fp, display)
         return known.offset if known else 0
 
-    def _check_identity(self, store: Store, fp: bytes, display: str) -> None:
+    @staticmethod
+    def _check_identity(known: FileProgress, fp: bytes, display: str) -> None:
         """Refuse a second file that begins with the same line as a journal we already know."""
-        known = store.file_progress(fp)
-        if known is None or known.path == display:
+        if known.path == display:
             return
         other = Path(known.path)
         try:
