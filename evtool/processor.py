@@ -2,7 +2,7 @@
 
 Each batch is one PostgreSQL transaction: lock the journal's progress row, check the committed
 offset, apply only events never applied before (by position, by sender ranges, or by digest;
-see `batch`), record rejects, advance the offset, commit. A crash anywhere leaves the whole
+see `identity`), record rejects, advance the offset, commit. A crash anywhere leaves the whole
 batch or nothing. Parsing runs in worker processes, ahead of the database work, so the two
 cores overlap; the transaction never trusts a parse that started from a stale offset.
 """
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from . import batch, journal
-from .batch import Batch, Summary
+from . import journal, parser
 from .errors import EvtoolError, JournalError, SourceError
+from .parser import Batch, ParsedPart
 from .store import FileProgress, Store, retrying
 
 DEFAULT_BATCH_BYTES = 128 * 1024 * 1024  # one transaction: its cost is one upsert per user
@@ -82,11 +82,11 @@ class Outcome:
 
 @dataclass
 class _Planned:
-    """A batch: its byte range and its parts' summaries, or the workers' futures of them."""
+    """A batch: its byte range and its parsed parts, or the workers' futures of them."""
 
     start: int
     end: int
-    parsed: list[Future | Summary]
+    parsed: list[Future | ParsedPart]
     _batch: Batch | None = None
 
     def batch(self) -> Batch:
@@ -122,7 +122,7 @@ class Processor:
         on_retry: Callable[[str], None] | None = None,
         workers: int | None = None,
         inline_bytes: int = INLINE_BYTES,
-        piece_bytes: int = batch.PIECE_BYTES,
+        piece_bytes: int = parser.PIECE_BYTES,
         strict: bool = False,
     ) -> None:
         self.dsn = dsn
@@ -166,18 +166,18 @@ class Processor:
             return None
         if self.workers <= 0 or end - start < self.inline_bytes:
             f.seek(start)
-            return _Planned(start, end, [batch.summarize(f.read(end - start), start, strict=self.strict)])
+            return _Planned(start, end, [parser.parse(f.read(end - start), start, strict=self.strict)])
         if self.pool is None:
             # fork: workers start at once and share the loaded modules. They never touch the
             # inherited database socket, and leave with os._exit, which sends nothing on it.
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=batch.exit_with_parent, initargs=(os.getpid(),))
+                                            initializer=parser.exit_with_parent, initargs=(os.getpid(),))
         st = os.fstat(f.fileno())
         identity = (st.st_dev, st.st_ino)
         # The workers parse parts of one batch at the same time.
         parts = journal.split(f, start, end, self.workers)
         return _Planned(start, end, [
-            self.pool.submit(batch.summarize_range, path, identity, lo, hi, self.chunk_bytes, self.strict)
+            self.pool.submit(parser.parse_range, path, identity, lo, hi, self.chunk_bytes, self.strict)
             for lo, hi in parts
         ])
 
@@ -358,7 +358,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
     batch's bytes, needed only when some sender lines may have been applied before.
     """
     out = Outcome(applied=sum(p.fresh_count for p in b.parts))
-    groups: list[batch.Sums] = [p.fresh for p in b.parts]
+    groups: list[parser.Sums] = [p.fresh for p in b.parts]
     applied_ranges = store.lock_sources(
         b.sources, {s: (lines.ranges[0][0], lines.ranges[-1][1]) for s, lines in b.sources.items()}
     )
@@ -367,26 +367,26 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
     all_new = not b.opaque
     for source, lines in b.sources.items():
         have = applied_ranges.get(source, [])
-        if not lines.repeats and not batch.overlaps(have, lines.ranges):
+        if not lines.repeats and not parser.overlaps(have, lines.ranges):
             groups.extend(part.sums for part in lines.parts)  # the common case: all new
             out.applied += sum(part.count for part in lines.parts)
-            added[source] = batch.multirange_text(lines.ranges)
+            added[source] = parser.multirange_text(lines.ranges)
             continue
         # Some lines were applied before, or repeat within the batch: decide line by line.
         all_new = False
         data = reread() if data is None else data
-        sums: batch.Sums = {}
+        sums: parser.Sums = {}
         seen: set[int] = set()
-        for line, user, is_add, value in batch.source_events(data, source, b.strict):
-            if line in seen or batch.contains(have, line):
+        for line, user, is_add, value in parser.source_events(data, source, b.strict):
+            if line in seen or parser.contains(have, line):
                 out.duplicates += 1
                 continue
             seen.add(line)
-            batch.add(sums, user, is_add, value)
+            parser.add(sums, user, is_add, value)
             out.applied += 1
         groups.append(sums)
         if seen:
-            added[source] = batch.multirange_text(batch.to_ranges(array("q", seen)))
+            added[source] = parser.multirange_text(parser.to_ranges(array("q", seen)))
 
     if b.opaque:
         new = store.new_digests(d for d, _, _, _ in b.opaque)
@@ -394,7 +394,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
         for digest, user, is_add, value in b.opaque:
             if digest in new:
                 new.discard(digest)  # a repeat later in this batch is a duplicate
-                batch.add(sums, user, is_add, value)
+                parser.add(sums, user, is_add, value)
                 out.applied += 1
             else:
                 out.duplicates += 1
@@ -404,10 +404,10 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
         store.apply_copy_rows(b"".join(p.copy_rows or b"" for p in b.parts))  # from the workers
         out.users = [u for p in b.parts for u in p.users]
     else:
-        total: batch.Sums = {}
+        total: parser.Sums = {}
         for g in groups:
-            batch.merge(total, g)
-        store.apply_copy_rows(batch.copy_rows(total))
+            parser.merge(total, g)
+        store.apply_copy_rows(parser.copy_rows(total))
         out.users = list(total)
     store.add_ranges(added)
     return out

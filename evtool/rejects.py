@@ -23,7 +23,7 @@ from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
-from . import batch, events
+from . import events, parser
 from .errors import InvalidEvent
 from .reports import reject_filter
 from .store import Store
@@ -104,7 +104,7 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
     keys: list[tuple[str, Any]] = []
     for offset, _, _, ev in valid:
         eid = ev.event_id
-        m = batch.SOURCE_ID.fullmatch(eid) if eid else None
+        m = parser.SOURCE_ID.fullmatch(eid) if eid else None
         if m is not None:
             keys.append(("source", (m[1], int(m[2]))))
             sources.setdefault(m[1], [])
@@ -115,19 +115,19 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
             digests.append(d)
     have = store.lock_sources(sources)
     new_digests = store.new_digests(digests) if digests else set()
-    sums: batch.Sums = {}
+    sums: parser.Sums = {}
     outcomes: list[tuple[str, bytes, int]] = []
     for (offset, line_no, path, ev), (kind, key) in zip(valid, keys, strict=True):
         if kind == "source":
             source, n = key
-            fresh = not batch.contains(have[source], n) and n not in sources[source]
+            fresh = not parser.contains(have[source], n) and n not in sources[source]
             if fresh:
                 sources[source].append(n)
         else:
             fresh = key in new_digests
             new_digests.discard(key)  # a repeat later in this batch is a duplicate
         if fresh:
-            batch.add(sums, ev.user_id, ev.name == "add_revenue", ev.value)
+            parser.add(sums, ev.user_id, ev.name == "add_revenue", ev.value)
             report.applied += 1
             report.users.add(ev.user_id)
         else:
@@ -136,8 +136,8 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
         outcomes.append((outcome, fp, offset))
         if len(report.lines) < MAX_LINES_KEPT:
             report.lines.append((path, line_no, outcome))
-    store.apply_copy_rows(batch.copy_rows(sums))
-    store.add_ranges({s: batch.multirange_text(batch.to_ranges(array("q", lines)))
+    store.apply_copy_rows(parser.copy_rows(sums))
+    store.add_ranges({s: parser.multirange_text(parser.to_ranges(array("q", lines)))
                       for s, lines in sources.items() if lines})
     with conn.cursor() as cur:
         if outcomes:

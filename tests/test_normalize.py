@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 from click.testing import CliRunner
 
-from evtool import batch, events
+from evtool import events, parser
 from evtool.cli import cli
 from evtool.errors import InvalidEvent
 from evtool.processor import process
@@ -88,7 +88,7 @@ def test_processor_fast_path_agrees_with_the_validator(strict):
         except InvalidEvent as exc:
             want = exc.reason
         try:
-            got = batch._event(raw, strict)
+            got = parser._event(raw, strict)
         except InvalidEvent as exc:
             got = exc.reason
         assert got == want, raw

@@ -8,7 +8,7 @@ Identity decides how an event is remembered (design section 3):
 - any other id: a digest row each.
 
 Events are summed per user here, so the database sees one row per user and one range per
-source per batch, not one row per event. The summaries are small and cheap to pickle.
+source per batch, not one row per event. The parsed parts are small and cheap to pickle.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ class SourcePart:
 
 
 @dataclass
-class Summary:
+class ParsedPart:
     """Lines [offset, end) of a journal, parsed: sums by identity kind, and rejects.
 
-    A summary is not changed once made, so a transaction that failed can apply it again.
+    A part is not changed once made, so a transaction that failed can apply it again.
     """
 
     offset: int = 0
@@ -107,7 +107,7 @@ class Batch:
     (PostgreSQL sums the parts' COPY rows per user), only their small per-source facts.
     """
 
-    def __init__(self, parts: list[Summary]) -> None:
+    def __init__(self, parts: list[ParsedPart]) -> None:
         self.parts = parts
         self.offset = parts[0].offset
         self.end = parts[-1].end
@@ -131,7 +131,7 @@ class Batch:
 
     @classmethod
     def empty(cls, offset: int) -> Batch:
-        return cls([Summary(offset, offset)])
+        return cls([ParsedPart(offset, offset)])
 
 
 def count(sums: Sums) -> int:
@@ -206,14 +206,14 @@ def exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def summarize_range(path: str, identity: tuple[int, int], start: int, end: int,
-                    piece: int = PIECE_BYTES, strict: bool = False) -> Summary:
+def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
+                    piece: int = PIECE_BYTES, strict: bool = False) -> ParsedPart:
     """Parse bytes [start, end) of a journal (both at line boundaries), `piece` bytes at a time.
 
     Runs in a worker process, which opens the file itself; `identity` (st_dev, st_ino) makes
     sure it reads the same file the caller holds open.
     """
-    out = Summary(start, end, strict=strict)
+    out = ParsedPart(start, end, strict=strict)
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         if (st.st_dev, st.st_ino) != identity:
@@ -224,21 +224,21 @@ def summarize_range(path: str, identity: tuple[int, int], start: int, end: int,
             data = rest + f.read(min(piece, end - pos))
             pos += len(data) - len(rest)
             cut = data.rfind(b"\n") + 1 if pos < end else len(data)
-            summarize(data[:cut], pos - len(data), out, close=False)
+            parse(data[:cut], pos - len(data), out, close=False)
             rest = data[cut:]
     out.finish()
     return out
 
 
-def summarize(data: bytes, offset: int, out: Summary | None = None, *, close: bool = True,
-              strict: bool = False) -> Summary:
+def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: bool = True,
+              strict: bool = False) -> ParsedPart:
     """Parse complete lines `data` (starting at byte `offset` of the journal) into `out`.
 
-    `strict` applies only to a new summary; a given `out` keeps its own. The loop inlines the
+    `strict` applies only to a new part; a given `out` keeps its own. The loop inlines the
     common case (an integer value, and no id or an id of the source seen last) because it runs
     once per event; every other line takes `_event`, which ends in the shared validator.
     """
-    out = Summary(offset, offset + len(data), strict=strict) if out is None else out
+    out = ParsedPart(offset, offset + len(data), strict=strict) if out is None else out
     strict = out.strict
     fresh, sources, opaque, rejects = out.fresh, out.sources, out.opaque, out.rejects
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
