@@ -21,7 +21,6 @@ import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from hashlib import blake2b
 
 import orjson
 
@@ -234,7 +233,3 @@ def value_fragment(value: Value) -> int | orjson.Fragment:
         return value
     return orjson.Fragment(format_value(value).encode())
 
-
-def event_digest(event_id: str) -> bytes:
-    """The 16-byte dedup key of an event that has an id."""
-    return blake2b(event_id.encode(), digest_size=16).digest()

@@ -1,37 +1,27 @@
 """Turning a chunk of journal lines into what one transaction needs (runs in worker processes).
 
-Identity decides how an event is remembered (design section 3):
-
-- no `eventId`, or an id the receiver made (`~...`): the line's position identifies it, and
-  the committed offset already covers that, so it is always new ("fresh");
-- a sender id `<16 hex>:<line>`: remembered per source as ranges of line numbers;
-- any other id: a digest row each.
-
-Events are summed per user here, so the database sees one row per user and one range per
-source per batch, not one row per event. The parsed parts are small and cheap to pickle.
+Each valid event is sorted by its identity (see `identity`): position ("fresh"), sender
+`<source>:<line>`, or opaque id. Events are summed per user here, so the database sees one row
+per user and one range per source per batch, not one row per event. The parsed parts are small
+and cheap to pickle.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
-from array import array
-from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import orjson
 
-from . import events
+from . import events, identity
 from .errors import InvalidEvent, JournalError
 
 # Sums per user: [adds, added amount, subtracts, subtracted amount]
 Sums = dict[str, list]
-SOURCE_ID = re.compile(r"([0-9a-f]{16}):([1-9][0-9]{0,17})")
 PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
 _MAX_INT = 10**20
-_INF = float("inf")
 
 
 @dataclass
@@ -48,7 +38,7 @@ class SourcePart:
     def close(self) -> None:
         """Merge the runs into ranges; drop them so the part pickles small."""
         self.count = sum(hi - lo for lo, hi in self.runs)
-        self.ranges = union(self.runs, [])
+        self.ranges = identity.union(self.runs, [])
         self.repeats = sum(hi - lo for lo, hi in self.ranges) != self.count
         self.runs = []
 
@@ -123,8 +113,8 @@ class Batch:
                 if have is None:
                     self.sources[source] = SourceLines(part.ranges, part.repeats, [part])
                 else:
-                    have.repeats = have.repeats or part.repeats or overlaps(have.ranges, part.ranges)
-                    have.ranges = union(have.ranges, part.ranges)
+                    have.repeats = have.repeats or part.repeats or identity.overlaps(have.ranges, part.ranges)
+                    have.ranges = identity.union(have.ranges, part.ranges)
                     have.parts.append(part)
         self.opaque = [o for p in parts for o in p.opaque]
         self.strict = parts[0].strict
@@ -243,6 +233,7 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
     fresh, sources, opaque, rejects = out.fresh, out.sources, out.opaque, out.rejects
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
     max_user = events.MAX_USER_ID
+    classify, POSITION = identity.classify, identity.Kind.POSITION
     last_prefix = "\0"  # "<source>:" of the last sender id seen
     last_runs: list[tuple[int, int]] = []
     last_sums: Sums = {}
@@ -274,7 +265,7 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
                 if eid is None:
                     sums = fresh
                 elif type(eid) is str and eid.startswith(last_prefix):
-                    tail = eid[17:]
+                    tail = eid[17:]  # after "<source>:"
                     if not (tail.isdigit() and tail.isascii() and tail[0] != "0" and len(tail) <= 18):
                         sums = None
                     else:
@@ -303,12 +294,12 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
         except InvalidEvent as exc:
             rejects.append((start, index, line, exc.reason))
             continue
-        if eid is None or eid[0] == events.RECEIVER_ID_PREFIX:
+        kind, m = classify(eid)
+        if kind is POSITION:
             add(fresh, user, is_add, value)
             continue
-        m = SOURCE_ID.fullmatch(eid)
         if m is None:
-            opaque.append((events.event_digest(eid), user, is_add, value))
+            opaque.append((identity.event_digest(eid), user, is_add, value))
             continue
         if run_next:
             last_runs.append((run_lo, run_next))
@@ -358,56 +349,7 @@ def source_events(data: bytes, source: str,
             user, is_add, value, eid = _event(line, strict)
         except InvalidEvent:
             continue
-        m = SOURCE_ID.fullmatch(eid) if eid else None
+        _, m = identity.classify(eid)
         if m is not None and m[1] == source:
             found.append((int(m[2]), user, is_add, value))
     return found
-
-
-def to_ranges(lines: array) -> list[tuple[int, int]]:
-    """Sorted, merged half-open ranges [lo, hi) covering `lines`."""
-    ranges: list[tuple[int, int]] = []
-    if not lines:
-        return ranges
-    ordered = sorted(lines)
-    lo = prev = ordered[0]
-    for n in ordered[1:]:
-        if n > prev + 1:
-            ranges.append((lo, prev + 1))
-            lo = n
-        prev = n
-    ranges.append((lo, prev + 1))
-    return ranges
-
-
-def multirange_text(ranges: list[tuple[int, int]]) -> str:
-    return "{" + ",".join(f"[{lo},{hi})" for lo, hi in ranges) + "}"
-
-
-def union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, merged ranges covering both inputs."""
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(a + b):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(hi, out[-1][1]))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def overlaps(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
-    """Whether two sorted lists of disjoint half-open ranges share a number."""
-    i = j = 0
-    while i < len(a) and j < len(b):
-        if a[i][1] <= b[j][0]:
-            i += 1
-        elif b[j][1] <= a[i][0]:
-            j += 1
-        else:
-            return True
-    return False
-
-
-def contains(ranges: list[tuple[int, int]], n: int) -> bool:
-    i = bisect_right(ranges, (n, _INF)) - 1
-    return i >= 0 and ranges[i][0] <= n < ranges[i][1]

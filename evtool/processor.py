@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from . import journal, parser
+from . import identity, journal, parser
 from .errors import EvtoolError, JournalError, SourceError
 from .parser import Batch, ParsedPart
 from .store import FileProgress, Store, retrying
@@ -367,10 +367,10 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
     all_new = not b.opaque
     for source, lines in b.sources.items():
         have = applied_ranges.get(source, [])
-        if not lines.repeats and not parser.overlaps(have, lines.ranges):
+        if not lines.repeats and not identity.overlaps(have, lines.ranges):
             groups.extend(part.sums for part in lines.parts)  # the common case: all new
             out.applied += sum(part.count for part in lines.parts)
-            added[source] = parser.multirange_text(lines.ranges)
+            added[source] = identity.multirange_text(lines.ranges)
             continue
         # Some lines were applied before, or repeat within the batch: decide line by line.
         all_new = False
@@ -378,7 +378,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
         sums: parser.Sums = {}
         seen: set[int] = set()
         for line, user, is_add, value in parser.source_events(data, source, b.strict):
-            if line in seen or parser.contains(have, line):
+            if line in seen or identity.contains(have, line):
                 out.duplicates += 1
                 continue
             seen.add(line)
@@ -386,7 +386,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
             out.applied += 1
         groups.append(sums)
         if seen:
-            added[source] = parser.multirange_text(parser.to_ranges(array("q", seen)))
+            added[source] = identity.multirange_text(identity.to_ranges(array("q", seen)))
 
     if b.opaque:
         new = store.new_digests(d for d, _, _, _ in b.opaque)

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
-from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
-from . import events, parser
+from . import events, identity, parser
 from .errors import InvalidEvent
 from .reports import reject_filter
 from .store import Store
@@ -42,12 +41,6 @@ class ReapplyReport:
 
 
 MAX_LINES_KEPT = 50
-
-
-def position_digest(fingerprint: bytes, offset: int) -> bytes:
-    """The dedup key of a line identified by its position (it cannot equal an id's digest:
-    ids are printable text, this starts with a NUL byte)."""
-    return blake2b(b"\x00" + fingerprint + offset.to_bytes(8, "big"), digest_size=16).digest()
 
 
 def reapply(store: Store, *, reason: str | None = None, path: Path | None = None, strict: bool = False,
@@ -104,13 +97,13 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
     keys: list[tuple[str, Any]] = []
     for offset, _, _, ev in valid:
         eid = ev.event_id
-        m = parser.SOURCE_ID.fullmatch(eid) if eid else None
+        kind, m = identity.classify(eid)
         if m is not None:
             keys.append(("source", (m[1], int(m[2]))))
             sources.setdefault(m[1], [])
         else:
-            d = (position_digest(fp, offset) if eid is None or eid.startswith(events.RECEIVER_ID_PREFIX)
-                 else events.event_digest(eid))
+            d = (identity.position_digest(fp, offset) if kind is identity.Kind.POSITION
+                 else identity.event_digest(eid))
             keys.append(("digest", d))
             digests.append(d)
     have = store.lock_sources(sources)
@@ -120,7 +113,7 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
     for (offset, line_no, path, ev), (kind, key) in zip(valid, keys, strict=True):
         if kind == "source":
             source, n = key
-            fresh = not parser.contains(have[source], n) and n not in sources[source]
+            fresh = not identity.contains(have[source], n) and n not in sources[source]
             if fresh:
                 sources[source].append(n)
         else:
@@ -137,7 +130,7 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
         if len(report.lines) < MAX_LINES_KEPT:
             report.lines.append((path, line_no, outcome))
     store.apply_copy_rows(parser.copy_rows(sums))
-    store.add_ranges({s: parser.multirange_text(parser.to_ranges(array("q", lines)))
+    store.add_ranges({s: identity.multirange_text(identity.to_ranges(array("q", lines)))
                       for s, lines in sources.items() if lines})
     with conn.cursor() as cur:
         if outcomes:

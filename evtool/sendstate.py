@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import ConfigError, SourceError
+from .identity import source_id  # noqa: F401 - where sender finds it
 
 BOM = b"\xef\xbb\xbf"
 
@@ -26,17 +27,6 @@ BOM = b"\xef\xbb\xbf"
 def digest(data: bytes) -> str:
     """Hex digest used for the first line and the tail line."""
     return blake2b(data, digest_size=16).hexdigest()
-
-
-def source_id(path: str, first_line: bytes, generation: int) -> str:
-    """The 16 hex digits that name a source: its resolved path, first line and generation."""
-    h = blake2b(digest_size=8, person=b"evtool-source")
-    h.update(path.encode("utf-8", "surrogateescape"))
-    h.update(b"\0")
-    h.update(first_line)
-    h.update(b"\0")
-    h.update(str(generation).encode())
-    return h.hexdigest()
 
 
 def read_first_line(f: BinaryIO) -> bytes:
