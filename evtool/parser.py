@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from . import events, identity
+from . import events, identity, store
 from .errors import InvalidEvent, JournalError
 
 # Sums per user: [adds, added amount, subtracts, subtracted amount]
@@ -77,7 +77,7 @@ class ParsedPart:
             for g in groups:
                 merge(total, g)
         if not self.opaque:
-            self.copy_rows = copy_rows(total)
+            self.copy_rows = store.copy_rows(total)
         self.users = list(total)
 
 
@@ -317,20 +317,6 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
     if close:
         out.finish()
     return out
-
-
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def copy_rows(sums: Sums) -> bytes:
-    """COPY text rows `user_id, adds, added, subtracts, subtracted` for per-user sums."""
-    fmt = events.format_value
-    rows = []
-    for user, s in sums.items():
-        if "\\" in user or "\t" in user or "\n" in user or "\r" in user:
-            user = user.translate(_COPY_ESCAPES)
-        rows.append(f"{user}\t{s[0]}\t{fmt(s[1])}\t{s[2]}\t{fmt(s[3])}\n")
-    return "".join(rows).encode()
 
 
 def source_events(data: bytes, source: str,

@@ -24,7 +24,7 @@ from typing import BinaryIO
 from . import identity, journal, parser
 from .errors import EvtoolError, JournalError, SourceError
 from .parser import Batch, ParsedPart
-from .store import FileProgress, Store, retrying
+from .store import FileProgress, Store, copy_rows, retrying
 
 DEFAULT_BATCH_BYTES = 128 * 1024 * 1024  # one transaction: its cost is one upsert per user
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
@@ -407,7 +407,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
         total: parser.Sums = {}
         for g in groups:
             parser.merge(total, g)
-        store.apply_copy_rows(parser.copy_rows(total))
+        store.apply_copy_rows(copy_rows(total))
         out.users = list(total)
     store.add_ranges(added)
     return out

@@ -25,7 +25,7 @@ from typing import Any
 from . import events, identity, parser
 from .errors import InvalidEvent
 from .reports import reject_filter
-from .store import Store
+from .store import Store, copy_rows
 
 BATCH_ROWS = 1000
 
@@ -129,7 +129,7 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
         outcomes.append((outcome, fp, offset))
         if len(report.lines) < MAX_LINES_KEPT:
             report.lines.append((path, line_no, outcome))
-    store.apply_copy_rows(parser.copy_rows(sums))
+    store.apply_copy_rows(copy_rows(sums))
     store.add_ranges({s: identity.multirange_text(identity.to_ranges(array("q", lines)))
                       for s, lines in sources.items() if lines})
     with conn.cursor() as cur:

@@ -18,6 +18,7 @@ from typing import TypeVar
 import psycopg
 
 from .errors import DatabaseError, DatabaseUnavailable
+from .events import format_value
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 T = TypeVar("T")
@@ -223,7 +224,7 @@ class Store:
             return {row[0] for row in cur.fetchall()}
 
     def apply_copy_rows(self, rows: bytes) -> None:
-        """Add per-user COPY rows (see batch.copy_rows) to the totals and the revenue log.
+        """Add per-user COPY rows (see copy_rows) to the totals and the revenue log.
 
         A user may have several rows (one per part of a batch); they are summed here. Totals
         are upserted in user order, so concurrent processors never deadlock.
@@ -273,6 +274,23 @@ class Store:
             (p.path, p.offset, p.lines, p.tail_digest, p.applied, p.duplicates, p.rejected, p.fingerprint),
         )
 
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_rows(sums: dict[str, list]) -> bytes:
+    """COPY text rows `user_id, adds, added, subtracts, subtracted` for per-user sums.
+
+    Each sum is [adds, added amount, subtracts, subtracted amount] (see parser.Sums).
+    """
+    fmt = format_value
+    rows = []
+    for user, s in sums.items():
+        if "\\" in user or "\t" in user or "\n" in user or "\r" in user:
+            user = user.translate(_COPY_ESCAPES)
+        rows.append(f"{user}\t{s[0]}\t{fmt(s[1])}\t{s[2]}\t{fmt(s[3])}\n")
+    return "".join(rows).encode()
 
 
 def retrying(fn: Callable[[], T], retry_for: float, on_retry: Callable[[str], None] | None = None) -> T:
