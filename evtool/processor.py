@@ -203,26 +203,29 @@ class Processor:
             self.process_open(f, str(path.resolve()), report, on_progress)
         return report
 
-    def process_open(self, f: BinaryIO, display: str, report: FileReport,
+    def process_open(self, f: BinaryIO, resolved: str, report: FileReport,
                      on_progress: ProgressFn | None = None) -> None:
-        """Apply the complete lines of an open journal (known as `display`) not applied yet."""
+        """Apply the complete lines of an open journal not applied yet.
+
+        `resolved` is its resolved path: what the progress row and rejects record.
+        """
         fp = journal.fingerprint(f)
         report.size = journal.size(f)
         if fp is None:
             report.waiting = "no complete line yet" if report.size else "empty"
             return
         report.waiting = None
-        start = self._with_retry(lambda s: self._start(s, fp, display))
-        self._run(f, fp, display, start, report, on_progress)
+        start = self._with_retry(lambda s: self._start(s, fp, resolved))
+        self._run(f, fp, resolved, start, report, on_progress)
 
-    def _run(self, f: BinaryIO, fp: bytes, display: str, offset: int, report: FileReport,
+    def _run(self, f: BinaryIO, fp: bytes, resolved: str, offset: int, report: FileReport,
              on_progress: ProgressFn | None) -> None:
         """Commit batch after batch; the workers parse the next batches during each commit."""
         planned: deque[_Planned] = deque()
 
         def plan(depth: int) -> None:
             while len(planned) < depth:
-                nxt = self._plan(f, display, planned[-1].end if planned else offset)
+                nxt = self._plan(f, resolved, planned[-1].end if planned else offset)
                 if nxt is None:
                     return
                 planned.append(nxt)
@@ -231,7 +234,7 @@ class Processor:
             plan(2)  # the batch to commit, and the next one, parsed while this one commits
             current = planned[0].batch() if planned else Batch.empty(offset)
             status = self._with_retry(
-                lambda s, b=current: self._transaction(s, f, fp, display, b, report)
+                lambda s, b=current: self._transaction(s, f, fp, resolved, b, report)
             )
             if status == _DONE:
                 return
@@ -246,17 +249,17 @@ class Processor:
             if on_progress:
                 on_progress(offset)
 
-    def _start(self, store: Store, fp: bytes, display: str) -> int:
+    def _start(self, store: Store, fp: bytes, resolved: str) -> int:
         """The journal's committed offset, once it is known not to be a second file (see below)."""
         known = store.file_progress(fp)
         if known is not None:
-            self._check_identity(known, fp, display)
+            self._check_identity(known, fp, resolved)
         return known.offset if known else 0
 
     @staticmethod
-    def _check_identity(known: FileProgress, fp: bytes, display: str) -> None:
+    def _check_identity(known: FileProgress, fp: bytes, resolved: str) -> None:
         """Refuse a second file that begins with the same line as a journal we already know."""
-        if known.path == display:
+        if known.path == resolved:
             return
         other = Path(known.path)
         try:
@@ -264,18 +267,18 @@ class Processor:
                 same = journal.fingerprint(g) == fp
         except OSError:
             same = False  # the old path is gone or unreadable: this is the renamed journal
-        if same and not os.path.samefile(other, display):
+        if same and not os.path.samefile(other, resolved):
             raise JournalError(
-                f"{display} begins with the same line as {known.path}, a journal already processed: "
+                f"{resolved} begins with the same line as {known.path}, a journal already processed: "
                 "they cannot be told apart. Process only one of them, or give each a distinct first line"
             )
 
-    def _transaction(self, store: Store, f: BinaryIO, fp: bytes, display: str, b: Batch,
+    def _transaction(self, store: Store, f: BinaryIO, fp: bytes, resolved: str, b: Batch,
                      report: FileReport) -> str:
         """One batch, one transaction. Counts go into `report` only once it committed."""
         with store.transaction():
-            p = store.lock_file(fp, display)
-            self._check_file(f, p, display)
+            p = store.lock_progress(fp, resolved)
+            self._check_file(f, p, resolved)
             report.offset = p.offset
             if p.offset != b.offset:
                 return _MOVED
@@ -289,10 +292,10 @@ class Processor:
             outcome = apply(store, b, reread)
             first_line = p.lines + 1
             store.record_rejects(
-                (fp, offset, first_line + index, display, raw, reason)
+                (fp, offset, first_line + index, resolved, raw, reason)
                 for offset, index, raw, reason in b.rejects
             )
-            p.path = display
+            p.path = resolved
             p.offset = b.end
             p.lines += b.lines
             p.tail_digest = journal.tail_digest(f, b.end)
@@ -311,17 +314,17 @@ class Processor:
         self._users.update(outcome.users)
         return _COMMITTED
 
-    def _check_file(self, f: BinaryIO, p: FileProgress, display: str) -> None:
+    def _check_file(self, f: BinaryIO, p: FileProgress, resolved: str) -> None:
         size = journal.size(f)
         if size < p.offset:
             raise JournalError(
-                f"{display} is shorter ({size} bytes) than its processed offset ({p.offset}): it was "
+                f"{resolved} is shorter ({size} bytes) than its processed offset ({p.offset}): it was "
                 "truncated or replaced. Nothing was applied from it. Put the processed file back; a new file "
                 "needs a first line of its own (evtool never guesses which lines are new)"
             )
         if p.tail_digest is not None and journal.tail_digest(f, p.offset) != p.tail_digest:
             raise JournalError(
-                f"{display} differs from the journal processed under the same first line before offset "
+                f"{resolved} differs from the journal processed under the same first line before offset "
                 f"{p.offset}: it was replaced or rewritten. Nothing was applied from it. Put the "
                 "processed file back; a new file needs a first line of its own (evtool never guesses "
                 "which lines are new)"
@@ -389,7 +392,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
             added[source] = identity.multirange_text(identity.to_ranges(array("q", seen)))
 
     if b.opaque:
-        new = store.new_digests(d for d, _, _, _ in b.opaque)
+        new = store.claim_digests(d for d, _, _, _ in b.opaque)
         sums = {}
         for digest, user, is_add, value in b.opaque:
             if digest in new:
@@ -401,13 +404,13 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
         groups.append(sums)
 
     if all_new and all(p.copy_rows is not None for p in b.parts):
-        store.apply_copy_rows(b"".join(p.copy_rows or b"" for p in b.parts))  # from the workers
+        store.add_to_totals(b"".join(p.copy_rows or b"" for p in b.parts))  # from the workers
         out.users = [u for p in b.parts for u in p.users]
     else:
         total: parser.Sums = {}
         for g in groups:
             parser.merge(total, g)
-        store.apply_copy_rows(copy_rows(total))
+        store.add_to_totals(copy_rows(total))
         out.users = list(total)
     store.add_ranges(added)
     return out

@@ -107,7 +107,7 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
             keys.append(("digest", d))
             digests.append(d)
     have = store.lock_sources(sources)
-    new_digests = store.new_digests(digests) if digests else set()
+    claim_digests = store.claim_digests(digests) if digests else set()
     sums: parser.Sums = {}
     outcomes: list[tuple[str, bytes, int]] = []
     for (offset, line_no, path, ev), (kind, key) in zip(valid, keys, strict=True):
@@ -117,8 +117,8 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
             if fresh:
                 sources[source].append(n)
         else:
-            fresh = key in new_digests
-            new_digests.discard(key)  # a repeat later in this batch is a duplicate
+            fresh = key in claim_digests
+            claim_digests.discard(key)  # a repeat later in this batch is a duplicate
         if fresh:
             parser.add(sums, ev.user_id, ev.name == "add_revenue", ev.value)
             report.applied += 1
@@ -129,7 +129,7 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
         outcomes.append((outcome, fp, offset))
         if len(report.lines) < MAX_LINES_KEPT:
             report.lines.append((path, line_no, outcome))
-    store.apply_copy_rows(copy_rows(sums))
+    store.add_to_totals(copy_rows(sums))
     store.add_ranges({s: identity.multirange_text(identity.to_ranges(array("q", lines)))
                       for s, lines in sources.items() if lines})
     with conn.cursor() as cur:

@@ -133,7 +133,7 @@ class Store:
         with translated(), self.conn.transaction():
             yield
 
-    def lock_file(self, fingerprint: bytes, path: str) -> FileProgress:
+    def lock_progress(self, fingerprint: bytes, path: str) -> FileProgress:
         """Lock a journal's progress row for this transaction, creating it the first time."""
         self.conn.execute(
             "INSERT INTO journal_files (fingerprint, path) VALUES (%s, %s) ON CONFLICT DO NOTHING",
@@ -206,8 +206,8 @@ class Store:
             (names, [ranges[n] for n in names]),
         )
 
-    def new_digests(self, digests: Iterable[bytes]) -> set[bytes]:
-        """Record event digests; return those never recorded before (each once).
+    def claim_digests(self, digests: Iterable[bytes]) -> set[bytes]:
+        """Claim event digests: record them, and return those never recorded before (each once).
 
         Inserted in digest order, so processors sharing events wait instead of deadlocking.
         """
@@ -223,8 +223,8 @@ class Store:
             )
             return {row[0] for row in cur.fetchall()}
 
-    def apply_copy_rows(self, rows: bytes) -> None:
-        """Add per-user COPY rows (see copy_rows) to the totals and the revenue log.
+    def add_to_totals(self, rows: bytes) -> None:
+        """Add per-user sums, as COPY rows (see copy_rows), to the totals and the revenue log.
 
         A user may have several rows (one per part of a batch); they are summed here. Totals
         are upserted in user order, so concurrent processors never deadlock.

@@ -35,7 +35,7 @@ from evtool.store import Store
 from .helpers import Model, db_totals, evtool_cmd, kill_9, reset, start
 
 SOURCES = ("00000000000000aa", "00000000000000bb")
-SITES = ("lock_file", "lock_sources", "new_digests", "apply_copy_rows", "record_rejects", "advance")
+SITES = ("lock_progress", "lock_sources", "claim_digests", "add_to_totals", "record_rejects", "advance")
 JUNK = [b'{"userId": "u1", "name": "add_revenue", "value": ',
         b'{"userId": "u1", "name": "refund", "value": 1}',
         b'{"userId": "u1", "name": "add_revenue", "value": -1}', b"\xff\xfe", b"[1, 2]",
