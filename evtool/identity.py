@@ -13,10 +13,15 @@ from __future__ import annotations
 import re
 from array import array
 from bisect import bisect_right
+from collections.abc import Iterable
 from enum import Enum
 from hashlib import blake2b
+from typing import TYPE_CHECKING
 
 from .events import RECEIVER_ID_PREFIX
+
+if TYPE_CHECKING:
+    from .store import Store
 
 SOURCE_ID = re.compile(r"([0-9a-f]{16}):([1-9][0-9]{0,17})")
 SOURCE_ID_LEN = 16  # hex digits of a source id, before the ':'
@@ -114,3 +119,58 @@ def overlaps(a: Ranges, b: Ranges) -> bool:
 def contains(ranges: Ranges, n: int) -> bool:
     i = bisect_right(ranges, (n, _INF)) - 1
     return i >= 0 and ranges[i][0] <= n < ranges[i][1]
+
+
+# -- claiming: what of a batch is new ---------------------------------------------------------------
+
+
+class Claim:
+    """The one step that decides what of a batch is new, inside the caller's transaction.
+
+    Made, it locks the applied ranges of the batch's sender sources (in source order, so
+    processors sharing sources wait instead of deadlocking). Then each sender line, or whole
+    run of lines, and each digest is claimed: True means never applied, and it is now taken
+    (a repeat later in the batch is a duplicate). `record()` adds the claimed lines to the
+    sources' applied ranges; the caller commits them with the effects.
+    """
+
+    def __init__(self, store: Store, sources: Iterable[str],
+                 windows: dict[str, tuple[int, int]] | None = None) -> None:
+        self.store = store
+        self.applied = store.lock_sources(sources, windows)
+        self._whole: dict[str, Ranges] = {}  # sources claimed as whole ranges
+        self._lines: dict[str, set[int]] = {}  # sources claimed line by line
+
+    def ranges(self, source: str, ranges: Ranges, repeats: bool) -> bool:
+        """Claim whole ranges of a source's lines at once: only if none was applied before and
+        none repeats (the common case); otherwise nothing is claimed and the caller goes line
+        by line."""
+        if repeats or overlaps(self.applied.get(source, []), ranges):
+            return False
+        self._whole[source] = ranges
+        return True
+
+    def line(self, source: str, n: int) -> bool:
+        """Claim line `n` of a sender source."""
+        seen = self._lines.setdefault(source, set())
+        if n in seen or contains(self.applied.get(source, []), n):
+            return False
+        seen.add(n)
+        return True
+
+    def digests(self, digests: list[bytes]) -> list[bool]:
+        """Claim each digest, in order: True for the first occurrence of one never applied."""
+        if not digests:
+            return []
+        new = self.store.claim_digests(digests)
+        out = []
+        for d in digests:
+            out.append(d in new)
+            new.discard(d)  # a repeat later in this batch is a duplicate
+        return out
+
+    def record(self) -> None:
+        """Add every claimed line to its source's applied ranges."""
+        added = {s: multirange_text(r) for s, r in self._whole.items()}
+        added.update((s, multirange_text(to_ranges(lines))) for s, lines in self._lines.items() if lines)
+        self.store.add_ranges(added)

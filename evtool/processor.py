@@ -12,7 +12,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -362,41 +361,33 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
     """
     out = Outcome(applied=sum(p.fresh_count for p in b.parts))
     groups: list[parser.Sums] = [p.fresh for p in b.parts]
-    applied_ranges = store.lock_sources(
-        b.sources, {s: (lines.ranges[0][0], lines.ranges[-1][1]) for s, lines in b.sources.items()}
+    claim = identity.Claim(
+        store, b.sources, {s: (lines.ranges[0][0], lines.ranges[-1][1]) for s, lines in b.sources.items()}
     )
-    added: dict[str, str] = {}
     data: bytes | None = None
     all_new = not b.opaque
     for source, lines in b.sources.items():
-        have = applied_ranges.get(source, [])
-        if not lines.repeats and not identity.overlaps(have, lines.ranges):
+        if claim.ranges(source, lines.ranges, lines.repeats):
             groups.extend(part.sums for part in lines.parts)  # the common case: all new
             out.applied += sum(part.count for part in lines.parts)
-            added[source] = identity.multirange_text(lines.ranges)
             continue
         # Some lines were applied before, or repeat within the batch: decide line by line.
         all_new = False
         data = reread() if data is None else data
         sums: parser.Sums = {}
-        seen: set[int] = set()
         for line, user, is_add, value in parser.source_events(data, source, b.strict):
-            if line in seen or identity.contains(have, line):
+            if claim.line(source, line):
+                parser.add(sums, user, is_add, value)
+                out.applied += 1
+            else:
                 out.duplicates += 1
-                continue
-            seen.add(line)
-            parser.add(sums, user, is_add, value)
-            out.applied += 1
         groups.append(sums)
-        if seen:
-            added[source] = identity.multirange_text(identity.to_ranges(array("q", seen)))
 
     if b.opaque:
-        new = store.claim_digests(d for d, _, _, _ in b.opaque)
         sums = {}
-        for digest, user, is_add, value in b.opaque:
-            if digest in new:
-                new.discard(digest)  # a repeat later in this batch is a duplicate
+        claimed = claim.digests([d for d, _, _, _ in b.opaque])
+        for (_, user, is_add, value), new in zip(b.opaque, claimed, strict=True):
+            if new:
                 parser.add(sums, user, is_add, value)
                 out.applied += 1
             else:
@@ -412,7 +403,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
             parser.merge(total, g)
         store.add_to_totals(copy_rows(total))
         out.users = list(total)
-    store.add_ranges(added)
+    claim.record()
     return out
 
 

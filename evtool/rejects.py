@@ -17,7 +17,6 @@ when the rules now give another one.
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,34 +90,22 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
             continue
         valid.append((offset, line_no, path, ev))
 
-    # Decide each valid line's identity and whether it was applied before.
-    sources: dict[str, list[int]] = {}
-    digests: list[bytes] = []
-    keys: list[tuple[str, Any]] = []
+    # Decide each valid line's identity, then claim it: the processor's rules (see identity).
+    keys: list[tuple[str, int] | bytes] = []  # (source, line) or a digest
     for offset, _, _, ev in valid:
-        eid = ev.event_id
-        kind, m = identity.classify(eid)
+        kind, m = identity.classify(ev.event_id)
         if m is not None:
-            keys.append(("source", (m[1], int(m[2]))))
-            sources.setdefault(m[1], [])
+            keys.append((m[1], int(m[2])))
+        elif kind is identity.Kind.POSITION:
+            keys.append(identity.position_digest(fp, offset))
         else:
-            d = (identity.position_digest(fp, offset) if kind is identity.Kind.POSITION
-                 else identity.event_digest(eid))
-            keys.append(("digest", d))
-            digests.append(d)
-    have = store.lock_sources(sources)
-    claim_digests = store.claim_digests(digests) if digests else set()
+            keys.append(identity.event_digest(ev.event_id))
+    claim = identity.Claim(store, {k[0] for k in keys if isinstance(k, tuple)})
+    claimed = iter(claim.digests([k for k in keys if isinstance(k, bytes)]))
     sums: parser.Sums = {}
     outcomes: list[tuple[str, bytes, int]] = []
-    for (offset, line_no, path, ev), (kind, key) in zip(valid, keys, strict=True):
-        if kind == "source":
-            source, n = key
-            fresh = not identity.contains(have[source], n) and n not in sources[source]
-            if fresh:
-                sources[source].append(n)
-        else:
-            fresh = key in claim_digests
-            claim_digests.discard(key)  # a repeat later in this batch is a duplicate
+    for (offset, line_no, path, ev), key in zip(valid, keys, strict=True):
+        fresh = claim.line(*key) if isinstance(key, tuple) else next(claimed)
         if fresh:
             parser.add(sums, ev.user_id, ev.name == "add_revenue", ev.value)
             report.applied += 1
@@ -130,8 +117,7 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
         if len(report.lines) < MAX_LINES_KEPT:
             report.lines.append((path, line_no, outcome))
     store.add_to_totals(copy_rows(sums))
-    store.add_ranges({s: identity.multirange_text(identity.to_ranges(array("q", lines)))
-                      for s, lines in sources.items() if lines})
+    claim.record()
     with conn.cursor() as cur:
         if outcomes:
             cur.executemany(
