@@ -68,3 +68,10 @@ def evtool(*args: str, cwd: Path | None = None, timeout: float = 120, check: boo
 def totals(dsn: str) -> dict:
     with psycopg.connect(dsn) as conn:
         return dict(conn.execute("SELECT user_id, revenue FROM users_revenue").fetchall())
+
+
+def event_line(user: str = "u1", value: object = "1", event_id: str | None = None,
+               name: str = "add_revenue") -> bytes:
+    """One event as a client writes it (no newline); `value` is put in as text, so "0.10" stays."""
+    extra = f', "eventId": "{event_id}"' if event_id is not None else ""
+    return f'{{"userId": "{user}", "name": "{name}", "value": {value}{extra}}}'.encode()
