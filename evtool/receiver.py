@@ -21,11 +21,12 @@ import hmac
 import ipaddress
 import logging
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import StreamReader, web
@@ -39,6 +40,9 @@ from .intake import BodyInvalid, BodyMalformed, BodyRefused, BodyTooLong, Intake
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import Metrics
 
+if TYPE_CHECKING:
+    from .store import Store
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN = "secret"
@@ -49,7 +53,44 @@ JSON_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded"}
 
 _JSON = "application/json"
 
-APPENDER_KEY = web.AppKey("appender", JournalAppender)
+
+
+class RevenueLookup(Protocol):
+    """What GET /userEvents/<id> reads totals with; the app closes it when it stops."""
+
+    def __call__(self, user_id: str) -> Decimal | int | None:
+        """The user's total, or None for an unknown user. Runs in a worker thread."""
+
+    def close(self) -> None:
+        """Release what the lookup holds (its database connection)."""
+
+
+class StoreRevenue:
+    """A RevenueLookup on one database connection: opened on first use (so `serve` starts without
+    PostgreSQL), reopened after a failure, closed with the app."""
+
+    def __init__(self, connect: Callable[[], Store]) -> None:
+        self._connect = connect
+        self._store: Store | None = None
+        # Lookups run in threads: one at a time on the one connection, and never two connects.
+        self._lock = threading.Lock()
+
+    def __call__(self, user_id: str) -> Decimal | None:
+        with self._lock:
+            if self._store is None:
+                self._store = self._connect()
+            try:
+                return self._store.revenue(user_id)
+            except EvtoolError:
+                self._store.close()
+                self._store = None
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
 
 @dataclass
@@ -64,8 +105,8 @@ class ServeSettings:
     max_body: int = 16 * 1024 * 1024  # bytes per request
     max_line: int = 1024 * 1024  # bytes per event line / single object
     request_timeout: float = 30.0  # seconds to receive a request body
-    # Sync function used by GET /userEvents/<id>, run in a thread. None -> 503.
-    revenue_lookup: Callable[[str], Decimal | int | None] | None = None
+    # What GET /userEvents/<id> reads totals with; the app closes it when it stops. None -> 503.
+    revenue_lookup: RevenueLookup | None = None
     strict: bool = False  # events.validate without normalization (no user_id alias, no string values)
 
 
@@ -136,17 +177,17 @@ def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: 
 
 
 class _Receiver:
-    """Request handlers; one instance per app, holding settings, token and the body rules."""
+    """Request handlers; one instance per app, holding settings, token and the body rules.
 
-    def __init__(self, s: ServeSettings, appender: JournalAppender) -> None:
+    What the app owns (journal appender, metrics, revenue lookup) lives under typed app keys.
+    """
+
+    def __init__(self, s: ServeSettings) -> None:
         self.s = s
-        self.appender = appender
         self.token = check_settings(s).encode()
         self.intake = Intake(max_line=s.max_line, strict=s.strict, fresh_id=receiver_ids())
         self._reading: set[StreamReader] = set()  # bodies being read
         self._stopping = False
-        self.metrics = Metrics()
-        appender.on_group_written = self.metrics.fsync
 
     def authorized(self, request: web.Request) -> bool:
         given = request.headers.get("Authorization")
@@ -162,7 +203,7 @@ class _Receiver:
         resp = await handler(request)
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "other"
-        self.metrics.request(request.method, route, resp.status)
+        request.app[METRICS_KEY].request(request.method, route, resp.status)
         return resp
 
     @web.middleware
@@ -221,10 +262,10 @@ class _Receiver:
         lines = self.intake.ndjson(body, key) if ndjson else self.intake.json(body, key)
         if lines.count:
             try:
-                await self.appender.append(lines.data)
+                await request.app[APPENDER_KEY].append(lines.data)
             except JournalWriteError as exc:
                 return _error(503, f"{exc}; nothing was stored, retry later", {"Retry-After": "1"})
-            self.metrics.appended(lines.count, len(lines.data))
+            request.app[METRICS_KEY].appended(lines.count, len(lines.data))
         if lines.event_id is not None:
             return _json(200, {"message": "Event received", "eventId": lines.event_id})
         return _json(200, {"accepted": lines.count})
@@ -277,22 +318,59 @@ class _Receiver:
     # -- GET /metrics -------------------------------------------------------------------------
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        text = self.metrics.render(self.appender.size, self.appender.healthy)
+        appender = request.app[APPENDER_KEY]
+        text = request.app[METRICS_KEY].render(appender.size, appender.healthy)
         return web.Response(body=text.encode(), headers={"Content-Type": METRICS_TYPE})
 
     # -- GET /healthz -------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        if self.appender.healthy:
+        appender = request.app[APPENDER_KEY]
+        if appender.healthy:
             return _json(200, {"status": "ok"})
-        return _error(503, f"cannot write the journal: {self.appender.last_error}", {"Retry-After": "1"})
+        return _error(503, f"cannot write the journal: {appender.last_error}", {"Retry-After": "1"})
 
 
-def make_app(s: ServeSettings, appender: JournalAppender) -> web.Application:
-    """The aiohttp application: routes, auth and JSON errors. Raises ConfigError (see check_settings)."""
-    r = _Receiver(s, appender)
-    app = web.Application(client_max_size=s.max_body, middlewares=[r.counting, r.middleware])
+SETTINGS_KEY = web.AppKey("settings", ServeSettings)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+APPENDER_KEY = web.AppKey("appender", JournalAppender)
+
+
+async def _journal(app: web.Application) -> AsyncIterator[None]:
+    """The journal's appender, open (and locked) while the app runs.
+
+    Closed after in-flight requests finished, so their appends complete and are fsynced first.
+    Raises JournalLocked or JournalWriteError at startup.
+    """
+    s = app[SETTINGS_KEY]
+    appender = JournalAppender(s.journal, fsync=s.fsync)
+    appender.on_group_written = app[METRICS_KEY].fsync
     app[APPENDER_KEY] = appender
+    try:
+        yield
+    finally:
+        await appender.close()
+
+
+async def _revenue(app: web.Application) -> AsyncIterator[None]:
+    """The revenue lookup's connection, closed when the app stops."""
+    yield
+    lookup = app[SETTINGS_KEY].revenue_lookup
+    if lookup is not None:
+        await asyncio.to_thread(lookup.close)
+
+
+def make_app(s: ServeSettings) -> web.Application:
+    """The aiohttp application: routes, auth and JSON errors; the journal opens when it starts.
+
+    Raises ConfigError (see check_settings).
+    """
+    r = _Receiver(s)
+    app = web.Application(client_max_size=s.max_body, middlewares=[r.counting, r.middleware])
+    app[SETTINGS_KEY] = s
+    app[METRICS_KEY] = Metrics()
+    app.cleanup_ctx.append(_journal)
+    app.cleanup_ctx.append(_revenue)
     app.on_shutdown.append(r.on_shutdown)
     app.router.add_post("/liveEvent", r.live_event)
     app.router.add_get("/userEvents/{user_id:.+}", r.user_events)
@@ -362,10 +440,11 @@ def _url(runner: web.AppRunner) -> str:
     return f"http://{host}:{port}"
 
 
-async def _serve(s: ServeSettings, appender: JournalAppender, on_ready: Callable[[str], None] | None) -> None:
-    app = make_app(s, appender)
+async def _serve(s: ServeSettings, on_ready: Callable[[str], None] | None) -> None:
+    app = make_app(s)
     runner = await start_runner(app, s.host, s.port, shutdown_timeout=s.request_timeout + 5,
                                 idle_timeout=s.request_timeout)
+    appender = app[APPENDER_KEY]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -381,7 +460,8 @@ async def _serve(s: ServeSettings, appender: JournalAppender, on_ready: Callable
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        # stop accepting, let in-flight requests finish (their appends complete and fsync)
+        # stop accepting, let in-flight requests finish (their appends complete and fsync), then
+        # close what the app holds (cleanup_ctx): the journal, the revenue lookup's connection
         await runner.cleanup()
 
 
@@ -395,11 +475,4 @@ def run_server(s: ServeSettings, on_ready: Callable[[str], None] | None = None) 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     check_settings(s)
 
-    async def main() -> None:
-        appender = JournalAppender(s.journal, fsync=s.fsync)
-        try:
-            await _serve(s, appender, on_ready)
-        finally:
-            await appender.close()
-
-    asyncio.run(main())
+    asyncio.run(_serve(s, on_ready))

@@ -18,11 +18,16 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import psycopg
 import pytest
 
 from evtool.appender import JournalAppender
 from evtool.errors import ConfigError, DatabaseUnavailable, JournalLocked
-from evtool.receiver import ServeSettings, check_settings, make_app, start_runner
+from evtool.processor import process
+from evtool.receiver import ServeSettings, StoreRevenue, check_settings, make_app, start_runner
+from evtool.store import Store
+
+from .conftest import event_line
 
 AUTH = {"Authorization": "secret"}
 JSON = {"Content-Type": "application/json", **AUTH}
@@ -39,8 +44,7 @@ def ev(user: str = "u1", value: str = "1", event_id: str | None = None) -> bytes
 async def serving(tmp_path: Path, **kw):
     """The app on a free loopback port, with a client whose base URL points at it."""
     s = ServeSettings(journal=tmp_path / "server-events.jsonl", port=0, **kw)
-    appender = JournalAppender(s.journal, fsync=s.fsync)
-    runner = await start_runner(make_app(s, appender), "127.0.0.1", 0)
+    runner = await start_runner(make_app(s), "127.0.0.1", 0)
     port = runner.addresses[0][1]
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
@@ -48,7 +52,6 @@ async def serving(tmp_path: Path, **kw):
             yield client, s.journal
     finally:
         await runner.cleanup()
-        await appender.close()
 
 
 async def post(client, body: bytes, headers: dict, **kw) -> tuple[int, dict, dict]:
@@ -242,10 +245,16 @@ def test_reserved_ids_are_refused(tmp_path):
 def test_healthz_user_events_and_json_errors(tmp_path):
     totals = {"user1": Decimal("12.345"), "big": 10**19, "tiny": Decimal("0.1")}
 
-    def lookup(user_id):
-        if user_id == "down":
-            raise DatabaseUnavailable("cannot reach PostgreSQL at localhost:5432")
-        return totals.get(user_id)
+    class Lookup:
+        def __call__(self, user_id):
+            if user_id == "down":
+                raise DatabaseUnavailable("cannot reach PostgreSQL at localhost:5432")
+            return totals.get(user_id)
+
+        def close(self):
+            self.closed = True
+
+    lookup = Lookup()
 
     async def main():
         async with serving(tmp_path, revenue_lookup=lookup) as (client, _):
@@ -261,9 +270,40 @@ def test_healthz_user_events_and_json_errors(tmp_path):
             assert status == 404 and orjson.loads(body)["error"]
             async with client.get("/liveEvent", headers=AUTH) as resp:
                 assert resp.status == 405 and "error" in orjson.loads(await resp.read())
+        assert lookup.closed  # the app closes what it was given, when it stops
         async with serving(tmp_path) as (client, _):
             status, body = await get(client, "/userEvents/user1", AUTH)
             assert status == 503 and "no database" in orjson.loads(body)["error"]
+
+    asyncio.run(main())
+
+
+def test_user_events_connection_is_closed_when_the_server_stops(dsn, tmp_path):
+    """GET /userEvents reads PostgreSQL on one connection, which the app closes when it stops."""
+    journal = tmp_path / "j.jsonl"
+    journal.write_bytes(event_line("user1", "12.345") + b"\n")
+    process(dsn, [journal])
+
+    def backends(want: int) -> int:
+        """Other connections to this test's database, given a moment to become `want`."""
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for _ in range(200):
+                n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                 " AND pid <> pg_backend_pid()").fetchone()[0]
+                if n == want:
+                    break
+                time.sleep(0.01)
+        return n
+
+    async def main():
+        lookup = StoreRevenue(lambda: Store.connect(dsn))
+        async with serving(tmp_path, revenue_lookup=lookup) as (client, _):
+            assert backends(0) == 0  # opened on first use only
+            for _ in range(3):
+                answer = await get(client, "/userEvents/user1", AUTH)
+                assert answer == (200, b'{"userId":"user1","revenue":12.345}')
+            assert backends(1) == 1  # one connection, kept
+        assert backends(0) == 0
 
     asyncio.run(main())
 
