@@ -29,16 +29,7 @@ from yarl import URL
 
 from . import events
 from .errors import ConfigError, DeliveryFailed, InvalidEvent, SourceError
-from .sendstate import (
-    BOM,
-    Position,
-    SendState,
-    StateStore,
-    check_replaced,
-    digest,
-    read_first_line,
-    source_id,
-)
+from .sendstate import BOM, Position, StateStore, resume
 
 MAX_INVALID_KEPT = 100
 MAX_ERRORS_KEPT = 20
@@ -160,27 +151,11 @@ class _Run:
         self.on_progress = on_progress
         self.on_total = on_total
         self.size = os.fstat(f.fileno()).st_size
-        first_line = read_first_line(f)
-        saved = store.load()
-        generation = 0
-        reason = None
-        if saved is not None:
-            generation = saved.generation
-            why = check_replaced(f, self.size, first_line, saved)
-            if why is not None:
-                generation += 1
-                reason = f"{resolved} was replaced since the last send ({why}); sending it as a new source"
-        src = source_id(resolved, first_line, generation)
-        self.state = SendState(resolved, src, generation, digest(first_line))
-        start = Position()
-        if saved is not None and reason is None and not settings.from_start:
-            # check_replaced verified these bytes against the saved digest.
-            f.seek(saved.tail_offset)
-            tail = f.read(saved.offset - saved.tail_offset) if saved.offset else b""
-            start = Position(saved.offset, saved.line, saved.tail_offset, tail)
-            self.state.set_position(start)
-        self.start = start
-        self.report = SendReport(source=src, path=resolved, new_source_reason=reason)
+        decided = resume(f, resolved, store.load(), from_start=settings.from_start)
+        self.state = decided.state
+        start = self.start = decided.start
+        src = self.state.source
+        self.report = SendReport(source=src, path=resolved, new_source_reason=decided.new_source_reason)
         self.report.already_sent = start.line
         self.prefix = (src + ":").encode()
         # Contiguous-prefix tracking: batches complete out of order.

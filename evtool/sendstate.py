@@ -136,7 +136,7 @@ class StateStore:
             raise ConfigError(f"cannot write the send state {self.file}: {exc.strerror or exc}") from None
 
 
-def check_replaced(f: BinaryIO, size: int, first_line: bytes, saved: SendState) -> str | None:
+def _replaced(f: BinaryIO, size: int, first_line: bytes, saved: SendState) -> str | None:
     """Why the file now at the saved path is not the one that was sent from, or None.
 
     Shorter than the resume point, a different first line, or a different last line before
@@ -157,3 +157,41 @@ def check_replaced(f: BinaryIO, size: int, first_line: bytes, saved: SendState) 
         if digest(f.read(length)) != saved.tail_digest:
             return "different content"
     return None
+
+
+@dataclass(slots=True)
+class Resume:
+    """Where a send starts, decided from the file and its saved state."""
+
+    state: SendState  # what this run saves (its source id, and the start position until it moves)
+    start: Position  # where reading starts
+    new_source_reason: str | None = None  # why the file counts as a new source, if it does
+
+
+def resume(f: BinaryIO, path: str, saved: SendState | None, *, from_start: bool = False) -> Resume:
+    """Decide where sending `f` (the file now at the resolved `path`) starts.
+
+    At the saved position when the file is the one sent from (possibly appended to); from the
+    start, under a new generation (so new ids), when it was replaced; from the start with the
+    same ids when `from_start` asks for a full re-send.
+    """
+    size = os.fstat(f.fileno()).st_size
+    first_line = read_first_line(f)
+    generation = 0
+    reason = None
+    if saved is not None:
+        generation = saved.generation
+        why = _replaced(f, size, first_line, saved)
+        if why is not None:
+            generation += 1
+            reason = f"{path} was replaced since the last send ({why}); sending it as a new source"
+    state = SendState(path, source_id(path, first_line, generation), generation, digest(first_line))
+    start = Position()
+    if saved is not None and reason is None and not from_start:
+        # _replaced verified these bytes against the saved digest.
+        f.seek(saved.tail_offset)
+        tail = f.read(saved.offset - saved.tail_offset) if saved.offset else b""
+        start = Position(saved.offset, saved.line, saved.tail_offset, tail)
+        state.set_position(start)
+    return Resume(state, start, reason)
+
