@@ -195,3 +195,39 @@ def resume(f: BinaryIO, path: str, saved: SendState | None, *, from_start: bool 
         state.set_position(start)
     return Resume(state, start, reason)
 
+
+class ConfirmedPrefix:
+    """The resume point of one run: the end of the contiguous prefix of confirmed batches.
+
+    Batches (numbered from 0 in file order) are confirmed out of order; the point moves over
+    each delivered one once all before it are delivered, and stops for good at the first that
+    was not: a gap this run will not fill, so a re-run starts there.
+    """
+
+    def __init__(self, start: Position) -> None:
+        self.position = start
+        self._next = 0
+        self._waiting: dict[int, Position | None] = {}  # seq -> position if delivered, None if not
+        self._blocked = False
+
+    @property
+    def blocked(self) -> bool:
+        """True once a batch was not delivered: the point moves no more in this run."""
+        return self._blocked
+
+    def confirm(self, seq: int, pos: Position, delivered: bool) -> bool:
+        """Record batch `seq` (ending at `pos`); return True when the resume point moved."""
+        if self._blocked:
+            return False
+        self._waiting[seq] = pos if delivered else None
+        moved = False
+        while self._next in self._waiting:
+            p = self._waiting.pop(self._next)
+            if p is None:
+                self._blocked = True
+                self._waiting.clear()
+                break
+            self.position = p
+            moved = True
+            self._next += 1
+        return moved

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evtool.sendstate import Position, resume
+from evtool.sendstate import ConfirmedPrefix, Position, resume
+
+
+def test_confirmed_prefix_moves_over_contiguous_batches_only():
+    at = [Position(offset=10 * (i + 1), line=i + 1) for i in range(5)]
+    prefix = ConfirmedPrefix(Position())
+    assert prefix.confirm(1, at[1], True) is False  # batch 0 is still out
+    assert prefix.position == Position()
+    assert prefix.confirm(0, at[0], True) is True  # 0 and 1 now form the prefix
+    assert prefix.position == at[1]
+    assert prefix.confirm(3, at[3], True) is False
+    assert prefix.confirm(2, at[2], False) is False  # a gap: the point stops here for good
+    assert prefix.blocked and prefix.position == at[1]
+    assert prefix.confirm(4, at[4], True) is False and prefix.position == at[1]
 
 
 def _file(path: Path, data: bytes) -> Path:
