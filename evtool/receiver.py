@@ -344,7 +344,7 @@ async def _journal(app: web.Application) -> AsyncIterator[None]:
     """
     s = app[SETTINGS_KEY]
     appender = JournalAppender(s.journal, fsync=s.fsync)
-    appender.on_group_written = app[METRICS_KEY].fsync
+    appender.on_group_written = app[METRICS_KEY].group_written
     app[APPENDER_KEY] = appender
     try:
         yield
