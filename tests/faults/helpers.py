@@ -21,12 +21,9 @@ import psycopg
 
 from evtool.store import Store
 
-# Shared with the other tests; imported from here too by the fault tests.
+# Shared with the other tests; the fault tests import them from here.
 from ..conftest import Serve, evtool_cmd, exact, free_port, generate, http, journal_lines, start  # noqa: F401
-from ..conftest import totals as db_totals
-
-TOKEN = "secret"
-
+from ..conftest import totals as db_totals  # noqa: F401
 
 # -- workloads ---------------------------------------------------------------------------------
 
@@ -90,20 +87,6 @@ def build_journal(path: Path, n: int, *, seed: int = 1, users: int = 2000) -> Wo
     source.unlink()
     Path(f"{source}.expected.json").unlink()
     return Workload(path, exact(doc["per_user"]), len(out), doc["events"], kinds)
-
-
-def mismatches(dsn: str, expected: dict[str, Decimal]) -> dict[str, tuple]:
-    """Users whose stored total differs from the expected one: user -> (got, want)."""
-    got = db_totals(dsn)
-    return {u: (got.get(u), expected.get(u)) for u in set(got) | set(expected)
-            if got.get(u) != expected.get(u)}
-
-
-def progress(dsn: str) -> list[tuple]:
-    """(path, offset, applied, duplicates, rejected) of every journal the database knows."""
-    with psycopg.connect(dsn) as conn:
-        return conn.execute('SELECT path, "offset", applied, duplicates, rejected FROM journal_files'
-                            " ORDER BY path").fetchall()
 
 
 # -- processes ---------------------------------------------------------------------------------
