@@ -6,7 +6,10 @@ Every answer but /metrics is JSON; every error is `{"error": "<sentence>"}`, aio
 included (unknown route, wrong method, body too large, malformed HTTP).
 
 A request is answered 200 only after all its lines went to the journal in one append (written
-and fsynced with group commit, see `appender`). A request that fails writes nothing.
+and fsynced with group commit, see `appender`). A request that fails writes nothing. Turning a
+body into journal lines is `intake`'s job; this module keeps auth, routes and error mapping, and
+the app's resources (journal appender, metrics, the /userEvents connection) live under typed app
+keys, opened and closed by `cleanup_ctx`.
 
 Limits: the body is capped by `max_body` (aiohttp's `client_max_size`), each event line or object
 by `max_line`, and reading the body by `request_timeout`, which also bounds how long a connection
@@ -52,7 +55,6 @@ NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "applica
 JSON_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded"})
 
 _JSON = "application/json"
-
 
 
 class RevenueLookup(Protocol):
