@@ -70,8 +70,8 @@ def evtool(*args: str, cwd: Path | None = None, timeout: float = 120, check: boo
            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (environment inherited, so EVTOOL_DSN applies)."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "evtool", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+    proc = subprocess.run(evtool_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"evtool {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc
