@@ -6,6 +6,9 @@ inputs (path, first-line digest, generation) and the resume point: the end of th
 *complete* line of the contiguous prefix the receiver confirmed (offset, line count, and the
 digest of that last line, which lets a re-run tell an appended file from a replaced one).
 Files are written atomically: temp file, fsync, rename, fsync of the directory.
+
+`resume` decides where a send starts (the saved point, or a new source when the file was
+replaced); `ConfirmedPrefix` moves the point as batches are confirmed, out of order.
 """
 
 from __future__ import annotations
