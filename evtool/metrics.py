@@ -31,7 +31,8 @@ class Metrics:
         self.events_accepted += events
         self.bytes_appended += nbytes
 
-    def fsync(self, seconds: float) -> None:
+    def group_written(self, seconds: float) -> None:
+        """One group commit's write+fsync took `seconds` (called from the appender's thread)."""
         self.fsync_counts[bisect_left(FSYNC_BUCKETS, seconds)] += 1
         self.fsync_sum += seconds
 

@@ -6,7 +6,10 @@ Every answer but /metrics is JSON; every error is `{"error": "<sentence>"}`, aio
 included (unknown route, wrong method, body too large, malformed HTTP).
 
 A request is answered 200 only after all its lines went to the journal in one append (written
-and fsynced with group commit, see `appender`). A request that fails writes nothing.
+and fsynced with group commit, see `appender`). A request that fails writes nothing. Turning a
+body into journal lines is `intake`'s job; this module keeps auth, routes and error mapping, and
+the app's resources (journal appender, metrics, the /userEvents connection) live under typed app
+keys, opened and closed by `cleanup_ctx`.
 
 Limits: the body is capped by `max_body` (aiohttp's `client_max_size`), each event line or object
 by `max_line`, and reading the body by `request_timeout`, which also bounds how long a connection
@@ -19,17 +22,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import itertools
-import json
 import logging
-import os
-import re
 import signal
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import StreamReader, web
@@ -38,9 +38,13 @@ from aiohttp.web_server import Server
 
 from . import events
 from .appender import JournalAppender
-from .errors import ConfigError, EvtoolError, InvalidEvent, JournalWriteError, MalformedJSON, UnknownUser
+from .errors import ConfigError, EvtoolError, JournalWriteError, UnknownUser
+from .intake import BodyInvalid, BodyMalformed, BodyRefused, BodyTooLong, Intake, check_key, receiver_ids
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +55,44 @@ NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "applica
 JSON_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded"})
 
 _JSON = "application/json"
-_ORJSON_POS = re.compile(r": line 1 column (\d+) \(char \d+\)$")
 
-APPENDER_KEY = web.AppKey("appender", JournalAppender)
+
+class RevenueLookup(Protocol):
+    """What GET /userEvents/<id> reads totals with; the app closes it when it stops."""
+
+    def __call__(self, user_id: str) -> Decimal | int | None:
+        """The user's total, or None for an unknown user. Runs in a worker thread."""
+
+    def close(self) -> None:
+        """Release what the lookup holds (its database connection)."""
+
+
+class StoreRevenue:
+    """A RevenueLookup on one database connection: opened on first use (so `serve` starts without
+    PostgreSQL), reopened after a failure, closed with the app."""
+
+    def __init__(self, connect: Callable[[], Store]) -> None:
+        self._connect = connect
+        self._store: Store | None = None
+        # Lookups run in threads: one at a time on the one connection, and never two connects.
+        self._lock = threading.Lock()
+
+    def __call__(self, user_id: str) -> Decimal | None:
+        with self._lock:
+            if self._store is None:
+                self._store = self._connect()
+            try:
+                return self._store.revenue(user_id)
+            except EvtoolError:
+                self._store.close()
+                self._store = None
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
 
 @dataclass
@@ -68,8 +107,8 @@ class ServeSettings:
     max_body: int = 16 * 1024 * 1024  # bytes per request
     max_line: int = 1024 * 1024  # bytes per event line / single object
     request_timeout: float = 30.0  # seconds to receive a request body
-    # Sync function used by GET /userEvents/<id>, run in a thread. None -> 503.
-    revenue_lookup: Callable[[str], Decimal | int | None] | None = None
+    # What GET /userEvents/<id> reads totals with; the app closes it when it stops. None -> 503.
+    revenue_lookup: RevenueLookup | None = None
     strict: bool = False  # events.validate without normalization (no user_id alias, no string values)
 
 
@@ -122,6 +161,9 @@ class _ShuttingDown(Exception):
     """Set on the body stream of a request still arriving when the server stops."""
 
 
+_BODY_STATUS: dict[type[BodyRefused], int] = {BodyMalformed: 400, BodyInvalid: 422, BodyTooLong: 413}
+
+
 def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: int) -> str:
     if exc.status == 404:
         return f"not found: {request.path[:200]}"
@@ -137,22 +179,17 @@ def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: 
 
 
 class _Receiver:
-    """Request handlers; one instance per app, holding settings, token and the id generator."""
+    """Request handlers; one instance per app, holding settings, token and the body rules.
 
-    def __init__(self, s: ServeSettings, appender: JournalAppender) -> None:
+    What the app owns (journal appender, metrics, revenue lookup) lives under typed app keys.
+    """
+
+    def __init__(self, s: ServeSettings) -> None:
         self.s = s
-        self.appender = appender
         self.token = check_settings(s).encode()
-        # Receiver-made ids: "~" + random per-process prefix + "-" + counter, unique by construction.
-        self._id_prefix = f"{events.RECEIVER_ID_PREFIX}{os.urandom(6).hex()}-"
-        self._counter = itertools.count(1)
+        self.intake = Intake(max_line=s.max_line, strict=s.strict, fresh_id=receiver_ids())
         self._reading: set[StreamReader] = set()  # bodies being read
         self._stopping = False
-        self.metrics = Metrics()
-        appender.on_group_written = self.metrics.fsync
-
-    def fresh_id(self) -> str:
-        return f"{self._id_prefix}{next(self._counter)}"
 
     def authorized(self, request: web.Request) -> bool:
         given = request.headers.get("Authorization")
@@ -168,7 +205,7 @@ class _Receiver:
         resp = await handler(request)
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "other"
-        self.metrics.request(request.method, route, resp.status)
+        request.app[METRICS_KEY].request(request.method, route, resp.status)
         return resp
 
     @web.middleware
@@ -182,6 +219,8 @@ class _Receiver:
                     {"WWW-Authenticate": "Bearer"},
                 )
             return await handler(request)
+        except BodyRefused as exc:
+            return _error(_BODY_STATUS[type(exc)], exc.message)
         except _Refused as exc:
             resp = _error(exc.status, exc.message)
             if exc.status in (408, 503):
@@ -220,25 +259,18 @@ class _Receiver:
             ndjson = False  # original clients may send no content type: treat as JSON
         key = request.headers.get("Idempotency-Key")
         if key is not None:
-            try:
-                events.check_event_id(key)
-            except InvalidEvent as exc:
-                raise _Refused(400, f"Idempotency-Key header: {exc.reason}") from None
+            check_key(key)
         body = await self._read_body(request)
-        if ndjson:
-            data, count = self._ndjson(body, key)
-            single_id = None
-        else:
-            data, count, single_id = self._json(body, key)
-        if count:
+        lines = self.intake.ndjson(body, key) if ndjson else self.intake.json(body, key)
+        if lines.count:
             try:
-                await self.appender.append(data)
+                await request.app[APPENDER_KEY].append(lines.data)
             except JournalWriteError as exc:
                 return _error(503, f"{exc}; nothing was stored, retry later", {"Retry-After": "1"})
-            self.metrics.appended(count, len(data))
-        if single_id is not None:
-            return _json(200, {"message": "Event received", "eventId": single_id})
-        return _json(200, {"accepted": count})
+            request.app[METRICS_KEY].appended(lines.count, len(lines.data))
+        if lines.event_id is not None:
+            return _json(200, {"message": "Event received", "eventId": lines.event_id})
+        return _json(200, {"accepted": lines.count})
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, within request_timeout; cut short when the server stops."""
@@ -262,98 +294,6 @@ class _Receiver:
         for stream in list(self._reading):
             if not stream.is_eof():
                 stream.set_exception(_ShuttingDown())
-
-    def _key_id(self, key: str, n: int) -> str:
-        """The id of the n-th (1-based) event of a bulk request that carries an Idempotency-Key."""
-        event_id = f"{key}#{n}"
-        try:
-            return events.check_event_id(event_id)
-        except InvalidEvent as exc:
-            raise _Refused(400, f"Idempotency-Key header: id {event_id[:40]!r}...: {exc.reason}") from None
-
-    def _ndjson(self, body: bytes, key: str | None) -> tuple[bytes, int]:
-        """Validate an NDJSON body; return the lines to store and how many events they are.
-
-        With an Idempotency-Key, an event without an eventId gets `KEY#i`, i being its 1-based
-        position among the request's events (blank lines are not counted), so it equals the line
-        number when the body has no blank lines.
-        """
-        max_line = self.s.max_line
-        parse = events.parse_json
-        validate, event_id_of = events.validate, events.event_id_of
-        strict = self.s.strict
-        if b"\r" in body:  # a CR in valid NDJSON is whitespace; only a line-ending one is dropped
-            body = body.replace(b"\r\n", b"\n")
-            if body.endswith(b"\r"):
-                body = body[:-1]
-        out: list[bytes] = []
-        append = out.append
-        n = 0
-        for lineno, raw in enumerate(body.split(b"\n"), 1):
-            if not raw or raw.isspace():
-                continue
-            if len(raw) > max_line:
-                raise _Refused(413, f"line {lineno} is longer than the limit of {max_line} bytes")
-            n += 1
-            try:
-                obj = parse(raw)
-                if event_id_of(obj, raw, strict=strict) is not None:
-                    append(raw)  # fast path: the client's bytes, unchanged
-                    continue
-                event = validate(obj, raw, strict=strict)
-            except MalformedJSON as exc:
-                raise _Refused(400, f"line {lineno}: {_line_reason(exc)}") from None
-            except InvalidEvent as exc:
-                raise _Refused(422, f"line {lineno}: {exc.reason}") from None
-            event_id = self._key_id(key, n) if key is not None else self.fresh_id()
-            append(_with_id(raw, obj, event, event_id))
-        append(b"")
-        return b"\n".join(out), n
-
-    def _json(self, body: bytes, key: str | None) -> tuple[bytes, int, str | None]:
-        """Validate an application/json body: one object, or an array of objects (a bulk)."""
-        try:
-            obj = events.parse_json(body)
-        except MalformedJSON as exc:
-            raise _Refused(400, exc.reason) from None
-        if isinstance(obj, dict):
-            if len(body) > self.s.max_line:
-                raise _Refused(413, f"the event is longer than the limit of {self.s.max_line} bytes")
-            try:
-                event = events.validate(obj, body, strict=self.s.strict)
-            except InvalidEvent as exc:
-                raise _Refused(422, exc.reason) from None
-            event_id = event.event_id or key or self.fresh_id()
-            # A pretty-printed object becomes one line: raw CR/LF in valid JSON can only be
-            # whitespace between tokens, so replacing them keeps every field's text exactly.
-            raw = body.strip()
-            if b"\n" in raw or b"\r" in raw:
-                raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
-            line = raw if event.event_id is not None else _with_id(raw, obj, event, event_id)
-            return line + b"\n", 1, event_id
-        if not isinstance(obj, list):
-            raise _Refused(422, "the body must be one event object or an array of event objects")
-        exact: list[Any] | None = None
-        out: list[bytes] = []
-        for i, el in enumerate(obj, 1):
-            if isinstance(el, dict) and isinstance(el.get("value"), float):
-                # orjson gave a float: take the exact number from the text, read once for the body
-                if exact is None:
-                    exact = json.loads(body, parse_float=Decimal, parse_int=Decimal)
-                el["value"] = exact[i - 1]["value"]
-            try:
-                event = events.validate(el, strict=self.s.strict)
-            except InvalidEvent as exc:
-                raise _Refused(422, f"element {i}: {exc.reason}") from None
-            if event.event_id is None:
-                el["eventId"] = self._key_id(key, i) if key is not None else self.fresh_id()
-            el["value"] = events.value_fragment(event.value)
-            line = orjson.dumps(el)
-            if len(line) > self.s.max_line:
-                raise _Refused(413, f"element {i} is longer than the limit of {self.s.max_line} bytes")
-            out.append(line)
-        out.append(b"")
-        return b"\n".join(out), len(obj), None
 
     # -- GET /userEvents/<userId> -------------------------------------------------------------
 
@@ -380,37 +320,59 @@ class _Receiver:
     # -- GET /metrics -------------------------------------------------------------------------
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        text = self.metrics.render(self.appender.size, self.appender.healthy)
+        appender = request.app[APPENDER_KEY]
+        text = request.app[METRICS_KEY].render(appender.size, appender.healthy)
         return web.Response(body=text.encode(), headers={"Content-Type": METRICS_TYPE})
 
     # -- GET /healthz -------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        if self.appender.healthy:
+        appender = request.app[APPENDER_KEY]
+        if appender.healthy:
             return _json(200, {"status": "ok"})
-        return _error(503, f"cannot write the journal: {self.appender.last_error}", {"Retry-After": "1"})
+        return _error(503, f"cannot write the journal: {appender.last_error}", {"Retry-After": "1"})
 
 
-def _line_reason(exc: InvalidEvent) -> str:
-    """orjson's reason for one NDJSON line, without its "line 1" (the request's line is named)."""
-    return _ORJSON_POS.sub(r" at column \1", exc.reason)
+SETTINGS_KEY = web.AppKey("settings", ServeSettings)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+APPENDER_KEY = web.AppKey("appender", JournalAppender)
 
 
-def _with_id(raw: bytes, obj: dict, event: events.Event, event_id: str) -> bytes:
-    """`raw` (one line, an object without an id) with `"eventId"` added, other text unchanged."""
-    if "eventId" in obj:  # present but null: rewrite rather than add a second key
-        obj["eventId"] = event_id
-        obj["value"] = events.value_fragment(event.value)
-        return orjson.dumps(obj)
-    raw = raw.rstrip()
-    return raw[:-1] + b',"eventId":' + orjson.dumps(event_id) + b"}"
+async def _journal(app: web.Application) -> AsyncIterator[None]:
+    """The journal's appender, open (and locked) while the app runs.
 
-
-def make_app(s: ServeSettings, appender: JournalAppender) -> web.Application:
-    """The aiohttp application: routes, auth and JSON errors. Raises ConfigError (see check_settings)."""
-    r = _Receiver(s, appender)
-    app = web.Application(client_max_size=s.max_body, middlewares=[r.counting, r.middleware])
+    Closed after in-flight requests finished, so their appends complete and are fsynced first.
+    Raises JournalLocked or JournalWriteError at startup.
+    """
+    s = app[SETTINGS_KEY]
+    appender = JournalAppender(s.journal, fsync=s.fsync)
+    appender.on_group_written = app[METRICS_KEY].group_written
     app[APPENDER_KEY] = appender
+    try:
+        yield
+    finally:
+        await appender.close()
+
+
+async def _revenue(app: web.Application) -> AsyncIterator[None]:
+    """The revenue lookup's connection, closed when the app stops."""
+    yield
+    lookup = app[SETTINGS_KEY].revenue_lookup
+    if lookup is not None:
+        await asyncio.to_thread(lookup.close)
+
+
+def make_app(s: ServeSettings) -> web.Application:
+    """The aiohttp application: routes, auth and JSON errors; the journal opens when it starts.
+
+    Raises ConfigError (see check_settings).
+    """
+    r = _Receiver(s)
+    app = web.Application(client_max_size=s.max_body, middlewares=[r.counting, r.middleware])
+    app[SETTINGS_KEY] = s
+    app[METRICS_KEY] = Metrics()
+    app.cleanup_ctx.append(_journal)
+    app.cleanup_ctx.append(_revenue)
     app.on_shutdown.append(r.on_shutdown)
     app.router.add_post("/liveEvent", r.live_event)
     app.router.add_get("/userEvents/{user_id:.+}", r.user_events)
@@ -480,10 +442,11 @@ def _url(runner: web.AppRunner) -> str:
     return f"http://{host}:{port}"
 
 
-async def _serve(s: ServeSettings, appender: JournalAppender, on_ready: Callable[[str], None] | None) -> None:
-    app = make_app(s, appender)
+async def _serve(s: ServeSettings, on_ready: Callable[[str], None] | None) -> None:
+    app = make_app(s)
     runner = await start_runner(app, s.host, s.port, shutdown_timeout=s.request_timeout + 5,
                                 idle_timeout=s.request_timeout)
+    appender = app[APPENDER_KEY]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -499,7 +462,8 @@ async def _serve(s: ServeSettings, appender: JournalAppender, on_ready: Callable
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        # stop accepting, let in-flight requests finish (their appends complete and fsync)
+        # stop accepting, let in-flight requests finish (their appends complete and fsync), then
+        # close what the app holds (cleanup_ctx): the journal, the revenue lookup's connection
         await runner.cleanup()
 
 
@@ -513,11 +477,4 @@ def run_server(s: ServeSettings, on_ready: Callable[[str], None] | None = None) 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     check_settings(s)
 
-    async def main() -> None:
-        appender = JournalAppender(s.journal, fsync=s.fsync)
-        try:
-            await _serve(s, appender, on_ready)
-        finally:
-            await appender.close()
-
-    asyncio.run(main())
+    asyncio.run(_serve(s, on_ready))

@@ -29,16 +29,7 @@ from yarl import URL
 
 from . import events
 from .errors import ConfigError, DeliveryFailed, InvalidEvent, SourceError
-from .sendstate import (
-    BOM,
-    Position,
-    SendState,
-    StateStore,
-    check_replaced,
-    digest,
-    read_first_line,
-    source_id,
-)
+from .sendstate import BOM, ConfirmedPrefix, Position, StateStore, resume
 
 MAX_INVALID_KEPT = 100
 MAX_ERRORS_KEPT = 20
@@ -160,34 +151,14 @@ class _Run:
         self.on_progress = on_progress
         self.on_total = on_total
         self.size = os.fstat(f.fileno()).st_size
-        first_line = read_first_line(f)
-        saved = store.load()
-        generation = 0
-        reason = None
-        if saved is not None:
-            generation = saved.generation
-            why = check_replaced(f, self.size, first_line, saved)
-            if why is not None:
-                generation += 1
-                reason = f"{resolved} was replaced since the last send ({why}); sending it as a new source"
-        src = source_id(resolved, first_line, generation)
-        self.state = SendState(resolved, src, generation, digest(first_line))
-        start = Position()
-        if saved is not None and reason is None and not settings.from_start:
-            # check_replaced verified these bytes against the saved digest.
-            f.seek(saved.tail_offset)
-            tail = f.read(saved.offset - saved.tail_offset) if saved.offset else b""
-            start = Position(saved.offset, saved.line, saved.tail_offset, tail)
-            self.state.set_position(start)
-        self.start = start
-        self.report = SendReport(source=src, path=resolved, new_source_reason=reason)
-        self.report.already_sent = start.line
-        self.prefix = (src + ":").encode()
-        # Contiguous-prefix tracking: batches complete out of order.
-        self.next_seq = 0
-        self.done: dict[int, Position | None] = {}  # seq -> position if delivered, None if not
-        self.blocked = False
-        self.resume = start
+        decided = resume(f, resolved, store.load(), from_start=settings.from_start)
+        self.state = decided.state
+        self.start = decided.start
+        src = self.state.source
+        self.report = SendReport(source=src, path=resolved, new_source_reason=decided.new_source_reason)
+        self.report.already_sent = self.start.line
+        self.id_prefix = (src + ":").encode()
+        self.confirmed = ConfirmedPrefix(self.start)
         self.dirty = True
         self.delivered_any = False
         self.unreachable: str | None = None
@@ -196,27 +167,16 @@ class _Run:
     # --- bookkeeping -------------------------------------------------------------------------
 
     def complete(self, seq: int, pos: Position, ok: bool) -> None:
-        if self.blocked:
-            return
-        self.done[seq] = pos if ok else None
-        while self.next_seq in self.done:
-            p = self.done.pop(self.next_seq)
-            if p is None:  # a gap that this run will not fill: the resume point stops here
-                self.blocked = True
-                self.done.clear()
-                return
-            self.resume = p
+        if self.confirmed.confirm(seq, pos, ok):
             self.dirty = True
-            self.next_seq += 1
-        if self.on_progress is not None:
+        if self.on_progress is not None and not self.confirmed.blocked:
             now = time.monotonic()
             if now - self.last_progress >= PROGRESS_EVERY:
                 self.last_progress = now
-                self.on_progress(self.resume.offset, self.report.sent)
+                self.on_progress(self.confirmed.position.offset, self.report.sent)
 
     def save(self) -> None:
-        if self.resume is not self.start:
-            self.state.set_position(self.resume)
+        self.state.set_position(self.confirmed.position)
         self.store.save(self.state)
         self.dirty = False
 
@@ -225,9 +185,7 @@ class _Run:
             await asyncio.sleep(SAVE_EVERY)
             if self.dirty:
                 self.dirty = False
-                pos = self.resume
-                if pos is not self.start:
-                    self.state.set_position(pos)
+                self.state.set_position(self.confirmed.position)
                 # Never leave a write running in its thread when cancelled: the final save must
                 # come after it, or an older state could land last.
                 write = asyncio.ensure_future(asyncio.to_thread(self.store.save, self.state))
@@ -258,7 +216,7 @@ class _Run:
             self.save()
         if self.on_progress is not None:
             finished = self.report.failed == 0 and self.report.stopped is None
-            self.on_progress(self.size if finished else self.resume.offset, self.report.sent)
+            self.on_progress(self.size if finished else self.confirmed.position.offset, self.report.sent)
         if self.unreachable is not None and not self.delivered_any:
             raise DeliveryFailed(
                 f"cannot reach the receiver at {self.s.url}: {self.unreachable}; is `evtool serve` running?"
@@ -295,7 +253,7 @@ class _Run:
 
     async def reader(self, queue: asyncio.Queue) -> None:
         """Read, validate and id the lines after the resume point; queue them in batches."""
-        f, batch_size, report, prefix = self.f, self.s.batch, self.report, self.prefix
+        f, batch_size, report, prefix = self.f, self.s.batch, self.report, self.id_prefix
         parse_json, event_id_of = events.parse_json, events.event_id_of
         strict = self.s.strict
         pos = self.start

@@ -6,6 +6,9 @@ inputs (path, first-line digest, generation) and the resume point: the end of th
 *complete* line of the contiguous prefix the receiver confirmed (offset, line count, and the
 digest of that last line, which lets a re-run tell an appended file from a replaced one).
 Files are written atomically: temp file, fsync, rename, fsync of the directory.
+
+`resume` decides where a send starts (the saved point, or a new source when the file was
+replaced); `ConfirmedPrefix` moves the point as batches are confirmed, out of order.
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ class StateStore:
             raise ConfigError(f"cannot write the send state {self.file}: {exc.strerror or exc}") from None
 
 
-def check_replaced(f: BinaryIO, size: int, first_line: bytes, saved: SendState) -> str | None:
+def _replaced(f: BinaryIO, size: int, first_line: bytes, saved: SendState) -> str | None:
     """Why the file now at the saved path is not the one that was sent from, or None.
 
     Shorter than the resume point, a different first line, or a different last line before
@@ -147,3 +150,77 @@ def check_replaced(f: BinaryIO, size: int, first_line: bytes, saved: SendState) 
         if digest(f.read(length)) != saved.tail_digest:
             return "different content"
     return None
+
+
+@dataclass(slots=True)
+class Resume:
+    """Where a send starts, decided from the file and its saved state."""
+
+    state: SendState  # what this run saves (its source id, and the start position until it moves)
+    start: Position  # where reading starts
+    new_source_reason: str | None = None  # why the file counts as a new source, if it does
+
+
+def resume(f: BinaryIO, path: str, saved: SendState | None, *, from_start: bool = False) -> Resume:
+    """Decide where sending `f` (the file now at the resolved `path`) starts.
+
+    At the saved position when the file is the one sent from (possibly appended to); from the
+    start, under a new generation (so new ids), when it was replaced; from the start with the
+    same ids when `from_start` asks for a full re-send.
+    """
+    size = os.fstat(f.fileno()).st_size
+    first_line = read_first_line(f)
+    generation = 0
+    reason = None
+    if saved is not None:
+        generation = saved.generation
+        why = _replaced(f, size, first_line, saved)
+        if why is not None:
+            generation += 1
+            reason = f"{path} was replaced since the last send ({why}); sending it as a new source"
+    state = SendState(path, source_id(path, first_line, generation), generation, digest(first_line))
+    start = Position()
+    if saved is not None and reason is None and not from_start:
+        # _replaced verified these bytes against the saved digest.
+        f.seek(saved.tail_offset)
+        tail = f.read(saved.offset - saved.tail_offset) if saved.offset else b""
+        start = Position(saved.offset, saved.line, saved.tail_offset, tail)
+        state.set_position(start)
+    return Resume(state, start, reason)
+
+
+class ConfirmedPrefix:
+    """The resume point of one run: the end of the contiguous prefix of confirmed batches.
+
+    Batches (numbered from 0 in file order) are confirmed out of order; the point moves over
+    each delivered one once all before it are delivered, and stops for good at the first that
+    was not: a gap this run will not fill, so a re-run starts there.
+    """
+
+    def __init__(self, start: Position) -> None:
+        self.position = start
+        self._next = 0
+        self._waiting: dict[int, Position | None] = {}  # seq -> position if delivered, None if not
+        self._blocked = False
+
+    @property
+    def blocked(self) -> bool:
+        """True once a batch was not delivered: the point moves no more in this run."""
+        return self._blocked
+
+    def confirm(self, seq: int, pos: Position, delivered: bool) -> bool:
+        """Record batch `seq` (ending at `pos`); return True when the resume point moved."""
+        if self._blocked:
+            return False
+        self._waiting[seq] = pos if delivered else None
+        moved = False
+        while self._next in self._waiting:
+            p = self._waiting.pop(self._next)
+            if p is None:
+                self._blocked = True
+                self._waiting.clear()
+                break
+            self.position = p
+            moved = True
+            self._next += 1
+        return moved

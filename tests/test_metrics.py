@@ -70,7 +70,7 @@ def test_unknown_routes_share_one_label(tmp_path):
 def test_histogram_buckets_are_cumulative():
     m = Metrics()
     for seconds in (0.0001, 0.003, 0.003, 0.2, 10.0):
-        m.fsync(seconds)
+        m.group_written(seconds)
     got = samples(m.render(0, True))
     assert got['evtool_journal_fsync_seconds_bucket{le="0.0005"}'] == 1
     assert got['evtool_journal_fsync_seconds_bucket{le="0.005"}'] == 3

@@ -4,69 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from .conftest import GEN_EVENTS, evtool, totals
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def receiver(workdir: Path, *args: str):
-    """`evtool serve` on a free port in `workdir`; yields its base URL; SIGTERM at the end."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "evtool", "serve", "--port", str(port), *args],
-                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"serve did not start: {proc.communicate()}") from None
-            time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err
-        assert "Traceback" not in err
-
-
-def generate(path: Path, n: int, *args: str) -> dict:
-    subprocess.run([sys.executable, str(GEN_EVENTS), str(path), str(n), *args], check=True,
-                   capture_output=True)
-    return json.loads(Path(f"{path}.expected.json").read_text())
-
-
-def exact(d: dict) -> dict:
-    """Totals as Decimals: compares values, not how many trailing zeros each carries."""
-    return {u: Decimal(str(v)) for u, v in d.items()}
+from .conftest import Serve, event_line, evtool, exact, free_port, generate, http, totals
 
 
 def test_pipeline_10k_events_exact_and_reruns_change_nothing(dsn, tmp_path):
     source = tmp_path / "events.jsonl"
     expected = generate(source, 12_000, "--users", "300", "--decimals", "0.3")
-    with receiver(tmp_path) as url:
+    with Serve(tmp_path) as serve:
+        url = serve.url
         sent = evtool("send", str(source), "--url", url, "--json", cwd=tmp_path, check=True)
         assert json.loads(sent.stdout)["sent"] == 12_000
         done = evtool("process", "--json", cwd=tmp_path, check=True)
@@ -99,47 +49,39 @@ def test_same_event_id_sent_twice_counts_once(dsn, tmp_path):
     source = tmp_path / "events.jsonl"
     source.write_text('{"userId": "u", "name": "add_revenue", "value": 5, "eventId": "order-1"}\n'
                       '{"userId": "u", "name": "add_revenue", "value": 5, "eventId": "order-1"}\n')
-    with receiver(tmp_path) as url:
+    with Serve(tmp_path) as serve:
+        url = serve.url
         evtool("send", str(source), "--url", url, cwd=tmp_path, check=True)
         evtool("send", str(source), "--url", url, "--from-start", "--batch", "1", cwd=tmp_path, check=True)
     evtool("process", cwd=tmp_path, check=True)
     assert totals(dsn) == {"u": 5}
 
 
-def post(url: str, body: bytes, headers: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_original_client_works_and_bad_tokens_write_nothing(dsn, tmp_path):
     """One JSON object per POST to http://localhost:<port>/liveEvent with `Authorization: secret`."""
-    with receiver(tmp_path) as url:
+    with Serve(tmp_path) as serve:
+        url = serve.url
         live = url.replace("127.0.0.1", "localhost") + "/liveEvent"
         for value in (100, 50):
-            status, body = post(live, json.dumps({"userId": "user1", "name": "add_revenue",
-                                                  "value": value}).encode(),
-                                {"Content-Type": "application/json", "Authorization": "secret"})
+            status, body, _ = http(live, "POST", event_line("user1", value),
+                                   {"Content-Type": "application/json", "Authorization": "secret"})
             assert status == 200 and body["message"] == "Event received"
         size = (tmp_path / "server-events.jsonl").stat().st_size
-        event = json.dumps({"userId": "user1", "name": "add_revenue", "value": 1}).encode()
+        event = event_line("user1", 1)
         for headers in ({}, {"Authorization": "wrong"}, {"Authorization": "Bearer wrong"}):
-            status, body = post(live, event, {"Content-Type": "application/json", **headers})
+            status, body, _ = http(live, "POST", event, {"Content-Type": "application/json", **headers})
             assert status == 401 and body["error"]
         assert (tmp_path / "server-events.jsonl").stat().st_size == size
         evtool("process", cwd=tmp_path, check=True)
-        req = urllib.request.Request(f"{url}/userEvents/user1", headers={"Authorization": "secret"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            assert json.loads(resp.read()) == {"userId": "user1", "revenue": 150}
+        assert http(f"{url}/userEvents/user1", headers={"Authorization": "secret"})[:2] == (
+            200, {"userId": "user1", "revenue": 150})
     assert totals(dsn) == {"user1": 150}
 
 
 def test_invalid_lines_in_the_source_are_reported_and_skipped(dsn, tmp_path):
     samples = Path(__file__).resolve().parent.parent / "samples"
-    with receiver(tmp_path) as url:
+    with Serve(tmp_path) as serve:
+        url = serve.url
         result = evtool("send", str(samples / "invalid.jsonl"), "--url", url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "line 2: skipped: malformed JSON" in result.stdout

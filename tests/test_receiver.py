@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import resource
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
 import orjson
+import psycopg
 import pytest
 
 from evtool.appender import JournalAppender
 from evtool.errors import ConfigError, DatabaseUnavailable, JournalLocked
-from evtool.receiver import ServeSettings, check_settings, make_app, start_runner
+from evtool.processor import process
+from evtool.receiver import ServeSettings, StoreRevenue, check_settings, make_app, start_runner
+from evtool.store import Store
+
+from .conftest import Serve, http
+from .conftest import event_line as ev
+from .conftest import journal_lines as lines
 
 AUTH = {"Authorization": "secret"}
 JSON = {"Content-Type": "application/json", **AUTH}
@@ -30,17 +32,11 @@ NDJSON = {"Content-Type": "application/x-ndjson", **AUTH}
 ORIGINAL = b'{"userId": "user1", "name": "add_revenue", "value": 100}'
 
 
-def ev(user: str = "u1", value: str = "1", event_id: str | None = None) -> bytes:
-    extra = f', "eventId": "{event_id}"' if event_id else ""
-    return f'{{"userId": "{user}", "name": "add_revenue", "value": {value}{extra}}}'.encode()
-
-
 @contextlib.asynccontextmanager
 async def serving(tmp_path: Path, **kw):
     """The app on a free loopback port, with a client whose base URL points at it."""
     s = ServeSettings(journal=tmp_path / "server-events.jsonl", port=0, **kw)
-    appender = JournalAppender(s.journal, fsync=s.fsync)
-    runner = await start_runner(make_app(s, appender), "127.0.0.1", 0)
+    runner = await start_runner(make_app(s), "127.0.0.1", 0)
     port = runner.addresses[0][1]
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
@@ -48,7 +44,6 @@ async def serving(tmp_path: Path, **kw):
             yield client, s.journal
     finally:
         await runner.cleanup()
-        await appender.close()
 
 
 async def post(client, body: bytes, headers: dict, **kw) -> tuple[int, dict, dict]:
@@ -60,12 +55,6 @@ async def get(client, path: str, headers: dict | None = None) -> tuple[int, byte
     async with client.get(path, headers=headers or {}) as resp:
         assert resp.content_type == "application/json"
         return resp.status, await resp.read()
-
-
-def lines(journal: Path) -> list[bytes]:
-    data = journal.read_bytes()
-    assert data == b"" or data.endswith(b"\n")
-    return data.splitlines()
 
 
 # --- POST /liveEvent: single objects ----------------------------------------------------------
@@ -242,10 +231,16 @@ def test_reserved_ids_are_refused(tmp_path):
 def test_healthz_user_events_and_json_errors(tmp_path):
     totals = {"user1": Decimal("12.345"), "big": 10**19, "tiny": Decimal("0.1")}
 
-    def lookup(user_id):
-        if user_id == "down":
-            raise DatabaseUnavailable("cannot reach PostgreSQL at localhost:5432")
-        return totals.get(user_id)
+    class Lookup:
+        def __call__(self, user_id):
+            if user_id == "down":
+                raise DatabaseUnavailable("cannot reach PostgreSQL at localhost:5432")
+            return totals.get(user_id)
+
+        def close(self):
+            self.closed = True
+
+    lookup = Lookup()
 
     async def main():
         async with serving(tmp_path, revenue_lookup=lookup) as (client, _):
@@ -261,9 +256,40 @@ def test_healthz_user_events_and_json_errors(tmp_path):
             assert status == 404 and orjson.loads(body)["error"]
             async with client.get("/liveEvent", headers=AUTH) as resp:
                 assert resp.status == 405 and "error" in orjson.loads(await resp.read())
+        assert lookup.closed  # the app closes what it was given, when it stops
         async with serving(tmp_path) as (client, _):
             status, body = await get(client, "/userEvents/user1", AUTH)
             assert status == 503 and "no database" in orjson.loads(body)["error"]
+
+    asyncio.run(main())
+
+
+def test_user_events_connection_is_closed_when_the_server_stops(dsn, tmp_path):
+    """GET /userEvents reads PostgreSQL on one connection, which the app closes when it stops."""
+    journal = tmp_path / "j.jsonl"
+    journal.write_bytes(ev("user1", "12.345") + b"\n")
+    process(dsn, [journal])
+
+    def backends(want: int) -> int:
+        """Other connections to this test's database, given a moment to become `want`."""
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for _ in range(200):
+                n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                 " AND pid <> pg_backend_pid()").fetchone()[0]
+                if n == want:
+                    break
+                time.sleep(0.01)
+        return n
+
+    async def main():
+        lookup = StoreRevenue(lambda: Store.connect(dsn))
+        async with serving(tmp_path, revenue_lookup=lookup) as (client, _):
+            assert backends(0) == 0  # opened on first use only
+            for _ in range(3):
+                answer = await get(client, "/userEvents/user1", AUTH)
+                assert answer == (200, b'{"userId":"user1","revenue":12.345}')
+            assert backends(1) == 1  # one connection, kept
+        assert backends(0) == 0
 
     asyncio.run(main())
 
@@ -351,48 +377,21 @@ def test_close_finishes_appends_in_flight(tmp_path):
 
 # --- real processes ---------------------------------------------------------------------------
 
-SERVE = (
-    "import sys; from pathlib import Path; from evtool.receiver import ServeSettings, run_server; "
-    "run_server(ServeSettings(port=0, journal=Path(sys.argv[1]), fsync=sys.argv[2] == 'on'), "
-    "on_ready=lambda m: print(m, flush=True))"
-)
+def fsize_limit(limit: int):
+    """For Serve's preexec_fn: writes past `limit` bytes fail with EFBIG (serve ignores SIGXFSZ)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
-@contextlib.contextmanager
-def serve_process(journal: Path, *, fsync: str = "on", fsize_limit: int | None = None):
-    def limit():
-        if fsize_limit is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
-
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, str(journal), fsync], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=limit, env=env)
-    try:
-        ready = proc.stdout.readline().decode()
-        assert ready.startswith("listening on http://127.0.0.1:"), proc.stderr.read()
-        port = int(ready.split("http://127.0.0.1:")[1].split(",")[0])
-        yield proc, port, ready
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def http(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
-                                 headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, orjson.loads(resp.read()), resp.headers
-    except urllib.error.HTTPError as exc:
-        return exc.code, orjson.loads(exc.read()), exc.headers
+# Python must not write .pyc files under the file size limit (before serve ignores SIGXFSZ).
+NO_PYC = {"PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def test_serve_process_sigterm_exits_0_with_data_on_disk(tmp_path):
     journal = tmp_path / "server-events.jsonl"
-    with serve_process(journal) as (proc, port, ready):
-        assert "fsync on" in ready
-        status, body, _ = http(port, "POST", "/liveEvent", ORIGINAL, AUTH)
+    with Serve(tmp_path) as serve:
+        proc, port = serve.proc, serve.port
+        assert "fsync on" in serve.log.read_text()
+        status, body, _ = http(f"{serve.url}/liveEvent", "POST", ORIGINAL, AUTH)
         assert status == 200
         # a request whose body is still arriving when SIGTERM comes is refused at once (503,
         # nothing stored), not left hanging until its timeout
@@ -414,25 +413,27 @@ def test_serve_process_sigterm_exits_0_with_data_on_disk(tmp_path):
 
 
 def test_fsync_off_says_so(tmp_path):
-    with serve_process(tmp_path / "j.jsonl", fsync="off") as (proc, port, ready):
-        assert "not durable" in ready
+    with Serve(tmp_path, "--journal", "j.jsonl", "--fsync", "off") as serve:
+        assert "not durable" in serve.log.read_text()
+        proc = serve.proc
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
 
 
 def test_write_failure_is_503_file_unchanged_then_recovers(tmp_path):
     journal = tmp_path / "server-events.jsonl"
-    with serve_process(journal, fsize_limit=4096) as (proc, port, _):
-        assert http(port, "POST", "/liveEvent", ORIGINAL, AUTH)[0] == 200
+    with Serve(tmp_path, preexec_fn=fsize_limit(4096), env=NO_PYC) as serve:
+        proc, live, healthz = serve.proc, f"{serve.url}/liveEvent", f"{serve.url}/healthz"
+        assert http(live, "POST", ORIGINAL, AUTH)[0] == 200
         before = journal.read_bytes()
         big = b"\n".join(ev(f"u{i}", "1", f"big:{i}") for i in range(100))  # ~6 KB, over the limit
-        status, body, headers = http(port, "POST", "/liveEvent", big, NDJSON)
+        status, body, headers = http(live, "POST", big, NDJSON)
         assert status == 503 and headers["Retry-After"] == "1"
         assert "journal write failed" in body["error"]
         assert journal.read_bytes() == before  # nothing of the failed request stayed
-        assert http(port, "GET", "/healthz")[0] == 503
-        assert http(port, "POST", "/liveEvent", ORIGINAL, AUTH)[0] == 200
-        assert http(port, "GET", "/healthz")[:2] == (200, {"status": "ok"})
+        assert http(healthz)[0] == 503
+        assert http(live, "POST", ORIGINAL, AUTH)[0] == 200
+        assert http(healthz)[:2] == (200, {"status": "ok"})
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     assert len(lines(journal)) == 2

@@ -21,11 +21,10 @@ from evtool.errors import DeliveryFailed, SourceError
 from evtool.sender import SendSettings, send
 from evtool.sendstate import StateStore
 
+from .conftest import event_line as ev
+from .conftest import free_port
+
 ID_RE = re.compile(r"^([0-9a-f]{16}):(\d+)$")
-
-
-def ev(user: str = "u1", value: str = "1", name: str = "add_revenue", extra: str = "") -> str:
-    return f'{{"userId": "{user}", "name": "{name}", "value": {value}{extra}}}'
 
 
 class Sink:
@@ -116,14 +115,14 @@ def settings(sink: Sink, path: Path, home: Path, **kw) -> SendSettings:
     return SendSettings(path=path, url=sink.url, state_dir=home, **kw)
 
 
-def write(path: Path, lines: list[str], end: str = "\n") -> Path:
-    path.write_bytes("".join(line + end for line in lines).encode())
+def write(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
     return path
 
 
 def test_delivers_all_lines_with_structured_ids(sink, tmp_path, home):
     src = tmp_path / "events.jsonl"
-    src.write_bytes((ev("a") + "\r\n" + "\n" + ev("b") + "\n" + "   \n" + ev("c") + "\n").encode())
+    src.write_bytes(ev("a") + b"\r\n" + b"\n" + ev("b") + b"\n" + b"   \n" + ev("c") + b"\n")
     report = send(settings(sink, src, home, batch=2))
     assert (report.sent, report.failed, report.skipped_invalid) == (3, 0, 0)
     assert all(ct == "application/x-ndjson" for ct, _ in sink.requests)
@@ -167,7 +166,7 @@ def test_different_files_get_different_sources(sink, tmp_path, home):
 
 
 def test_client_event_id_is_kept(sink, tmp_path, home):
-    src = write(tmp_path / "e.jsonl", [ev("a", extra=', "eventId": "order-17"'), ev("b")])
+    src = write(tmp_path / "e.jsonl", [ev("a", event_id="order-17"), ev("b")])
     send(settings(sink, src, home))
     events = {e["userId"]: e for e in sink.events()}
     assert events["a"]["eventId"] == "order-17"
@@ -180,11 +179,11 @@ def test_invalid_lines_are_reported_and_never_sent(sink, tmp_path, home):
         tmp_path / "e.jsonl",
         [
             ev("ok1"),
-            "{not json",
+            b"{not json",
             ev("neg", "-1"),
             ev("bad", '"1e2"'),  # "12" would be read as 12 (input normalization)
             ev("ok2"),
-            ev("rsv", extra=', "eventId": "~server-made"'),
+            ev("rsv", event_id="~server-made"),
             ev("ok3", name="refund"),
         ],
     )
@@ -210,7 +209,7 @@ def test_resume_sends_only_appended_lines(sink, tmp_path, home):
     src = write(tmp_path / "e.jsonl", [ev(f"u{i}") for i in range(3)])
     first = send(settings(sink, src, home))
     with src.open("ab") as f:
-        f.write((ev("u3") + "\n" + ev("u4") + "\n").encode())
+        f.write(ev("u3") + b"\n" + ev("u4") + b"\n")
     second = send(settings(sink, src, home))
     assert (second.sent, second.already_sent, second.new_source_reason) == (2, 3, None)
     assert second.source == first.source
@@ -219,10 +218,10 @@ def test_resume_sends_only_appended_lines(sink, tmp_path, home):
 
 def test_unterminated_last_line_is_resent_with_the_same_id(sink, tmp_path, home):
     src = tmp_path / "e.jsonl"
-    src.write_bytes((ev("a") + "\n" + ev("b")).encode())
+    src.write_bytes(ev("a") + b"\n" + ev("b"))
     assert send(settings(sink, src, home)).sent == 2
     with src.open("ab") as f:
-        f.write(("\n" + ev("c") + "\n").encode())
+        f.write(b"\n" + ev("c") + b"\n")
     again = send(settings(sink, src, home))
     assert (again.sent, again.already_sent, again.new_source_reason) == (2, 1, None)
     ids = sink.ids()
@@ -234,7 +233,7 @@ def test_unterminated_line_appended_after_a_resume_point(sink, tmp_path, home):
     src = write(tmp_path / "e.jsonl", [ev("a")])
     send(settings(sink, src, home))
     with src.open("ab") as f:
-        f.write(ev("b").encode())  # no newline yet
+        f.write(ev("b"))  # no newline yet
     for _ in range(2):
         report = send(settings(sink, src, home))
         assert (report.sent, report.already_sent, report.new_source_reason) == (1, 1, None)
@@ -244,7 +243,7 @@ def test_unterminated_line_appended_after_a_resume_point(sink, tmp_path, home):
 
 def test_byte_order_mark_on_the_first_line(sink, tmp_path, home):
     src = tmp_path / "e.jsonl"
-    src.write_bytes(b"\xef\xbb\xbf" + (ev("a") + "\n" + ev("b") + "\n").encode())
+    src.write_bytes(b"\xef\xbb\xbf" + ev("a") + b"\n" + ev("b") + b"\n")
     report = send(settings(sink, src, home))
     assert report.sent == 2 and report.skipped_invalid == 0
     assert [e["userId"] for e in sink.events()] == ["a", "b"]
@@ -367,12 +366,8 @@ def test_wrong_token_stops_quickly(sink, tmp_path, home):
 
 
 def test_unreachable_receiver_raises_delivery_failed(tmp_path, home):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
     src = write(tmp_path / "e.jsonl", [ev("a"), ev("b")])
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     with pytest.raises(
         DeliveryFailed, match=r"cannot reach the receiver at .*: connection refused; is `evtool serve`"

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from ..errors import EvtoolError
 from ..render import console
 from .base import cli, dsn_option, handle_errors, print_json, strict_option
 
@@ -186,27 +185,16 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
     GET /metrics serves Prometheus metrics (token needed).
     """
     from .. import config
-    from ..receiver import ServeSettings, run_server
+    from ..receiver import ServeSettings, StoreRevenue, run_server
     from ..store import Store
 
-    state: dict = {}
-
-    def lookup(user_id: str):
-        # One connection, opened on first use and reopened after a failure.
-        store = state.get("store")
-        if store is None:
-            store = Store.connect(config.resolve_dsn(dsn))
-            store.migrate()
-            state["store"] = store
-        try:
-            return store.revenue(user_id)
-        except EvtoolError:
-            state.pop("store", None)
-            store.close()
-            raise
+    def connect() -> Store:
+        store = Store.connect(config.resolve_dsn(dsn))
+        store.migrate()
+        return store
 
     settings = ServeSettings(host=host, port=port, journal=journal, token=token, fsync=fsync == "on",
-                             max_body=max_body_mb << 20, revenue_lookup=lookup, strict=strict)
+                             max_body=max_body_mb << 20, revenue_lookup=StoreRevenue(connect), strict=strict)
     run_server(settings, on_ready=lambda message: click.echo(message, err=True))
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import psycopg
 
+from ..conftest import free_port
 from .figures import Figure
 from .pg import PgServer, check_totals
-from .procs import PY, ROOT, Run, child_env, evtool_cmd, free_port, run, serving
+from .procs import PY, ROOT, Run, child_env, evtool_cmd, run, serving
 from .workloads import Cache, Sizes, Workload
 
 BARE_CLI = ("import os, psycopg; c = psycopg.connect(os.environ['EVTOOL_DSN']); "

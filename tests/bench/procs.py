@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..conftest import wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -112,12 +112,6 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | No
                    err.read().decode(errors="replace"), *peak)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serving(cmd: Sequence[str], port: int, *, env: dict[str, str] | None = None,
             cwd: Path | None = None) -> Iterator[str]:
@@ -126,17 +120,10 @@ def serving(cmd: Sequence[str], port: int, *, env: dict[str, str] | None = None,
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/healthz", timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        err.seek(0)
-                        raise RuntimeError(f"{' '.join(cmd)} did not start: "
-                                           f"{err.read().decode(errors='replace')[-2000:]}") from None
-                    time.sleep(0.05)
+            if not wait_until_serving(url, proc, timeout=30):
+                err.seek(0)
+                raise RuntimeError(f"{' '.join(cmd)} did not start: "
+                                   f"{err.read().decode(errors='replace')[-2000:]}")
             yield url
         finally:
             if proc.poll() is None:

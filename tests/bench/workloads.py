@@ -14,7 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import PY, ROOT, child_env, evtool_cmd, free_port, run, serving
+from ..conftest import free_port
+from .procs import PY, ROOT, child_env, evtool_cmd, run, serving
 
 GEN_EVENTS = ROOT / "tests" / "gen_events.py"
 DEFAULT_CACHE = ROOT / ".evtool" / "bench-cache"

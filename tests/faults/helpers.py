@@ -10,12 +10,8 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from decimal import Decimal
 from hashlib import blake2b
@@ -25,19 +21,11 @@ import psycopg
 
 from evtool.store import Store
 
-from ..conftest import GEN_EVENTS
-
-PY = sys.executable
-TOKEN = "secret"
-
+# Shared with the other tests; the fault tests import them from here.
+from ..conftest import Serve, evtool_cmd, exact, free_port, generate, http, journal_lines, start  # noqa: F401
+from ..conftest import totals as db_totals  # noqa: F401
 
 # -- workloads ---------------------------------------------------------------------------------
-
-
-def generate(path: Path, n: int, *args: str) -> dict:
-    """tests/gen_events.py: `n` lines at `path`; returns its expected totals document."""
-    subprocess.run([PY, str(GEN_EVENTS), str(path), str(n), *args], check=True, capture_output=True)
-    return json.loads(Path(f"{path}.expected.json").read_text())
 
 
 @dataclass
@@ -101,45 +89,7 @@ def build_journal(path: Path, n: int, *, seed: int = 1, users: int = 2000) -> Wo
     return Workload(path, exact(doc["per_user"]), len(out), doc["events"], kinds)
 
 
-def exact(d: dict) -> dict[str, Decimal]:
-    """Totals as Decimals: compares values, not how many trailing zeros each carries."""
-    return {u: Decimal(str(v)) for u, v in d.items()}
-
-
-def db_totals(dsn: str) -> dict[str, Decimal]:
-    with psycopg.connect(dsn) as conn:
-        return dict(conn.execute("SELECT user_id, revenue FROM users_revenue").fetchall())
-
-
-def mismatches(dsn: str, expected: dict[str, Decimal]) -> dict[str, tuple]:
-    """Users whose stored total differs from the expected one: user -> (got, want)."""
-    got = db_totals(dsn)
-    return {u: (got.get(u), expected.get(u)) for u in set(got) | set(expected)
-            if got.get(u) != expected.get(u)}
-
-
-def progress(dsn: str) -> list[tuple]:
-    """(path, offset, applied, duplicates, rejected) of every journal the database knows."""
-    with psycopg.connect(dsn) as conn:
-        return conn.execute('SELECT path, "offset", applied, duplicates, rejected FROM journal_files'
-                            " ORDER BY path").fetchall()
-
-
 # -- processes ---------------------------------------------------------------------------------
-
-
-def evtool_cmd(*args: str) -> list[str]:
-    return [PY, "-m", "evtool", *args]
-
-
-def start(args: list[str], cwd: Path, log: Path, env: dict | None = None, **kw) -> subprocess.Popen:
-    """Start a command in its own session (so its forked children can be found), output to `log`."""
-    out = open(log, "ab")
-    try:
-        return subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, start_new_session=True, **kw)
-    finally:
-        out.close()
 
 
 def session_members(sid: int) -> list[int]:
@@ -180,90 +130,6 @@ def kill_9(proc: subprocess.Popen, *, linger: float = 3.0) -> list[int]:
         except ProcessLookupError:
             pass
     return left
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None,
-         timeout: float = 10) -> tuple[int, dict, dict]:
-    """(status, JSON body, headers) of one request; HTTP errors are answers, not exceptions."""
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
-
-
-class Serve:
-    """`evtool serve` as a real subprocess on a fixed port, which can be killed and restarted."""
-
-    def __init__(self, workdir: Path, *args: str, port: int | None = None, preexec_fn=None,
-                 env: dict | None = None) -> None:
-        self.workdir = workdir
-        self.args = args
-        self.port = port or free_port()
-        self.preexec_fn = preexec_fn
-        self.env = env
-        self.log = workdir / f"serve-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, *, preexec_fn=None, timeout: float = 20) -> Serve:
-        self.starts += 1
-        self.proc = start(evtool_cmd("serve", "--port", str(self.port), *self.args), self.workdir,
-                          self.log, self.env, preexec_fn=preexec_fn or self.preexec_fn)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.proc.kill()
-                    self.proc.wait()
-                    raise AssertionError(f"serve did not start: {self.log.read_text()}") from None
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        """SIGTERM: must exit 0 without a traceback."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=60)
-        text = self.log.read_text(errors="replace")
-        assert rc == 0, text
-        assert "Traceback" not in text, text
-
-    def __enter__(self) -> Serve:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            if exc[0] is None:
-                self.stop()
-            else:
-                self.kill()
-
-
-def journal_lines(path: Path) -> list[bytes]:
-    """The journal's lines; it must end with a complete line (no partial write ever stays)."""
-    data = path.read_bytes() if path.exists() else b""
-    assert data == b"" or data.endswith(b"\n"), "the journal ends with a partial line"
-    return data.splitlines()
 
 
 # -- the reference model -----------------------------------------------------------------------

@@ -24,7 +24,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evtool.appender import JournalAppender
 from evtool.receiver import ServeSettings, make_app, start_runner
 
 from ..conftest import evtool
@@ -384,15 +383,13 @@ def test_slow_clients_are_cut_off_and_do_not_block_others(tmp_path):
 
     async def main() -> None:
         s = ServeSettings(journal=tmp_path / "j.jsonl", port=0, request_timeout=1.0)
-        appender = JournalAppender(s.journal)
-        runner = await start_runner(make_app(s, appender), "127.0.0.1", 0,
+        runner = await start_runner(make_app(s), "127.0.0.1", 0,
                                     idle_timeout=s.request_timeout)
         port = runner.addresses[0][1]
         try:
             await attack(port)
         finally:
             await runner.cleanup()
-            await appender.close()
 
     async def attack(port: int) -> None:
         body = b'{"userId": "u1", "name": "add_revenue", "value": 5}'

@@ -1,0 +1,193 @@
+"""Turning a request body into journal lines: bytes in, lines and a count out (design section 7).
+
+Pure: no HTTP, no files. `evtool serve` calls it for `POST /liveEvent` and maps its errors to
+statuses (`BodyMalformed` 400, `BodyInvalid` 422, `BodyTooLong` 413). Every accepted line is one
+event on one line, with an `eventId`: the client's text is kept byte for byte where it already
+has one, and an id is added textually where it has none (`KEY#n` under an Idempotency-Key, else
+a receiver id), so the client's number text survives.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from . import events
+from .errors import InvalidEvent, MalformedJSON
+
+_ORJSON_POS = re.compile(r": line 1 column (\d+) \(char \d+\)$")
+
+
+class BodyRefused(Exception):
+    """A body that cannot be accepted, with the sentence that says why; nothing of it is stored."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BodyMalformed(BodyRefused):
+    """Not JSON, or an unusable Idempotency-Key."""
+
+
+class BodyInvalid(BodyRefused):
+    """JSON, but not events."""
+
+
+class BodyTooLong(BodyRefused):
+    """An event (line or object) longer than the limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lines:
+    """What a body becomes: complete journal lines, how many events they are, and the id of a
+    single object (None for a bulk)."""
+
+    data: bytes
+    count: int
+    event_id: str | None = None
+
+
+def receiver_ids() -> Callable[[], str]:
+    """A maker of receiver ids: "~" + a random per-process prefix + "-" + a counter, unique by
+    construction."""
+    prefix = f"{events.RECEIVER_ID_PREFIX}{os.urandom(6).hex()}-"
+    counter = itertools.count(1)
+    return lambda: f"{prefix}{next(counter)}"
+
+
+def check_key(key: str) -> None:
+    """Refuse an Idempotency-Key that cannot be an event id."""
+    try:
+        events.check_event_id(key)
+    except InvalidEvent as exc:
+        raise BodyMalformed(f"Idempotency-Key header: {exc.reason}") from None
+
+
+@dataclass(frozen=True)
+class Intake:
+    """The rules for one server: the per-event limit, strictness and where fresh ids come from."""
+
+    max_line: int
+    strict: bool
+    fresh_id: Callable[[], str]
+
+    def ndjson(self, body: bytes, key: str | None = None) -> Lines:
+        """Validate an NDJSON body: one event per line, blank lines ignored.
+
+        With an Idempotency-Key, an event without an eventId gets `KEY#i`, i being its 1-based
+        position among the request's events (blank lines are not counted), so it equals the line
+        number when the body has no blank lines.
+        """
+        max_line = self.max_line
+        parse = events.parse_json
+        validate, event_id_of = events.validate, events.event_id_of
+        strict = self.strict
+        if b"\r" in body:  # a CR in valid NDJSON is whitespace; only a line-ending one is dropped
+            body = body.replace(b"\r\n", b"\n")
+            if body.endswith(b"\r"):
+                body = body[:-1]
+        out: list[bytes] = []
+        append = out.append
+        n = 0
+        for lineno, raw in enumerate(body.split(b"\n"), 1):
+            if not raw or raw.isspace():
+                continue
+            if len(raw) > max_line:
+                raise BodyTooLong(f"line {lineno} is longer than the limit of {max_line} bytes")
+            n += 1
+            try:
+                obj = parse(raw)
+                if event_id_of(obj, raw, strict=strict) is not None:
+                    append(raw)  # fast path: the client's bytes, unchanged
+                    continue
+                event = validate(obj, raw, strict=strict)
+            except MalformedJSON as exc:
+                raise BodyMalformed(f"line {lineno}: {_line_reason(exc)}") from None
+            except InvalidEvent as exc:
+                raise BodyInvalid(f"line {lineno}: {exc.reason}") from None
+            event_id = _key_id(key, n) if key is not None else self.fresh_id()
+            append(_with_id(raw, obj, event, event_id))
+        append(b"")
+        return Lines(b"\n".join(out), n)
+
+    def json(self, body: bytes, key: str | None = None) -> Lines:
+        """Validate an application/json body: one object, or an array of objects (a bulk)."""
+        try:
+            obj = events.parse_json(body)
+        except MalformedJSON as exc:
+            raise BodyMalformed(exc.reason) from None
+        if isinstance(obj, dict):
+            return self._single(body, obj, key)
+        if not isinstance(obj, list):
+            raise BodyInvalid("the body must be one event object or an array of event objects")
+        exact: list[Any] | None = None
+        out: list[bytes] = []
+        for i, el in enumerate(obj, 1):
+            if isinstance(el, dict) and isinstance(el.get("value"), float):
+                # orjson gave a float: take the exact number from the text, read once for the body
+                if exact is None:
+                    exact = json.loads(body, parse_float=Decimal, parse_int=Decimal)
+                el["value"] = exact[i - 1]["value"]
+            try:
+                event = events.validate(el, strict=self.strict)
+            except InvalidEvent as exc:
+                raise BodyInvalid(f"element {i}: {exc.reason}") from None
+            if event.event_id is None:
+                el["eventId"] = _key_id(key, i) if key is not None else self.fresh_id()
+            el["value"] = events.value_fragment(event.value)
+            line = orjson.dumps(el)
+            if len(line) > self.max_line:
+                raise BodyTooLong(f"element {i} is longer than the limit of {self.max_line} bytes")
+            out.append(line)
+        out.append(b"")
+        return Lines(b"\n".join(out), len(obj))
+
+    def _single(self, body: bytes, obj: dict, key: str | None) -> Lines:
+        """One JSON object: the original client's request."""
+        if len(body) > self.max_line:
+            raise BodyTooLong(f"the event is longer than the limit of {self.max_line} bytes")
+        try:
+            event = events.validate(obj, body, strict=self.strict)
+        except InvalidEvent as exc:
+            raise BodyInvalid(exc.reason) from None
+        event_id = event.event_id or key or self.fresh_id()
+        # A pretty-printed object becomes one line: raw CR/LF in valid JSON can only be
+        # whitespace between tokens, so replacing them keeps every field's text exactly.
+        raw = body.strip()
+        if b"\n" in raw or b"\r" in raw:
+            raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
+        line = raw if event.event_id is not None else _with_id(raw, obj, event, event_id)
+        return Lines(line + b"\n", 1, event_id)
+
+
+def _key_id(key: str, n: int) -> str:
+    """The id of the n-th (1-based) event of a bulk request that carries an Idempotency-Key."""
+    event_id = f"{key}#{n}"
+    try:
+        return events.check_event_id(event_id)
+    except InvalidEvent as exc:
+        raise BodyMalformed(f"Idempotency-Key header: id {event_id[:40]!r}...: {exc.reason}") from None
+
+
+def _line_reason(exc: InvalidEvent) -> str:
+    """orjson's reason for one NDJSON line, without its "line 1" (the request's line is named)."""
+    return _ORJSON_POS.sub(r" at column \1", exc.reason)
+
+
+def _with_id(raw: bytes, obj: dict, event: events.Event, event_id: str) -> bytes:
+    """`raw` (one line, an object without an id) with `"eventId"` added, other text unchanged."""
+    if "eventId" in obj:  # present but null: rewrite rather than add a second key
+        obj["eventId"] = event_id
+        obj["value"] = events.value_fragment(event.value)
+        return orjson.dumps(obj)
+    raw = raw.rstrip()
+    return raw[:-1] + b',"eventId":' + orjson.dumps(event_id) + b"}"

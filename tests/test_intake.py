@@ -1,0 +1,87 @@
+"""Request bodies to journal lines, without a server: what `POST /liveEvent` stores, and refuses."""
+
+from __future__ import annotations
+
+import itertools
+
+import orjson
+import pytest
+
+from evtool.intake import BodyInvalid, BodyMalformed, BodyTooLong, Intake, check_key, receiver_ids
+
+from .conftest import event_line
+
+
+def intake(max_line: int = 1 << 20, strict: bool = False) -> Intake:
+    counter = itertools.count(1)
+    return Intake(max_line=max_line, strict=strict, fresh_id=lambda: f"~t-{next(counter)}")
+
+
+def test_ndjson_keeps_lines_with_ids_and_counts_events():
+    given = [event_line("a", "1", "src:1"), event_line("b", "12.345", "src:2")]
+    body = given[0] + b"\r\n\n  \n" + given[1]  # CRLF, blank lines, no final newline
+    lines = intake().ndjson(body)
+    assert (lines.data, lines.count, lines.event_id) == (b"\n".join(given) + b"\n", 2, None)
+
+
+def test_ndjson_adds_ids_textually_keeping_the_number_text():
+    lines = intake().ndjson(event_line("a", "0.10") + b"\n" + event_line("b", "7") + b"\n")
+    assert lines.data.splitlines() == [event_line("a", "0.10")[:-1] + b',"eventId":"~t-1"}',
+                                       event_line("b", "7")[:-1] + b',"eventId":"~t-2"}']
+
+
+def test_idempotency_key_numbers_the_events_of_a_bulk():
+    body = event_line("a") + b"\n\n" + event_line("b", event_id="own") + b"\n" + event_line("c")
+    ids = [orjson.loads(x)["eventId"] for x in intake().ndjson(body, "k").data.splitlines()]
+    assert ids == ["k#1", "own", "k#3"]
+    array = b"[" + event_line("d") + b"," + event_line("e") + b"]"
+    ids = [orjson.loads(x)["eventId"] for x in intake().json(array, "arr").data.splitlines()]
+    assert ids == ["arr#1", "arr#2"]
+    with pytest.raises(BodyMalformed, match="Idempotency-Key"):
+        check_key("~reserved")
+    with pytest.raises(BodyMalformed, match="Idempotency-Key header: id"):
+        intake().ndjson(event_line("a"), "k" * 300)
+
+
+def test_single_object_is_one_line_with_its_id():
+    pretty = b'{\r\n  "userId": "a",\n  "name": "subtract_revenue",\n  "value": 0.10\n}\n'
+    lines = intake().json(pretty)
+    assert lines.count == 1 and lines.event_id == "~t-1"
+    assert lines.data.count(b"\n") == 1 and b'"value": 0.10' in lines.data
+    assert intake().json(event_line("a", event_id="mine"), "key").event_id == "mine"
+    assert intake().json(event_line("a"), "key").event_id == "key"
+
+
+def test_array_values_are_exact():
+    body = b"[" + event_line("a", "12.345") + b"," + event_line("c", "123456789012345678.5") + b"]"
+    stored = intake().json(body).data.splitlines()
+    assert b'"value":12.345' in stored[0] and b'"value":123456789012345678.5' in stored[1]
+
+
+@pytest.mark.parametrize("body, ndjson, error, message", [
+    (event_line() + b'\n{"userId": "x",', True, BodyMalformed, "line 2: malformed JSON"),
+    (b'{"userId": "x", "name": "refund", "value": 1}', True, BodyInvalid, "line 1: name must be"),
+    (b"[" + event_line("a", "-1") + b"]", False, BodyInvalid, "element 1: value must be >= 0"),
+    (b'{"userId": "x"', False, BodyMalformed, "malformed JSON"),
+    (b'"just a string"', False, BodyInvalid, "the body must be one event object"),
+    (event_line("x" * 100), True, BodyTooLong, "line 1 is longer than the limit of 80 bytes"),
+    (event_line("x" * 100), False, BodyTooLong, "the event is longer than the limit of 80 bytes"),
+    (b"[" + event_line("x" * 100) + b"]", False, BodyTooLong, "element 1 is longer"),
+    (event_line(event_id="~abc-1"), True, BodyInvalid, "line 1: .*reserved"),
+])
+def test_refusals_say_which_line_and_why(body, ndjson, error, message):
+    rules = intake(max_line=80)
+    with pytest.raises(error, match=message):
+        rules.ndjson(body) if ndjson else rules.json(body)
+
+
+def test_strict_refuses_what_needs_normalizing():
+    with pytest.raises(BodyInvalid, match="userId is missing"):
+        intake(strict=True).ndjson(b'{"user_id": "u1", "name": "add_revenue", "value": 5}')
+
+
+def test_receiver_ids_are_unique_and_reserved():
+    make = receiver_ids()
+    ids = [make() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(i.startswith("~") for i in ids)
+    assert receiver_ids()() != make()
