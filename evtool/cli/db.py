@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .base import cli, dsn_option, handle_errors, print_json
+from .base import cli, dsn_option, print_json
 
 # -- db --------------------------------------------------------------------------------
 
@@ -16,7 +16,6 @@ def db() -> None:
 
 @db.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-@handle_errors
 def db_status(as_json: bool) -> None:
     """Is the embedded server running, where, and its DSN."""
     from .. import config, embedded
@@ -48,7 +47,6 @@ def db_status(as_json: bool) -> None:
 
 @db.command("url")
 @dsn_option
-@handle_errors
 def db_url(dsn: str | None) -> None:
     """Print the DSN commands use (starting the embedded server if needed): psql "$(evtool db url)"."""
     from .. import config
@@ -57,7 +55,6 @@ def db_url(dsn: str | None) -> None:
 
 
 @db.command("start")
-@handle_errors
 def db_start() -> None:
     """Start the embedded server (commands also start it on first use)."""
     from .. import config, embedded
@@ -66,7 +63,6 @@ def db_start() -> None:
 
 
 @db.command("stop")
-@handle_errors
 def db_stop() -> None:
     """Stop the embedded server."""
     from .. import config, embedded

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .base import cli, console, dsn_option, handle_errors, strict_option
+from .base import Failed, cli, console, dsn_option, strict_option
 
 URL_OPTION = click.option("--url", envvar="EVTOOL_URL", show_envvar=True, default="http://127.0.0.1:8000",
                           show_default=True, help="The receiver whose GET /healthz is checked.")
@@ -193,7 +193,6 @@ def render_status(s: dict[str, Any]):
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
               help="Seconds between refreshes with --watch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshot as one JSON object.")
-@handle_errors
 def status(journals: tuple[Path, ...], dsn: str | None, url: str, watch: bool, interval: float,
            as_json: bool) -> None:
     """The dashboard: journals, lag, counters, the database and the receiver.
@@ -223,7 +222,7 @@ def status(journals: tuple[Path, ...], dsn: str | None, url: str, watch: bool, i
     else:
         _wide().print(render_status(snap))
     if not snap["database"]["reachable"]:
-        sys.exit(1)
+        raise Failed
 
 
 def _watch(probe, interval: float) -> None:
@@ -261,7 +260,6 @@ def _watch(probe, interval: float) -> None:
 @click.option("--until", type=IsoTime(), help="Only what was applied before this time (ISO).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print section,name,count,amount rows.")
-@handle_errors
 def report(dsn: str | None, top: int, prefix: str | None, since: datetime | None, until: datetime | None,
            as_json: bool, as_csv: bool) -> None:
     """Revenue overall, users, events applied by name, top and bottom users.
@@ -343,7 +341,6 @@ def _report_text(r: dict[str, Any]) -> None:
 @strict_option
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines (one object per line); with --reapply "
               "one summary object.")
-@handle_errors
 def rejects(dsn: str | None, reason: str | None, file: Path | None, limit: int, include_reapplied: bool,
             reapply: bool, strict: bool, as_json: bool) -> None:
     """List rejected lines (file, line, time, reason, the raw line), or --reapply them.

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from ..errors import EvtoolError
+from ..errors import DeliveryFailed, EvtoolError
 from ..render import console
-from .base import cli, dsn_option, handle_errors, print_json, strict_option
+from .base import Failed, cli, dsn_option, print_json, strict_option
 
 # -- process ---------------------------------------------------------------------------
 
@@ -29,7 +28,6 @@ from .base import cli, dsn_option, handle_errors, print_json, strict_option
               help="With --follow: seconds between checks of an idle journal.")
 @strict_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@handle_errors
 def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_for: float,
             fail_on_reject: bool, follow: bool, poll: float, strict: bool, as_json: bool) -> None:
     """Apply journal files (default ./server-events.jsonl) to the totals, exactly once.
@@ -65,7 +63,7 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
         click.echo(f"Warning: {report.rejected} line(s) rejected; they are kept with their reasons "
                    "in the rejected_lines table", err=True)
         if fail_on_reject:
-            sys.exit(1)
+            raise Failed
 
 
 def _follow(url: str, paths: list[Path], batch_bytes: int, retry_for: float, poll: float,
@@ -122,7 +120,6 @@ def processor_report_dict(report) -> dict:
 @click.option("--csv", "as_csv", is_flag=True, help="With --all: CSV with a user_id,revenue header.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"userId": ..., "revenue": ...} (with --all: one such object per line).')
-@handle_errors
 def revenue(user: str | None, dsn: str | None, every: bool, as_csv: bool, as_json: bool) -> None:
     """Print USER's exact total revenue (exit 1 for an unknown user), or --all users' totals.
 
@@ -176,7 +173,6 @@ def _json_str(s: str) -> str:
               help="Largest request body accepted.")
 @strict_option
 @dsn_option
-@handle_errors
 def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, max_body_mb: int,
           strict: bool, dsn: str | None) -> None:
     """Receive events over HTTP and append them durably to the journal.
@@ -228,7 +224,6 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
               help="Retries per request for transient failures (connection errors, 408, 429, 5xx).")
 @strict_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@handle_errors
 def send(file: Path, url: str, token: str, batch: int, connections: int, from_start: bool,
          max_retries: int, strict: bool, as_json: bool) -> None:
     """Send FILE (JSONL events) to the receiver; re-running resumes where it stopped."""
@@ -262,8 +257,7 @@ def send(file: Path, url: str, token: str, batch: int, connections: int, from_st
             click.echo(f"  {error}", err=True)
         if report.stopped:
             click.echo(f"Stopped: {report.stopped}", err=True)
-        click.echo(f"Error: {report.failed} event(s) were not delivered; run the same command again "
-                   "to retry them (ids make re-sending harmless)", err=True)
-        sys.exit(1)
+        raise DeliveryFailed(f"{report.failed} event(s) were not delivered; run the same command again "
+                             "to retry them (ids make re-sending harmless)")
 
 
