@@ -36,7 +36,7 @@ from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
-from . import events
+from . import config, events
 from .appender import JournalAppender
 from .errors import ConfigError, EvtoolError, InvalidEvent, JournalWriteError, MalformedJSON, UnknownUser
 from .metrics import CONTENT_TYPE as METRICS_TYPE
@@ -44,7 +44,7 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOKEN = "secret"
+DEFAULT_TOKEN = config.TOKEN
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 # Form-urlencoded is what `curl -d` and Python's urllib send by default: read as JSON too, so such
 # clients of the original endpoint keep working (a real form body is then 400 malformed JSON).
@@ -60,9 +60,9 @@ APPENDER_KEY = web.AppKey("appender", JournalAppender)
 class ServeSettings:
     """Everything `evtool serve` needs; the CLI fills it from options and environment."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    journal: Path = Path("server-events.jsonl")
+    host: str = config.HOST
+    port: int = config.PORT
+    journal: Path = config.JOURNAL
     token: str | None = None  # None -> DEFAULT_TOKEN, allowed only on loopback
     fsync: bool = True
     max_body: int = 16 * 1024 * 1024  # bytes per request

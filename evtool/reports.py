@@ -296,7 +296,7 @@ class StatusProbe:
         db: dict[str, Any] = {"kind": "dsn" if explicit is not None else "embedded", "dsn": None,
                               "reachable": False, "version": None, "error": None}
         if explicit is None:
-            info = embedded.running(config.home() / "pg")
+            info = embedded.running(config.pgdata())
             if info is None:
                 db["error"] = "the embedded server is not running (evtool db start starts it)"
                 self.close()

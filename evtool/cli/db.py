@@ -20,7 +20,7 @@ def db_status(as_json: bool) -> None:
     """Is the embedded server running, where, and its DSN."""
     from .. import config, embedded
 
-    pgdata = config.home() / "pg"
+    pgdata = config.pgdata()
     info = embedded.running(pgdata)
     explicit = config.explicit_dsn()
     status = {
@@ -59,7 +59,7 @@ def db_start() -> None:
     """Start the embedded server (commands also start it on first use)."""
     from .. import config, embedded
 
-    click.echo(embedded.ensure_running(config.home() / "pg"))
+    click.echo(embedded.ensure_running(config.pgdata()))
 
 
 @db.command("stop")
@@ -67,7 +67,7 @@ def db_stop() -> None:
     """Stop the embedded server."""
     from .. import config, embedded
 
-    stopped = embedded.stop(config.home() / "pg")
+    stopped = embedded.stop(config.pgdata())
     click.echo("stopped" if stopped else "not running")
 
 

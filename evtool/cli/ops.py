@@ -10,9 +10,10 @@ from typing import Any
 
 import click
 
+from .. import config
 from .base import Failed, cli, console, dsn_option, strict_option
 
-URL_OPTION = click.option("--url", envvar="EVTOOL_URL", show_envvar=True, default="http://127.0.0.1:8000",
+URL_OPTION = click.option("--url", envvar="EVTOOL_URL", show_envvar=True, default=config.URL,
                           show_default=True, help="The receiver whose GET /healthz is checked.")
 
 
@@ -40,19 +41,6 @@ def _money(value: Decimal | int) -> str:
     from ..events import format_value
 
     return format_value(value)
-
-
-def _open_store(dsn: str | None):
-    from .. import config
-    from ..store import Store
-
-    store = Store.connect(config.resolve_dsn(dsn))
-    try:
-        store.migrate()
-    except BaseException:
-        store.close()
-        raise
-    return store
 
 
 class IsoTime(click.ParamType):
@@ -95,7 +83,7 @@ def revenue_all(dsn: str | None, fmt: str) -> None:
     writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
     if writer is not None:
         writer.writerow(["user_id", "revenue"])
-    store = _open_store(dsn)
+    store = config.open_store(dsn)
     try:
         for user, total in all_revenue(store):
             if writer is not None:
@@ -207,8 +195,8 @@ def status(journals: tuple[Path, ...], dsn: str | None, url: str, watch: bool, i
     if watch and as_json:
         raise click.UsageError("--watch and --json are exclusive")
     paths = list(journals)
-    if not paths and Path("server-events.jsonl").exists():
-        paths = [Path("server-events.jsonl")]
+    if not paths and config.JOURNAL.exists():
+        paths = [config.JOURNAL]
     probe = StatusProbe(dsn, paths, url)
     try:
         if watch:
@@ -271,7 +259,7 @@ def report(dsn: str | None, top: int, prefix: str | None, since: datetime | None
 
     if as_json and as_csv:
         raise click.UsageError("--csv and --json are exclusive")
-    store = _open_store(dsn)
+    store = config.open_store(dsn)
     try:
         r = make_report(store, top=top, prefix=prefix, since=since, until=until)
     finally:
@@ -356,7 +344,7 @@ def rejects(dsn: str | None, reason: str | None, file: Path | None, limit: int, 
     from ..reports import rejects as list_rejects
 
     out = console()
-    store = _open_store(dsn)
+    store = config.open_store(dsn)
     n = 0
     try:
         for r in list_rejects(store, reason=reason, path=file, limit=limit,
@@ -379,7 +367,7 @@ def rejects(dsn: str | None, reason: str | None, file: Path | None, limit: int, 
 def _reapply(dsn: str | None, reason: str | None, file: Path | None, strict: bool, as_json: bool) -> None:
     from ..rejects import reapply
 
-    store = _open_store(dsn)
+    store = config.open_store(dsn)
     try:
         rep = reapply(store, reason=reason, path=file, strict=strict)
     finally:

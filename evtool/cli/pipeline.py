@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .. import config
 from ..errors import DeliveryFailed, EvtoolError
 from ..render import console
 from .base import Failed, cli, dsn_option, print_json, strict_option
@@ -38,7 +39,7 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
     from .. import config, processor
     from ..render import process_summary, progress_bar
 
-    paths = list(journals) or [Path("server-events.jsonl")]
+    paths = list(journals) or [config.JOURNAL]
     url = config.resolve_dsn(dsn)
     err = console(err=True)
 
@@ -136,10 +137,8 @@ def revenue(user: str | None, dsn: str | None, every: bool, as_csv: bool, as_jso
     from .. import config
     from ..errors import UnknownUser
     from ..events import format_value
-    from ..store import Store
 
-    with Store.connect(config.resolve_dsn(dsn)) as store:
-        store.migrate()
+    with config.open_store(dsn) as store:
         total = store.revenue(user)
     if total is None:
         raise UnknownUser(f"unknown user {user!r}: no events applied for it")
@@ -160,11 +159,11 @@ def _json_str(s: str) -> str:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+@click.option("--host", default=config.HOST, show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=config.PORT, show_default=True,
               help="Port to listen on (0 picks a free one).")
 @click.option("--journal", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("server-events.jsonl"), show_default=True, help="The file accepted events go to.")
+              default=config.JOURNAL, show_default=True, help="The file accepted events go to.")
 @click.option("--token", envvar="EVTOOL_TOKEN", show_envvar=True,
               help="Token clients must send in Authorization. Default 'secret', allowed on loopback only.")
 @click.option("--fsync", type=click.Choice(["on", "off"]), default="on", show_default=True,
@@ -183,7 +182,6 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
     """
     from .. import config
     from ..receiver import ServeSettings, run_server
-    from ..store import Store
 
     state: dict = {}
 
@@ -191,8 +189,7 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
         # One connection, opened on first use and reopened after a failure.
         store = state.get("store")
         if store is None:
-            store = Store.connect(config.resolve_dsn(dsn))
-            store.migrate()
+            store = config.open_store(dsn)
             state["store"] = store
         try:
             return store.revenue(user_id)
@@ -211,9 +208,9 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path), default=Path("events.jsonl"))
-@click.option("--url", envvar="EVTOOL_URL", show_envvar=True, default="http://127.0.0.1:8000",
+@click.option("--url", envvar="EVTOOL_URL", show_envvar=True, default=config.URL,
               show_default=True, help="The receiver's base URL.")
-@click.option("--token", envvar="EVTOOL_TOKEN", show_envvar=True, default="secret", show_default=True,
+@click.option("--token", envvar="EVTOOL_TOKEN", show_envvar=True, default=config.TOKEN, show_default=True,
               help="Sent as the Authorization header.")
 @click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True,
               help="Events per request; 1 sends one JSON object per request.")
