@@ -36,7 +36,7 @@ from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
-from . import config, events
+from . import config, events, output
 from .appender import JournalAppender
 from .errors import ConfigError, EvtoolError, InvalidEvent, JournalWriteError, MalformedJSON, UnknownUser
 from .metrics import CONTENT_TYPE as METRICS_TYPE
@@ -374,8 +374,8 @@ class _Receiver:
             return _error(503, "cannot read the totals from PostgreSQL; retry later", {"Retry-After": "1"})
         if revenue is None:
             return _error(404, f"unknown user: {user_id[:300]}")
-        text = events.format_value(revenue)
-        return _json(200, {"userId": user_id, "revenue": orjson.Fragment(text.encode())})
+        body = output.json_text(output.user_revenue(user_id, revenue)).encode()  # as `revenue --json`
+        return web.Response(status=200, body=body, content_type=_JSON)
 
     # -- GET /metrics -------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The root command group and what every command shares: error handling, DSN option, output.
+"""The root command group and what every command shares: the error boundary and common options.
 
 Only the CLI turns library exceptions into messages and exit codes (0 ok, 1 failed, 2 usage).
 Heavy modules (rich, aiohttp, psycopg) are imported inside the commands that need them, so
@@ -65,18 +65,6 @@ def strict_option(fn):
         "--strict", is_flag=True,
         help="No input normalization: user_id is not read as userId, string values are invalid.",
     )(fn)
-
-
-def console(err: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=err, highlight=False, soft_wrap=True)
-
-
-def print_json(obj: object) -> None:
-    import orjson
-
-    click.echo(orjson.dumps(obj).decode())
 
 
 @click.group(cls=EvtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})

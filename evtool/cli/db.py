@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .base import cli, dsn_option, print_json
+from ..output import print_json
+from .base import cli, dsn_option
 
 # -- db --------------------------------------------------------------------------------
 
