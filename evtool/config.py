@@ -46,12 +46,11 @@ def explicit_dsn(dsn: str | None = None) -> str | None:
 
 def resolve_dsn(dsn: str | None = None) -> str:
     """The DSN to connect to, starting the embedded server only when nothing else is set."""
-    chosen = explicit_dsn(dsn)
-    if chosen is not None:
-        return chosen
     from . import embedded
 
-    return embedded.ensure_running(pgdata())
+    chosen = embedded.choose(dsn).dsn
+    assert chosen is not None  # choose(start=True) always has one
+    return chosen
 
 
 def open_store(dsn: str | None = None) -> Store:

@@ -290,20 +290,16 @@ class StatusProbe:
         self.store: Store | None = None
 
     def _database(self) -> dict[str, Any]:
-        from . import config, embedded
+        from . import embedded
 
-        explicit = config.explicit_dsn(self.dsn)
-        db: dict[str, Any] = {"kind": "dsn" if explicit is not None else "embedded", "dsn": None,
+        choice = embedded.choose(self.dsn, start=False)
+        db: dict[str, Any] = {"kind": choice.kind, "dsn": None,
                               "reachable": False, "version": None, "error": None}
-        if explicit is None:
-            info = embedded.running(config.pgdata())
-            if info is None:
-                db["error"] = "the embedded server is not running (evtool db start starts it)"
-                self.close()
-                return db
-            url = info.dsn
-        else:
-            url = explicit
+        if choice.dsn is None:
+            db["error"] = "the embedded server is not running (evtool db start starts it)"
+            self.close()
+            return db
+        url = choice.dsn
         db["dsn"] = mask_dsn(url) if url else "(libpq PG* variables)"
         try:
             if self.store is None or self.store.conn.closed:

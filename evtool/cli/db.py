@@ -23,13 +23,13 @@ def db_status(as_json: bool) -> None:
 
     pgdata = config.pgdata()
     info = embedded.running(pgdata)
-    explicit = config.explicit_dsn()
+    in_use = embedded.choose(start=False).kind == "embedded"
     status = {
         "running": info is not None,
         "pgdata": str(pgdata.resolve()),
         "pid": info.pid if info else None,
         "dsn": info.dsn if info else None,
-        "in_use": explicit is None,
+        "in_use": in_use,
     }
     if as_json:
         print_json(status)
@@ -41,7 +41,7 @@ def db_status(as_json: bool) -> None:
     else:
         click.echo(f"embedded PostgreSQL: not running (data: {status['pgdata']}); "
                    "any command that needs it starts it")
-    if explicit is not None:
+    if not in_use:
         click.echo("note: a DSN is configured (EVTOOL_DSN, DATABASE_URL or PG*), so commands use it, "
                    "not the embedded server")
 
