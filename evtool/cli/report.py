@@ -50,7 +50,7 @@ def report(dsn: str | None, top: int, prefix: str | None, since: datetime | None
         raise click.UsageError("--csv and --json are exclusive")
     store = config.open_store(dsn)
     try:
-        r = make_report(store, top=top, prefix=prefix, since=since, until=until)
+        r = make_report(store, top=top, prefix=prefix, since=since, until=until).to_dict()
     finally:
         store.close()
     if as_json:

@@ -47,10 +47,10 @@ def status(journals: tuple[Path, ...], dsn: str | None, url: str, watch: bool, i
     finally:
         probe.close()
     if as_json:
-        print_json(snap)
+        print_json(snap.to_dict())
     else:
-        table_console().print(status_view(snap))
-    if not snap["database"]["reachable"]:
+        table_console().print(status_view(snap.to_dict()))
+    if not snap.database["reachable"]:
         raise Failed
 
 
@@ -66,9 +66,9 @@ def _watch(probe, interval: float) -> None:
         from rich.console import Group
 
         snap = probe.snapshot()
-        head = Text(f"evtool status, every {interval:g} s ({snap['time'].astimezone():%H:%M:%S}); "
+        head = Text(f"evtool status, every {interval:g} s ({snap.time.astimezone():%H:%M:%S}); "
                     "Ctrl-C to stop", style="dim")
-        return Group(head, status_view(snap))
+        return Group(head, status_view(snap.to_dict()))
 
     try:
         with Live(frame(), console=table_console(), auto_refresh=False, screen=False) as live:
