@@ -175,8 +175,12 @@ def test_serve_on_a_busy_port_says_so_in_one_line(tmp_path):
         held.listen()
         port = held.getsockname()[1]
         result = evtool("serve", "--port", str(port), cwd=tmp_path, timeout=30)
+        verbose = evtool("--verbose", "serve", "--port", str(port), cwd=tmp_path, timeout=30)
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("Error: ") and "in use" in lines[0], lines
     assert str(port) in lines[0]
+    # --verbose adds the traceback, and still ends with the same line and exit code
+    assert verbose.returncode == 1
+    assert "Traceback" in verbose.stderr and verbose.stderr.strip().splitlines()[-1] == lines[0]
