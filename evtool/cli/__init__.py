@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# Each module registers its command on the group, in the order `evtool --help` lists them.
+# Importing each command module registers its command on the group.
 from . import db, process, rejects, report, revenue, send, serve, status  # noqa: F401
 from .base import cli
 
