@@ -92,6 +92,32 @@ def ensure_running(pgdata: Path) -> str:
     return info.dsn
 
 
+@dataclass(frozen=True)
+class Choice:
+    """Which PostgreSQL a command uses: `kind` "dsn" or "embedded", and its DSN.
+
+    `dsn` is None only for the embedded server when it is not running and was not to be started.
+    """
+
+    kind: str
+    dsn: str | None
+
+
+def choose(dsn: str | None = None, *, start: bool = True) -> Choice:
+    """The one policy (design section 6): a DSN the user chose wins (--dsn, EVTOOL_DSN,
+    DATABASE_URL, PG*); else the embedded server under $EVTOOL_HOME/pg, started only if `start`
+    (a dashboard observes, it never starts a server)."""
+    from . import config
+
+    explicit = config.explicit_dsn(dsn)
+    if explicit is not None:
+        return Choice("dsn", explicit)
+    if start:
+        return Choice("embedded", ensure_running(config.pgdata()))
+    info = running(config.pgdata())
+    return Choice("embedded", info.dsn if info else None)
+
+
 def stop(pgdata: Path) -> bool:
     """Stop the embedded server; False if it was not running."""
     if running(pgdata) is None:

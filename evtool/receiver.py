@@ -36,7 +36,7 @@ from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
-from . import events
+from . import config, events, output
 from .appender import JournalAppender
 from .errors import ConfigError, EvtoolError, JournalWriteError, UnknownUser
 from .intake import BodyInvalid, BodyMalformed, BodyRefused, BodyTooLong, Intake, check_key, receiver_ids
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOKEN = "secret"
+DEFAULT_TOKEN = config.TOKEN
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 # Form-urlencoded is what `curl -d` and Python's urllib send by default: read as JSON too, so such
 # clients of the original endpoint keep working (a real form body is then 400 malformed JSON).
@@ -99,9 +99,9 @@ class StoreRevenue:
 class ServeSettings:
     """Everything `evtool serve` needs; the CLI fills it from options and environment."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    journal: Path = Path("server-events.jsonl")
+    host: str = config.HOST
+    port: int = config.PORT
+    journal: Path = config.JOURNAL
     token: str | None = None  # None -> DEFAULT_TOKEN, allowed only on loopback
     fsync: bool = True
     max_body: int = 16 * 1024 * 1024  # bytes per request
@@ -314,8 +314,8 @@ class _Receiver:
             return _error(503, "cannot read the totals from PostgreSQL; retry later", {"Retry-After": "1"})
         if revenue is None:
             return _error(404, f"unknown user: {user_id[:300]}")
-        text = events.format_value(revenue)
-        return _json(200, {"userId": user_id, "revenue": orjson.Fragment(text.encode())})
+        body = output.json_text(output.user_revenue(user_id, revenue)).encode()  # as `revenue --json`
+        return web.Response(status=200, body=body, content_type=_JSON)
 
     # -- GET /metrics -------------------------------------------------------------------------
 

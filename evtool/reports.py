@@ -1,8 +1,8 @@
 """What the operator reads: journal status, revenue reports, every user's total, rejected lines.
 
-Plain functions over a Store that return plain data (dicts, tuples, Decimals); the CLI renders
-them for people (rich) or for scripts (JSON, CSV). Nothing here writes, except `migrate` done by
-whoever opened the Store.
+Plain functions over a Store that return plain data (dataclasses with a `to_dict()`, dicts,
+tuples, Decimals); evtool.output renders them for people (rich) or for scripts (JSON, CSV).
+Nothing here writes, except `migrate` done by whoever opened the Store.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -190,8 +191,25 @@ def _filters(prefix: str | None, since: datetime | None, until: datetime | None,
     return (" WHERE " + " AND ".join(conds) if conds else ""), params
 
 
+@dataclass(frozen=True)
+class Report:
+    """What `evtool report` shows: revenue, users, events by name, top and bottom users."""
+
+    since: datetime | None
+    until: datetime | None
+    prefix: str | None
+    revenue: Decimal | int
+    users: int
+    events: dict[str, dict[str, Any]]  # name -> {"count", "amount"}
+    top: list[dict[str, Any]]  # {"userId", "revenue"}, highest first
+    bottom: list[dict[str, Any]]  # lowest first
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def report(store: Store, *, top: int = 10, prefix: str | None = None, since: datetime | None = None,
-           until: datetime | None = None) -> dict[str, Any]:
+           until: datetime | None = None) -> Report:
     """Overall revenue, users, events applied by name, top and bottom `top` users.
 
     Without a time window the totals and rankings come from users_revenue (every event ever
@@ -222,16 +240,15 @@ def report(store: Store, *, top: int = 10, prefix: str | None = None, since: dat
                                 " LIMIT %s", [*source_params, top]).fetchall()
             worst = conn.execute(f"SELECT user_id, revenue FROM {source} ORDER BY revenue, user_id"
                                  " LIMIT %s", [*source_params, top]).fetchall()
-    return {
-        "since": since, "until": until, "prefix": prefix,
-        "revenue": revenue, "users": users,
-        "events": {
+    return Report(
+        since=since, until=until, prefix=prefix, revenue=revenue, users=users,
+        events={
             "add_revenue": {"count": adds, "amount": added},
             "subtract_revenue": {"count": subs, "amount": subtracted},
         },
-        "top": [{"userId": u, "revenue": r} for u, r in best],
-        "bottom": [{"userId": u, "revenue": r} for u, r in worst],
-    }
+        top=[{"userId": u, "revenue": r} for u, r in best],
+        bottom=[{"userId": u, "revenue": r} for u, r in worst],
+    )
 
 
 # -- every user -------------------------------------------------------------------------------
@@ -275,6 +292,20 @@ def rejects(store: Store, *, reason: str | None = None, path: Path | None = None
 # -- the whole status -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What `evtool status` shows at one moment."""
+
+    time: datetime
+    database: dict[str, Any]  # kind, dsn (masked), reachable, version, error
+    receiver: dict[str, Any]  # url, reachable, healthy, error
+    journals: list[dict[str, Any]]  # see journal_status
+    totals: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class StatusProbe:
     """Takes status snapshots, keeping one database connection across them (for --watch).
 
@@ -290,20 +321,16 @@ class StatusProbe:
         self.store: Store | None = None
 
     def _database(self) -> dict[str, Any]:
-        from . import config, embedded
+        from . import embedded
 
-        explicit = config.explicit_dsn(self.dsn)
-        db: dict[str, Any] = {"kind": "dsn" if explicit is not None else "embedded", "dsn": None,
+        choice = embedded.choose(self.dsn, start=False)
+        db: dict[str, Any] = {"kind": choice.kind, "dsn": None,
                               "reachable": False, "version": None, "error": None}
-        if explicit is None:
-            info = embedded.running(config.home() / "pg")
-            if info is None:
-                db["error"] = "the embedded server is not running (evtool db start starts it)"
-                self.close()
-                return db
-            url = info.dsn
-        else:
-            url = explicit
+        if choice.dsn is None:
+            db["error"] = "the embedded server is not running (evtool db start starts it)"
+            self.close()
+            return db
+        url = choice.dsn
         db["dsn"] = mask_dsn(url) if url else "(libpq PG* variables)"
         try:
             if self.store is None or self.store.conn.closed:
@@ -316,7 +343,7 @@ class StatusProbe:
             db["error"] = str(exc)
         return db
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         db = self._database()
         try:
             journals = journal_status(self.store, self.paths)
@@ -324,13 +351,8 @@ class StatusProbe:
             self.close()
             db.update(reachable=False, version=None, error=str(exc))
             journals = journal_status(None, self.paths)
-        return {
-            "time": datetime.now(UTC),
-            "database": db,
-            "receiver": receiver_status(self.url, self.timeout),
-            "journals": journals,
-            "totals": totals(journals),
-        }
+        return Snapshot(time=datetime.now(UTC), database=db, receiver=receiver_status(self.url, self.timeout),
+                        journals=journals, totals=totals(journals))
 
     def close(self) -> None:
         if self.store is not None:

@@ -27,7 +27,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from . import events
+from . import config, events
 from .errors import ConfigError, DeliveryFailed, InvalidEvent, SourceError
 from .sendstate import BOM, ConfirmedPrefix, Position, StateStore, resume
 
@@ -49,13 +49,13 @@ class SendSettings:
     """What `send` does; defaults match `evtool send`."""
 
     path: Path
-    url: str = "http://127.0.0.1:8000"
-    token: str = "secret"
+    url: str = config.URL
+    token: str = config.TOKEN
     batch: int = 1000
     connections: int = 4
     from_start: bool = False
     max_retries: int = 8
-    state_dir: Path = Path(".evtool")
+    state_dir: Path = config.HOME
     timeout: float = 30.0
     strict: bool = False  # events.validate without normalization
 

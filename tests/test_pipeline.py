@@ -108,3 +108,21 @@ def test_non_loopback_bind_without_token_is_refused(tmp_path):
     assert result.returncode == 1
     assert "token" in result.stderr.lower()
     assert "Traceback" not in result.stderr
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line(tmp_path):
+    """The port is held by a real listening socket: serve fails with one line and exit 1."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = evtool("serve", "--port", str(port), cwd=tmp_path, timeout=30)
+        verbose = evtool("--verbose", "serve", "--port", str(port), cwd=tmp_path, timeout=30)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ") and "in use" in lines[0], lines
+    assert str(port) in lines[0]
+    # --verbose adds the traceback, and still ends with the same line and exit code
+    assert verbose.returncode == 1
+    assert "Traceback" in verbose.stderr and verbose.stderr.strip().splitlines()[-1] == lines[0]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import db, ops, pipeline  # noqa: F401  (they register their commands on the group)
+# Importing each command module registers its command on the group.
+from . import db, process, rejects, report, revenue, send, serve, status  # noqa: F401
 from .base import cli
 
 __all__ = ["cli", "main"]

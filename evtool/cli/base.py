@@ -1,4 +1,4 @@
-"""The root command group and what every command shares: error handling, DSN option, output.
+"""The root command group and what every command shares: the error boundary and common options.
 
 Only the CLI turns library exceptions into messages and exit codes (0 ok, 1 failed, 2 usage).
 Heavy modules (rich, aiohttp, psycopg) are imported inside the commands that need them, so
@@ -7,7 +7,7 @@ Heavy modules (rich, aiohttp, psycopg) are imported inside the commands that nee
 
 from __future__ import annotations
 
-import functools
+import errno
 
 import click
 
@@ -16,30 +16,44 @@ from ..errors import EvtoolError
 DSN_HELP = "PostgreSQL DSN. Default: EVTOOL_DSN, DATABASE_URL, PG* variables, else the embedded server."
 
 
-def fail(ctx: click.Context, exc: BaseException) -> None:
-    if ctx.find_root().obj.get("verbose"):
-        import traceback
-
-        traceback.print_exception(exc)
-    click.echo(f"Error: {exc}", err=True)
-    ctx.exit(1)
+class Failed(Exception):
+    """Exit 1 without a further message: the command has already said what went wrong."""
 
 
-def handle_errors(fn):
-    """Turn our exceptions into one line on stderr and exit 1 (a traceback with --verbose)."""
+def _one_line(exc: BaseException) -> str:
+    """The message for an error: ours are one line already; an OSError says its cause and file."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    else:
+        text = str(exc)
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context()
+
+class EvtoolGroup(click.Group):
+    """The one place errors become a line on stderr and an exit code.
+
+    Library errors and OSError (a busy port, an unreadable file) exit 1 with one line (the
+    traceback too with --verbose); `Failed` exits 1 silently; Ctrl-C exits 130; click's usage
+    errors keep their own handling (exit 2). A closed pipe goes to click, which exits quietly.
+    """
+
+    def invoke(self, ctx: click.Context):
         try:
-            return fn(*args, **kwargs)
-        except EvtoolError as exc:
-            fail(ctx, exc)
+            return super().invoke(ctx)
+        except Failed:
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+        except (EvtoolError, OSError) as exc:
+            if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
+                raise  # click.main handles it: no message for `evtool ... | head`
+            if ctx.params.get("verbose"):
+                import traceback
 
-    return wrapper
+                traceback.print_exception(exc)
+            click.echo(f"Error: {_one_line(exc)}", err=True)
+            ctx.exit(1)
 
 
 def dsn_option(fn):
@@ -53,19 +67,7 @@ def strict_option(fn):
     )(fn)
 
 
-def console(err: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=err, highlight=False, soft_wrap=True)
-
-
-def print_json(obj: object) -> None:
-    import orjson
-
-    click.echo(orjson.dumps(obj).decode())
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=EvtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--verbose", "-v", is_flag=True, help="Show tracebacks and details on errors.")
 @click.version_option(package_name="evtool")
 @click.pass_context

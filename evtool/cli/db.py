@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .base import cli, dsn_option, handle_errors, print_json
+from ..output import print_json
+from .base import cli, dsn_option
 
 # -- db --------------------------------------------------------------------------------
 
@@ -16,20 +17,19 @@ def db() -> None:
 
 @db.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-@handle_errors
 def db_status(as_json: bool) -> None:
     """Is the embedded server running, where, and its DSN."""
     from .. import config, embedded
 
-    pgdata = config.home() / "pg"
+    pgdata = config.pgdata()
     info = embedded.running(pgdata)
-    explicit = config.explicit_dsn()
+    in_use = embedded.choose(start=False).kind == "embedded"
     status = {
         "running": info is not None,
         "pgdata": str(pgdata.resolve()),
         "pid": info.pid if info else None,
         "dsn": info.dsn if info else None,
-        "in_use": explicit is None,
+        "in_use": in_use,
     }
     if as_json:
         print_json(status)
@@ -41,14 +41,13 @@ def db_status(as_json: bool) -> None:
     else:
         click.echo(f"embedded PostgreSQL: not running (data: {status['pgdata']}); "
                    "any command that needs it starts it")
-    if explicit is not None:
+    if not in_use:
         click.echo("note: a DSN is configured (EVTOOL_DSN, DATABASE_URL or PG*), so commands use it, "
                    "not the embedded server")
 
 
 @db.command("url")
 @dsn_option
-@handle_errors
 def db_url(dsn: str | None) -> None:
     """Print the DSN commands use (starting the embedded server if needed): psql "$(evtool db url)"."""
     from .. import config
@@ -57,21 +56,19 @@ def db_url(dsn: str | None) -> None:
 
 
 @db.command("start")
-@handle_errors
 def db_start() -> None:
     """Start the embedded server (commands also start it on first use)."""
     from .. import config, embedded
 
-    click.echo(embedded.ensure_running(config.home() / "pg"))
+    click.echo(embedded.ensure_running(config.pgdata()))
 
 
 @db.command("stop")
-@handle_errors
 def db_stop() -> None:
     """Stop the embedded server."""
     from .. import config, embedded
 
-    stopped = embedded.stop(config.home() / "pg")
+    stopped = embedded.stop(config.pgdata())
     click.echo("stopped" if stopped else "not running")
 
 

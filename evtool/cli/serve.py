@@ -1,0 +1,55 @@
+"""`evtool serve`: the HTTP receiver that appends events to the journal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import config
+from ..errors import EvtoolError
+from .base import cli, dsn_option, strict_option
+
+
+@cli.command()
+@click.option("--host", default=config.HOST, show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=config.PORT, show_default=True,
+              help="Port to listen on (0 picks a free one).")
+@click.option("--journal", type=click.Path(dir_okay=False, path_type=Path),
+              default=config.JOURNAL, show_default=True, help="The file accepted events go to.")
+@click.option("--token", envvar="EVTOOL_TOKEN", show_envvar=True,
+              help="Token clients must send in Authorization. Default 'secret', allowed on loopback only.")
+@click.option("--fsync", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Acknowledge only after the data is on disk (off: faster, not durable).")
+@click.option("--max-body-mb", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="Largest request body accepted.")
+@strict_option
+@dsn_option
+def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, max_body_mb: int,
+          strict: bool, dsn: str | None) -> None:
+    """Receive events over HTTP and append them durably to the journal.
+
+    POST /liveEvent takes one JSON object or a bulk (NDJSON or a JSON array);
+    GET /userEvents/<userId> answers a user's total; GET /healthz needs no token;
+    GET /metrics serves Prometheus metrics (token needed).
+    """
+    from ..receiver import ServeSettings, run_server
+
+    state: dict = {}
+
+    def lookup(user_id: str):
+        # One connection, opened on first use and reopened after a failure.
+        store = state.get("store")
+        if store is None:
+            store = config.open_store(dsn)
+            state["store"] = store
+        try:
+            return store.revenue(user_id)
+        except EvtoolError:
+            state.pop("store", None)
+            store.close()
+            raise
+
+    settings = ServeSettings(host=host, port=port, journal=journal, token=token, fsync=fsync == "on",
+                             max_body=max_body_mb << 20, revenue_lookup=lookup, strict=strict)
+    run_server(settings, on_ready=lambda message: click.echo(message, err=True))

@@ -1,0 +1,312 @@
+"""All output, for people and for scripts: consoles, progress, summaries, tables, JSON, CSV.
+
+Human text goes through rich on a terminal and through `Plain` when piped, so a script's run
+does not pay for importing rich; only the tables of `status` and `report` need rich on a pipe
+(`table_console`). JSON is written one way (`json_text`): orjson, with every Decimal written
+with exactly its digits. Commands and the receiver call these; nothing else formats output.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TextIO
+
+import click
+
+
+class Plain:
+    """The part of rich's Console the pipeline commands use, for output that is not a terminal."""
+
+    is_terminal = False
+
+    def __init__(self, err: bool = False) -> None:
+        self.file = sys.stderr if err else sys.stdout
+
+    def print(self, *objects: Any, style: str | None = None, **_: Any) -> None:
+        print(*objects, file=self.file, flush=True)
+
+
+def console(err: bool = False) -> Any:
+    """A rich Console on a terminal, else Plain."""
+    if not (sys.stderr if err else sys.stdout).isatty():
+        return Plain(err)
+    from rich.console import Console
+
+    return Console(stderr=err, highlight=False, soft_wrap=True)
+
+
+def table_console() -> Any:
+    """The console for rich tables: on a pipe, wide enough that no cell wraps."""
+    from rich.console import Console
+
+    out = Console(highlight=False, soft_wrap=True)
+    if not out.is_terminal:
+        out.width = 200
+    return out
+
+
+# -- machine output ---------------------------------------------------------------------------
+
+
+def _exact(obj: Any) -> Any:
+    from .events import value_fragment
+
+    if isinstance(obj, Decimal):
+        return value_fragment(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+def json_text(obj: Any, *, spaced: bool = False) -> str:
+    """JSON with exact numbers: Decimals are written with exactly their digits. The one writer.
+
+    Compact, except `spaced`: a flat object as `{"k": v, "k2": v2}`, the layout `revenue USER
+    --json` has always printed (scripts may match it as text).
+    """
+    import orjson
+
+    if spaced and isinstance(obj, dict):
+        return "{" + ", ".join(f"{json_text(k)}: {json_text(v)}" for k, v in obj.items()) + "}"
+    return orjson.dumps(obj, default=_exact).decode()
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json_text(obj))
+
+
+def money(value: Decimal | int) -> str:
+    """A total as exact text (no exponent, no float rounding)."""
+    from .events import format_value
+
+    return format_value(value)
+
+
+def user_revenue(user: str, total: Decimal | int) -> dict[str, Any]:
+    """One user's total as `revenue --json` prints it and GET /userEvents/<userId> answers it."""
+    return {"userId": user, "revenue": total}
+
+
+def csv_writer(out: TextIO | None = None) -> Any:
+    """CSV rows with \\n line ends, to `out` (default: the current stdout, looked up at call time)."""
+    import csv
+
+    return csv.writer(out or sys.stdout, lineterminator="\n")
+
+
+# -- progress and summaries -------------------------------------------------------------------
+
+
+@contextmanager
+def progress_bar(console: Any, verb: str) -> Iterator[Callable[[str, int, int | None], None]]:
+    """Yield update(name, done_bytes, total_bytes); draws only on a terminal."""
+    if not console.is_terminal:
+        yield lambda name, done, total: None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    tasks: dict[str, int] = {}
+    with Progress(TextColumn(f"{verb} {{task.description}}"), BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+
+        def update(name: str, done: int, total: int | None) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(name, total=total)
+            if total is not None:
+                progress.update(tasks[name], total=total)
+            progress.update(tasks[name], completed=done)
+
+        yield update
+
+
+def process_summary(console: Any, report) -> None:
+    for f in report.files:
+        if f.waiting:
+            console.print(f"{f.path}: nothing to apply ({f.waiting})")
+        for line, reason in f.reject_samples:
+            console.print(f"{f.path}:{line}: rejected: {reason}", style="yellow")
+        if f.rejected > len(f.reject_samples):
+            more = f.rejected - len(f.reject_samples)
+            console.print(f"{f.path}: ... and {more} more rejected", style="yellow")
+    console.print(
+        f"applied {report.applied} events, skipped {report.duplicates} duplicates, "
+        f"rejected {report.rejected} lines, {len(report.users)} users touched, "
+        f"{report.seconds:.2f} s, {report.events_per_second:,.0f} events/s"
+    )
+
+
+def send_summary(console: Any, report) -> None:
+    for line, reason in report.invalid_lines:
+        console.print(f"line {line}: skipped: {reason}", style="yellow")
+    console.print(
+        f"sent {report.sent} events, skipped {report.skipped_invalid} invalid, "
+        f"{report.already_sent} already sent, retried {report.retried}, failed {report.failed}, "
+        f"{report.seconds:.2f} s, {report.events_per_second:,.0f} events/s"
+    )
+
+
+def process_dict(report) -> dict[str, Any]:
+    """`process --json`."""
+    return {
+        "applied": report.applied,
+        "duplicates": report.duplicates,
+        "rejected": report.rejected,
+        "users": len(report.users),
+        "seconds": round(report.seconds, 3),
+        "events_per_second": round(report.events_per_second, 1),
+        "retries": report.retries,
+        "files": [
+            {"path": f.path, "applied": f.applied, "duplicates": f.duplicates, "rejected": f.rejected,
+             "offset": f.offset, "size": f.size, "waiting": f.waiting,
+             "rejects": [{"line": n, "reason": r} for n, r in f.reject_samples]}
+            for f in report.files
+        ],
+    }
+
+
+def send_dict(report) -> dict[str, Any]:
+    """`send --json`."""
+    return {
+        "source": report.source, "sent": report.sent, "skipped_invalid": report.skipped_invalid,
+        "already_sent": report.already_sent, "retried": report.retried, "failed": report.failed,
+        "seconds": round(report.seconds, 3), "events_per_second": round(report.events_per_second, 1),
+        "invalid": [{"line": n, "reason": r} for n, r in report.invalid_lines],
+        "new_source_reason": report.new_source_reason, "stopped": report.stopped,
+        "errors": report.errors,
+    }
+
+
+def reapply_dict(rep) -> dict[str, Any]:
+    """`rejects --reapply --json`."""
+    return {
+        "applied": rep.applied, "duplicates": rep.duplicates, "still_invalid": rep.still_invalid,
+        "reasons_updated": rep.reasons_updated, "users": len(rep.users),
+        "lines": [{"path": p, "line": n, "outcome": o} for p, n, o in rep.lines],
+    }
+
+
+# -- status, report, rejects --------------------------------------------------------------
+
+
+def _ago(t: datetime | None, now: datetime) -> str:
+    if t is None:
+        return "never"
+    secs = max(0, int((now - t).total_seconds()))
+    span = f"{secs} s" if secs < 120 else f"{secs // 60} min" if secs < 7200 else f"{secs // 3600} h"
+    return f"{t.astimezone():%Y-%m-%d %H:%M:%S} ({span} ago)"
+
+
+def _short(path: str) -> str:
+    """A path relative to the working directory when it is under it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def _n(v: int | None) -> str:
+    return "-" if v is None else f"{v:,}"
+
+
+def status_view(s: dict[str, Any]):
+    """The status snapshot as rich renderables (a table of journals between two lines)."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    db = s["database"]
+    where = f"{db['kind']} {db['dsn']}" if db["dsn"] else db["kind"]
+    if db["reachable"]:
+        db_line = Text.assemble("database  ", (f"{where}: reachable", "green"),
+                                f" (PostgreSQL {db['version']})")
+    else:
+        db_line = Text.assemble("database  ", (f"{where}: unreachable", "red"), f" ({db['error']})")
+    r = s["receiver"]
+    if r["reachable"] and r["healthy"]:
+        rx_line = Text.assemble("receiver  ", (f"{r['url']}: ok", "green"))
+    elif r["reachable"]:
+        rx_line = Text.assemble("receiver  ", (f"{r['url']}: unhealthy", "red"), f" ({r['error']})")
+    else:
+        rx_line = Text.assemble("receiver  ", (f"{r['url']}: not answering", "yellow"))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for name, justify in (("journal", "left"), ("state", "left"), ("size", "right"),
+                          ("processed", "right"), ("lag bytes", "right"), ("lag lines", "right"),
+                          ("applied", "right"), ("dups", "right"), ("rejected", "right"),
+                          ("last processed", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    style = {"ok": "green", "new": "yellow", "waiting": "yellow"}
+    for j in s["journals"]:
+        rejected = _n(j["rejected"])
+        if j["rejects_pending"]:
+            rejected += f" ({j['rejects_pending']:,} pending)"
+        lag_style = "yellow" if j["lag_lines"] else ""
+        table.add_row(_short(j["path"]), Text(j["state"], style.get(j["state"], "red")), _n(j["size"]),
+                      _n(j["offset"]), Text(_n(j["lag_bytes"]), lag_style),
+                      Text(_n(j["lag_lines"]), lag_style),
+                      _n(j["applied"]), _n(j["duplicates"]), rejected, _ago(j["last_processed"], s["time"]))
+    parts: list[Any] = [db_line, rx_line]
+    if s["journals"]:
+        parts += [Text(""), table]
+    else:
+        parts.append(Text("no journals: none known to the database, and no ./server-events.jsonl"))
+    return Group(*parts)
+
+
+def report_csv(r: dict[str, Any]) -> None:
+    w = csv_writer()
+    w.writerow(["section", "name", "count", "amount"])
+    w.writerow(["total", "revenue", r["users"], money(r["revenue"])])
+    for name, e in r["events"].items():
+        w.writerow(["events", name, e["count"], money(e["amount"])])
+    for section in ("top", "bottom"):
+        for u in r[section]:
+            w.writerow([section, u["userId"], "", money(u["revenue"])])
+
+
+def report_text(r: dict[str, Any]) -> None:
+    from rich import box
+    from rich.table import Table
+
+    out = table_console()
+    scope = []
+    if r["prefix"]:
+        scope.append(f"users starting with {r['prefix']!r}")
+    if r["since"] or r["until"]:
+        since = f"{r['since'].astimezone():%Y-%m-%d %H:%M:%S}" if r["since"] else "the start"
+        until = f"{r['until'].astimezone():%Y-%m-%d %H:%M:%S}" if r["until"] else "now"
+        scope.append(f"applied from {since} until {until}")
+    out.print(f"revenue {money(r['revenue'])} over {r['users']:,} users"
+              + (f" ({', '.join(scope)})" if scope else ""))
+    for name, e in r["events"].items():
+        out.print(f"{name:<17} {e['count']:>12,} events  {money(e['amount'])}")
+    for section, title in (("top", "top"), ("bottom", "bottom")):
+        if not r[section]:
+            continue
+        table = Table(title=f"{title} {len(r[section])}", box=box.SIMPLE_HEAD, title_justify="left",
+                      pad_edge=False, show_edge=False)
+        table.add_column("user")
+        table.add_column("revenue", justify="right")
+        for u in r[section]:
+            table.add_row(u["userId"], money(u["revenue"]))
+        out.print(table)
+
+
+def reject_line(out: Any, r: dict[str, Any]) -> None:
+    """One rejected line: where, when, why, and the raw line."""
+    done = f"  [re-applied: {r['reapply_outcome']}]" if r["reapplied_at"] else ""
+    out.print(f"{r['path']}:{r['line']}  {r['rejected_at'].astimezone():%Y-%m-%d %H:%M:%S}  "
+              f"{r['reason']}{done}", style="yellow", markup=False)
+    out.print(f"    {r['raw']}", markup=False)
+
+
+def reapply_summary(out: Any, rep) -> None:
+    for p, n, o in rep.lines:
+        out.print(f"{p}:{n}: {'re-applied' if o == 'applied' else 'already applied (duplicate)'}",
+                  markup=False)
+    out.print(f"re-applied {rep.applied} lines, {rep.duplicates} were already applied, "
+              f"{rep.still_invalid} still invalid ({rep.reasons_updated} with a new reason), "
+              f"{len(rep.users)} users touched")
