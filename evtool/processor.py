@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import identity, journal, parser
-from .errors import EvtoolError, JournalError, SourceError
+from .errors import EvtoolError, SourceError
 from .parser import Batch, ParsedPart
-from .store import FileProgress, Store, copy_rows, retrying
+from .store import Store, copy_rows, retrying
 
 DEFAULT_BATCH_BYTES = 128 * 1024 * 1024  # one transaction: its cost is one upsert per user
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
@@ -252,32 +252,15 @@ class Processor:
         """The journal's committed offset, once it is known not to be a second file (see below)."""
         known = store.file_progress(fp)
         if known is not None:
-            self._check_identity(known, fp, resolved)
+            journal.check_not_twin(known.path, fp, resolved)
         return known.offset if known else 0
-
-    @staticmethod
-    def _check_identity(known: FileProgress, fp: bytes, resolved: str) -> None:
-        """Refuse a second file that begins with the same line as a journal we already know."""
-        if known.path == resolved:
-            return
-        other = Path(known.path)
-        try:
-            with open(other, "rb") as g:
-                same = journal.fingerprint(g) == fp
-        except OSError:
-            same = False  # the old path is gone or unreadable: this is the renamed journal
-        if same and not os.path.samefile(other, resolved):
-            raise JournalError(
-                f"{resolved} begins with the same line as {known.path}, a journal already processed: "
-                "they cannot be told apart. Process only one of them, or give each a distinct first line"
-            )
 
     def _transaction(self, store: Store, f: BinaryIO, fp: bytes, resolved: str, b: Batch,
                      report: FileReport) -> str:
         """One batch, one transaction. Counts go into `report` only once it committed."""
         with store.transaction():
             p = store.lock_progress(fp, resolved)
-            self._check_file(f, p, resolved)
+            journal.check_unchanged(f, p.offset, p.tail_digest, resolved)
             report.offset = p.offset
             if p.offset != b.offset:
                 return _MOVED
@@ -312,22 +295,6 @@ class Processor:
         report.reject_samples.extend((first_line + index, why) for _, index, _, why in b.rejects[:room])
         self._users.update(outcome.users)
         return _COMMITTED
-
-    def _check_file(self, f: BinaryIO, p: FileProgress, resolved: str) -> None:
-        size = journal.size(f)
-        if size < p.offset:
-            raise JournalError(
-                f"{resolved} is shorter ({size} bytes) than its processed offset ({p.offset}): it was "
-                "truncated or replaced. Nothing was applied from it. Put the processed file back; a new file "
-                "needs a first line of its own (evtool never guesses which lines are new)"
-            )
-        if p.tail_digest is not None and journal.tail_digest(f, p.offset) != p.tail_digest:
-            raise JournalError(
-                f"{resolved} differs from the journal processed under the same first line before offset "
-                f"{p.offset}: it was replaced or rewritten. Nothing was applied from it. Put the "
-                "processed file back; a new file needs a first line of its own (evtool never guesses "
-                "which lines are new)"
-            )
 
     # -- many journals -----------------------------------------------------------------
 
