@@ -79,6 +79,35 @@ class Outcome:
     users: list[str] = field(default_factory=list)
 
 
+class ParsePool:
+    """The parsing worker processes: started on first use, each parses a part of a batch."""
+
+    def __init__(self, workers: int, piece_bytes: int, strict: bool) -> None:
+        self.workers = workers
+        self.piece_bytes = piece_bytes
+        self.strict = strict
+        self._pool: ProcessPoolExecutor | None = None
+
+    def submit(self, f: BinaryIO, path: str, start: int, end: int) -> list[Future]:
+        """Parse [start, end) of the open journal `f` (at `path`), its parts at the same time."""
+        if self._pool is None:
+            # fork: workers start at once and share the loaded modules. They never touch the
+            # inherited database socket, and leave with os._exit, which sends nothing on it.
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                             initializer=parser.exit_with_parent, initargs=(os.getpid(),))
+        st = os.fstat(f.fileno())
+        file_id = (st.st_dev, st.st_ino)  # a worker checks it opened the same file
+        return [
+            self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict)
+            for lo, hi in journal.split(f, start, end, self.workers)
+        ]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
 @dataclass
 class _Planned:
     """A batch: its byte range and its parsed parts, or the workers' futures of them."""
@@ -127,13 +156,12 @@ class Processor:
         self.dsn = dsn
         self.strict = strict  # events.validate without normalization
         self.batch_bytes = batch_bytes
-        self.chunk_bytes = piece_bytes
         self.inline_bytes = inline_bytes
         self.retry_for = retry_for
         self.on_retry = on_retry
         self.workers = min(2, os.cpu_count() or 1) if workers is None else workers
         self.store: Store | None = None
-        self.pool: ProcessPoolExecutor | None = None
+        self.pool = ParsePool(self.workers, piece_bytes, strict)
         self.retries = 0
         self._users: set[str] = set()  # users whose totals this run changed
 
@@ -166,24 +194,10 @@ class Processor:
         if self.workers <= 0 or end - start < self.inline_bytes:
             f.seek(start)
             return _Planned(start, end, [parser.parse(f.read(end - start), start, strict=self.strict)])
-        if self.pool is None:
-            # fork: workers start at once and share the loaded modules. They never touch the
-            # inherited database socket, and leave with os._exit, which sends nothing on it.
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=parser.exit_with_parent, initargs=(os.getpid(),))
-        st = os.fstat(f.fileno())
-        identity = (st.st_dev, st.st_ino)
-        # The workers parse parts of one batch at the same time.
-        parts = journal.split(f, start, end, self.workers)
-        return _Planned(start, end, [
-            self.pool.submit(parser.parse_range, path, identity, lo, hi, self.chunk_bytes, self.strict)
-            for lo, hi in parts
-        ])
+        return _Planned(start, end, self.pool.submit(f, path, start, end))
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-            self.pool = None
+        self.pool.close()
         if self.store is not None:
             self.store.close()
 
