@@ -48,11 +48,6 @@ class Event:
     event_id: str | None
     obj: dict
 
-    @property
-    def delta(self) -> Value:
-        """The signed change this event makes to its user's total."""
-        return self.value if self.name == "add_revenue" else -self.value
-
 
 _VALUE_TEXT = re.compile(rb'"value"\s*:\s*(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)')
 

@@ -160,10 +160,7 @@ def _event(raw: bytes, strict: bool = False) -> tuple[str, bool, events.Value, s
     The common shape (events.common_shape) is taken as it is; everything else goes through
     the shared validator, which accepts a superset of it.
     """
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise events.MalformedJSON(f"malformed JSON: {exc}") from None
+    obj = events.parse_json(raw)
     if events.common_shape(obj, strict):
         eid = obj.get("eventId")  # type: ignore[union-attr]
         if eid is not None:

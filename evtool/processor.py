@@ -402,7 +402,5 @@ def process(
     proc = Processor(dsn, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry, **tuning)
     try:
         return proc.process(paths, on_progress)
-    except EvtoolError:
-        raise
     finally:
         proc.close()
