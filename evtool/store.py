@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -264,6 +264,52 @@ class Store:
                 " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                 rows,
             )
+
+    # -- rejects --reapply (see rejects) -------------------------------------------------------
+
+    def rejected_fingerprints(self, where: str, params: list[Any]) -> list[bytes]:
+        """The journals that have rejected lines matching `where` (see reports.reject_filter)."""
+        with translated():
+            rows = self.conn.execute(
+                f"SELECT DISTINCT fingerprint FROM rejected_lines WHERE {where} ORDER BY fingerprint", params)
+            return [r[0] for r in rows]
+
+    def lock_rejects(self, fp: bytes, after: int, where: str, params: list[Any], limit: int) -> list[tuple]:
+        """Lock a journal's progress row, then read up to `limit` of its rejected lines matching
+        `where` after offset `after`: (offset, line_no, path, raw, reason), in offset order.
+
+        The lock serializes with `process` (and other reappliers) on this journal; reading
+        after it sees what a concurrent reapply committed meanwhile.
+        """
+        with translated():
+            self.conn.execute("SELECT 1 FROM journal_files WHERE fingerprint = %s FOR UPDATE", (fp,))
+            return self.conn.execute(
+                f'SELECT "offset", line_no, path, raw, reason FROM rejected_lines'
+                f' WHERE fingerprint = %s AND "offset" > %s AND {where} ORDER BY "offset" LIMIT %s',
+                [fp, after, *params, limit],
+            ).fetchall()
+
+    def mark_reapplied(self, fp: bytes, outcomes: list[tuple[str, bytes, int]],
+                       new_reasons: list[tuple[str, bytes, int]]) -> None:
+        """Mark reapplied lines (outcome, fingerprint, offset), update reasons (reason,
+        fingerprint, offset), and move the journal's counters from rejected to applied/duplicates."""
+        with translated():
+            with self.conn.cursor() as cur:
+                if outcomes:
+                    cur.executemany(
+                        "UPDATE rejected_lines SET reapplied_at = now(), reapply_outcome = %s"
+                        ' WHERE fingerprint = %s AND "offset" = %s', outcomes)
+                if new_reasons:
+                    cur.executemany(
+                        'UPDATE rejected_lines SET reason = %s WHERE fingerprint = %s AND "offset" = %s',
+                        new_reasons)
+            applied = sum(1 for o, _, _ in outcomes if o == "applied")
+            if outcomes:
+                self.conn.execute(
+                    "UPDATE journal_files SET applied = applied + %s, duplicates = duplicates + %s,"
+                    " rejected = rejected - %s WHERE fingerprint = %s",
+                    (applied, len(outcomes) - applied, len(outcomes), fp),
+                )
 
     def advance(self, p: FileProgress) -> None:
         """Store the new offset and counters of a locked journal row."""
