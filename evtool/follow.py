@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .processor import FileReport, Processor, ProcessReport
+from .processor import MAX_REJECT_SAMPLES, FileReport, Processor, ProcessReport
 
 DEFAULT_POLL = 0.01  # seconds between checks of an idle journal
 
@@ -102,6 +102,6 @@ def _apply(processor: Processor, w: _Watched, report: ProcessReport) -> int:
     total.bytes += fr.bytes
     total.batches += fr.batches
     total.offset, total.size, total.waiting = fr.offset, fr.size, fr.waiting
-    room = 20 - len(total.reject_samples)
+    room = MAX_REJECT_SAMPLES - len(total.reject_samples)
     total.reject_samples.extend(fr.reject_samples[:room])
     return fr.applied + fr.duplicates + fr.rejected

@@ -1,8 +1,9 @@
 """Reading journals (design section 4): fingerprints and batches of complete lines.
 
 A journal is identified by the fingerprint of its first complete line, not by its path, so a
-renamed or rotated file keeps its progress. Only complete lines are read: a trailing line
-without its newline waits for the next run.
+renamed or rotated file keeps its progress. Whether a file is still the one whose progress is
+recorded is decided here too (`check_not_twin`, `check_unchanged`). Only complete lines are
+read: a trailing line without its newline waits for the next run.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 from hashlib import blake2b
 from typing import BinaryIO
+
+from .errors import JournalError
 
 FIRST_LINE_LIMIT = 1024 * 1024  # a first line longer than this is fingerprinted by its prefix
 SCAN_BYTES = 64 * 1024  # read size when looking for a line end
@@ -84,3 +87,44 @@ def split(f: BinaryIO, start: int, end: int, parts: int) -> list[tuple[int, int]
 
 def size(f: BinaryIO) -> int:
     return os.fstat(f.fileno()).st_size
+
+
+# -- is this still the same file? --------------------------------------------------------------
+
+
+def check_not_twin(known_path: str, fp: bytes, path: str) -> None:
+    """Refuse a second file that begins with the same line as a journal we already know.
+
+    `known_path` is where the journal with fingerprint `fp` was last processed; `path` is the
+    resolved path of the file at hand.
+    """
+    if known_path == path:
+        return
+    try:
+        with open(known_path, "rb") as g:
+            same = fingerprint(g) == fp
+    except OSError:
+        same = False  # the old path is gone or unreadable: this is the renamed journal
+    if same and not os.path.samefile(known_path, path):
+        raise JournalError(
+            f"{path} begins with the same line as {known_path}, a journal already processed: "
+            "they cannot be told apart. Process only one of them, or give each a distinct first line"
+        )
+
+
+def check_unchanged(f: BinaryIO, offset: int, tail: bytes | None, path: str) -> None:
+    """Refuse a file shorter than its processed offset, or whose bytes before it changed."""
+    now = size(f)
+    if now < offset:
+        raise JournalError(
+            f"{path} is shorter ({now} bytes) than its processed offset ({offset}): it was "
+            "truncated or replaced. Nothing was applied from it. Put the processed file back; a new file "
+            "needs a first line of its own (evtool never guesses which lines are new)"
+        )
+    if tail is not None and tail_digest(f, offset) != tail:
+        raise JournalError(
+            f"{path} differs from the journal processed under the same first line before offset "
+            f"{offset}: it was replaced or rewritten. Nothing was applied from it. Put the "
+            "processed file back; a new file needs a first line of its own (evtool never guesses "
+            "which lines are new)"
+        )

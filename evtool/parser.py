@@ -157,26 +157,15 @@ def merge(into: Sums, other: Sums, *, take: bool = False) -> None:
 def _event(raw: bytes, strict: bool = False) -> tuple[str, bool, events.Value, str | None]:
     """(user, is_add, value, eventId) of a valid line; raises InvalidEvent.
 
-    The common shape (integer value) is checked inline; everything else goes through the
-    shared validator, which accepts a superset of what the inline checks accept. A `user_id`
-    key (an alias that may disagree with `userId`) always takes the validator.
+    The common shape (events.common_shape) is taken as it is; everything else goes through
+    the shared validator, which accepts a superset of it.
     """
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise events.MalformedJSON(f"malformed JSON: {exc}") from None
-    if type(obj) is dict:
-        user = obj.get("userId")
-        name = obj.get("name")
-        value = obj.get("value")
-        if (type(value) is int and 0 <= value < _MAX_INT and type(user) is str
-                and 0 < len(user) <= events.MAX_USER_ID and "\x00" not in user
-                and (name == "add_revenue" or name == "subtract_revenue")
-                and (strict or "user_id" not in obj)):
-            eid = obj.get("eventId")
-            if eid is not None:
-                events.check_event_id(eid, allow_reserved=True)
-            return user, name == "add_revenue", value, eid
+    obj = events.parse_json(raw)
+    if events.common_shape(obj, strict):
+        eid = obj.get("eventId")  # type: ignore[union-attr]
+        if eid is not None:
+            events.check_event_id(eid, allow_reserved=True)
+        return obj["userId"], obj["name"] == "add_revenue", obj["value"], eid  # type: ignore[index]
     ev = events.validate(obj, raw, allow_reserved=True, strict=strict)
     return ev.user_id, ev.name == "add_revenue", ev.value, ev.event_id
 
@@ -252,7 +241,7 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
             if not line or line.isspace():
                 continue
             obj = None  # _event below says what is wrong
-        # The inline checks accept a subset of what events.validate accepts.
+        # events.common_shape, inlined (it runs once per event); validate accepts a superset.
         if type(obj) is dict:
             user = obj.get("userId")
             value = obj.get("value")

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import identity, journal, parser
-from .errors import EvtoolError, JournalError, SourceError
+from .errors import EvtoolError, SourceError
 from .parser import Batch, ParsedPart
-from .store import FileProgress, Store, copy_rows, retrying
+from .store import Store, copy_rows, retrying
 
 DEFAULT_BATCH_BYTES = 128 * 1024 * 1024  # one transaction: its cost is one upsert per user
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
@@ -79,6 +79,35 @@ class Outcome:
     users: list[str] = field(default_factory=list)
 
 
+class ParsePool:
+    """The parsing worker processes: started on first use, each parses a part of a batch."""
+
+    def __init__(self, workers: int, piece_bytes: int, strict: bool) -> None:
+        self.workers = workers
+        self.piece_bytes = piece_bytes
+        self.strict = strict
+        self._pool: ProcessPoolExecutor | None = None
+
+    def submit(self, f: BinaryIO, path: str, start: int, end: int) -> list[Future]:
+        """Parse [start, end) of the open journal `f` (at `path`), its parts at the same time."""
+        if self._pool is None:
+            # fork: workers start at once and share the loaded modules. They never touch the
+            # inherited database socket, and leave with os._exit, which sends nothing on it.
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                             initializer=parser.exit_with_parent, initargs=(os.getpid(),))
+        st = os.fstat(f.fileno())
+        file_id = (st.st_dev, st.st_ino)  # a worker checks it opened the same file
+        return [
+            self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict)
+            for lo, hi in journal.split(f, start, end, self.workers)
+        ]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
 @dataclass
 class _Planned:
     """A batch: its byte range and its parsed parts, or the workers' futures of them."""
@@ -127,13 +156,12 @@ class Processor:
         self.dsn = dsn
         self.strict = strict  # events.validate without normalization
         self.batch_bytes = batch_bytes
-        self.chunk_bytes = piece_bytes
         self.inline_bytes = inline_bytes
         self.retry_for = retry_for
         self.on_retry = on_retry
         self.workers = min(2, os.cpu_count() or 1) if workers is None else workers
         self.store: Store | None = None
-        self.pool: ProcessPoolExecutor | None = None
+        self.pool = ParsePool(self.workers, piece_bytes, strict)
         self.retries = 0
         self._users: set[str] = set()  # users whose totals this run changed
 
@@ -166,24 +194,10 @@ class Processor:
         if self.workers <= 0 or end - start < self.inline_bytes:
             f.seek(start)
             return _Planned(start, end, [parser.parse(f.read(end - start), start, strict=self.strict)])
-        if self.pool is None:
-            # fork: workers start at once and share the loaded modules. They never touch the
-            # inherited database socket, and leave with os._exit, which sends nothing on it.
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=parser.exit_with_parent, initargs=(os.getpid(),))
-        st = os.fstat(f.fileno())
-        identity = (st.st_dev, st.st_ino)
-        # The workers parse parts of one batch at the same time.
-        parts = journal.split(f, start, end, self.workers)
-        return _Planned(start, end, [
-            self.pool.submit(parser.parse_range, path, identity, lo, hi, self.chunk_bytes, self.strict)
-            for lo, hi in parts
-        ])
+        return _Planned(start, end, self.pool.submit(f, path, start, end))
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-            self.pool = None
+        self.pool.close()
         if self.store is not None:
             self.store.close()
 
@@ -252,32 +266,15 @@ class Processor:
         """The journal's committed offset, once it is known not to be a second file (see below)."""
         known = store.file_progress(fp)
         if known is not None:
-            self._check_identity(known, fp, resolved)
+            journal.check_not_twin(known.path, fp, resolved)
         return known.offset if known else 0
-
-    @staticmethod
-    def _check_identity(known: FileProgress, fp: bytes, resolved: str) -> None:
-        """Refuse a second file that begins with the same line as a journal we already know."""
-        if known.path == resolved:
-            return
-        other = Path(known.path)
-        try:
-            with open(other, "rb") as g:
-                same = journal.fingerprint(g) == fp
-        except OSError:
-            same = False  # the old path is gone or unreadable: this is the renamed journal
-        if same and not os.path.samefile(other, resolved):
-            raise JournalError(
-                f"{resolved} begins with the same line as {known.path}, a journal already processed: "
-                "they cannot be told apart. Process only one of them, or give each a distinct first line"
-            )
 
     def _transaction(self, store: Store, f: BinaryIO, fp: bytes, resolved: str, b: Batch,
                      report: FileReport) -> str:
         """One batch, one transaction. Counts go into `report` only once it committed."""
         with store.transaction():
             p = store.lock_progress(fp, resolved)
-            self._check_file(f, p, resolved)
+            journal.check_unchanged(f, p.offset, p.tail_digest, resolved)
             report.offset = p.offset
             if p.offset != b.offset:
                 return _MOVED
@@ -312,22 +309,6 @@ class Processor:
         report.reject_samples.extend((first_line + index, why) for _, index, _, why in b.rejects[:room])
         self._users.update(outcome.users)
         return _COMMITTED
-
-    def _check_file(self, f: BinaryIO, p: FileProgress, resolved: str) -> None:
-        size = journal.size(f)
-        if size < p.offset:
-            raise JournalError(
-                f"{resolved} is shorter ({size} bytes) than its processed offset ({p.offset}): it was "
-                "truncated or replaced. Nothing was applied from it. Put the processed file back; a new file "
-                "needs a first line of its own (evtool never guesses which lines are new)"
-            )
-        if p.tail_digest is not None and journal.tail_digest(f, p.offset) != p.tail_digest:
-            raise JournalError(
-                f"{resolved} differs from the journal processed under the same first line before offset "
-                f"{p.offset}: it was replaced or rewritten. Nothing was applied from it. Put the "
-                "processed file back; a new file needs a first line of its own (evtool never guesses "
-                "which lines are new)"
-            )
 
     # -- many journals -----------------------------------------------------------------
 
@@ -421,7 +402,5 @@ def process(
     proc = Processor(dsn, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry, **tuning)
     try:
         return proc.process(paths, on_progress)
-    except EvtoolError:
-        raise
     finally:
         proc.close()

@@ -49,8 +49,7 @@ def reapply(store: Store, *, reason: str | None = None, path: Path | None = None
     conds, params = reject_filter(reason, path)
     where = " AND ".join(conds)
     with store.transaction():
-        fingerprints = [r[0] for r in store.conn.execute(
-            f"SELECT DISTINCT fingerprint FROM rejected_lines WHERE {where} ORDER BY fingerprint", params)]
+        fingerprints = store.rejected_fingerprints(where, params)
     for fp in fingerprints:
         after = -1
         while True:
@@ -67,15 +66,7 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
 
     Returns the last offset handled, or None when there was nothing left.
     """
-    conn = store.conn
-    # Serialize with `process` (and other reappliers) on this journal.
-    conn.execute("SELECT 1 FROM journal_files WHERE fingerprint = %s FOR UPDATE", (fp,))
-    # Read after the lock: a concurrent reapply that committed meanwhile is seen.
-    rows = conn.execute(
-        f'SELECT "offset", line_no, path, raw, reason FROM rejected_lines'
-        f' WHERE fingerprint = %s AND "offset" > %s AND {where} ORDER BY "offset" LIMIT %s',
-        [fp, after, *params, limit],
-    ).fetchall()
+    rows = store.lock_rejects(fp, after, where, params, limit)
     if not rows:
         return None
     valid: list[tuple[int, int, str, events.Event]] = []  # offset, line, path, event
@@ -118,20 +109,6 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
             report.lines.append((path, line_no, outcome))
     store.add_to_totals(copy_rows(sums))
     claim.record()
-    with conn.cursor() as cur:
-        if outcomes:
-            cur.executemany(
-                "UPDATE rejected_lines SET reapplied_at = now(), reapply_outcome = %s"
-                ' WHERE fingerprint = %s AND "offset" = %s', outcomes)
-        if new_reasons:
-            cur.executemany('UPDATE rejected_lines SET reason = %s WHERE fingerprint = %s AND "offset" = %s',
-                            new_reasons)
+    store.mark_reapplied(fp, outcomes, new_reasons)
     report.reasons_updated += len(new_reasons)
-    applied = sum(1 for o, _, _ in outcomes if o == "applied")
-    if outcomes:
-        conn.execute(
-            "UPDATE journal_files SET applied = applied + %s, duplicates = duplicates + %s,"
-            " rejected = rejected - %s WHERE fingerprint = %s",
-            (applied, len(outcomes) - applied, len(outcomes), fp),
-        )
     return rows[-1][0]

@@ -21,10 +21,9 @@ import orjson
 
 from . import journal
 from .errors import EvtoolError
-from .store import Store, translated
+from .store import Store
 
 READ_BYTES = 1 << 20  # counting lag lines streams the file this much at a time
-FETCH_ROWS = 5000  # rows per round trip of a server-side cursor
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -75,14 +74,6 @@ def peek(path: Path) -> tuple[bytes | None, int | None]:
         return None, None
 
 
-_JOURNAL_ROWS = """
-SELECT j.fingerprint, j.path, j."offset", j.applied, j.duplicates, j.rejected, j.updated_at,
-       (SELECT count(*) FROM rejected_lines r
-        WHERE r.fingerprint = j.fingerprint AND r.reapplied_at IS NULL) AS pending
-FROM journal_files j ORDER BY j.path, j.first_seen
-"""
-
-
 def journal_status(store: Store | None, paths: list[Path]) -> list[dict[str, Any]]:
     """Per journal (the database's and `paths`): size, processed offset, lag, counters.
 
@@ -94,8 +85,7 @@ def journal_status(store: Store | None, paths: list[Path]) -> list[dict[str, Any
     """
     rows: list[tuple] = []
     if store is not None:
-        with translated():
-            rows = store.conn.execute(_JOURNAL_ROWS).fetchall()
+        rows = store.journal_rows()
     by_fp = {r[0]: r for r in rows}
     out: list[dict[str, Any]] = []
     shown: set[bytes] = set()
@@ -167,28 +157,10 @@ def receiver_status(url: str, timeout: float = 1.0) -> dict[str, Any]:
 
 
 def server_version(store: Store) -> str:
-    with translated():
-        row = store.conn.execute("SHOW server_version").fetchone()
-    return str(row[0]).split()[0] if row else "?"
+    return store.server_version()
 
 
 # -- report -----------------------------------------------------------------------------------
-
-
-def _filters(prefix: str | None, since: datetime | None, until: datetime | None,
-             time_column: str | None) -> tuple[str, list[Any]]:
-    conds: list[str] = []
-    params: list[Any] = []
-    if prefix:
-        conds.append("starts_with(user_id, %s)")
-        params.append(prefix)
-    if time_column and since is not None:
-        conds.append(f"{time_column} >= %s")
-        params.append(since)
-    if time_column and until is not None:
-        conds.append(f"{time_column} < %s")
-        params.append(until)
-    return (" WHERE " + " AND ".join(conds) if conds else ""), params
 
 
 @dataclass(frozen=True)
@@ -216,30 +188,8 @@ def report(store: Store, *, top: int = 10, prefix: str | None = None, since: dat
     applied) and the counts by name from revenue_log. With `since`/`until` everything comes
     from revenue_log: what batches committed in [since, until) contributed.
     """
-    windowed = since is not None or until is not None
-    where, params = _filters(prefix, since, until, "applied_at")
-    with translated():
-        conn = store.conn
-        adds, added, subs, subtracted = conn.execute(
-            "SELECT coalesce(sum(adds), 0), coalesce(sum(added), 0), coalesce(sum(subtracts), 0),"
-            f" coalesce(sum(subtracted), 0) FROM revenue_log{where}", params
-        ).fetchone()
-        if windowed:
-            source = (f"(SELECT user_id, sum(added) - sum(subtracted) AS revenue FROM revenue_log{where}"
-                      " GROUP BY user_id) AS w")
-            source_params = params
-        else:
-            uwhere, source_params = _filters(prefix, None, None, None)
-            source = f"(SELECT user_id, revenue FROM users_revenue{uwhere}) AS w"
-        revenue, users = conn.execute(
-            f"SELECT coalesce(sum(revenue), 0), count(*) FROM {source}", source_params
-        ).fetchone()
-        best = worst = []
-        if top:
-            best = conn.execute(f"SELECT user_id, revenue FROM {source} ORDER BY revenue DESC, user_id"
-                                " LIMIT %s", [*source_params, top]).fetchall()
-            worst = conn.execute(f"SELECT user_id, revenue FROM {source} ORDER BY revenue, user_id"
-                                 " LIMIT %s", [*source_params, top]).fetchall()
+    adds, added, subs, subtracted, revenue, users, best, worst = store.revenue_report(
+        top=top, prefix=prefix, since=since, until=until)
     return Report(
         since=since, until=until, prefix=prefix, revenue=revenue, users=users,
         events={
@@ -254,19 +204,9 @@ def report(store: Store, *, top: int = 10, prefix: str | None = None, since: dat
 # -- every user -------------------------------------------------------------------------------
 
 
-def _stream(store: Store, query: str, params: list[Any]) -> Iterator[tuple]:
-    """Rows of `query` from a server-side cursor, FETCH_ROWS per round trip."""
-    with translated(), store.conn.transaction():
-        with store.conn.cursor(name="evtool_stream") as cur:
-            cur.itersize = FETCH_ROWS
-            cur.execute(query, params)
-            yield from cur
-
-
 def all_revenue(store: Store, prefix: str | None = None) -> Iterator[tuple[str, Decimal]]:
     """(user_id, revenue) of every user in user order, streamed (never all in memory)."""
-    where, params = _filters(prefix, None, None, None)
-    yield from _stream(store, f"SELECT user_id, revenue FROM users_revenue{where} ORDER BY user_id", params)
+    yield from store.all_revenue(prefix)
 
 
 # -- rejected lines ---------------------------------------------------------------------------
@@ -276,13 +216,8 @@ def rejects(store: Store, *, reason: str | None = None, path: Path | None = None
             include_reapplied: bool = False) -> Iterator[dict[str, Any]]:
     """Rejected lines, by file and line number; `limit` 0 means all."""
     conds, params = reject_filter(reason, path, include_reapplied)
-    where = " WHERE " + " AND ".join(conds) if conds else ""
-    query = ('SELECT path, line_no, "offset", reason, rejected_at, raw, reapplied_at, reapply_outcome'
-             f" FROM rejected_lines{where} ORDER BY path, line_no")
-    if limit:
-        query += " LIMIT %s"
-        params.append(limit)
-    for path_, line_no, offset, why, at, raw, reapplied_at, outcome in _stream(store, query, params):
+    rows = store.rejected_lines(" AND ".join(conds), params, limit)
+    for path_, line_no, offset, why, at, raw, reapplied_at, outcome in rows:
         yield {"path": path_, "line": line_no, "offset": offset, "reason": why, "rejected_at": at,
                "raw": bytes(raw).decode("utf-8", "replace"), "reapplied_at": reapplied_at,
                "reapply_outcome": outcome}

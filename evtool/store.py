@@ -11,9 +11,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -22,6 +23,7 @@ from .events import format_value
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 T = TypeVar("T")
+FETCH_ROWS = 5000  # rows per round trip of a server-side cursor
 
 # SQLSTATE classes worth retrying: connection exceptions, serialization failure, deadlock,
 # admin shutdown / crash recovery, too many connections.
@@ -125,6 +127,77 @@ class Store:
                 "SELECT revenue FROM users_revenue WHERE user_id = %s", (user_id,)
             ).fetchone()
         return None if row is None else row[0]
+
+    # -- what the operator reads (see reports) ---------------------------------------------------
+
+    def server_version(self) -> str:
+        with translated():
+            row = self.conn.execute("SHOW server_version").fetchone()
+        return str(row[0]).split()[0] if row else "?"
+
+    def journal_rows(self) -> list[tuple]:
+        """Every journal's progress row: (fingerprint, path, offset, applied, duplicates,
+        rejected, updated_at, pending rejects), by path."""
+        with translated():
+            return self.conn.execute(
+                'SELECT j.fingerprint, j.path, j."offset", j.applied, j.duplicates, j.rejected, j.updated_at,'
+                " (SELECT count(*) FROM rejected_lines r"
+                "  WHERE r.fingerprint = j.fingerprint AND r.reapplied_at IS NULL) AS pending"
+                " FROM journal_files j ORDER BY j.path, j.first_seen"
+            ).fetchall()
+
+    def revenue_report(self, *, top: int, prefix: str | None, since: datetime | None,
+                       until: datetime | None) -> tuple:
+        """(adds, added, subtracts, subtracted, revenue, users, best, worst); see reports.report."""
+        windowed = since is not None or until is not None
+        where, params = _filters(prefix, since, until, "applied_at")
+        with translated():
+            conn = self.conn
+            adds, added, subs, subtracted = conn.execute(
+                "SELECT coalesce(sum(adds), 0), coalesce(sum(added), 0), coalesce(sum(subtracts), 0),"
+                f" coalesce(sum(subtracted), 0) FROM revenue_log{where}", params
+            ).fetchone()
+            if windowed:
+                source = (f"(SELECT user_id, sum(added) - sum(subtracted) AS revenue FROM revenue_log{where}"
+                          " GROUP BY user_id) AS w")
+                source_params = params
+            else:
+                uwhere, source_params = _filters(prefix, None, None, None)
+                source = f"(SELECT user_id, revenue FROM users_revenue{uwhere}) AS w"
+            revenue, users = conn.execute(
+                f"SELECT coalesce(sum(revenue), 0), count(*) FROM {source}", source_params
+            ).fetchone()
+            best = worst = []
+            if top:
+                best = conn.execute(f"SELECT user_id, revenue FROM {source} ORDER BY revenue DESC, user_id"
+                                    " LIMIT %s", [*source_params, top]).fetchall()
+                worst = conn.execute(f"SELECT user_id, revenue FROM {source} ORDER BY revenue, user_id"
+                                     " LIMIT %s", [*source_params, top]).fetchall()
+        return adds, added, subs, subtracted, revenue, users, best, worst
+
+    def all_revenue(self, prefix: str | None = None) -> Iterator[tuple[str, Decimal]]:
+        """(user_id, revenue) of every user in user order, streamed."""
+        where, params = _filters(prefix, None, None, None)
+        yield from self._stream(f"SELECT user_id, revenue FROM users_revenue{where} ORDER BY user_id", params)
+
+    def rejected_lines(self, where: str, params: list[Any], limit: int = 0) -> Iterator[tuple]:
+        """(path, line_no, offset, reason, rejected_at, raw, reapplied_at, reapply_outcome) of the
+        rejected lines matching `where` (see reports.reject_filter), streamed; `limit` 0: all."""
+        query = ('SELECT path, line_no, "offset", reason, rejected_at, raw, reapplied_at, reapply_outcome'
+                 f" FROM rejected_lines{' WHERE ' + where if where else ''} ORDER BY path, line_no")
+        params = list(params)
+        if limit:
+            query += " LIMIT %s"
+            params.append(limit)
+        yield from self._stream(query, params)
+
+    def _stream(self, query: str, params: list[Any]) -> Iterator[tuple]:
+        """Rows of `query` from a server-side cursor, FETCH_ROWS per round trip."""
+        with translated(), self.conn.transaction():
+            with self.conn.cursor(name="evtool_stream") as cur:
+                cur.itersize = FETCH_ROWS
+                cur.execute(query, params)
+                yield from cur
 
     # -- the processor's transaction (design section 5) ---------------------------------
 
@@ -265,6 +338,52 @@ class Store:
                 rows,
             )
 
+    # -- rejects --reapply (see rejects) -------------------------------------------------------
+
+    def rejected_fingerprints(self, where: str, params: list[Any]) -> list[bytes]:
+        """The journals that have rejected lines matching `where` (see reports.reject_filter)."""
+        with translated():
+            rows = self.conn.execute(
+                f"SELECT DISTINCT fingerprint FROM rejected_lines WHERE {where} ORDER BY fingerprint", params)
+            return [r[0] for r in rows]
+
+    def lock_rejects(self, fp: bytes, after: int, where: str, params: list[Any], limit: int) -> list[tuple]:
+        """Lock a journal's progress row, then read up to `limit` of its rejected lines matching
+        `where` after offset `after`: (offset, line_no, path, raw, reason), in offset order.
+
+        The lock serializes with `process` (and other reappliers) on this journal; reading
+        after it sees what a concurrent reapply committed meanwhile.
+        """
+        with translated():
+            self.conn.execute("SELECT 1 FROM journal_files WHERE fingerprint = %s FOR UPDATE", (fp,))
+            return self.conn.execute(
+                f'SELECT "offset", line_no, path, raw, reason FROM rejected_lines'
+                f' WHERE fingerprint = %s AND "offset" > %s AND {where} ORDER BY "offset" LIMIT %s',
+                [fp, after, *params, limit],
+            ).fetchall()
+
+    def mark_reapplied(self, fp: bytes, outcomes: list[tuple[str, bytes, int]],
+                       new_reasons: list[tuple[str, bytes, int]]) -> None:
+        """Mark reapplied lines (outcome, fingerprint, offset), update reasons (reason,
+        fingerprint, offset), and move the journal's counters from rejected to applied/duplicates."""
+        with translated():
+            with self.conn.cursor() as cur:
+                if outcomes:
+                    cur.executemany(
+                        "UPDATE rejected_lines SET reapplied_at = now(), reapply_outcome = %s"
+                        ' WHERE fingerprint = %s AND "offset" = %s', outcomes)
+                if new_reasons:
+                    cur.executemany(
+                        'UPDATE rejected_lines SET reason = %s WHERE fingerprint = %s AND "offset" = %s',
+                        new_reasons)
+            applied = sum(1 for o, _, _ in outcomes if o == "applied")
+            if outcomes:
+                self.conn.execute(
+                    "UPDATE journal_files SET applied = applied + %s, duplicates = duplicates + %s,"
+                    " rejected = rejected - %s WHERE fingerprint = %s",
+                    (applied, len(outcomes) - applied, len(outcomes), fp),
+                )
+
     def advance(self, p: FileProgress) -> None:
         """Store the new offset and counters of a locked journal row."""
         self.conn.execute(
@@ -277,6 +396,22 @@ class Store:
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _filters(prefix: str | None, since: datetime | None, until: datetime | None,
+             time_column: str | None) -> tuple[str, list[Any]]:
+    conds: list[str] = []
+    params: list[Any] = []
+    if prefix:
+        conds.append("starts_with(user_id, %s)")
+        params.append(prefix)
+    if time_column and since is not None:
+        conds.append(f"{time_column} >= %s")
+        params.append(since)
+    if time_column and until is not None:
+        conds.append(f"{time_column} < %s")
+        params.append(until)
+    return (" WHERE " + " AND ".join(conds) if conds else ""), params
 
 
 def copy_rows(sums: dict[str, list]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from decimal import Decimal
 from pathlib import Path
 

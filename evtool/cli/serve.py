@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from .. import config
-from ..errors import EvtoolError
 from .base import cli, dsn_option, strict_option
 
 
@@ -33,23 +32,9 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
     GET /userEvents/<userId> answers a user's total; GET /healthz needs no token;
     GET /metrics serves Prometheus metrics (token needed).
     """
-    from ..receiver import ServeSettings, run_server
+    from ..receiver import ServeSettings, StoreRevenue, run_server
 
-    state: dict = {}
-
-    def lookup(user_id: str):
-        # One connection, opened on first use and reopened after a failure.
-        store = state.get("store")
-        if store is None:
-            store = config.open_store(dsn)
-            state["store"] = store
-        try:
-            return store.revenue(user_id)
-        except EvtoolError:
-            state.pop("store", None)
-            store.close()
-            raise
-
+    lookup = StoreRevenue(lambda: config.open_store(dsn))
     settings = ServeSettings(host=host, port=port, journal=journal, token=token, fsync=fsync == "on",
                              max_body=max_body_mb << 20, revenue_lookup=lookup, strict=strict)
     run_server(settings, on_ready=lambda message: click.echo(message, err=True))
