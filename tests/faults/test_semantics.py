@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import random
 import subprocess
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -288,13 +287,11 @@ def test_a_few_histories_with_kill_9(dsn, tmp_path):
     """The same check with real crashes: the command is killed at a random moment."""
     rng = random.Random(91)
     crashes = checks = 0
-    started = time.monotonic()
     for i in range(3):
         stats = run_history(dsn, tmp_path / f"h{i}", _fixed_history(rng), rng.randrange(2**32), kill=True)
         crashes += stats["crashes"]
         checks += stats["checks"]
     print(f"\nsemantics with kill -9: 3 histories, {checks} checks, {crashes} kills, 0 mismatches")
-    assert time.monotonic() - started < 60
 
 
 def _fixed_history(rng: random.Random) -> list:
