@@ -71,15 +71,15 @@ def ensure_running(pgdata: Path) -> str:
     if info is not None:
         return info.dsn
     pgdata = pgdata.resolve()
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    pgdata.mkdir(parents=True, exist_ok=True)
     package = _package()
-    # The package caches one handle per data directory and per process, and hands it back without
-    # starting anything: forget it, or a server stopped in this process could never start again.
-    getattr(package.PostgresServer, "_instances", {}).pop(pgdata, None)
+    # A new handle, not get_server(): that one caches a handle per data directory and per process
+    # and hands it back without starting anything, so a server stopped in this process could never
+    # start again. The constructor always initialises (first time) and starts what is not running.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            package.get_server(pgdata, cleanup_mode=None)
+            package.PostgresServer(pgdata, cleanup_mode=None)
     except Exception as exc:  # the package raises assorted errors; log is in pgdata/log
         raise DatabaseUnavailable(
             f"could not start the embedded PostgreSQL in {pgdata}: {exc} (see {pgdata / 'log'})"

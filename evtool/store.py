@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from pathlib import Path
+from importlib import resources
 from typing import Any, TypeVar
 
 import psycopg
@@ -21,7 +21,8 @@ import psycopg
 from .errors import DatabaseError, DatabaseUnavailable
 from .events import format_value
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# Package data, so a wheel carries it: read through importlib.resources, never a path beside the checkout.
+SQL_DIR = resources.files("evtool") / "sql"
 T = TypeVar("T")
 FETCH_ROWS = 5000  # rows per round trip of a server-side cursor
 
@@ -93,8 +94,10 @@ class Store:
     # -- schema ------------------------------------------------------------------------
 
     def migrate(self) -> list[str]:
-        """Apply the numbered files in sql/ that are not applied yet; return their names."""
-        files = sorted(SQL_DIR.glob("[0-9]*.sql"))
+        """Apply the numbered files in evtool/sql/ that are not applied yet; return their names."""
+        found = SQL_DIR.iterdir() if SQL_DIR.is_dir() else ()
+        files = sorted((f for f in found if f.name[:1].isdigit() and f.name.endswith(".sql")),
+                       key=lambda f: f.name)
         if not files:
             raise DatabaseError(f"no migrations found in {SQL_DIR}")
         done: list[str] = []

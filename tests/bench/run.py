@@ -33,12 +33,12 @@ from .workloads import DEFAULT_CACHE, Cache, Sizes
 
 
 def git_revision() -> str:
-    """HEAD's short hash, with "+dirty" when evtool/ or sql/ differ from it (what was measured)."""
+    """HEAD's short hash, with "+dirty" when evtool/ (migrations included) differs from it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--", "evtool", "sql") else "")
+    return head + ("+dirty" if git("status", "--porcelain", "--", "evtool") else "")
 
 
 def fmt(fig: Figure, x: float) -> str:
