@@ -113,3 +113,10 @@ def test_wheel_installed_elsewhere_processes_and_answers_revenue(installed: Path
     unknown = _run([evtool, "revenue", "nobody"], cwd=elsewhere, env=env, timeout=60)
     assert unknown.returncode == 1
     assert "Traceback" not in unknown.stderr
+
+
+def test_no_migration_lives_outside_the_package():
+    """A migration added under the old top-level sql/ (e.g. by a branch made before the move) would
+    be missing from every wheel: it belongs in evtool/sql/."""
+    stray = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("sql/*.sql"))
+    assert not stray, f"move {stray} to evtool/sql/"
