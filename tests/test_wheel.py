@@ -73,13 +73,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = dist.glob("evtool-*.whl")
 
     venv = base / "venv"
-    made = _run([sys.executable, "-m", "venv", str(venv)], cwd=base)
+    # A new venv without pip in it (ensurepip would add seconds and nothing evtool uses); this
+    # venv's own pip installs into it with --python.
+    made = _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=base)
     assert made.returncode == 0, made.stderr
-    python = venv / "bin" / "python"
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     _fill(wheelhouse, dependencies, cwd=base)
     # Offline: only the wheel and what its metadata asks for, from the wheelhouse.
-    added = _run([str(python), "-m", "pip", "install", str(wheel), *_offline(wheelhouse)], cwd=base)
+    added = _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                  str(wheel), *_offline(wheelhouse)], cwd=base)
     assert added.returncode == 0, f"pip install failed:\n{added.stdout}\n{added.stderr}"
     return venv / "bin"
 
