@@ -32,4 +32,4 @@ bench: install
 
 clean:
 	-$(VENV)/bin/evtool db stop 2>/dev/null
-	rm -rf $(VENV) .evtool .pytest_cache .ruff_cache *.egg-info build server-events.jsonl
+	rm -rf $(VENV) .evtool .pytest_cache .ruff_cache *.egg-info build dist server-events.jsonl
