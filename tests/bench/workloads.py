@@ -139,7 +139,10 @@ class Cache:
                 shutil.rmtree(work, ignore_errors=True)
         return Workload(path, n, users, seed)
 
-    def chain(self, sizes: Sizes) -> list[Workload]:
-        """CHAIN_FILES journals of `sizes.events` each over 1k users; the first is the cold 1k one."""
+    def chain(self, sizes: Sizes, uuids: bool = False) -> list[Workload]:
+        """CHAIN_FILES journals of `sizes.events` each over 1k users; the first is the cold 1k one.
+
+        With `uuids`, every line carries an opaque client id (a digest row each in the processor).
+        """
         seeds = [1] + [100 + i for i in range(2, CHAIN_FILES + 1)]
-        return [self.journal(sizes.events, 1000, s) for s in seeds]
+        return [self.journal(sizes.events, 1000, s, uuids) for s in seeds]
