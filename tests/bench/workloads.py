@@ -9,8 +9,10 @@ regenerate (e.g. after a change to what `serve` writes).
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +59,19 @@ class Sizes:
     def single(self) -> int:
         return self.events // 50
 
+    @property
+    def big(self) -> int:
+        """The big workload (issue 11): 10x the base events over as many users as base events."""
+        return self.events * 10
+
+    @property
+    def big_users(self) -> int:
+        return self.events
+
     def as_dict(self) -> dict[str, int]:
         return {"events": self.events, "many_users": self.many_users, "rss_small": self.small,
-                "send_bulk": self.bulk, "send_single": self.single, "chain_files": CHAIN_FILES}
+                "send_bulk": self.bulk, "send_single": self.single, "chain_files": CHAIN_FILES,
+                "big": self.big, "big_users": self.big_users}
 
 
 CHAIN_FILES = 10
@@ -84,10 +96,31 @@ class Cache:
             Path(f"{tmp}.expected.json").rename(expected)
         return Workload(path, n, users, seed)
 
-    def journal(self, n: int, users: int, seed: int) -> Workload:
-        """The plain file as `evtool serve` journals it after `evtool send` (ids on every line)."""
+    def plain_uuids(self, n: int, users: int, seed: int) -> Workload:
+        """The plain file with an opaque client `eventId` (a UUID, seeded) on every line."""
         source = self.plain(n, users, seed)
-        path = self.root / f"journal-n{n}-u{users}-s{seed}.jsonl"
+        path = self.root / f"uuids-n{n}-u{users}-s{seed}.jsonl"
+        expected = Path(f"{path}.expected.json")
+        if not expected.exists():
+            rng = random.Random(f"uuids-{seed}")
+            tmp = path.with_suffix(".tmp")
+            with open(source.path, "rb") as src, open(tmp, "wb") as dst:
+                for line in src:
+                    eid = uuid.UUID(int=rng.getrandbits(128), version=4)
+                    dst.write(line.rstrip(b"\r\n")[:-1] + f', "eventId": "{eid}"}}\n'.encode())
+            tmp.rename(path)
+            shutil.copyfile(f"{source.path}.expected.json", expected)
+        return Workload(path, n, users, seed)
+
+    def journal(self, n: int, users: int, seed: int, uuids: bool = False) -> Workload:
+        """The plain file as `evtool serve` journals it after `evtool send` (ids on every line).
+
+        With `uuids`, the source lines carry opaque client ids, which serve keeps as they are;
+        otherwise `evtool send` gives each line its structured `<source>:<line>` id.
+        """
+        source = self.plain_uuids(n, users, seed) if uuids else self.plain(n, users, seed)
+        kind = "journal-uuids" if uuids else "journal"
+        path = self.root / f"{kind}-n{n}-u{users}-s{seed}.jsonl"
         expected = Path(f"{path}.expected.json")
         if not expected.exists():
             work = Path(tempfile.mkdtemp(prefix="evtool-bench-gen-", dir=self.root))
@@ -107,7 +140,10 @@ class Cache:
                 shutil.rmtree(work, ignore_errors=True)
         return Workload(path, n, users, seed)
 
-    def chain(self, sizes: Sizes) -> list[Workload]:
-        """CHAIN_FILES journals of `sizes.events` each over 1k users; the first is the cold 1k one."""
+    def chain(self, sizes: Sizes, uuids: bool = False) -> list[Workload]:
+        """CHAIN_FILES journals of `sizes.events` each over 1k users; the first is the cold 1k one.
+
+        With `uuids`, every line carries an opaque client id (a digest row each in the processor).
+        """
         seeds = [1] + [100 + i for i in range(2, CHAIN_FILES + 1)]
-        return [self.journal(sizes.events, 1000, s) for s in seeds]
+        return [self.journal(sizes.events, 1000, s, uuids) for s in seeds]
