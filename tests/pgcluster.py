@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,20 @@ class Server:
     def _cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(args, capture_output=True, text=True, user=_run_as(), check=check,
                               timeout=120, cwd="/")
+
+    @classmethod
+    def create(cls, bindir: Path, settings: dict[str, str] | None = None) -> Server:
+        """A server (not started) in a new temp directory, outside pytest's tmp tree, which is
+        private to the user running pytest and which pytest prunes."""
+        base = Path(tempfile.mkdtemp(prefix="evtool-test-pg-"))
+        user = _run_as()
+        if user:
+            shutil.chown(base, user, user)
+        return cls(bindir, base / "data", settings=settings or {}).init()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.pgdata.parent, ignore_errors=True)
 
     def init(self) -> Server:
         user = _run_as()
