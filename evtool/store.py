@@ -175,28 +175,30 @@ class Store:
         source whose ids have many gaps (lines that carried ids of their own) has many ranges.
         """
         names = sorted(sources)
+        if not names:
+            return {}
         windows = windows or {}
-        found: list[tuple[str, psycopg.Cursor]] = []
-        # One row per statement, by equality on the key, in source order: Citus refuses a lock
-        # that spans shards, and the order keeps concurrent processors free of deadlocks.
-        # Pipelined: one round trip for all of them.
-        with self.conn.pipeline():
-            for name in names:
-                self.conn.execute(
-                    "INSERT INTO applied_ranges (source) VALUES (%s) ON CONFLICT DO NOTHING", (name,)
-                )
-                low, high = windows.get(name, (None, None))
-                found.append((name, self.conn.execute(
-                    "SELECT lines * int8multirange(int8range(%s, %s)) FROM applied_ranges"
-                    " WHERE source = %s FOR UPDATE",
-                    (low, high, name),
-                )))
-        out: dict[str, list[tuple[int, int]]] = {}
-        for name, cur in found:
-            row = cur.fetchone()
-            assert row is not None
-            out[name] = [(r.lower, r.upper) for r in row[0]]
-        return out
+        bounds = [windows.get(n, (None, None)) for n in names]
+        with self.conn.cursor() as cur:
+            # One row per statement, by equality on the key, in source order: Citus refuses a
+            # lock that spans shards, and the order keeps concurrent processors free of
+            # deadlocks. executemany pipelines the statements: one round trip for each kind.
+            cur.executemany("INSERT INTO applied_ranges (source) VALUES (%s) ON CONFLICT DO NOTHING",
+                            [(n,) for n in names])
+            cur.executemany(
+                "SELECT lines * int8multirange(int8range(%s, %s)) FROM applied_ranges"
+                " WHERE source = %s FOR UPDATE",
+                [(low, high, n) for n, (low, high) in zip(names, bounds, strict=True)],
+                returning=True,
+            )
+            found: list[list[tuple[int, int]]] = []
+            while True:
+                row = cur.fetchone()
+                assert row is not None
+                found.append([(r.lower, r.upper) for r in row[0]])
+                if not cur.nextset():
+                    break
+        return dict(zip(names, found, strict=True))
 
     def add_ranges(self, ranges: dict[str, str]) -> None:
         """Add line ranges (multirange text) to the sources' applied ranges."""
