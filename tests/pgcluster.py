@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import psycopg
 
 EMBEDDED_USER = "embedded_postgres"
@@ -108,8 +109,11 @@ class Server:
         pid = self.pid()
         if pid is None:
             return
-        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        for p in [pid, *map(int, children)]:
+        try:
+            children = [c.pid for c in psutil.Process(pid).children()]
+        except psutil.NoSuchProcess:
+            children = []
+        for p in [pid, *children]:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
