@@ -254,22 +254,28 @@ class Store:
         names = sorted(sources)
         if not names:
             return {}
-        self.conn.execute(
-            "INSERT INTO applied_ranges (source)"
-            " SELECT s FROM unnest(%s::text[]) AS s ORDER BY s ON CONFLICT DO NOTHING",
-            (names,),
-        )
         windows = windows or {}
-        low = [windows.get(n, (None, None))[0] for n in names]
-        high = [windows.get(n, (None, None))[1] for n in names]
-        rows = self.conn.execute(
-            "SELECT a.source, a.lines * int8multirange(int8range(w.low, w.high))"
-            " FROM applied_ranges a"
-            " JOIN unnest(%s::text[], %s::int8[], %s::int8[]) AS w(source, low, high) USING (source)"
-            " ORDER BY a.source FOR UPDATE OF a",
-            (names, low, high),
-        ).fetchall()
-        return {source: [(r.lower, r.upper) for r in lines] for source, lines in rows}
+        bounds = [windows.get(n, (None, None)) for n in names]
+        with self.conn.cursor() as cur:
+            # One row per statement, by equality on the key, in source order: Citus refuses a
+            # lock that spans shards, and the order keeps concurrent processors free of
+            # deadlocks. executemany pipelines the statements: one round trip for each kind.
+            cur.executemany("INSERT INTO applied_ranges (source) VALUES (%s) ON CONFLICT DO NOTHING",
+                            [(n,) for n in names])
+            cur.executemany(
+                "SELECT lines * int8multirange(int8range(%s, %s)) FROM applied_ranges"
+                " WHERE source = %s FOR UPDATE",
+                [(low, high, n) for n, (low, high) in zip(names, bounds, strict=True)],
+                returning=True,
+            )
+            found: list[list[tuple[int, int]]] = []
+            while True:
+                row = cur.fetchone()
+                assert row is not None
+                found.append([(r.lower, r.upper) for r in row[0]])
+                if not cur.nextset():
+                    break
+        return dict(zip(names, found, strict=True))
 
     def add_ranges(self, ranges: dict[str, str]) -> None:
         """Add line ranges (multirange text) to the sources' applied ranges."""
@@ -277,8 +283,10 @@ class Store:
             return
         names = sorted(ranges)
         self.conn.execute(
-            "UPDATE applied_ranges a SET lines = a.lines + n.lines::int8multirange, updated_at = now()"
-            " FROM unnest(%s::text[], %s::text[]) AS n(source, lines) WHERE a.source = n.source",
+            # The parameter is cast, not the column: text to multirange is STABLE, and Citus
+            # refuses a STABLE function applied to a column in an UPDATE.
+            "UPDATE applied_ranges a SET lines = a.lines + n.lines, updated_at = now()"
+            " FROM unnest(%s::text[], %s::int8multirange[]) AS n(source, lines) WHERE a.source = n.source",
             (names, [ranges[n] for n in names]),
         )
 
@@ -318,11 +326,13 @@ class Store:
                            sum(subtracts) AS subtracts, sum(subtracted) AS subtracted
                     FROM batch_sums GROUP BY user_id
                 ), totals AS (
-                    INSERT INTO users_revenue AS u (user_id, revenue, events)
-                    SELECT user_id, added - subtracted, adds + subtracts FROM s ORDER BY user_id
+                    -- now() in the inserted row, not in DO UPDATE SET: Citus refuses a
+                    -- non-IMMUTABLE function there.
+                    INSERT INTO users_revenue AS u (user_id, revenue, events, updated_at)
+                    SELECT user_id, added - subtracted, adds + subtracts, now() FROM s ORDER BY user_id
                     ON CONFLICT (user_id) DO UPDATE
                     SET revenue = u.revenue + excluded.revenue, events = u.events + excluded.events,
-                        updated_at = now()
+                        updated_at = excluded.updated_at
                 )
                 INSERT INTO revenue_log (user_id, adds, added, subtracts, subtracted)
                 SELECT user_id, adds, added, subtracts, subtracted FROM s
