@@ -11,7 +11,7 @@ rejects --reapply), so a statement added tomorrow is held to the rules too. The 
 - an UPDATE applies no STABLE (or VOLATILE) function, nor a cast, to a column: cast parameters;
 - no correlated subquery over a reference table (the migration makes none: checked too).
 
-The distribution columns come from the migration that distributes the tables (sql/005_citus.sql).
+The distribution columns come from the migration that distributes the tables (evtool/sql/005_citus.sql).
 """
 
 from __future__ import annotations
