@@ -103,8 +103,19 @@ class ParsePool:
         ]
 
     def close(self) -> None:
+        """Stop the workers at once, whatever they are doing (busy, stuck or stopped).
+
+        A worker only reads the journal, so killing it loses nothing; waiting for it could
+        wait forever (a worker stopped by a debugger, or reading a file that never ends).
+        """
         if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
+            procs = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+            for proc in procs:
+                proc.join(timeout=5)
             self._pool = None
 
 
@@ -117,14 +128,23 @@ class _Planned:
     parsed: list[Future | ParsedPart]
     _batch: Batch | None = None
 
-    def batch(self) -> Batch:
-        """The parsed batch (waiting for the workers); made once, so a retry reuses it."""
+    def batch(self, waiting: list[bool] | None = None) -> Batch:
+        """The parsed batch (waiting for the workers); made once, so a retry reuses it.
+
+        `waiting[0]` is true while this waits on the workers: a stop signal may then end the
+        wait at once (no transaction is open), see `follow.run_until_signalled`.
+        """
         if self._batch is None:
+            if waiting is not None:
+                waiting[0] = True
             try:
                 self._batch = Batch([p.result() if isinstance(p, Future) else p for p in self.parsed])
             except BrokenProcessPool:
                 raise EvtoolError("a parsing worker process died (killed, or out of memory); "
                                   "nothing of the batch was applied: run the command again") from None
+            finally:
+                if waiting is not None:
+                    waiting[0] = False
             self.parsed = []
         return self._batch
 
@@ -164,6 +184,7 @@ class Processor:
         self.pool = ParsePool(self.workers, piece_bytes, strict)
         self.retries = 0
         self._users: set[str] = set()  # users whose totals this run changed
+        self.waiting_for_parse = [False]  # true while only waiting on the workers (no transaction)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -193,7 +214,12 @@ class Processor:
             return None
         if self.workers <= 0 or end - start < self.inline_bytes:
             f.seek(start)
-            return _Planned(start, end, [parser.parse(f.read(end - start), start, strict=self.strict)])
+            data = f.read(end - start)
+            part = parser.parse(data, start, strict=self.strict)
+            h = journal.range_digest()
+            h.update(data)
+            part.digest = h.digest()
+            return _Planned(start, end, [part])
         return _Planned(start, end, self.pool.submit(f, path, start, end))
 
     def close(self) -> None:
@@ -245,7 +271,7 @@ class Processor:
 
         while True:
             plan(2)  # the batch to commit, and the next one, parsed while this one commits
-            current = planned[0].batch() if planned else Batch.empty(offset)
+            current = planned[0].batch(self.waiting_for_parse) if planned else Batch.empty(offset)
             status = self._with_retry(
                 lambda s, b=current: self._transaction(s, f, fp, resolved, b, report)
             )
@@ -292,6 +318,8 @@ class Processor:
                 for offset, index, raw, reason in b.rejects
             )
             p.path = resolved
+            # Last, so nothing after it reads the file: the bytes applied are the file's bytes.
+            journal.check_range(f, fp, [(x.offset, x.end, x.digest) for x in b.parts], resolved)
             p.offset = b.end
             p.lines += b.lines
             p.tail_digest = journal.tail_digest(f, b.end)
