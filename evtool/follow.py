@@ -31,18 +31,11 @@ from typing import BinaryIO
 
 from . import journal
 from .errors import JournalChanged
-from .processor import MAX_REJECT_SAMPLES, FileReport, Processor, ProcessReport
+from .processor import MAX_REJECT_SAMPLES, FileReport, Interrupted, Processor, ProcessReport
 
 DEFAULT_POLL = 0.01  # seconds between checks of an idle journal
 QUIET = 1.0  # seconds a rotated journal must stay unchanged (and unlocked) before it is closed
 STOP_GRACE = 10.0  # seconds after a stop signal before the command leaves, whatever it is doing
-
-
-class Stopped(BaseException):
-    """A stop signal ended a wait on the parse workers (no transaction was open).
-
-    A BaseException, like KeyboardInterrupt, so that no retry loop takes it for a failure.
-    """
 
 
 @dataclass
@@ -96,7 +89,7 @@ def follow(
                     break
             if not busy:
                 time.sleep(poll)
-    except Stopped:
+    except Interrupted:
         pass
     finally:
         for w in watched:
@@ -128,19 +121,20 @@ def run_until_signalled(processor: Processor, paths: list[Path], *, poll: float 
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.append(signum)
+        processor.waiting_for_parse[1] = True
         if not watchdog:
             timer = threading.Timer(STOP_GRACE, give_up)
             timer.daemon = True
             timer.start()
             watchdog.append(timer)
         if processor.waiting_for_parse[0] or len(stop) > 1:
-            raise Stopped
+            raise Interrupted
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return follow(processor, paths, lambda: bool(stop), poll=poll, on_applied=on_applied,
                       on_notice=on_notice)
-    except Stopped:  # raised outside follow's loop (between two checks): an empty report
+    except Interrupted:  # raised outside follow's loop (between two checks): an empty report
         return ProcessReport(users=processor._users)
     finally:
         # The watchdog stays armed: the caller still closes the processor (kills the workers).
@@ -175,6 +169,7 @@ def _round(processor: Processor, w: _Watched, report: ProcessReport, files: dict
         fp = journal.fingerprint(w.file)
         if w.fp is not None and fp != w.fp:
             _copytruncated(w, notice)
+            w.fp = fp  # once: the copy is now drained on its own
         try:
             n = _apply(processor, w.file, w.path, report, files, on_applied)
         except JournalChanged as exc:

@@ -119,6 +119,13 @@ class ParsePool:
             self._pool = None
 
 
+class Interrupted(BaseException):
+    """A stop signal ended a wait on the parse workers (no transaction was open then).
+
+    A BaseException, like KeyboardInterrupt, so that no retry loop takes it for a failure.
+    """
+
+
 @dataclass
 class _Planned:
     """A batch: its byte range and its parsed parts, or the workers' futures of them."""
@@ -131,12 +138,15 @@ class _Planned:
     def batch(self, waiting: list[bool] | None = None) -> Batch:
         """The parsed batch (waiting for the workers); made once, so a retry reuses it.
 
-        `waiting[0]` is true while this waits on the workers: a stop signal may then end the
-        wait at once (no transaction is open), see `follow.run_until_signalled`.
+        `waiting` is [waiting now, stop asked]: while this waits on the workers a stop signal
+        may end the wait at once (no transaction is open), see `follow.run_until_signalled`.
         """
         if self._batch is None:
             if waiting is not None:
                 waiting[0] = True
+                if waiting[1]:
+                    waiting[0] = False
+                    raise Interrupted
             try:
                 self._batch = Batch([p.result() if isinstance(p, Future) else p for p in self.parsed])
             except BrokenProcessPool:
@@ -184,7 +194,8 @@ class Processor:
         self.pool = ParsePool(self.workers, piece_bytes, strict)
         self.retries = 0
         self._users: set[str] = set()  # users whose totals this run changed
-        self.waiting_for_parse = [False]  # true while only waiting on the workers (no transaction)
+        # [waiting on the workers only (no transaction open), a stop was asked]: see _Planned.batch
+        self.waiting_for_parse = [False, False]
 
     # -- plumbing ----------------------------------------------------------------------
 
