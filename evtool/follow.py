@@ -169,7 +169,7 @@ def _round(processor: Processor, w: _Watched, report: ProcessReport, files: dict
         fp = journal.fingerprint(w.file)
         if w.fp is not None and fp != w.fp:
             _copytruncated(w, notice)
-            w.fp = fp  # once: the copy is now drained on its own
+        w.fp = fp  # after a change: the new file's (None while empty); the copy drains on its own
         try:
             n = _apply(processor, w.file, w.path, report, files, on_applied)
         except JournalChanged as exc:
@@ -178,7 +178,6 @@ def _round(processor: Processor, w: _Watched, report: ProcessReport, files: dict
             return True
         applied += n
         w.seen_size = st.st_size
-        w.fp = fp if fp is not None else w.fp
     return applied > 0
 
 

@@ -120,7 +120,10 @@ def wait_totals(dsn: str, want: dict[str, Decimal], proc: subprocess.Popen, log:
     deadline = time.monotonic() + HANG_GUARD
     got: dict = {}
     while time.monotonic() < deadline:
-        got = db_totals(dsn)
+        try:
+            got = db_totals(dsn)
+        except psycopg.errors.UndefinedTable:  # the follower has not created the schema yet
+            got = {}
         if got == want:
             return
         assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
@@ -279,10 +282,12 @@ def test_rotation_under_serve_rename_sighup_and_delete_lose_nothing(dsn, tmp_pat
         follower = start(evtool_cmd("process", "--follow", "--poll", "0.005", str(journal)), tmp_path, log)
         try:
             post(serve.url, "one", 50)
+            wait_totals(dsn, {"one": Decimal(50)}, follower, log)  # the follower holds the file open
             os.rename(journal, tmp_path / "server-events.jsonl.1")
             post(serve.url, "two", 50)  # acknowledged after the rename: goes to a new file at the path
             assert journal.exists() and b'"two-0"' in journal.read_bytes()
             assert b'"two-' not in (tmp_path / "server-events.jsonl.1").read_bytes()
+            wait_totals(dsn, {"one": Decimal(50), "two": Decimal(50)}, follower, log)
             # SIGHUP: reopen at once, before any request, as log daemons do.
             os.rename(journal, tmp_path / "server-events.jsonl.2")
             serve.proc.send_signal(signal.SIGHUP)
