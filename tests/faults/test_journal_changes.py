@@ -361,44 +361,41 @@ def test_status_shows_the_lag_of_a_rotated_journal(dsn, tmp_path):
 def test_a_refused_write_is_never_seen_by_a_follower(dsn, tmp_path):
     """Full disk (RLIMIT_FSIZE on serve) with a follower polling every millisecond beside it.
 
-    Before: the follower could read and commit lines of a 503 request before they were cut
-    back off, count them (and again when retried), and leave the journal shorter than its
-    committed offset.
+    Each round puts the file-size limit of the live `serve` 100 kB past the journal's end and
+    sends a 250 kB request: refused (503). Before: the first 100 kB were written, readable, then
+    cut back off; the follower could read and commit those lines in between -- events the
+    client was told were refused -- and the journal ended shorter than its committed offset.
     """
-    limit = 400_000
     journal = tmp_path / "server-events.jsonl"
-
-    def fsize() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-
     log = tmp_path / "follow.log"
     accepted = 0
-    with Serve(tmp_path, "--token", "secret", preexec_fn=fsize) as serve:
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    with Serve(tmp_path, "--token", "secret") as serve:
+        assert serve.proc is not None
         follower = start(evtool_cmd("process", "--follow", "--poll", "0.001", str(journal)), tmp_path, log)
         try:
-            i = 0
-            refused = 0
-            while refused < 150:
-                n = 20 if i % 5 else 900  # small ones fill the file, big ones are refused
-                body = b"".join(b'{"userId": "p", "name": "add_revenue", "value": 1, "eventId": "r%d-%d"}\n'
-                                % (i, k) for k in range(n))
-                status, _, _ = http(f"{serve.url}/liveEvent", "POST", body,
-                                    {**AUTH, "Content-Type": "application/x-ndjson"})
-                assert status in (200, 503)
-                if status == 200:
-                    accepted += n
-                else:
-                    refused += 1
-                i += 1
+            for i in range(120):
+                for n, limited in ((3000, True), (10, False)):
+                    if limited:
+                        size = journal.stat().st_size if journal.exists() else 0
+                        resource.prlimit(serve.proc.pid, resource.RLIMIT_FSIZE,
+                                         (size + 100_000, resource.RLIM_INFINITY))
+                    body = b"".join(b'{"userId": "p", "name": "add_revenue", "value": 1, '
+                                    b'"eventId": "r%d-%d"}\n' % (i, k) for k in range(n))
+                    status, _, _ = http(f"{serve.url}/liveEvent", "POST", body,
+                                        {**AUTH, "Content-Type": "application/x-ndjson"})
+                    resource.prlimit(serve.proc.pid, resource.RLIMIT_FSIZE, unlimited)
+                    assert status == (503 if limited else 200)
+                    accepted += 0 if limited else n
+                assert follower.poll() is None, log.read_text(errors="replace")[-2000:]
             wait_totals(dsn, {"p": Decimal(accepted)}, follower, log)
-            time.sleep(0.3)
-            assert db_totals(dsn) == {"p": Decimal(accepted)}
         except BaseException:
             follower.kill()
             raise
         follower.send_signal(signal.SIGTERM)
         rc, out = finish(follower, log)
         assert rc == 0, out
+    assert db_totals(dsn) == {"p": Decimal(accepted)}
     # The journal is whole and a plain run agrees.
     again = subprocess.run(evtool_cmd("process", "--json", str(journal)), cwd=tmp_path, capture_output=True,
                            text=True, timeout=HANG_GUARD)
