@@ -187,15 +187,16 @@ def exit_with_parent(parent: int) -> None:
 
 
 def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
-                    piece: int = PIECE_BYTES, strict: bool = False) -> ParsedPart:
+                    piece: int = PIECE_BYTES, strict: bool = False, opener: str | None = None) -> ParsedPart:
     """Parse bytes [start, end) of a journal (both at line boundaries), `piece` bytes at a time.
 
-    Runs in a worker process, which opens the file itself; `identity` (st_dev, st_ino) makes
-    sure it reads the same file the caller holds open.
+    Runs in a worker process, which opens the file itself: `opener` (the caller's descriptor
+    under /proc, so a journal renamed or deleted meanwhile is still the one read), else `path`;
+    `identity` (st_dev, st_ino) makes sure it reads the same file the caller holds open.
     """
     out = ParsedPart(start, end, strict=strict)
     h = journal.range_digest()
-    with open(path, "rb") as f:
+    with open(opener or path, "rb") as f:
         st = os.fstat(f.fileno())
         if (st.st_dev, st.st_ino) != identity:
             raise JournalChanged(f"{path} was replaced while a batch of it was being processed. "

@@ -97,8 +97,14 @@ class ParsePool:
                                              initializer=parser.exit_with_parent, initargs=(os.getpid(),))
         st = os.fstat(f.fileno())
         file_id = (st.st_dev, st.st_ino)  # a worker checks it opened the same file
+        # The workers open our descriptor, not the path: a journal rotated (renamed, deleted,
+        # replaced) during the run is still the file parsed. Linux; elsewhere the path.
+        opener = f"/proc/{os.getpid()}/fd/{f.fileno()}"
+        if not os.path.exists(opener):
+            opener = None
         return [
-            self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict)
+            self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict,
+                              opener)
             for lo, hi in journal.split(f, start, end, self.workers)
         ]
 

@@ -401,3 +401,26 @@ def test_a_refused_write_is_never_seen_by_a_follower(dsn, tmp_path):
                            text=True, timeout=HANG_GUARD)
     assert again.returncode == 0, again.stderr
     assert db_totals(dsn) == {"p": Decimal(accepted)}
+
+
+def test_journal_renamed_during_a_plain_run_is_still_processed(dsn, tmp_path, big_files):
+    """logrotate renames the journal while `process` works through it (a sibling of item 1).
+
+    Before: the workers opened the path again, found the new file there and the run failed
+    ("replaced while it was being processed"); they now read the file the run holds open.
+    """
+    a, _ = big_files
+    journal = tmp_path / "server-events.jsonl"
+    journal.write_bytes(a)
+    log = tmp_path / "process.log"
+    proc = start(evtool_cmd("process", "--json", "--batch-mb", "2", str(journal)), tmp_path, log)
+    deadline = time.monotonic() + HANG_GUARD
+    while progress(dsn, fingerprint_of(a)) == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)  # each later batch is parsed by workers that open the file anew
+    os.rename(journal, tmp_path / "server-events.jsonl.1")
+    new = b'{"userId": "new", "name": "add_revenue", "value": 1}\n'
+    journal.write_bytes(new)
+    rc, out = finish(proc, log)
+    assert rc == 0 and "Traceback" not in out, out
+    assert db_totals(dsn) == totals_of(tmp_path, a)
+    assert progress(dsn, fingerprint_of(a)) == len(a)
