@@ -4,7 +4,8 @@ Each batch is one PostgreSQL transaction: lock the journal's progress row, check
 offset, apply only events never applied before (by position, by sender ranges, or by digest;
 see `identity`), record rejects, advance the offset, commit. A crash anywhere leaves the whole
 batch or nothing. Parsing runs in worker processes, ahead of the database work, so the two
-cores overlap; the transaction never trusts a parse that started from a stale offset.
+cores overlap; the transaction never trusts a parse that started from a stale offset, nor
+one of bytes the file no longer holds (`journal.check_range`, just before the commit).
 """
 
 from __future__ import annotations
