@@ -2,9 +2,18 @@
 
 `JournalAppender.append` is called by each request with that request's complete lines. Requests
 that arrive while a write+fsync is in flight are queued; one background task writes everything
-queued with one `os.write` loop on the `O_APPEND` descriptor and one `fdatasync`, in a worker
-thread so the event loop keeps accepting, then answers every waiter. A failed group is cut back
-off the file with `ftruncate`, so nothing of a failed request stays in the journal.
+queued with one `pwrite` loop at the end of the file and one `fdatasync`, in a worker thread so
+the event loop keeps accepting, then answers every waiter.
+
+What a reader (`process --follow`) may see (README, Guarantees):
+- The group's space is reserved first (`posix_fallocate`), so a full disk (ENOSPC) or a file
+  size limit (EFBIG) fails the group before a byte of it exists: a refused request is never
+  readable, not even for an instant. Reserved space reads as zero bytes, which hold no newline,
+  so no reader takes it for lines; the group is then written over it. A failed group is cut
+  back off the file with `ftruncate`.
+- Before each group the journal's path is checked: when it no longer names the open file
+  (renamed by logrotate `create`, deleted, replaced), the appender opens a new file at the path
+  and writes the group there. SIGHUP makes it reopen at once (see receiver).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,31 +36,73 @@ class JournalAppender:
     def __init__(self, path: Path, *, fsync: bool = True) -> None:
         self.path = Path(path)
         self.fsync = fsync
-        try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise JournalWriteError(f"cannot open journal {self.path}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self._fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise JournalLocked(
-                    f"journal {self.path} is locked: another `evtool serve` writes it"
-                ) from None
-            raise JournalWriteError(f"cannot lock journal {self.path}: {exc.strerror or exc}") from None
-        self._size = os.fstat(self._fd).st_size
-        try:
-            self.dropped_tail = self._drop_torn_tail()
-        except OSError as exc:
-            os.close(self._fd)
-            raise JournalWriteError(f"cannot repair journal {self.path}: {exc.strerror or exc}") from None
+        self._fd = -1
+        self._lock = threading.Lock()  # the descriptor is swapped by a reopen, in another thread
+        self._reopen_asked = False
+        self.reopened = 0  # times a rotated or deleted journal was replaced by a new file
+        self._reserve = True  # posix_fallocate works here (off on filesystems without it)
+        self.dropped_tail = self._open()
         self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
         self._last_error: str | None = None
         # Called (from the writer thread) with the seconds each successful group's write+fsync took.
         self.on_group_written: Callable[[float], None] | None = None
+
+    def _open(self) -> int:
+        """Open and lock the file at the path (closing the one held before); return the torn tail cut.
+
+        Not O_APPEND: writes go with pwrite into space reserved first (see the module's doc).
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise JournalWriteError(f"cannot open journal {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise JournalLocked(
+                    f"journal {self.path} is locked: another `evtool serve` writes it"
+                ) from None
+            raise JournalWriteError(f"cannot lock journal {self.path}: {exc.strerror or exc}") from None
+        old, self._fd = self._fd, fd
+        self._size = os.fstat(fd).st_size
+        try:
+            cut = self._drop_torn_tail()
+        except OSError as exc:
+            os.close(fd)
+            self._fd = old
+            raise JournalWriteError(f"cannot repair journal {self.path}: {exc.strerror or exc}") from None
+        if old >= 0:
+            os.close(old)  # releases its lock: a follower draining it knows no more is coming
+        return cut
+
+    def _follow_path(self) -> None:
+        """Reopen when the path no longer names the open file (rotated, deleted, replaced)."""
+        try:
+            st = os.stat(self.path)
+            moved = (st.st_dev, st.st_ino) != _inode(os.fstat(self._fd))
+        except FileNotFoundError:
+            moved = True
+        if moved or self._reopen_asked:
+            self._reopen_asked = False
+            self._open()
+            self.reopened += 1
+
+    async def reopen(self) -> None:
+        """Open the file at the path now (SIGHUP, as log daemons do), between two groups."""
+        self._reopen_asked = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._locked_follow_path)
+        except (JournalWriteError, JournalLocked) as exc:
+            self._last_error = str(exc)  # /healthz says it; the next group tries again
+
+    def _locked_follow_path(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._follow_path()
 
     def _drop_torn_tail(self) -> int:
         """Cut a partial last line off the journal; return how many bytes were cut.
@@ -126,15 +178,27 @@ class JournalAppender:
                         fut.set_result(None)
 
     def _write_group(self, buf: bytes) -> None:
-        """Runs in a worker thread: write all of `buf`, fsync; on failure cut the file back."""
+        with self._lock:
+            self._follow_path()
+            self._write_at_end(buf)
+
+    def _write_at_end(self, buf: bytes) -> None:
+        """Runs in a worker thread: reserve, write all of `buf`, fsync; on failure cut the file back."""
         fd = self._fd
         start = os.fstat(fd).st_size
         began = time.perf_counter()
         try:
+            if self._reserve:
+                try:
+                    os.posix_fallocate(fd, start, len(buf))  # ENOSPC / EFBIG here, nothing visible yet
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+                    self._reserve = False  # a filesystem without it: write as before
             view = memoryview(buf)
             done = 0
             while done < len(buf):
-                n = os.write(fd, view[done:])
+                n = os.pwrite(fd, view[done:], start + done)
                 if n <= 0:  # pragma: no cover - regular files do not do this
                     raise OSError(errno.EIO, "write made no progress")
                 done += n
@@ -167,4 +231,9 @@ class JournalAppender:
                     pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
-            os.close(self._fd)
+            with self._lock:
+                os.close(self._fd)
+
+
+def _inode(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino

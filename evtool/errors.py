@@ -39,6 +39,10 @@ class JournalError(EvtoolError):
     """A journal file cannot be processed safely as it is (truncated, replaced, ambiguous)."""
 
 
+class JournalChanged(JournalError):
+    """The journal changed under a batch (overwritten, truncated): nothing of the batch was applied."""
+
+
 class JournalLocked(EvtoolError):
     """Another `evtool serve` already writes this journal."""
 

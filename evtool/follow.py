@@ -1,23 +1,51 @@
 """`evtool process --follow`: keep applying journals as lines arrive, until told to stop.
 
 Each journal is polled with `stat` (cheap, and works on every filesystem); when it grew, the
-new complete lines are applied with the same one-transaction-per-batch as a plain run. A
-journal that is renamed away (rotated) is held open and drained to its end before the new
-file at its path is read, so no line written just before a rotation is left behind.
+new complete lines are applied with the same one-transaction-per-batch as a plain run.
+
+Rotation (README, Guarantees):
+- renamed away (logrotate `create`), deleted or replaced: the file is kept open and drained
+  until it is quiet -- no writer holds its lock (`evtool serve` holds one while it writes) and
+  it has not grown for `QUIET` seconds -- not once: a writer may still append to it before it
+  notices the rotation. Its progress is recorded under its new name when it has one beside
+  the old.
+- truncated or overwritten in place (logrotate `copytruncate`): a batch that was being parsed
+  is not committed (the processor checks the bytes before the commit); the file then goes on
+  from its start as a new journal (its new first line is a new fingerprint), and the copy
+  beside it that begins with the old first line (`<name>.1`, `<name>-20261123`...) is drained
+  from the old offset like a renamed journal. Lines written between logrotate's copy and its
+  truncation are in neither file: that is copytruncate's own loss; prefer `create`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .processor import MAX_REJECT_SAMPLES, FileReport, Processor, ProcessReport
+from . import journal
+from .errors import JournalChanged
+from .processor import MAX_REJECT_SAMPLES, FileReport, Interrupted, Processor, ProcessReport
 
 DEFAULT_POLL = 0.01  # seconds between checks of an idle journal
+QUIET = 1.0  # seconds a rotated journal must stay unchanged (and unlocked) before it is closed
+STOP_GRACE = 10.0  # seconds after a stop signal before the command leaves, whatever it is doing
+
+
+@dataclass
+class _Retired:
+    """A journal no longer at its path (or a copytruncate copy): drained until it is quiet."""
+
+    file: BinaryIO
+    path: Path  # what its progress is recorded under
+    size: int = -1
+    since: float = field(default_factory=time.monotonic)  # when its size last changed
 
 
 @dataclass
@@ -26,7 +54,11 @@ class _Watched:
     file: BinaryIO | None = None
     inode: tuple[int, int] | None = None
     seen_size: int = -1  # size when last applied; equal means nothing new
-    report: FileReport | None = None
+    fp: bytes | None = None  # first-line fingerprint of the file when last applied
+    retired: list[_Retired] = field(default_factory=list)
+
+
+Notice = Callable[[str], None]
 
 
 def follow(
@@ -36,35 +68,83 @@ def follow(
     *,
     poll: float = DEFAULT_POLL,
     on_applied: Callable[[FileReport, int], None] | None = None,
+    on_notice: Notice | None = None,
 ) -> ProcessReport:
     """Apply `paths` until should_stop() is true (checked between batches and polls).
 
-    on_applied(file_report, events) is called after each round that applied something.
+    on_applied(file_report, events) is called after each round that applied something;
+    on_notice(message) when a journal was rotated, truncated or overwritten.
     """
     started = time.perf_counter()
     report = ProcessReport(users=processor._users)
     watched = [_Watched(p) for p in paths]
+    files: dict[str, FileReport] = {}
+    notice = on_notice or (lambda _m: None)
     try:
         while not should_stop():
             busy = False
             for w in watched:
-                busy |= _round(processor, w, report, on_applied)
+                busy |= _round(processor, w, report, files, on_applied, notice)
                 if should_stop():
                     break
             if not busy:
                 time.sleep(poll)
+    except Interrupted:
+        pass
     finally:
         for w in watched:
-            if w.file is not None:
-                w.file.close()
+            for f in [w.file, *(r.file for r in w.retired)]:
+                if f is not None:
+                    f.close()
         report.seconds = time.perf_counter() - started
         report.retries = processor.retries
     return report
 
 
-def _round(processor: Processor, w: _Watched, report: ProcessReport,
-           on_applied: Callable[[FileReport, int], None] | None) -> bool:
-    """Apply what is new in one watched journal; True if anything was applied."""
+def run_until_signalled(processor: Processor, paths: list[Path], *, poll: float = DEFAULT_POLL,
+                        on_applied: Callable[[FileReport, int], None] | None = None,
+                        on_notice: Notice | None = None) -> ProcessReport:
+    """`follow` until SIGINT or SIGTERM; the command always ends within STOP_GRACE seconds.
+
+    A signal lets a transaction in flight commit, but ends a wait on the parse workers at once
+    (nothing is open then); a second signal ends a transaction too (it rolls back). Should
+    anything still hold the command STOP_GRACE seconds after the first signal, it leaves with
+    status 1: every batch is one transaction, so leaving anywhere loses nothing.
+    """
+    stop: list[int] = []
+    watchdog: list[threading.Timer] = []
+
+    def give_up() -> None:
+        os.write(2, f"Error: did not stop within {STOP_GRACE:g} s of the signal; leaving now "
+                    "(no batch is half-applied: each is one transaction)\n".encode())
+        os._exit(1)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.append(signum)
+        processor.waiting_for_parse[1] = True
+        if not watchdog:
+            timer = threading.Timer(STOP_GRACE, give_up)
+            timer.daemon = True
+            timer.start()
+            watchdog.append(timer)
+        if processor.waiting_for_parse[0] or len(stop) > 1:
+            raise Interrupted
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return follow(processor, paths, lambda: bool(stop), poll=poll, on_applied=on_applied,
+                      on_notice=on_notice)
+    except Interrupted:  # raised outside follow's loop (between two checks): an empty report
+        return ProcessReport(users=processor._users)
+    finally:
+        # The watchdog stays armed: the caller still closes the processor (kills the workers).
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _round(processor: Processor, w: _Watched, report: ProcessReport, files: dict[str, FileReport],
+           on_applied: Callable[[FileReport, int], None] | None, notice: Notice) -> bool:
+    """Apply what is new in one watched journal and its rotated files; True if anything was."""
     try:
         st = os.stat(w.path)
     except FileNotFoundError:
@@ -72,30 +152,95 @@ def _round(processor: Processor, w: _Watched, report: ProcessReport,
     inode = (st.st_dev, st.st_ino) if st else None
     applied = 0
     if w.file is not None and inode != w.inode:
-        applied += _apply(processor, w, report)  # rotated away: drain the old file first
-        w.file.close()
-        w.file, w.inode, w.seen_size = None, None, -1
+        # Renamed away, deleted or replaced: a writer may still append to it; drain it until quiet.
+        moved = journal.find_rotated(w.path, w.file) or w.path
+        notice(f"{w.path} was rotated{f' to {moved}' if moved != w.path else ''}: "
+               "draining it until its writer has left it")
+        w.retired.append(_Retired(w.file, moved))
+        w.file, w.inode, w.seen_size, w.fp = None, None, -1, None
+    for r in list(w.retired):
+        applied += _drain(processor, w, r, report, files, on_applied)
     if st is None:
         return applied > 0
     if w.file is None:
         w.file = open(w.path, "rb")
         w.inode = inode
     if st.st_size != w.seen_size:
-        applied += _apply(processor, w, report)
+        fp = journal.fingerprint(w.file)
+        if w.fp is not None and fp != w.fp:
+            _copytruncated(w, notice)
+        w.fp = fp  # after a change: the new file's (None while empty); the copy drains on its own
+        try:
+            n = _apply(processor, w.file, w.path, report, files, on_applied)
+        except JournalChanged as exc:
+            notice(f"{exc}; reading {w.path} again")
+            w.seen_size = -1  # look again next round: it may now be a new journal
+            return True
+        applied += n
         w.seen_size = st.st_size
-    if applied and on_applied and w.report is not None:
-        on_applied(w.report, applied)
     return applied > 0
 
 
-def _apply(processor: Processor, w: _Watched, report: ProcessReport) -> int:
-    assert w.file is not None
-    fr = FileReport(str(w.path))
-    processor.process_open(w.file, str(w.path.resolve()), fr)
-    if w.report is None:
-        w.report = FileReport(fr.path)
-        report.files.append(w.report)
-    total = w.report
+def _copytruncated(w: _Watched, notice: Notice) -> None:
+    """The file at the path now begins with another line: truncated (copytruncate) or overwritten."""
+    assert w.fp is not None
+    copy = journal.find_copy(w.path, w.fp)
+    if copy is None:
+        notice(f"{w.path} was truncated or overwritten in place: it is followed from its start as a "
+               "new journal; if a copy of the old file exists, apply it with `evtool process <copy>`")
+        return
+    notice(f"{w.path} was truncated in place (copytruncate): following it from its start as a new "
+           f"journal, and draining its copy {copy} from where the old file was left")
+    w.retired.append(_Retired(open(copy, "rb"), copy))
+
+
+def _drain(processor: Processor, w: _Watched, r: _Retired, report: ProcessReport,
+           files: dict[str, FileReport], on_applied: Callable[[FileReport, int], None] | None) -> int:
+    """Apply what a rotated file gained; close it once quiet and no writer holds its lock."""
+    unlocked = _unlocked(r.file)  # first: a writer that has left finished its last write before
+    size = journal.size(r.file)
+    now = time.monotonic()
+    if size != r.size:
+        r.size, r.since = size, now
+        try:
+            return _apply(processor, r.file, r.path, report, files, on_applied)
+        except JournalChanged:
+            r.size = -1  # changed again under the batch: look next round
+            return 0
+    if unlocked and now - r.since >= QUIET:
+        r.file.close()
+        w.retired.remove(r)
+    return 0
+
+
+def _unlocked(f: BinaryIO) -> bool:
+    """True when no process holds an exclusive lock on the file (`serve` holds one while it writes)."""
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return True
+
+
+def _apply(processor: Processor, f: BinaryIO, path: Path, report: ProcessReport,
+           files: dict[str, FileReport], on_applied: Callable[[FileReport, int], None] | None) -> int:
+    fr = FileReport(str(path))
+    try:
+        processor.process_open(f, str(path.resolve()), fr)
+    finally:
+        n = _add(report, files, fr)
+    if n and on_applied:
+        on_applied(files[fr.path], n)
+    return n
+
+
+def _add(report: ProcessReport, files: dict[str, FileReport], fr: FileReport) -> int:
+    """Add one call's counts to the run's report of that file; return the lines it handled."""
+    total = files.get(fr.path)
+    if total is None:
+        total = files[fr.path] = FileReport(fr.path)
+        report.files.append(total)
     total.applied += fr.applied
     total.duplicates += fr.duplicates
     total.rejected += fr.rejected

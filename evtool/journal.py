@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 from hashlib import blake2b
+from pathlib import Path
 from typing import BinaryIO
 
-from .errors import JournalError
+from .errors import JournalChanged, JournalError
 
 FIRST_LINE_LIMIT = 1024 * 1024  # a first line longer than this is fingerprinted by its prefix
 SCAN_BYTES = 64 * 1024  # read size when looking for a line end
@@ -85,8 +86,86 @@ def split(f: BinaryIO, start: int, end: int, parts: int) -> list[tuple[int, int]
     return list(zip(cuts, cuts[1:], strict=False))
 
 
+def range_digest() -> blake2b:
+    """The hash that a parse of a byte range returns with it (see `check_range`)."""
+    return blake2b(digest_size=16, person=b"evtool-range")
+
+
+def check_range(f: BinaryIO, fp: bytes, parts: list[tuple[int, int, bytes]], path: str) -> None:
+    """Raise JournalChanged unless the open file still holds exactly the bytes that were parsed.
+
+    `parts` are (start, end, digest of the bytes parsed) of consecutive ranges. Run inside the
+    batch's transaction just before it commits: the file must still begin with the line of
+    fingerprint `fp`, and each range must read back the same bytes, ending with a newline. A
+    file overwritten in place (same inode), truncated or grown a torn line under the parse
+    fails here, at any offset, and nothing of the batch is applied.
+    """
+    if fingerprint(f) != fp:
+        raise JournalChanged(f"{path} was overwritten while a batch of it was being processed (its "
+                             "first line changed). Nothing of the batch was applied")
+    for start, end, digest in parts:
+        h = range_digest()
+        f.seek(start)
+        pos, last = start, b""
+        while pos < end:
+            block = f.read(min(SCAN_BYTES * 16, end - pos))
+            if not block:
+                raise JournalChanged(f"{path} was truncated while a batch of it was being processed "
+                                     f"(it ends before byte {end}). Nothing of the batch was applied")
+            h.update(block)
+            pos += len(block)
+            last = block[-1:]
+        if h.digest() != digest or (end > start and last != b"\n"):
+            raise JournalChanged(f"{path} changed between bytes {start} and {end} while a batch of "
+                                 "it was being processed (overwritten in place). Nothing of the batch "
+                                 "was applied")
+
+
 def size(f: BinaryIO) -> int:
     return os.fstat(f.fileno()).st_size
+
+
+# -- rotated files beside a journal -----------------------------------------------------------
+
+
+def siblings(path: Path) -> list[Path]:
+    """Files beside `path` whose name starts with its name: where logrotate puts its copies."""
+    try:
+        found = [p for p in path.parent.iterdir() if p.name.startswith(path.name) and p.name != path.name]
+    except OSError:
+        return []
+    return sorted(found)
+
+
+def find_rotated(path: Path, f: BinaryIO) -> Path | None:
+    """The name beside `path` that the open file `f` now has (after a rename), if any."""
+    st = os.fstat(f.fileno())
+    for p in siblings(path):
+        try:
+            other = p.stat()
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return p
+    return None
+
+
+def find_copy(path: Path, fp: bytes) -> Path | None:
+    """A file beside `path`, not `path` itself, that begins with the line of fingerprint `fp`."""
+    for p in siblings(path):
+        try:
+            with open(p, "rb") as g:
+                if fingerprint(g) != fp:
+                    continue
+        except OSError:
+            continue
+        try:
+            same = os.path.samefile(p, path)
+        except OSError:
+            same = False  # nothing at `path` now
+        if not same:
+            return p
+    return None
 
 
 # -- is this still the same file? --------------------------------------------------------------

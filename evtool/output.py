@@ -238,7 +238,7 @@ def status_view(s: dict[str, Any]):
                           ("applied", "right"), ("dups", "right"), ("rejected", "right"),
                           ("last processed", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    style = {"ok": "green", "new": "yellow", "waiting": "yellow"}
+    style = {"ok": "green", "rotated": "yellow", "new": "yellow", "waiting": "yellow"}
     for j in s["journals"]:
         rejected = _n(j["rejected"])
         if j["rejects_pending"]:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from . import events, identity, store
-from .errors import InvalidEvent, JournalError
+from . import events, identity, journal, store
+from .errors import InvalidEvent, JournalChanged
 
 # Sums per user: [adds, added amount, subtracts, subtracted amount]
 Sums = dict[str, list]
@@ -63,6 +63,7 @@ class ParsedPart:
     users: list[str] = field(default_factory=list)
     strict: bool = False  # parsed without normalization (events.validate's strict)
     fresh_count: int = 0  # events in `fresh`
+    digest: bytes = b""  # of the bytes parsed: checked against the file before the commit
 
     def finish(self) -> None:
         """Close the sources, count, and render the optimistic COPY rows."""
@@ -186,25 +187,34 @@ def exit_with_parent(parent: int) -> None:
 
 
 def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
-                    piece: int = PIECE_BYTES, strict: bool = False) -> ParsedPart:
+                    piece: int = PIECE_BYTES, strict: bool = False, opener: str | None = None) -> ParsedPart:
     """Parse bytes [start, end) of a journal (both at line boundaries), `piece` bytes at a time.
 
-    Runs in a worker process, which opens the file itself; `identity` (st_dev, st_ino) makes
-    sure it reads the same file the caller holds open.
+    Runs in a worker process, which opens the file itself: `opener` (the caller's descriptor
+    under /proc, so a journal renamed or deleted meanwhile is still the one read), else `path`;
+    `identity` (st_dev, st_ino) makes sure it reads the same file the caller holds open.
     """
     out = ParsedPart(start, end, strict=strict)
-    with open(path, "rb") as f:
+    h = journal.range_digest()
+    with open(opener or path, "rb") as f:
         st = os.fstat(f.fileno())
         if (st.st_dev, st.st_ino) != identity:
-            raise JournalError(f"{path} was replaced while it was being processed; run again")
+            raise JournalChanged(f"{path} was replaced while a batch of it was being processed. "
+                                 "Nothing of the batch was applied")
         f.seek(start)
         pos, rest = start, b""
         while pos < end:
-            data = rest + f.read(min(piece, end - pos))
-            pos += len(data) - len(rest)
+            block = f.read(min(piece, end - pos))
+            if not block:  # the file shrank under the parse: never wait for bytes that are gone
+                raise JournalChanged(f"{path} was truncated while a batch of it was being processed "
+                                     f"(it ends before byte {end}). Nothing of the batch was applied")
+            h.update(block)
+            data = rest + block
+            pos += len(block)
             cut = data.rfind(b"\n") + 1 if pos < end else len(data)
             parse(data[:cut], pos - len(data), out, close=False)
             rest = data[cut:]
+    out.digest = h.digest()
     out.finish()
     return out
 

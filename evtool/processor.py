@@ -4,7 +4,8 @@ Each batch is one PostgreSQL transaction: lock the journal's progress row, check
 offset, apply only events never applied before (by position, by sender ranges, or by digest;
 see `identity`), record rejects, advance the offset, commit. A crash anywhere leaves the whole
 batch or nothing. Parsing runs in worker processes, ahead of the database work, so the two
-cores overlap; the transaction never trusts a parse that started from a stale offset.
+cores overlap; the transaction never trusts a parse that started from a stale offset, nor
+one of bytes the file no longer holds (`journal.check_range`, just before the commit).
 """
 
 from __future__ import annotations
@@ -97,15 +98,39 @@ class ParsePool:
                                              initializer=parser.exit_with_parent, initargs=(os.getpid(),))
         st = os.fstat(f.fileno())
         file_id = (st.st_dev, st.st_ino)  # a worker checks it opened the same file
+        # The workers open our descriptor, not the path: a journal rotated (renamed, deleted,
+        # replaced) during the run is still the file parsed. Linux; elsewhere the path.
+        opener = f"/proc/{os.getpid()}/fd/{f.fileno()}"
+        if not os.path.exists(opener):
+            opener = None
         return [
-            self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict)
+            self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict,
+                              opener)
             for lo, hi in journal.split(f, start, end, self.workers)
         ]
 
     def close(self) -> None:
+        """Stop the workers at once, whatever they are doing (busy, stuck or stopped).
+
+        A worker only reads the journal, so killing it loses nothing; waiting for it could
+        wait forever (a worker stopped by a debugger, or reading a file that never ends).
+        """
         if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
+            procs = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+            for proc in procs:
+                proc.join(timeout=5)
             self._pool = None
+
+
+class Interrupted(BaseException):
+    """A stop signal ended a wait on the parse workers (no transaction was open then).
+
+    A BaseException, like KeyboardInterrupt, so that no retry loop takes it for a failure.
+    """
 
 
 @dataclass
@@ -117,14 +142,26 @@ class _Planned:
     parsed: list[Future | ParsedPart]
     _batch: Batch | None = None
 
-    def batch(self) -> Batch:
-        """The parsed batch (waiting for the workers); made once, so a retry reuses it."""
+    def batch(self, waiting: list[bool] | None = None) -> Batch:
+        """The parsed batch (waiting for the workers); made once, so a retry reuses it.
+
+        `waiting` is [waiting now, stop asked]: while this waits on the workers a stop signal
+        may end the wait at once (no transaction is open), see `follow.run_until_signalled`.
+        """
         if self._batch is None:
+            if waiting is not None:
+                waiting[0] = True
+                if waiting[1]:
+                    waiting[0] = False
+                    raise Interrupted
             try:
                 self._batch = Batch([p.result() if isinstance(p, Future) else p for p in self.parsed])
             except BrokenProcessPool:
                 raise EvtoolError("a parsing worker process died (killed, or out of memory); "
                                   "nothing of the batch was applied: run the command again") from None
+            finally:
+                if waiting is not None:
+                    waiting[0] = False
             self.parsed = []
         return self._batch
 
@@ -164,6 +201,8 @@ class Processor:
         self.pool = ParsePool(self.workers, piece_bytes, strict)
         self.retries = 0
         self._users: set[str] = set()  # users whose totals this run changed
+        # [waiting on the workers only (no transaction open), a stop was asked]: see _Planned.batch
+        self.waiting_for_parse = [False, False]
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -193,7 +232,12 @@ class Processor:
             return None
         if self.workers <= 0 or end - start < self.inline_bytes:
             f.seek(start)
-            return _Planned(start, end, [parser.parse(f.read(end - start), start, strict=self.strict)])
+            data = f.read(end - start)
+            part = parser.parse(data, start, strict=self.strict)
+            h = journal.range_digest()
+            h.update(data)
+            part.digest = h.digest()
+            return _Planned(start, end, [part])
         return _Planned(start, end, self.pool.submit(f, path, start, end))
 
     def close(self) -> None:
@@ -245,7 +289,7 @@ class Processor:
 
         while True:
             plan(2)  # the batch to commit, and the next one, parsed while this one commits
-            current = planned[0].batch() if planned else Batch.empty(offset)
+            current = planned[0].batch(self.waiting_for_parse) if planned else Batch.empty(offset)
             status = self._with_retry(
                 lambda s, b=current: self._transaction(s, f, fp, resolved, b, report)
             )
@@ -292,6 +336,8 @@ class Processor:
                 for offset, index, raw, reason in b.rejects
             )
             p.path = resolved
+            # Last, so nothing after it reads the file: the bytes applied are the file's bytes.
+            journal.check_range(f, fp, [(x.offset, x.end, x.digest) for x in b.parts], resolved)
             p.offset = b.end
             p.lines += b.lines
             p.tail_digest = journal.tail_digest(f, b.end)

@@ -451,6 +451,15 @@ async def _serve(s: ServeSettings, on_ready: Callable[[str], None] | None) -> No
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reopening: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        """SIGHUP: reopen the journal at its path now, as log daemons do after a rotation."""
+        task = loop.create_task(appender.reopen())
+        reopening.add(task)
+        task.add_done_callback(reopening.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         if on_ready is not None:
             durability = "fsync on" if s.fsync else "fsync OFF: acknowledgements are not durable"
@@ -460,7 +469,7 @@ async def _serve(s: ServeSettings, on_ready: Callable[[str], None] | None) -> No
                          "cut short by a crash, never acknowledged")
         await stop.wait()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         # stop accepting, let in-flight requests finish (their appends complete and fsync), then
         # close what the app holds (cleanup_ctx): the journal, the revenue lookup's connection

@@ -80,7 +80,9 @@ def journal_status(store: Store | None, paths: list[Path]) -> list[dict[str, Any
     `state` says how the file on disk relates to its progress row: `ok`; `new` (never
     processed); `waiting` (no complete first line yet); `missing` (the file at the recorded
     path is gone, e.g. rotated away); `replaced` (that path now holds another file; its row is
-    listed on its own); `truncated` (shorter than its processed offset); `unknown` (no
+    listed on its own); `rotated` (the journal of that row was found beside its recorded path
+    under a new name, e.g. `server-events.jsonl.1`: its lag is shown against that file);
+    `truncated` (shorter than its processed offset); `unknown` (no
     database to compare with).
     """
     rows: list[tuple] = []
@@ -128,6 +130,13 @@ def journal_status(store: Store | None, paths: list[Path]) -> list[dict[str, Any
             continue
         path = Path(row[1])
         fp, size = peek(path)
+        moved = journal.find_copy(path, row[0]) if fp != row[0] else None
+        if moved is not None:  # rotated away: its lag is that of the file under its new name
+            e = entry(str(moved), moved, row, row[0], peek(moved)[1])
+            if e["state"] == "ok":
+                e["state"] = "rotated"
+            out.append(e)
+            continue
         out.append(entry(row[1], path, row, fp if size is not None else row[0], size))
     return out
 

@@ -66,24 +66,20 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
 def _follow(url: str, paths: list[Path], batch_bytes: int, retry_for: float, poll: float,
             on_retry, err, strict: bool = False):
     """Run the follower until SIGINT/SIGTERM; the batch in flight finishes first."""
-    import signal
-
-    from ..follow import follow
+    from ..follow import run_until_signalled
     from ..processor import Processor
 
-    stop: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: stop.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
     proc = Processor(url, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry, strict=strict)
     err.print(f"following {', '.join(map(str, paths))}; Ctrl-C or SIGTERM to stop")
 
     def on_applied(file_report, n: int) -> None:
         err.print(f"{file_report.path}: +{n} lines, offset {file_report.offset}")
 
+    def on_notice(message: str) -> None:
+        err.print(message, style="yellow", markup=False, highlight=False)
+
     try:
-        return follow(proc, paths, lambda: bool(stop), poll=poll,
-                      on_applied=on_applied if err.is_terminal else None)
+        return run_until_signalled(proc, paths, poll=poll, on_notice=on_notice,
+                                   on_applied=on_applied if err.is_terminal else None)
     finally:
         proc.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
