@@ -17,6 +17,7 @@ import orjson
 
 from . import events, identity, store
 from .errors import InvalidEvent, JournalError
+from .events import money_add
 
 # Sums per user: [adds, added amount, subtracts, subtracted amount]
 Sums = dict[str, list]
@@ -130,15 +131,16 @@ def count(sums: Sums) -> int:
 
 
 def add(sums: Sums, user: str, is_add: bool, value: events.Value) -> None:
+    """Count one event into `sums`, exactly (events.money_add, never the default context)."""
     s = sums.get(user)
     if s is None:
         sums[user] = [1, value, 0, 0] if is_add else [0, 0, 1, value]
     elif is_add:
         s[0] += 1
-        s[1] += value
+        s[1] = money_add(s[1], value)
     else:
         s[2] += 1
-        s[3] += value
+        s[3] = money_add(s[3], value)
 
 
 def merge(into: Sums, other: Sums, *, take: bool = False) -> None:
@@ -149,9 +151,9 @@ def merge(into: Sums, other: Sums, *, take: bool = False) -> None:
             into[user] = s if take else list(s)
         else:
             t[0] += s[0]
-            t[1] += s[1]
+            t[1] = money_add(t[1], s[1])
             t[2] += s[2]
-            t[3] += s[3]
+            t[3] = money_add(t[3], s[3])
 
 
 def _event(raw: bytes, strict: bool = False) -> tuple[str, bool, events.Value, str | None]:
@@ -271,12 +273,12 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
                     s = sums.get(user)
                     if s is None:
                         sums[user] = [1, value, 0, 0] if name == "add_revenue" else [0, 0, 1, value]
-                    elif name == "add_revenue":
+                    elif name == "add_revenue":  # value is an int; the sum may be a Decimal
                         s[0] += 1
-                        s[1] += value
+                        s[1] = s[1] + value if type(s[1]) is int else money_add(s[1], value)
                     else:
                         s[2] += 1
-                        s[3] += value
+                        s[3] = s[3] + value if type(s[3]) is int else money_add(s[3], value)
                     continue
         try:
             user, is_add, value, eid = _event(line, strict)
