@@ -23,7 +23,7 @@ from typing import BinaryIO
 from . import identity, journal, parser
 from .errors import EvtoolError, SourceError
 from .parser import Batch, ParsedPart
-from .store import Store, copy_rows, retrying
+from .store import Store, copy_rows, path_text, retrying
 
 DEFAULT_BATCH_BYTES = 128 * 1024 * 1024  # one transaction: its cost is one upsert per user
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
@@ -205,7 +205,7 @@ class Processor:
 
     def process_file(self, path: Path, on_progress: ProgressFn | None = None) -> FileReport:
         """Apply every complete line of `path` not applied yet."""
-        report = FileReport(str(path))
+        report = FileReport(path_text(str(path)))  # shown as the database shows it (bytes escaped)
         try:
             f = open(path, "rb")
         except FileNotFoundError:
