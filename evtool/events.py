@@ -32,6 +32,11 @@ MAX_EVENT_ID = 128
 MAX_SCALE = 18  # digits after the decimal point that are kept exactly
 MAX_ABS = Decimal(10) ** 20
 _MAX_INT = 10**20
+# Arrays and objects nested in an event, the event itself counted: below orjson's writing limit
+# (254), as the receiver re-serialises some events.
+MAX_DEPTH = 200
+DEEP_LEN = 2 * MAX_DEPTH  # a text this short cannot nest deeper
+DEEP_REASON = f"malformed JSON: nested more than {MAX_DEPTH} levels deep"
 # Ids that start with this are made by `evtool serve`; clients may not send them.
 RECEIVER_ID_PREFIX = "~"
 
@@ -181,12 +186,42 @@ def _check_decimal(d: Decimal) -> Value:
     return Decimal((0, digits[:len(digits) - zeros], exponent))
 
 
-def parse_json(raw: bytes | str) -> object:
-    """Parse one JSON text, raising MalformedJSON with a short reason."""
+def depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in a JSON text orjson accepted (non-recursive)."""
+    deepest = level = 0
+    for m in _TOKENS.finditer(raw):
+        c = m.group()[:1]
+        if c == b"{" or c == b"[":
+            level += 1
+            if level > deepest:
+                deepest = level
+        elif c == b"}" or c == b"]":
+            level -= 1
+    return deepest
+
+
+def too_deep(raw: bytes | str) -> bool:
+    """Whether an event's text nests deeper than MAX_DEPTH. Each level takes two bytes and an
+    opening bracket, so only a text long enough, with enough brackets, is scanned: for a common
+    event the cost is one length comparison."""
+    if len(raw) <= DEEP_LEN:
+        return False
+    data = raw.encode() if isinstance(raw, str) else raw
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return False
+    return depth(data) > MAX_DEPTH
+
+
+def parse_json(raw: bytes | str, *, check_depth: bool = True) -> object:
+    """Parse one JSON text, raising MalformedJSON with a short reason (also for an event nested
+    deeper than MAX_DEPTH: the same verdict in every request form and in the processor)."""
     try:
-        return orjson.loads(raw)
+        obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise MalformedJSON(f"malformed JSON: {exc}") from None
+    if check_depth and too_deep(raw):
+        raise MalformedJSON(DEEP_REASON)
+    return obj
 
 
 _PLAIN_DECIMAL = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")

@@ -119,10 +119,12 @@ class Intake:
     def json(self, body: bytes, key: str | None = None) -> Lines:
         """Validate an application/json body: one object, or an array of objects (a bulk)."""
         try:
-            obj = events.parse_json(body)
+            obj = events.parse_json(body, check_depth=False)  # checked per event below
         except MalformedJSON as exc:
             raise BodyMalformed(exc.reason) from None
         if isinstance(obj, dict):
+            if events.too_deep(body):
+                raise BodyMalformed(events.DEEP_REASON)
             return self._single(body, obj, key)
         if not isinstance(obj, list):
             raise BodyInvalid("the body must be one event object or an array of event objects")
@@ -146,9 +148,14 @@ class Intake:
             if event.event_id is None:
                 el["eventId"] = _key_id(key, i) if key is not None else self.fresh_id()
             el["value"] = events.value_fragment(event.value)
-            line = orjson.dumps(el)
+            try:
+                line = orjson.dumps(el)
+            except orjson.JSONEncodeError:  # orjson writes 254 levels at most: deeper than MAX_DEPTH
+                raise BodyMalformed(f"element {i}: {events.DEEP_REASON}") from None
             if len(line) > self.max_line:
                 raise BodyTooLong(f"element {i} is longer than the limit of {self.max_line} bytes")
+            if events.too_deep(line):
+                raise BodyMalformed(f"element {i}: {events.DEEP_REASON}")
             out.append(line)
         out.append(b"")
         return Lines(b"\n".join(out), len(obj))

@@ -224,6 +224,7 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
     fresh, sources, opaque, rejects = out.fresh, out.sources, out.opaque, out.rejects
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
     max_user = events.MAX_USER_ID
+    deep_len, too_deep = events.DEEP_LEN, events.too_deep
     classify, POSITION = identity.classify, identity.Kind.POSITION
     last_prefix = "\0"  # "<source>:" of the last sender id seen
     last_runs: list[tuple[int, int]] = []
@@ -243,6 +244,8 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
             if not line or line.isspace():
                 continue
             obj = None  # _event below says what is wrong
+        if len(line) > deep_len and obj is not None and too_deep(line):
+            obj = None  # _event says it nests too deep
         # events.common_shape, inlined (it runs once per event); validate accepts a superset.
         if type(obj) is dict:
             user = obj.get("userId")

@@ -154,6 +154,11 @@ class Store:
                 done.append(f.name)
         return done
 
+    def set_statement_timeout(self, seconds: float) -> None:
+        """Bound every later statement of this connection (lock waits included)."""
+        with translated():
+            self.conn.execute(f"SET statement_timeout = {max(1, int(seconds * 1000))}")
+
     # -- queries -----------------------------------------------------------------------
 
     def revenue(self, user_id: str) -> Decimal | None:
