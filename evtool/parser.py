@@ -22,6 +22,10 @@ from .events import money_add
 # Sums per user: [adds, added amount, subtracts, subtracted amount]
 Sums = dict[str, list]
 PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
+# Distinct users (and opaque-id events) a worker part holds at most: its sums, COPY rows and
+# pickle grow with them, not with the bytes, so a part (and with it the batch) ends at the piece
+# where they pass this. 100,000 users of 256 characters are about 100 MB in a worker.
+MAX_USERS_PER_PART = 100_000
 _MAX_INT = 10**20
 
 
@@ -63,6 +67,7 @@ class ParsedPart:
     copy_rows: bytes | None = None
     users: list[str] = field(default_factory=list)
     strict: bool = False  # parsed without normalization (events.validate's strict)
+    cut: bool = False  # ended before the planned end: MAX_USERS_PER_PART was reached
     fresh_count: int = 0  # events in `fresh`
 
     def finish(self) -> None:
@@ -99,6 +104,10 @@ class Batch:
     """
 
     def __init__(self, parts: list[ParsedPart]) -> None:
+        for i, p in enumerate(parts):
+            if p.cut:  # the batch ends where a part had to end: the later parts wait for the next
+                parts = parts[:i + 1]
+                break
         self.parts = parts
         self.offset = parts[0].offset
         self.end = parts[-1].end
@@ -187,12 +196,20 @@ def exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def held(part: ParsedPart) -> int:
+    """Distinct users (per identity kind) and opaque-id events a part holds: what its memory
+    grows with."""
+    return len(part.fresh) + sum(len(p.sums) for p in part.sources.values()) + len(part.opaque)
+
+
 def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
-                    piece: int = PIECE_BYTES, strict: bool = False) -> ParsedPart:
+                    piece: int = PIECE_BYTES, strict: bool = False,
+                    max_users: int = MAX_USERS_PER_PART) -> ParsedPart:
     """Parse bytes [start, end) of a journal (both at line boundaries), `piece` bytes at a time.
 
     Runs in a worker process, which opens the file itself; `identity` (st_dev, st_ino) makes
-    sure it reads the same file the caller holds open.
+    sure it reads the same file the caller holds open. Ends early (`cut`, `end` moved back to
+    the last line parsed) once the part holds more than `max_users` (see `held`).
     """
     out = ParsedPart(start, end, strict=strict)
     with open(path, "rb") as f:
@@ -207,6 +224,9 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
             cut = data.rfind(b"\n") + 1 if pos < end else len(data)
             parse(data[:cut], pos - len(data), out, close=False)
             rest = data[cut:]
+            if pos - len(rest) < end and held(out) > max_users:
+                out.end, out.cut = pos - len(rest), True
+                break
     out.finish()
     return out
 

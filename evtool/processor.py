@@ -82,10 +82,12 @@ class Outcome:
 class ParsePool:
     """The parsing worker processes: started on first use, each parses a part of a batch."""
 
-    def __init__(self, workers: int, piece_bytes: int, strict: bool) -> None:
+    def __init__(self, workers: int, piece_bytes: int, strict: bool,
+                 max_users: int = parser.MAX_USERS_PER_PART) -> None:
         self.workers = workers
         self.piece_bytes = piece_bytes
         self.strict = strict
+        self.max_users = max_users
         self._pool: ProcessPoolExecutor | None = None
 
     def submit(self, f: BinaryIO, path: str, start: int, end: int) -> list[Future]:
@@ -98,7 +100,8 @@ class ParsePool:
         st = os.fstat(f.fileno())
         file_id = (st.st_dev, st.st_ino)  # a worker checks it opened the same file
         return [
-            self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict)
+            self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict,
+                              self.max_users)
             for lo, hi in journal.split(f, start, end, self.workers)
         ]
 
@@ -152,6 +155,7 @@ class Processor:
         inline_bytes: int = INLINE_BYTES,
         piece_bytes: int = parser.PIECE_BYTES,
         strict: bool = False,
+        max_users: int = parser.MAX_USERS_PER_PART,
     ) -> None:
         self.dsn = dsn
         self.strict = strict  # events.validate without normalization
@@ -161,7 +165,7 @@ class Processor:
         self.on_retry = on_retry
         self.workers = min(2, os.cpu_count() or 1) if workers is None else workers
         self.store: Store | None = None
-        self.pool = ParsePool(self.workers, piece_bytes, strict)
+        self.pool = ParsePool(self.workers, piece_bytes, strict, max_users)
         self.retries = 0
         self._users: set[str] = set()  # users whose totals this run changed
 
@@ -259,6 +263,10 @@ class Processor:
                 continue
             planned.popleft()
             offset = current.end
+            if planned and planned[0].start != offset:  # the batch was cut short (parser.held)
+                for p in planned:
+                    p.cancel()
+                planned.clear()
             if on_progress:
                 on_progress(offset)
 
