@@ -50,8 +50,9 @@ def test_lookups_waiting_on_a_lock_never_delay_a_post(dsn, tmp_path: Path):
                  timeout=300)[0]))
         post.start()
         post.join(timeout=90)  # the failure detector only: the POST must end while the lock is held
-        still_locked = holder.execute("SELECT count(*) FROM pg_locks WHERE relation = 'users_revenue'::regclass"
-                                      " AND mode = 'AccessExclusiveLock' AND granted").fetchone()[0]
+        still_locked = holder.execute(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'users_revenue'::regclass"
+            " AND mode = 'AccessExclusiveLock' AND granted").fetchone()[0]
         assert posted == [200] and still_locked == 1
         holder.rollback()
         holder.close()
