@@ -12,9 +12,12 @@ the app's resources (journal appender, metrics, the /userEvents connection) live
 keys, opened and closed by `cleanup_ctx`.
 
 Limits: the body is capped by `max_body` (aiohttp's `client_max_size`), each event line or object
-by `max_line`, and reading the body by `request_timeout`, which also bounds how long a connection
-may sit without a complete request head. Request line and headers use aiohttp's
-defaults (8190 bytes per line and per header field, 32 KiB for all headers).
+by `max_line`, and reading the body by `request_timeout`, which also bounds an idle keep-alive
+connection; a request head must be complete within `head_timeout`. Open connections are capped
+below the open-file limit (`connection_cap`), the oldest idle one closed to admit a new one.
+Lookups run on their own threads with a statement timeout, so a slow database never delays the
+journal's write+fsync. Request line and headers use aiohttp's defaults (8190 bytes per line and
+per header field, 32 KiB for all headers).
 """
 
 from __future__ import annotations
