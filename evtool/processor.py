@@ -47,7 +47,9 @@ class FileReport:
 @dataclass
 class ProcessReport:
     files: list[FileReport] = field(default_factory=list)
-    users: set[str] = field(default_factory=set)
+    # hash() of each user whose total changed: only counted, and a run may touch millions of
+    # users (their ids up to 256 characters each), so the ids themselves are not kept
+    users: set[int] = field(default_factory=set)
     seconds: float = 0.0
     retries: int = 0
 
@@ -167,7 +169,7 @@ class Processor:
         self.store: Store | None = None
         self.pool = ParsePool(self.workers, piece_bytes, strict, max_users)
         self.retries = 0
-        self._users: set[str] = set()  # users whose totals this run changed
+        self._users: set[int] = set()  # hash() of the users whose totals this run changed
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -315,7 +317,7 @@ class Processor:
         report.offset = b.end
         room = MAX_REJECT_SAMPLES - len(report.reject_samples)
         report.reject_samples.extend((first_line + index, why) for _, index, _, why in b.rejects[:room])
-        self._users.update(outcome.users)
+        self._users.update(map(hash, outcome.users))
         return _COMMITTED
 
     # -- many journals -----------------------------------------------------------------
