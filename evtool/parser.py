@@ -24,8 +24,9 @@ Sums = dict[str, list]
 PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
 # Distinct users (and opaque-id events) a worker part holds at most: its sums, COPY rows and
 # pickle grow with them, not with the bytes, so a part (and with it the batch) ends at the piece
-# where they pass this. 100,000 users of 256 characters are about 100 MB in a worker.
-MAX_USERS_PER_PART = 100_000
+# where they pass this. 25,000 users of 256 characters are about 20 MB in a worker, and the
+# committing process holds two batches of such parts.
+MAX_USERS_PER_PART = 25_000
 _MAX_INT = 10**20
 
 
