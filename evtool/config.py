@@ -6,8 +6,10 @@ Every default the commands and the library share is written here once.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 if TYPE_CHECKING:
     from .store import Store
@@ -42,6 +44,70 @@ def explicit_dsn(dsn: str | None = None) -> str | None:
     if os.environ.get("PGHOST") or os.environ.get("PGDATABASE"):
         return ""
     return None
+
+
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)(.*)$", re.S)
+_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&]*)", re.I)
+MASK = "***"
+
+
+def _uri_password(rest: str) -> str | None:
+    """The password of a URI's userinfo (`rest` is what follows "://"), as written: everything
+    between the first ':' and the last '@' (a password may hold '@', ':' or '/')."""
+    at = rest.rfind("@")
+    if at < 0:
+        return None
+    userinfo = rest[:at]
+    colon = userinfo.find(":")
+    return None if colon < 0 else userinfo[colon + 1:]
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by ***, for display: a URI's userinfo password (which
+    may hold '@', ':', '/' or %-escapes), a `password=` query parameter, and a key=value DSN's
+    password, quoted or not."""
+    m = _URI.match(dsn)
+    if m:
+        scheme, rest = m.groups()
+        password = _uri_password(rest)
+        if password is not None:
+            at = rest.rfind("@")
+            colon = rest.find(":")
+            rest = rest[:colon + 1] + MASK + rest[at:]
+        dsn = scheme + rest
+    return _KV_PASSWORD.sub(lambda k: k.group(1) + MASK, dsn)
+
+
+def dsn_secrets(dsn: str) -> list[str]:
+    """Every form in which `dsn`'s password might be quoted back (as written, %-decoded,
+    unquoted), longest first."""
+    found: list[str] = []
+    m = _URI.match(dsn)
+    if m:
+        password = _uri_password(m.group(2))
+        if password:
+            found += [password, unquote(password)]
+    for k in _KV_PASSWORD.finditer(dsn):
+        value = k.group(2)
+        found.append(value)
+        if value.startswith("'"):
+            inner = value[1:-1] if value.endswith("'") and len(value) > 1 else value[1:]
+            found += [inner, re.sub(r"\\(.)", r"\1", inner)]
+        found.append(unquote(value))
+    for secret in list(found):
+        # libpq splits a userinfo at its first '@' and quotes the rest back as host and port
+        pieces = secret.split("@")
+        found += [pieces[0], *(p + "@" for p in pieces[1:])]
+        found += [p for p in re.split(r"[@:/]", secret) if len(p) > 1]
+    return sorted({f for f in found if f}, key=len, reverse=True)
+
+
+def mask_secrets(text: str, dsn: str | None) -> str:
+    """`text` (an error message that may quote the DSN) with every form of its password masked."""
+    if dsn:
+        for secret in dsn_secrets(dsn):
+            text = text.replace(secret, MASK + "@" if secret.endswith("@") else MASK)
+    return mask_dsn(text)
 
 
 def resolve_dsn(dsn: str | None = None) -> str:

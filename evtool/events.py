@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 
 import orjson
 
@@ -32,10 +32,28 @@ MAX_EVENT_ID = 128
 MAX_SCALE = 18  # digits after the decimal point that are kept exactly
 MAX_ABS = Decimal(10) ** 20
 _MAX_INT = 10**20
+# Arrays and objects nested in an event, the event itself counted: below orjson's writing limit
+# (254), as the receiver re-serialises some events.
+MAX_DEPTH = 200
+DEEP_LEN = 2 * MAX_DEPTH  # a text this short cannot nest deeper
+DEEP_REASON = f"malformed JSON: nested more than {MAX_DEPTH} levels deep"
 # Ids that start with this are made by `evtool serve`; clients may not send them.
 RECEIVER_ID_PREFIX = "~"
 
 Value = int | Decimal
+
+# The context every sum of money is computed in (never Python's default 28 digits, which rounds
+# a sum of two valid values): a value has at most 20 + 18 = 38 digits, a sum of up to 10^60 of
+# them fits in 100; Inexact is trapped so a rounding can never pass silently.
+MONEY = Context(prec=100, Emax=999_999, Emin=-999_999, traps=[Inexact, InvalidOperation, Overflow])
+_I64 = 2**63  # orjson writes ints in [-2^63, 2^64) only
+
+
+def money_add(a: Value, b: Value) -> Value:
+    """a + b, exactly: ints stay ints, anything with a Decimal is added in the MONEY context."""
+    if type(a) is int and type(b) is int:
+        return a + b
+    return MONEY.add(a, b)
 
 
 @dataclass(slots=True)
@@ -50,52 +68,160 @@ class Event:
 
 
 _VALUE_TEXT = re.compile(rb'"value"\s*:\s*(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)')
+# JSON's tokens that matter for finding a top-level member: strings (escapes kept), brackets,
+# colons, commas and numbers. Literals and whitespace are skipped. Used on text orjson accepted.
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]|-?[0-9][-+.0-9eE]*')
 
 
-def _exact_value(text: bytes | str, parsed: float) -> Decimal:
-    """The exact Decimal of an object's `value`, from its JSON text.
+def _is_value_key(token: bytes) -> bool:
+    return token == b'"value"' or (b"\\" in token and json.loads(token) == "value")
 
-    Fast path: the one `"value": <number>` in the text, when it reads as the float orjson
-    parsed. Anything less clear-cut (nested or repeated keys, escapes) is re-read with the
-    standard library.
+
+def _value_text(raw: bytes) -> bytes | None:
+    """The number text of the top-level object's last `value` member (as every JSON parser
+    here reads duplicates: the last wins), or None when it is not a number.
+
+    A scan of tokens with a depth counter: no recursion, so any nesting orjson accepts is read.
+    """
+    depth = 0
+    key: bytes | None = None  # the last string at depth 1
+    pending = False  # after "key:" at depth 1, before its value
+    found: bytes | None = None
+    for m in _TOKENS.finditer(raw):
+        tok = m.group()
+        c = tok[:1]
+        if c == b'"':
+            if depth == 1:
+                if pending:
+                    pending = False
+                    if _is_value_key(key):  # type: ignore[arg-type]
+                        found = None
+                else:
+                    key = tok
+        elif c == b"{" or c == b"[":
+            if pending:
+                pending = False
+                if _is_value_key(key):  # type: ignore[arg-type]
+                    found = None
+            depth += 1
+        elif c == b"}" or c == b"]" or c == b",":
+            if depth == 1 and pending:  # a literal (true, false, null) was the value
+                pending = False
+                if _is_value_key(key):  # type: ignore[arg-type]
+                    found = None
+            if c != b",":
+                depth -= 1
+        elif c == b":":
+            if depth == 1:
+                pending = True
+        elif depth == 1 and pending:  # a number
+            pending = False
+            if _is_value_key(key):  # type: ignore[arg-type]
+                found = tok
+    return found
+
+
+def object_spans(body: bytes) -> list[tuple[int, int] | None]:
+    """For a JSON array (text orjson accepted): each element's [start, end) when it is an
+    object, else None. Non-recursive, like `_value_text`."""
+    spans: list[tuple[int, int] | None] = []
+    depth = 0
+    start = 0
+    for m in _TOKENS.finditer(body):
+        c = m.group()[:1]
+        if c == b"{" or c == b"[":
+            depth += 1
+            if depth == 2:
+                spans.append(None)
+                if c == b"{":
+                    start = m.start()
+        elif c == b"}" or c == b"]":
+            depth -= 1
+            if depth == 1 and c == b"}":
+                spans[-1] = (start, m.end())
+        elif depth == 1 and c != b"," and c != b":":  # a string or number element
+            spans.append(None)
+    return spans
+
+
+def exact_value(text: bytes | str, parsed: float) -> Decimal:
+    """The exact Decimal of an object's `value`, from its JSON text (orjson gave `parsed`).
+
+    Fast path: text without a backslash cannot hide a key behind an escape or a quote inside a
+    string, so its one `"value"` token is the top-level key. Anything else is scanned token by
+    token (`_value_text`). Both agree with json.loads(parse_float=Decimal); a property test pins it.
     """
     raw = text.encode() if isinstance(text, str) else text
-    found = _VALUE_TEXT.findall(raw)
-    if len(found) == 1 and raw.count(b'"value"') == 1 and float(found[0]) == parsed:
-        return Decimal(found[0].decode())
-    try:
-        obj = json.loads(text, parse_float=Decimal, parse_int=Decimal)
-    except (ValueError, RecursionError) as exc:  # pragma: no cover - orjson accepted it
-        raise MalformedJSON(f"malformed JSON: {exc}") from None
-    return obj["value"]
+    if b"\\" not in raw and raw.count(b'"value"') == 1:
+        found = _VALUE_TEXT.findall(raw)
+        if len(found) == 1:
+            return Decimal(found[0].decode())
+    number = _value_text(raw)
+    if number is None:  # pragma: no cover - orjson read a number there
+        raise MalformedJSON("malformed JSON: value is not a number")
+    return Decimal(number.decode())
 
 
 def _check_decimal(d: Decimal) -> Value:
+    """The value of a finite Decimal within the limits, exactly: an int when it is whole, else
+    the Decimal without trailing zeros. Context-free: no step here can round."""
     if not d.is_finite():
         raise InvalidEvent("value must be a finite number")
-    if d < 0:
+    if d < 0:  # comparisons are exact, whatever the context
         raise InvalidEvent("value must be >= 0")
     if d >= MAX_ABS:
         raise InvalidEvent(f"value must be less than 1e{MAX_ABS.adjusted()}")
-    try:
-        exponent = d.normalize().as_tuple().exponent
-    except InvalidOperation:  # pragma: no cover - bounded above
-        raise InvalidEvent("value cannot be kept exactly") from None
-    if isinstance(exponent, int) and exponent < -MAX_SCALE:
+    _, digits, exponent = d.as_tuple()
+    assert isinstance(exponent, int)
+    if not any(digits):
+        return 0
+    zeros = len(digits) - len(bytes(digits).rstrip(b"\0"))
+    exponent += zeros
+    if exponent < -MAX_SCALE:
         raise InvalidEvent(
             f"value has more than {MAX_SCALE} digits after the point and cannot be kept exactly"
         )
     if exponent >= 0:
         return int(d)
-    return d
+    return Decimal((0, digits[:len(digits) - zeros], exponent))
 
 
-def parse_json(raw: bytes | str) -> object:
-    """Parse one JSON text, raising MalformedJSON with a short reason."""
+def depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in a JSON text orjson accepted (non-recursive)."""
+    deepest = level = 0
+    for m in _TOKENS.finditer(raw):
+        c = m.group()[:1]
+        if c == b"{" or c == b"[":
+            level += 1
+            if level > deepest:
+                deepest = level
+        elif c == b"}" or c == b"]":
+            level -= 1
+    return deepest
+
+
+def too_deep(raw: bytes | str) -> bool:
+    """Whether an event's text nests deeper than MAX_DEPTH. Each level takes two bytes and an
+    opening bracket, so only a text long enough, with enough brackets, is scanned: for a common
+    event the cost is one length comparison."""
+    if len(raw) <= DEEP_LEN:
+        return False
+    data = raw.encode() if isinstance(raw, str) else raw
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return False
+    return depth(data) > MAX_DEPTH
+
+
+def parse_json(raw: bytes | str, *, check_depth: bool = True) -> object:
+    """Parse one JSON text, raising MalformedJSON with a short reason (also for an event nested
+    deeper than MAX_DEPTH: the same verdict in every request form and in the processor)."""
     try:
-        return orjson.loads(raw)
+        obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise MalformedJSON(f"malformed JSON: {exc}") from None
+    if check_depth and too_deep(raw):
+        raise MalformedJSON(DEEP_REASON)
+    return obj
 
 
 _PLAIN_DECIMAL = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
@@ -197,7 +323,7 @@ def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: boo
         if isinstance(value, float):
             if raw is None:
                 raise InvalidEvent("value must be given as JSON text to be read exactly")
-            value = _exact_value(raw, value)
+            value = exact_value(raw, value)
         value = _check_decimal(value)
     event_id = obj.get("eventId")
     if event_id is not None:
@@ -235,7 +361,7 @@ def format_value(value: Value) -> str:
 
 def value_fragment(value: Value) -> int | orjson.Fragment:
     """What to hand orjson so a value is written with exactly its digits."""
-    if isinstance(value, int):
+    if type(value) is int and -_I64 <= value < 2 * _I64:
         return value
     return orjson.Fragment(format_value(value).encode())
 

@@ -10,13 +10,10 @@ a receiver id), so the client's number text survives.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
-from typing import Any
 
 import orjson
 
@@ -122,31 +119,43 @@ class Intake:
     def json(self, body: bytes, key: str | None = None) -> Lines:
         """Validate an application/json body: one object, or an array of objects (a bulk)."""
         try:
-            obj = events.parse_json(body)
+            obj = events.parse_json(body, check_depth=False)  # checked per event below
         except MalformedJSON as exc:
             raise BodyMalformed(exc.reason) from None
         if isinstance(obj, dict):
+            if events.too_deep(body):
+                raise BodyMalformed(events.DEEP_REASON)
             return self._single(body, obj, key)
         if not isinstance(obj, list):
             raise BodyInvalid("the body must be one event object or an array of event objects")
-        exact: list[Any] | None = None
+        spans: list[tuple[int, int] | None] | None = None
         out: list[bytes] = []
         for i, el in enumerate(obj, 1):
-            if isinstance(el, dict) and isinstance(el.get("value"), float):
-                # orjson gave a float: take the exact number from the text, read once for the body
-                if exact is None:
-                    exact = json.loads(body, parse_float=Decimal, parse_int=Decimal)
-                el["value"] = exact[i - 1]["value"]
             try:
+                if isinstance(el, dict) and isinstance(el.get("value"), float):
+                    # orjson gave a float: take the exact number from the element's text (the
+                    # body is scanned once, without recursion, whatever its nesting)
+                    if spans is None:
+                        spans = events.object_spans(body)
+                    span = spans[i - 1]
+                    assert span is not None
+                    el["value"] = events.exact_value(body[span[0]:span[1]], el["value"])
                 event = events.validate(el, strict=self.strict)
+            except MalformedJSON as exc:
+                raise BodyMalformed(f"element {i}: {exc.reason}") from None
             except InvalidEvent as exc:
                 raise BodyInvalid(f"element {i}: {exc.reason}") from None
             if event.event_id is None:
                 el["eventId"] = _key_id(key, i) if key is not None else self.fresh_id()
             el["value"] = events.value_fragment(event.value)
-            line = orjson.dumps(el)
+            try:
+                line = orjson.dumps(el)
+            except orjson.JSONEncodeError:  # orjson writes 254 levels at most: deeper than MAX_DEPTH
+                raise BodyMalformed(f"element {i}: {events.DEEP_REASON}") from None
             if len(line) > self.max_line:
                 raise BodyTooLong(f"element {i} is longer than the limit of {self.max_line} bytes")
+            if events.too_deep(line):
+                raise BodyMalformed(f"element {i}: {events.DEEP_REASON}")
             out.append(line)
         out.append(b"")
         return Lines(b"\n".join(out), len(obj))
@@ -157,6 +166,8 @@ class Intake:
             raise BodyTooLong(f"the event is longer than the limit of {self.max_line} bytes")
         try:
             event = events.validate(obj, body, strict=self.strict)
+        except MalformedJSON as exc:
+            raise BodyMalformed(exc.reason) from None
         except InvalidEvent as exc:
             raise BodyInvalid(exc.reason) from None
         event_id = event.event_id or key or self.fresh_id()

@@ -17,10 +17,16 @@ import orjson
 
 from . import events, identity, journal, store
 from .errors import InvalidEvent, JournalChanged
+from .events import money_add
 
 # Sums per user: [adds, added amount, subtracts, subtracted amount]
 Sums = dict[str, list]
 PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
+# Distinct users (and opaque-id events) a worker part holds at most: its sums, COPY rows and
+# pickle grow with them, not with the bytes, so a part (and with it the batch) ends at the piece
+# where they pass this. 25,000 users of 256 characters are about 20 MB in a worker, and the
+# committing process holds two batches of such parts.
+MAX_USERS_PER_PART = 25_000
 _MAX_INT = 10**20
 
 
@@ -62,6 +68,7 @@ class ParsedPart:
     copy_rows: bytes | None = None
     users: list[str] = field(default_factory=list)
     strict: bool = False  # parsed without normalization (events.validate's strict)
+    cut: bool = False  # ended before the planned end: MAX_USERS_PER_PART was reached
     fresh_count: int = 0  # events in `fresh`
     digest: bytes = b""  # of the bytes parsed: checked against the file before the commit
 
@@ -99,6 +106,10 @@ class Batch:
     """
 
     def __init__(self, parts: list[ParsedPart]) -> None:
+        for i, p in enumerate(parts):
+            if p.cut:  # the batch ends where a part had to end: the later parts wait for the next
+                parts = parts[:i + 1]
+                break
         self.parts = parts
         self.offset = parts[0].offset
         self.end = parts[-1].end
@@ -131,15 +142,16 @@ def count(sums: Sums) -> int:
 
 
 def add(sums: Sums, user: str, is_add: bool, value: events.Value) -> None:
+    """Count one event into `sums`, exactly (events.money_add, never the default context)."""
     s = sums.get(user)
     if s is None:
         sums[user] = [1, value, 0, 0] if is_add else [0, 0, 1, value]
     elif is_add:
         s[0] += 1
-        s[1] += value
+        s[1] = money_add(s[1], value)
     else:
         s[2] += 1
-        s[3] += value
+        s[3] = money_add(s[3], value)
 
 
 def merge(into: Sums, other: Sums, *, take: bool = False) -> None:
@@ -150,9 +162,9 @@ def merge(into: Sums, other: Sums, *, take: bool = False) -> None:
             into[user] = s if take else list(s)
         else:
             t[0] += s[0]
-            t[1] += s[1]
+            t[1] = money_add(t[1], s[1])
             t[2] += s[2]
-            t[3] += s[3]
+            t[3] = money_add(t[3], s[3])
 
 
 def _event(raw: bytes, strict: bool = False) -> tuple[str, bool, events.Value, str | None]:
@@ -186,13 +198,22 @@ def exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def held(part: ParsedPart) -> int:
+    """Distinct users (per identity kind) and opaque-id events a part holds: what its memory
+    grows with."""
+    return len(part.fresh) + sum(len(p.sums) for p in part.sources.values()) + len(part.opaque)
+
+
 def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
-                    piece: int = PIECE_BYTES, strict: bool = False, opener: str | None = None) -> ParsedPart:
+                    piece: int = PIECE_BYTES, strict: bool = False, opener: str | None = None,
+                    max_users: int = MAX_USERS_PER_PART) -> ParsedPart:
     """Parse bytes [start, end) of a journal (both at line boundaries), `piece` bytes at a time.
 
     Runs in a worker process, which opens the file itself: `opener` (the caller's descriptor
     under /proc, so a journal renamed or deleted meanwhile is still the one read), else `path`;
-    `identity` (st_dev, st_ino) makes sure it reads the same file the caller holds open.
+    `identity` (st_dev, st_ino) makes sure it reads the same file the caller holds open. Ends
+    early (`cut`, `end` moved back to the last line parsed) once the part holds more than
+    `max_users` (see `held`). `digest` covers exactly the bytes parsed, [start, end).
     """
     out = ParsedPart(start, end, strict=strict)
     h = journal.range_digest()
@@ -208,12 +229,15 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
             if not block:  # the file shrank under the parse: never wait for bytes that are gone
                 raise JournalChanged(f"{path} was truncated while a batch of it was being processed "
                                      f"(it ends before byte {end}). Nothing of the batch was applied")
-            h.update(block)
             data = rest + block
             pos += len(block)
             cut = data.rfind(b"\n") + 1 if pos < end else len(data)
+            h.update(data[:cut])  # exactly the bytes parsed, so a part cut early digests its own range
             parse(data[:cut], pos - len(data), out, close=False)
             rest = data[cut:]
+            if pos - len(rest) < end and held(out) > max_users:
+                out.end, out.cut = pos - len(rest), True
+                break
     out.digest = h.digest()
     out.finish()
     return out
@@ -232,6 +256,7 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
     fresh, sources, opaque, rejects = out.fresh, out.sources, out.opaque, out.rejects
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
     max_user = events.MAX_USER_ID
+    deep_len, too_deep = events.DEEP_LEN, events.too_deep
     classify, POSITION = identity.classify, identity.Kind.POSITION
     last_prefix = "\0"  # "<source>:" of the last sender id seen
     last_runs: list[tuple[int, int]] = []
@@ -251,6 +276,8 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
             if not line or line.isspace():
                 continue
             obj = None  # _event below says what is wrong
+        if len(line) > deep_len and obj is not None and too_deep(line):
+            obj = None  # _event says it nests too deep
         # events.common_shape, inlined (it runs once per event); validate accepts a superset.
         if type(obj) is dict:
             user = obj.get("userId")
@@ -281,12 +308,12 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
                     s = sums.get(user)
                     if s is None:
                         sums[user] = [1, value, 0, 0] if name == "add_revenue" else [0, 0, 1, value]
-                    elif name == "add_revenue":
+                    elif name == "add_revenue":  # value is an int; the sum may be a Decimal
                         s[0] += 1
-                        s[1] += value
+                        s[1] = s[1] + value if type(s[1]) is int else money_add(s[1], value)
                     else:
                         s[2] += 1
-                        s[3] += value
+                        s[3] = s[3] + value if type(s[3]) is int else money_add(s[3], value)
                     continue
         try:
             user, is_add, value, eid = _event(line, strict)

@@ -24,7 +24,7 @@ from typing import BinaryIO
 from . import identity, journal, parser
 from .errors import EvtoolError, SourceError
 from .parser import Batch, ParsedPart
-from .store import Store, copy_rows, retrying
+from .store import Store, copy_rows, path_text, retrying
 
 DEFAULT_BATCH_BYTES = 128 * 1024 * 1024  # one transaction: its cost is one upsert per user
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
@@ -48,7 +48,9 @@ class FileReport:
 @dataclass
 class ProcessReport:
     files: list[FileReport] = field(default_factory=list)
-    users: set[str] = field(default_factory=set)
+    # hash() of each user whose total changed: only counted, and a run may touch millions of
+    # users (their ids up to 256 characters each), so the ids themselves are not kept
+    users: set[int] = field(default_factory=set)
     seconds: float = 0.0
     retries: int = 0
 
@@ -83,10 +85,12 @@ class Outcome:
 class ParsePool:
     """The parsing worker processes: started on first use, each parses a part of a batch."""
 
-    def __init__(self, workers: int, piece_bytes: int, strict: bool) -> None:
+    def __init__(self, workers: int, piece_bytes: int, strict: bool,
+                 max_users: int = parser.MAX_USERS_PER_PART) -> None:
         self.workers = workers
         self.piece_bytes = piece_bytes
         self.strict = strict
+        self.max_users = max_users
         self._pool: ProcessPoolExecutor | None = None
 
     def submit(self, f: BinaryIO, path: str, start: int, end: int) -> list[Future]:
@@ -105,7 +109,7 @@ class ParsePool:
             opener = None
         return [
             self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict,
-                              opener)
+                              opener, self.max_users)
             for lo, hi in journal.split(f, start, end, self.workers)
         ]
 
@@ -189,6 +193,7 @@ class Processor:
         inline_bytes: int = INLINE_BYTES,
         piece_bytes: int = parser.PIECE_BYTES,
         strict: bool = False,
+        max_users: int = parser.MAX_USERS_PER_PART,
     ) -> None:
         self.dsn = dsn
         self.strict = strict  # events.validate without normalization
@@ -198,9 +203,9 @@ class Processor:
         self.on_retry = on_retry
         self.workers = min(2, os.cpu_count() or 1) if workers is None else workers
         self.store: Store | None = None
-        self.pool = ParsePool(self.workers, piece_bytes, strict)
+        self.pool = ParsePool(self.workers, piece_bytes, strict, max_users)
         self.retries = 0
-        self._users: set[str] = set()  # users whose totals this run changed
+        self._users: set[int] = set()  # hash() of the users whose totals this run changed
         # [waiting on the workers only (no transaction open), a stop was asked]: see _Planned.batch
         self.waiting_for_parse = [False, False]
 
@@ -249,7 +254,7 @@ class Processor:
 
     def process_file(self, path: Path, on_progress: ProgressFn | None = None) -> FileReport:
         """Apply every complete line of `path` not applied yet."""
-        report = FileReport(str(path))
+        report = FileReport(path_text(str(path)))  # shown as the database shows it (bytes escaped)
         try:
             f = open(path, "rb")
         except FileNotFoundError:
@@ -303,6 +308,10 @@ class Processor:
                 continue
             planned.popleft()
             offset = current.end
+            if planned and planned[0].start != offset:  # the batch was cut short (parser.held)
+                for p in planned:
+                    p.cancel()
+                planned.clear()
             if on_progress:
                 on_progress(offset)
 
@@ -353,7 +362,7 @@ class Processor:
         report.offset = b.end
         room = MAX_REJECT_SAMPLES - len(report.reject_samples)
         report.reject_samples.extend((first_line + index, why) for _, index, _, why in b.rejects[:room])
-        self._users.update(outcome.users)
+        self._users.update(map(hash, outcome.users))
         return _COMMITTED
 
     # -- many journals -----------------------------------------------------------------

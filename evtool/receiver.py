@@ -12,9 +12,12 @@ the app's resources (journal appender, metrics, the /userEvents connection) live
 keys, opened and closed by `cleanup_ctx`.
 
 Limits: the body is capped by `max_body` (aiohttp's `client_max_size`), each event line or object
-by `max_line`, and reading the body by `request_timeout`, which also bounds how long a connection
-may sit without a complete request head. Request line and headers use aiohttp's
-defaults (8190 bytes per line and per header field, 32 KiB for all headers).
+by `max_line`, and reading the body by `request_timeout`, which also bounds an idle keep-alive
+connection; a request head must be complete within `head_timeout`. Open connections are capped
+below the open-file limit (`connection_cap`), the oldest idle one closed to admit a new one.
+Lookups run on their own threads with a statement timeout, so a slow database never delays the
+journal's write+fsync. Request line and headers use aiohttp's defaults (8190 bytes per line and
+per header field, 32 KiB for all headers).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import resource
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -55,6 +60,7 @@ NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "applica
 JSON_TYPES = frozenset({"application/json", "application/x-www-form-urlencoded"})
 
 _JSON = "application/json"
+LOOKUP_TIMEOUT = 5.0  # seconds: the statement timeout of a GET /userEvents lookup
 
 
 class RevenueLookup(Protocol):
@@ -71,8 +77,9 @@ class StoreRevenue:
     """A RevenueLookup on one database connection: opened on first use (so `serve` starts without
     PostgreSQL), reopened after a failure, closed with the app."""
 
-    def __init__(self, connect: Callable[[], Store]) -> None:
+    def __init__(self, connect: Callable[[], Store], timeout: float = LOOKUP_TIMEOUT) -> None:
         self._connect = connect
+        self.timeout = timeout  # statement timeout: a lookup never waits longer on a lock
         self._store: Store | None = None
         # Lookups run in threads: one at a time on the one connection, and never two connects.
         self._lock = threading.Lock()
@@ -80,7 +87,13 @@ class StoreRevenue:
     def __call__(self, user_id: str) -> Decimal | None:
         with self._lock:
             if self._store is None:
-                self._store = self._connect()
+                store = self._connect()
+                try:
+                    store.set_statement_timeout(self.timeout)
+                except EvtoolError:
+                    store.close()
+                    raise
+                self._store = store
             try:
                 return self._store.revenue(user_id)
             except EvtoolError:
@@ -106,7 +119,10 @@ class ServeSettings:
     fsync: bool = True
     max_body: int = 16 * 1024 * 1024  # bytes per request
     max_line: int = 1024 * 1024  # bytes per event line / single object
-    request_timeout: float = 30.0  # seconds to receive a request body
+    request_timeout: float = 30.0  # seconds to receive a request body; also the idle keep-alive limit
+    head_timeout: float = 10.0  # seconds to finish a request head once begun (or to begin one)
+    lookup_threads: int = 4  # GET /userEvents runs here, never in the pool the journal writes with
+    max_connections: int | None = None  # None: the open-file limit less a reserve (connection_cap)
     # What GET /userEvents/<id> reads totals with; the app closes it when it stops. None -> 503.
     revenue_lookup: RevenueLookup | None = None
     strict: bool = False  # events.validate without normalization (no user_id alias, no string values)
@@ -306,7 +322,9 @@ class _Receiver:
         if lookup is None:
             return _error(503, "no database configured")
         try:
-            revenue = await asyncio.to_thread(lookup, user_id)
+            # Its own threads: a slow database never holds a thread the journal's write+fsync needs.
+            loop = asyncio.get_running_loop()
+            revenue = await loop.run_in_executor(request.app[LOOKUPS_KEY], lookup, user_id)
         except UnknownUser:
             revenue = None
         except EvtoolError as exc:
@@ -336,6 +354,7 @@ class _Receiver:
 SETTINGS_KEY = web.AppKey("settings", ServeSettings)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 APPENDER_KEY = web.AppKey("appender", JournalAppender)
+LOOKUPS_KEY = web.AppKey("lookups", ThreadPoolExecutor)
 
 
 async def _journal(app: web.Application) -> AsyncIterator[None]:
@@ -355,11 +374,16 @@ async def _journal(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _revenue(app: web.Application) -> AsyncIterator[None]:
-    """The revenue lookup's connection, closed when the app stops."""
-    yield
-    lookup = app[SETTINGS_KEY].revenue_lookup
-    if lookup is not None:
-        await asyncio.to_thread(lookup.close)
+    """The lookups' own threads and the revenue lookup's connection, closed when the app stops."""
+    s = app[SETTINGS_KEY]
+    pool = ThreadPoolExecutor(max_workers=s.lookup_threads, thread_name_prefix="lookup")
+    app[LOOKUPS_KEY] = pool
+    try:
+        yield
+    finally:
+        if s.revenue_lookup is not None:
+            await asyncio.get_running_loop().run_in_executor(pool, s.revenue_lookup.close)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def make_app(s: ServeSettings) -> web.Application:
@@ -386,7 +410,46 @@ def make_app(s: ServeSettings) -> web.Application:
 
 
 class _JSONErrorProtocol(RequestHandler):
-    """aiohttp's protocol, answering malformed HTTP with a JSON sentence instead of text."""
+    """aiohttp's protocol, answering malformed HTTP with a JSON sentence instead of text, and
+    closing a connection whose request head is not complete within the head timeout (sooner
+    than an idle keep-alive connection, which aiohttp closes after keepalive_timeout)."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._messages or self._request_in_progress:  # a head is complete
+            self._disarm_head_timer()
+        else:
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        server = self._manager
+        if self._head_timer is None and isinstance(server, _JSONErrorServer):
+            self._head_timer = self._loop.call_later(server.head_timeout, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._messages and not self._request_in_progress and self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def idle(self) -> bool:
+        """No request is being read, handled or answered."""
+        return not self._messages and not self._request_in_progress
 
     def handle_error(
         self,
@@ -407,12 +470,54 @@ class _JSONErrorProtocol(RequestHandler):
 
 
 class _JSONErrorServer(Server):
+    """aiohttp's server with a cap on open connections: past it, the oldest idle connection
+    (no request under way) is closed to make room, else the new one; so idle or half-open
+    connections can never use up the file descriptors that requests and the journal need."""
+
+    max_connections = 1 << 30
+    head_timeout = 10.0
+
     def __call__(self) -> RequestHandler:
         return _JSONErrorProtocol(self, loop=self._loop, **self._kwargs)
 
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if len(self._connections) <= self.max_connections:
+            return
+        for other, other_transport in self._connections.items():
+            if other is not handler and getattr(other, "idle", False) and not other_transport.is_closing():
+                other_transport.abort()
+                return
+        transport.abort()
+
+
+# Descriptors kept free: the journal, the database, logs, and what the listener accepts in one go
+# (asyncio accepts up to the backlog, 128, before the cap can close any).
+RESERVED_FILES = 256
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (as servers do at start); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 16
+
+
+def connection_cap(open_files: int) -> int:
+    """Concurrent connections allowed under an open-file limit: the limit less a reserve."""
+    return max(8, open_files - RESERVED_FILES)
+
 
 async def start_runner(app: web.Application, host: str, port: int, *,
-                       shutdown_timeout: float = 60.0, idle_timeout: float = 30.0) -> web.AppRunner:
+                       shutdown_timeout: float = 60.0, idle_timeout: float = 30.0,
+                       head_timeout: float | None = None, max_connections: int | None = None
+                       ) -> web.AppRunner:
     """Start serving `app` on host:port (0 picks a free port); return the runner to clean up.
 
     A connection that has not sent a complete request head for `idle_timeout` seconds (a client
@@ -427,6 +532,10 @@ async def start_runner(app: web.Application, host: str, port: int, *,
     await runner.setup()
     if type(runner.server) is Server:
         runner.server.__class__ = _JSONErrorServer
+        server: Any = runner.server
+        server.head_timeout = idle_timeout if head_timeout is None else head_timeout
+        if max_connections is not None:
+            server.max_connections = max_connections
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
         await site.start()
@@ -444,8 +553,10 @@ def _url(runner: web.AppRunner) -> str:
 
 async def _serve(s: ServeSettings, on_ready: Callable[[str], None] | None) -> None:
     app = make_app(s)
+    cap = s.max_connections or connection_cap(raise_open_file_limit())
     runner = await start_runner(app, s.host, s.port, shutdown_timeout=s.request_timeout + 5,
-                                idle_timeout=s.request_timeout)
+                                idle_timeout=s.request_timeout,
+                                head_timeout=min(s.head_timeout, s.request_timeout), max_connections=cap)
     appender = app[APPENDER_KEY]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -7,7 +7,6 @@ Nothing here writes, except `migrate` done by whoever opened the Store.
 
 from __future__ import annotations
 
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,19 +19,14 @@ from typing import Any
 import orjson
 
 from . import journal
+from .config import mask_dsn
 from .errors import EvtoolError
-from .store import Store
+from .store import Store, path_of_text, path_text
 
 READ_BYTES = 1 << 20  # counting lag lines streams the file this much at a time
 
 
 # -- status -----------------------------------------------------------------------------------
-
-
-def mask_dsn(dsn: str) -> str:
-    """The DSN with its password replaced by ***, for display."""
-    dsn = re.sub(r"(://[^:/@?]*:)[^@/?]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
 
 
 def count_lines(path: Path, start: int, end: int) -> int:
@@ -61,7 +55,7 @@ def reject_filter(reason: str | None, path: Path | None, include_reapplied: bool
     if path is not None:
         fp, _ = peek(path)
         conds.append("(path = %s OR fingerprint = %s)")
-        params += [str(path.resolve()), fp]
+        params += [path_text(str(path.resolve())), fp]
     return conds, params
 
 
@@ -124,11 +118,11 @@ def journal_status(store: Store | None, paths: list[Path]) -> list[dict[str, Any
         row = by_fp.get(fp) if fp is not None else None
         if row is not None:
             shown.add(row[0])
-        out.append(entry(str(path), path, row, fp, size))
+        out.append(entry(path_text(str(path)), path, row, fp, size))
     for row in rows:
         if row[0] in shown:
             continue
-        path = Path(row[1])
+        path = Path(path_of_text(row[1]))
         fp, size = peek(path)
         moved = journal.find_copy(path, row[0]) if fp != row[0] else None
         if moved is not None:  # rotated away: its lag is that of the file under its new name

@@ -6,7 +6,9 @@ Callers never import psycopg: every psycopg error is translated here into Databa
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from .config import mask_secrets
 from .errors import DatabaseError, DatabaseUnavailable
 from .events import format_value
 
@@ -31,9 +34,12 @@ FETCH_ROWS = 5000  # rows per round trip of a server-side cursor
 _RETRYABLE_STATES = {"40001", "40P01", "57P01", "57P02", "57P03", "53300"}
 
 
-def _translate(exc: psycopg.Error) -> Exception:
+def _translate(exc: psycopg.Error, dsn: str | None = None) -> Exception:
+    """Our exception for a psycopg error. The one boundary where libpq's messages enter evtool:
+    libpq quotes a malformed DSN back, so every form of its password is masked here."""
     state = getattr(exc, "sqlstate", None) or ""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    message = mask_secrets(message, dsn)
     if isinstance(exc, psycopg.OperationalError) or state.startswith("08") or state in _RETRYABLE_STATES:
         return DatabaseUnavailable(f"database unavailable: {message}")
     return DatabaseError(f"database error: {message}")
@@ -46,6 +52,28 @@ def translated() -> Iterator[None]:
         yield
     except psycopg.Error as exc:
         raise _translate(exc) from exc
+
+
+_PATH_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+def path_text(path: str | bytes) -> str:
+    """A journal path as the database keeps it (text must be UTF-8; a POSIX path is bytes):
+    a backslash doubled, each byte that is not UTF-8 as \\xNN. Reversible (`path_of_text`), and
+    unchanged for every UTF-8 path without a backslash; also what `status` and `rejects` show."""
+    raw = os.fsencode(path)
+    if b"\\" in raw:
+        raw = raw.replace(b"\\", b"\\\\")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def path_of_text(text: str) -> str:
+    """The path (a str that os.fsencode turns back into its bytes) of a `path_text`."""
+    if "\\" not in text:
+        return text
+    raw = _PATH_ESCAPE.sub(lambda m: "\\" if m.group(1) == "\\" else chr(0xDC00 + int(m.group(1)[1:], 16)),
+                           text)
+    return os.fsdecode(raw.encode("utf-8", "surrogateescape"))
 
 
 @dataclass
@@ -74,8 +102,13 @@ class Store:
         """Connect, retrying with backoff for up to `retry_for` seconds while the server is down."""
 
         def attempt() -> Store:
-            with translated():
+            try:
                 return cls(psycopg.connect(dsn, autocommit=True, connect_timeout=5))
+            except psycopg.Error as exc:
+                # not chained: the original (shown by --verbose) quotes the password
+                raise _translate(exc, dsn) from None
+            except ValueError as exc:  # a DSN psycopg cannot even pass to libpq (a NUL byte)
+                raise DatabaseError(f"database error: {mask_secrets(str(exc), dsn)}") from None
 
         return retrying(attempt, retry_for)
 
@@ -120,6 +153,11 @@ class Store:
                 )
                 done.append(f.name)
         return done
+
+    def set_statement_timeout(self, seconds: float) -> None:
+        """Bound every later statement of this connection (lock waits included)."""
+        with translated():
+            self.conn.execute(f"SET statement_timeout = {max(1, int(seconds * 1000))}")
 
     # -- queries -----------------------------------------------------------------------
 
@@ -213,7 +251,7 @@ class Store:
         """Lock a journal's progress row for this transaction, creating it the first time."""
         self.conn.execute(
             "INSERT INTO journal_files (fingerprint, path) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-            (fingerprint, path),
+            (fingerprint, path_text(path)),
         )
         row = self.conn.execute(
             'SELECT path, "offset", lines, tail_digest, applied, duplicates, rejected'
@@ -221,7 +259,7 @@ class Store:
             (fingerprint,),
         ).fetchone()
         assert row is not None
-        return FileProgress(fingerprint, *row)
+        return FileProgress(fingerprint, path_of_text(row[0]), *row[1:])
 
     def file_progress(self, fingerprint: bytes) -> FileProgress | None:
         """A journal's committed progress, without locking."""
@@ -231,7 +269,7 @@ class Store:
                 " FROM journal_files WHERE fingerprint = %s",
                 (fingerprint,),
             ).fetchone()
-        return None if row is None else FileProgress(fingerprint, *row)
+        return None if row is None else FileProgress(fingerprint, path_of_text(row[0]), *row[1:])
 
     def _ensure_temp(self) -> None:
         if not self._temp_ready:
@@ -341,7 +379,7 @@ class Store:
 
     def record_rejects(self, rows: Iterable[tuple[bytes, int, int, str, bytes, str]]) -> None:
         """Record (fingerprint, offset, line_no, path, raw, reason) rows, each once."""
-        rows = list(rows)
+        rows = [(fp, off, n, path_text(path), raw, why) for fp, off, n, path, raw, why in rows]
         if not rows:
             return
         with self.conn.cursor() as cur:
@@ -403,7 +441,8 @@ class Store:
             'UPDATE journal_files SET path = %s, "offset" = %s, lines = %s, tail_digest = %s,'
             " applied = %s, duplicates = %s, rejected = %s, updated_at = now()"
             " WHERE fingerprint = %s",
-            (p.path, p.offset, p.lines, p.tail_digest, p.applied, p.duplicates, p.rejected, p.fingerprint),
+            (path_text(p.path), p.offset, p.lines, p.tail_digest, p.applied, p.duplicates, p.rejected,
+             p.fingerprint),
         )
 
 

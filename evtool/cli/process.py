@@ -68,9 +68,10 @@ def _follow(url: str, paths: list[Path], batch_bytes: int, retry_for: float, pol
     """Run the follower until SIGINT/SIGTERM; the batch in flight finishes first."""
     from ..follow import run_until_signalled
     from ..processor import Processor
+    from ..store import path_text
 
     proc = Processor(url, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry, strict=strict)
-    err.print(f"following {', '.join(map(str, paths))}; Ctrl-C or SIGTERM to stop")
+    err.print(f"following {', '.join(path_text(str(p)) for p in paths)}; Ctrl-C or SIGTERM to stop")
 
     def on_applied(file_report, n: int) -> None:
         err.print(f"{file_report.path}: +{n} lines, offset {file_report.offset}")
