@@ -491,9 +491,10 @@ class _JSONErrorServer(Server):
         transport.abort()
 
 
-# Descriptors kept free: the journal, the database, logs, and what the listener accepts in one go
-# (asyncio accepts up to the backlog, 128, before the cap can close any).
-RESERVED_FILES = 256
+# Descriptors kept free: the journal, the database, logs, and what the listener accepts before the
+# cap's closes take effect (asyncio accepts up to the backlog, 128, per loop turn, and an aborted
+# connection's descriptor is released a turn or two later, so several bursts can overlap).
+RESERVED_FILES = 512
 
 
 def raise_open_file_limit() -> int:
