@@ -10,6 +10,11 @@ batches the receiver answered 200 for, always at the end of a complete line; a r
 there. A final line without a newline is sent but not counted as done, so it is re-sent (with the
 same id) next time. Concurrent sends of the *same* file are not supported; a second one is
 refused while the first holds the state lock.
+
+Several receivers (`urls`): bulks are spread over them round-robin, and a receiver that fails a
+request (cannot be reached, times out, answers 5xx/429) is set aside for a backoff while its bulk
+goes to the next one, the way Filebeat's `loadbalance` output does; the ids make a bulk re-sent
+through another receiver harmless. The resume state and the report stay per source.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class SendSettings:
 
     path: Path
     url: str = config.URL
+    urls: tuple[str, ...] = ()  # several receivers to spread bulks over; empty: just `url`
     token: str = config.TOKEN
     batch: int = 1000
     connections: int = 4
@@ -58,6 +64,11 @@ class SendSettings:
     state_dir: Path = config.HOME
     timeout: float = 30.0
     strict: bool = False  # events.validate without normalization
+
+    @property
+    def receivers(self) -> tuple[str, ...]:
+        """The receivers' base URLs, without a trailing slash, each once, in the order given."""
+        return tuple(dict.fromkeys(u.rstrip("/") for u in (self.urls or (self.url,))))
 
 
 @dataclass
@@ -88,6 +99,50 @@ class _Batch:
     lines: list[bytes]
     linenos: list[int]
     pos: Position  # the resume point once this batch and all before it are delivered
+
+
+@dataclass(slots=True)
+class _Receiver:
+    url: URL  # its /liveEvent
+    down_until: float = 0.0  # monotonic time before which it gets no new bulk
+    failures: int = 0  # consecutive failed requests
+
+
+class _Receivers:
+    """Where the next request goes: round-robin over the receivers not set aside.
+
+    A failed request sets its receiver aside for a backoff that doubles with each consecutive
+    failure (a success resets it), or for the Retry-After it gave; after that it gets bulks
+    again, which is how a restarted receiver comes back into use.
+    """
+
+    def __init__(self, base_urls: tuple[str, ...]) -> None:
+        self.all = [_Receiver(URL(u + "/liveEvent")) for u in base_urls]
+        self.next = 0
+
+    def pick(self) -> _Receiver:
+        """The next receiver in turn that is not set aside, else the one back soonest."""
+        now = time.monotonic()
+        n = len(self.all)
+        for i in range(n):
+            r = self.all[(self.next + i) % n]
+            if r.down_until <= now:
+                self.next = (self.next + i + 1) % n
+                return r
+        return min(self.all, key=lambda r: r.down_until)
+
+    def any_up(self) -> bool:
+        now = time.monotonic()
+        return any(r.down_until <= now for r in self.all)
+
+    def failed(self, r: _Receiver, retry_after: str | None) -> None:
+        r.failures += 1
+        backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(r.failures, 8))
+        r.down_until = time.monotonic() + (_delay(0, retry_after) if retry_after else backoff)
+
+    @staticmethod
+    def succeeded(r: _Receiver) -> None:
+        r.failures, r.down_until = 0, 0.0
 
 
 def send(
@@ -218,16 +273,16 @@ class _Run:
             finished = self.report.failed == 0 and self.report.stopped is None
             self.on_progress(self.size if finished else self.confirmed.position.offset, self.report.sent)
         if self.unreachable is not None and not self.delivered_any:
-            raise DeliveryFailed(
-                f"cannot reach the receiver at {self.s.url}: {self.unreachable}; is `evtool serve` running?"
-            )
+            urls = self.s.receivers
+            where = f"the receiver at {urls[0]}" if len(urls) == 1 else f"any receiver of {', '.join(urls)}"
+            raise DeliveryFailed(f"cannot reach {where}: {self.unreachable}; is `evtool serve` running?")
         return self.report
 
     async def main(self) -> None:
         s = self.s
         single = s.batch == 1
         ctype = "application/json" if single else "application/x-ndjson"
-        self.url = URL(s.url.rstrip("/") + "/liveEvent")
+        self.receivers = _Receivers(s.receivers)
         connector = aiohttp.TCPConnector(limit=s.connections)
         timeout = aiohttp.ClientTimeout(total=s.timeout)
         headers = {"Authorization": s.token, "Content-Type": ctype}
@@ -324,13 +379,15 @@ class _Run:
         report = self.report
         body = lines[0] if self.single else b"\n".join(lines) + b"\n"
         attempt = 0
+        failovers = 0  # since the last counted attempt
         while True:
             if report.stopped is not None:
                 report.failed += n
                 return n
             retry_after = None
+            receiver = self.receivers.pick()
             try:
-                async with self.session.post(self.url, data=body) as resp:
+                async with self.session.post(receiver.url, data=body) as resp:
                     status = resp.status
                     payload = await resp.read()
                     if status == 200:
@@ -340,6 +397,7 @@ class _Run:
                                 return self.refuse(lines, linenos, f"the receiver accepted {accepted} of {n}")
                         report.sent += n
                         self.delivered_any = True
+                        self.receivers.succeeded(receiver)
                         return 0
                     retry_after = resp.headers.get("Retry-After")
                 reason = f"HTTP {status}: {_message(payload)}"
@@ -349,6 +407,14 @@ class _Run:
                 reason = _describe(exc)
                 transient = True
             if transient:
+                self.receivers.failed(receiver, retry_after)
+                if failovers < len(self.receivers.all) - 1 and self.receivers.any_up():
+                    # Fail over at once to a receiver that is not set aside: not counted against
+                    # --max-retries, but at most once per other receiver between counted attempts.
+                    failovers += 1
+                    report.retried += 1
+                    continue
+                failovers = 0
                 if attempt >= self.s.max_retries:
                     if status is None and self.unreachable is None:
                         self.unreachable = reason

@@ -11,6 +11,8 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
@@ -83,8 +85,9 @@ class Sink:
         return [e["eventId"] for e in self.events()]
 
 
-@pytest.fixture
-def sink():
+@contextmanager
+def running_sink() -> Iterator[Sink]:
+    """A Sink serving on a free loopback port in a background thread."""
     s = Sink()
     app = web.Application()
     app.router.add_post("/liveEvent", s.handle)
@@ -103,6 +106,12 @@ def sink():
     thread.join(5)
     loop.run_until_complete(runner.cleanup())
     loop.close()
+
+
+@pytest.fixture
+def sink():
+    with running_sink() as s:
+        yield s
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ from .base import cli, strict_option
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path), default=Path("events.jsonl"))
-@click.option("--url", envvar="EVTOOL_URL", show_envvar=True, default=config.URL,
-              show_default=True, help="The receiver's base URL.")
+@click.option("--url", "urls", multiple=True, envvar="EVTOOL_URL", show_envvar=True, default=(config.URL,),
+              show_default=True, help="The receiver's base URL; give it several times (or several URLs "
+              "separated by spaces in the variable) to spread bulks over several receivers, with failover.")
 @click.option("--token", envvar="EVTOOL_TOKEN", show_envvar=True, default=config.TOKEN, show_default=True,
               help="Sent as the Authorization header.")
 @click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True,
@@ -26,14 +27,14 @@ from .base import cli, strict_option
               help="Retries per request for transient failures (connection errors, 408, 429, 5xx).")
 @strict_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def send(file: Path, url: str, token: str, batch: int, connections: int, from_start: bool,
+def send(file: Path, urls: tuple[str, ...], token: str, batch: int, connections: int, from_start: bool,
          max_retries: int, strict: bool, as_json: bool) -> None:
     """Send FILE (JSONL events) to the receiver; re-running resumes where it stopped."""
     from ..output import console, print_json, progress_bar, send_dict, send_summary
     from ..sender import SendSettings
     from ..sender import send as do_send
 
-    settings = SendSettings(path=file, url=url.rstrip("/"), token=token, batch=batch,
+    settings = SendSettings(path=file, url=urls[0].rstrip("/"), urls=urls, token=token, batch=batch,
                             connections=connections, from_start=from_start, max_retries=max_retries,
                             state_dir=config.home(), strict=strict)
     err = console(err=True)
