@@ -46,7 +46,7 @@ function digits(d) { const [i, f = ""] = d.replace("-", "").split("."); return [
 function ratio(a, b) {
   const [ai, af] = digits(a), [bi, bf] = digits(b), f = Math.max(af.length, bf.length);
   const A = (ai + af.padEnd(f, "0")).replace(/^0+/, ""), B = (bi + bf.padEnd(f, "0")).replace(/^0+/, "");
-  if (!B) return 0;
+  if (!B) return A ? Infinity : 0;
   const shift = Math.max(0, B.length - 15);
   const bh = Number(B.slice(0, B.length - shift)), ah = A.length > shift ? Number(A.slice(0, A.length - shift)) : 0;
   return ah / bh;
