@@ -18,6 +18,7 @@ demo: install
 	$(PY) samples/demo.py
 
 test: install
+	sh tests/ensure_chromium.sh
 	$(PY) -m ruff check evtool tests
 	$(PY) -m pytest -q
 

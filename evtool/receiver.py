@@ -1,9 +1,13 @@
 """`evtool serve`: the HTTP receiver that appends accepted events to the journal (design section 7).
 
 Routes: `POST /liveEvent` (one JSON object, a JSON array or NDJSON), `GET /userEvents/<userId>`,
-`GET /healthz`, `GET /metrics` (Prometheus text format; the token is needed, as on data routes).
-Every answer but /metrics is JSON; every error is `{"error": "<sentence>"}`, aiohttp's own errors
+`GET /healthz`, `GET /metrics` (Prometheus text format; the token is needed, as on data routes),
+and the live web page `GET /` with its JSON routes under /api/ (see `webview`). Every answer but
+/metrics and the page is JSON; every error is `{"error": "<sentence>"}`, aiohttp's own errors
 included (unknown route, wrong method, body too large, malformed HTTP).
+
+Tokens: the token opens every route; the read token (optional) opens GET routes only, so a
+browser or dashboard that holds it cannot add events. /healthz and the page's files need none.
 
 A request is answered 200 only after all its lines went to the journal in one append (written
 and fsynced with group commit, see `appender`). A request that fails writes nothing. Turning a
@@ -34,14 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
-from . import config, events, output
+from . import config, events, output, webview
 from .appender import JournalAppender
 from .errors import ConfigError, EvtoolError, JournalWriteError, UnknownUser
 from .intake import BodyInvalid, BodyMalformed, BodyRefused, BodyTooLong, Intake, check_key, receiver_ids
@@ -49,9 +53,11 @@ from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import Metrics
 
 if TYPE_CHECKING:
+    from .reports import StatusProbe
     from .store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_TOKEN = config.TOKEN
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
@@ -75,7 +81,8 @@ class RevenueLookup(Protocol):
 
 class StoreRevenue:
     """A RevenueLookup on one database connection: opened on first use (so `serve` starts without
-    PostgreSQL), reopened after a failure, closed with the app."""
+    PostgreSQL), reopened after a failure, closed with the app. The web page reads with it too
+    (`read`), one query at a time."""
 
     def __init__(self, connect: Callable[[], Store], timeout: float = LOOKUP_TIMEOUT) -> None:
         self._connect = connect
@@ -85,6 +92,10 @@ class StoreRevenue:
         self._lock = threading.Lock()
 
     def __call__(self, user_id: str) -> Decimal | None:
+        return self.read(lambda store: store.revenue(user_id))
+
+    def read(self, fn: Callable[[Store], T]) -> T:
+        """fn(store) on the one connection, opening it if needed; closed again when fn fails on it."""
         with self._lock:
             if self._store is None:
                 store = self._connect()
@@ -95,7 +106,7 @@ class StoreRevenue:
                     raise
                 self._store = store
             try:
-                return self._store.revenue(user_id)
+                return fn(self._store)
             except EvtoolError:
                 self._store.close()
                 self._store = None
@@ -116,6 +127,7 @@ class ServeSettings:
     port: int = config.PORT
     journal: Path = config.JOURNAL
     token: str | None = None  # None -> DEFAULT_TOKEN, allowed only on loopback
+    read_token: str | None = None  # opens GET routes only (the web page, dashboards); never POST
     fsync: bool = True
     max_body: int = 16 * 1024 * 1024  # bytes per request
     max_line: int = 1024 * 1024  # bytes per event line / single object
@@ -126,6 +138,8 @@ class ServeSettings:
     # What GET /userEvents/<id> reads totals with; the app closes it when it stops. None -> 503.
     revenue_lookup: RevenueLookup | None = None
     strict: bool = False  # events.validate without normalization (no user_id alias, no string values)
+    # What GET /api/status takes snapshots with (`status --json`); the app closes it. None -> 503.
+    status_probe: StatusProbe | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -140,6 +154,11 @@ def is_loopback(host: str) -> bool:
 
 def check_settings(s: ServeSettings) -> str:
     """Return the effective token; raise ConfigError for settings that must not start."""
+    if s.read_token is not None:
+        if not s.read_token:
+            raise ConfigError("the read token must not be empty")
+        if s.read_token == (DEFAULT_TOKEN if s.token is None else s.token):
+            raise ConfigError("the read token must differ from the token (it cannot add events)")
     if s.token is not None:
         if not s.token:
             raise ConfigError("the token must not be empty")
@@ -203,17 +222,24 @@ class _Receiver:
     def __init__(self, s: ServeSettings) -> None:
         self.s = s
         self.token = check_settings(s).encode()
+        self.read_token = s.read_token.encode() if s.read_token is not None else None
         self.intake = Intake(max_line=s.max_line, strict=s.strict, fresh_id=receiver_ids())
         self._reading: set[StreamReader] = set()  # bodies being read
         self._stopping = False
 
-    def authorized(self, request: web.Request) -> bool:
+    def access(self, request: web.Request) -> str | None:
+        """"write" for the token, "read" for the read token, None for neither (or none sent)."""
         given = request.headers.get("Authorization")
         if given is None:
-            return False
+            return None
         if given[:7].lower() == "bearer ":
             given = given[7:]
-        return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), self.token)
+        sent = given.strip().encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(sent, self.token):
+            return "write"
+        if self.read_token is not None and hmac.compare_digest(sent, self.read_token):
+            return "read"
+        return None
 
     @web.middleware
     async def counting(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -226,14 +252,19 @@ class _Receiver:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Auth on every route but /healthz, and every error as a JSON sentence."""
+        """Auth on every route but /healthz and the page's files, and every error as a JSON sentence."""
         try:
-            if request.path != "/healthz" and not self.authorized(request):
-                return _error(
-                    401,
-                    "missing or wrong token: send it in the Authorization header",
-                    {"WWW-Authenticate": "Bearer"},
-                )
+            if request.path != "/healthz" and request.path not in webview.PUBLIC_PATHS:
+                access = self.access(request)
+                if access is None:
+                    return _error(
+                        401,
+                        "missing or wrong token: send it in the Authorization header",
+                        {"WWW-Authenticate": "Bearer"},
+                    )
+                if access == "read" and request.method not in ("GET", "HEAD"):
+                    return _error(403, f"the read token cannot {request.method} {request.path[:200]}: "
+                                  "use the token (--token)")
             return await handler(request)
         except BodyRefused as exc:
             return _error(_BODY_STATUS[type(exc)], exc.message)
@@ -335,6 +366,17 @@ class _Receiver:
         body = output.json_text(output.user_revenue(user_id, revenue)).encode()  # as `revenue --json`
         return web.Response(status=200, body=body, content_type=_JSON)
 
+    # -- this receiver, for the web page ---------------------------------------------------------
+
+    def itself(self, request: web.Request) -> dict[str, Any]:
+        """This receiver as `status --json` describes one, plus its counters (GET /api/receiver)."""
+        appender = request.app[APPENDER_KEY]
+        metrics = request.app[METRICS_KEY]
+        return {"url": f"{request.scheme}://{request.host}", "reachable": True, "healthy": appender.healthy,
+                "error": None if appender.healthy else f"cannot write the journal: {appender.last_error}",
+                "journal": str(self.s.journal), "journal_size": appender.size,
+                "events_accepted": metrics.events_accepted, "bytes_appended": metrics.bytes_appended}
+
     # -- GET /metrics -------------------------------------------------------------------------
 
     async def metrics_text(self, request: web.Request) -> web.Response:
@@ -355,6 +397,7 @@ SETTINGS_KEY = web.AppKey("settings", ServeSettings)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 APPENDER_KEY = web.AppKey("appender", JournalAppender)
 LOOKUPS_KEY = web.AppKey("lookups", ThreadPoolExecutor)
+WEBVIEW_KEY = web.AppKey("webview", webview.WebView)
 
 
 async def _journal(app: web.Application) -> AsyncIterator[None]:
@@ -374,15 +417,18 @@ async def _journal(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _revenue(app: web.Application) -> AsyncIterator[None]:
-    """The lookups' own threads and the revenue lookup's connection, closed when the app stops."""
+    """The lookups' own threads (the web page reads there too, never in the pool the journal
+    writes with), the revenue lookup's and the status probe's connections, closed when the app stops."""
     s = app[SETTINGS_KEY]
     pool = ThreadPoolExecutor(max_workers=s.lookup_threads, thread_name_prefix="lookup")
     app[LOOKUPS_KEY] = pool
+    app[WEBVIEW_KEY].executor = pool
     try:
         yield
     finally:
         if s.revenue_lookup is not None:
             await asyncio.get_running_loop().run_in_executor(pool, s.revenue_lookup.close)
+        await app[WEBVIEW_KEY].close()
         pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -402,6 +448,9 @@ def make_app(s: ServeSettings) -> web.Application:
     app.router.add_get("/userEvents/{user_id:.+}", r.user_events)
     app.router.add_get("/healthz", r.healthz)
     app.router.add_get("/metrics", r.metrics_text)
+    reader = s.revenue_lookup if isinstance(s.revenue_lookup, StoreRevenue) else None
+    app[WEBVIEW_KEY] = webview.WebView(reader, s.status_probe, r.itself)
+    app[WEBVIEW_KEY].add_routes(app)
     return app
 
 

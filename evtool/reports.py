@@ -216,15 +216,31 @@ def all_revenue(store: Store, prefix: str | None = None) -> Iterator[tuple[str, 
 
 
 def rejects(store: Store, *, reason: str | None = None, path: Path | None = None, limit: int = 0,
-            include_reapplied: bool = False) -> Iterator[dict[str, Any]]:
-    """Rejected lines, by file and line number; `limit` 0 means all."""
+            include_reapplied: bool = False, newest_first: bool = False) -> Iterator[dict[str, Any]]:
+    """Rejected lines, by file and line number (or the latest first); `limit` 0 means all."""
     conds, params = reject_filter(reason, path, include_reapplied)
-    rows = store.rejected_lines(" AND ".join(conds), params, limit)
+    rows = store.rejected_lines(" AND ".join(conds), params, limit, newest_first)
     for path_, line_no, offset, why, at, raw, reapplied_at, outcome in rows:
         yield {"path": path_, "line": line_no, "offset": offset, "reason": why, "rejected_at": at,
                "raw": bytes(raw).decode("utf-8", "replace"), "reapplied_at": reapplied_at,
                "reapply_outcome": outcome}
 
+
+
+# -- revenue per period of applied time ---------------------------------------------------------
+
+
+def applied_periods(store: Store, by: str = "hour", last: int = 48) -> dict[str, Any]:
+    """Revenue per UTC `by` period of applied time (the processor's commit time, revenue_log),
+    the `last` periods that had any, oldest first: {"by", "time": "applied", "periods": [{"period",
+    "adds", "added", "subtracts", "subtracted", "revenue", "users"}]}, the rows `report --by` gives
+    on event time."""
+    if by not in ("hour", "day", "week", "month"):
+        raise EvtoolError(f"unknown period {by!r}: use one of hour, day, week, month")
+    rows = store.revenue_by_applied_period(by, last)
+    return {"by": by, "time": "applied", "periods": [
+        {"period": p, "adds": a, "added": ad, "subtracts": s, "subtracted": sd, "revenue": ad - sd,
+         "users": u} for p, a, ad, s, sd, u in rows]}
 
 
 # -- the whole status -------------------------------------------------------------------------
@@ -281,7 +297,8 @@ class StatusProbe:
             db["error"] = str(exc)
         return db
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, receiver: dict[str, Any] | None = None) -> Snapshot:
+        """The status now; `receiver` given (by the receiver itself) replaces asking its /healthz."""
         db = self._database()
         try:
             journals = journal_status(self.store, self.paths)
@@ -289,7 +306,9 @@ class StatusProbe:
             self.close()
             db.update(reachable=False, version=None, error=str(exc))
             journals = journal_status(None, self.paths)
-        return Snapshot(time=datetime.now(UTC), database=db, receiver=receiver_status(self.url, self.timeout),
+        if receiver is None:
+            receiver = receiver_status(self.url, self.timeout)
+        return Snapshot(time=datetime.now(UTC), database=db, receiver=receiver,
                         journals=journals, totals=totals(journals))
 
     def close(self) -> None:

@@ -221,16 +221,32 @@ class Store:
         where, params = _filters(prefix, None, None, None)
         yield from self._stream(f"SELECT user_id, revenue FROM users_revenue{where} ORDER BY user_id", params)
 
-    def rejected_lines(self, where: str, params: list[Any], limit: int = 0) -> Iterator[tuple]:
+    def rejected_lines(self, where: str, params: list[Any], limit: int = 0,
+                       newest_first: bool = False) -> Iterator[tuple]:
         """(path, line_no, offset, reason, rejected_at, raw, reapplied_at, reapply_outcome) of the
-        rejected lines matching `where` (see reports.reject_filter), streamed; `limit` 0: all."""
+        rejected lines matching `where` (see reports.reject_filter), streamed; `limit` 0: all.
+        By file and line, or the most recently rejected first."""
+        order = "rejected_at DESC, path, line_no DESC" if newest_first else "path, line_no"
         query = ('SELECT path, line_no, "offset", reason, rejected_at, raw, reapplied_at, reapply_outcome'
-                 f" FROM rejected_lines{' WHERE ' + where if where else ''} ORDER BY path, line_no")
+                 f" FROM rejected_lines{' WHERE ' + where if where else ''} ORDER BY {order}")
         params = list(params)
         if limit:
             query += " LIMIT %s"
             params.append(limit)
         yield from self._stream(query, params)
+
+    def revenue_by_applied_period(self, by: str, last: int) -> list[tuple]:
+        """(period start, adds, added, subtracts, subtracted, users) of the `last` UTC `by` periods
+        (hour, day, week or month) of applied time (revenue_log), oldest first."""
+        if by not in APPLIED_PERIOD_FORMATS:
+            raise ValueError(by)
+        with translated():
+            rows = self.conn.execute(
+                "SELECT to_char(date_trunc(%s, applied_at AT TIME ZONE 'UTC'), %s) AS p,"
+                " sum(adds), sum(added), sum(subtracts), sum(subtracted), count(DISTINCT user_id)"
+                " FROM revenue_log GROUP BY 1 ORDER BY 1 DESC LIMIT %s",
+                (by, APPLIED_PERIOD_FORMATS[by], last)).fetchall()
+        return rows[::-1]
 
     def _stream(self, query: str, params: list[Any]) -> Iterator[tuple]:
         """Rows of `query` from a server-side cursor, FETCH_ROWS per round trip."""
@@ -447,6 +463,9 @@ class Store:
 
 
 
+# to_char formats of a period's start (UTC), sorting as text in time order; a week starts on Monday.
+APPLIED_PERIOD_FORMATS = {"hour": 'YYYY-MM-DD"T"HH24":00Z"', "day": "YYYY-MM-DD", "week": "YYYY-MM-DD",
+                          "month": "YYYY-MM"}
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 

@@ -18,13 +18,14 @@ from .base import cli, dsn_option, strict_option
 @click.option("--limit", type=click.IntRange(0), default=100, show_default=True,
               help="At most this many lines (0: all).")
 @click.option("--all", "include_reapplied", is_flag=True, help="Include lines already re-applied.")
+@click.option("--newest", is_flag=True, help="The most recently rejected first (default: by file and line).")
 @click.option("--reapply", is_flag=True,
               help="Re-validate the (filtered) rejected lines and apply those now valid, exactly once.")
 @strict_option
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines (one object per line); with --reapply "
               "one summary object.")
 def rejects(dsn: str | None, reason: str | None, file: Path | None, limit: int, include_reapplied: bool,
-            reapply: bool, strict: bool, as_json: bool) -> None:
+            newest: bool, reapply: bool, strict: bool, as_json: bool) -> None:
     """List rejected lines (file, line, time, reason, the raw line), or --reapply them.
 
     --reapply checks each pending rejected line against the current rules (for instance after
@@ -43,7 +44,7 @@ def rejects(dsn: str | None, reason: str | None, file: Path | None, limit: int, 
     n = 0
     try:
         for r in list_rejects(store, reason=reason, path=file, limit=limit,
-                              include_reapplied=include_reapplied):
+                              include_reapplied=include_reapplied, newest_first=newest):
             n += 1
             if as_json:
                 click.echo(json_text(r))

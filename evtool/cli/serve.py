@@ -18,23 +18,28 @@ from .base import cli, dsn_option, strict_option
               default=config.JOURNAL, show_default=True, help="The file accepted events go to.")
 @click.option("--token", envvar="EVTOOL_TOKEN", show_envvar=True,
               help="Token clients must send in Authorization. Default 'secret', allowed on loopback only.")
+@click.option("--read-token", envvar="EVTOOL_READ_TOKEN", show_envvar=True,
+              help="A second token that opens GET routes only (the web page at /): it cannot add events.")
 @click.option("--fsync", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Acknowledge only after the data is on disk (off: faster, not durable).")
 @click.option("--max-body-mb", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="Largest request body accepted.")
 @strict_option
 @dsn_option
-def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, max_body_mb: int,
-          strict: bool, dsn: str | None) -> None:
+def serve(host: str, port: int, journal: Path, token: str | None, read_token: str | None, fsync: str,
+          max_body_mb: int, strict: bool, dsn: str | None) -> None:
     """Receive events over HTTP and append them durably to the journal.
 
     POST /liveEvent takes one JSON object or a bulk (NDJSON or a JSON array);
     GET /userEvents/<userId> answers a user's total; GET /healthz needs no token;
-    GET /metrics serves Prometheus metrics (token needed).
+    GET /metrics serves Prometheus metrics (token needed); GET / is a live web page
+    (totals, top users, revenue per period, pipeline health) that asks for a token.
     """
     from ..receiver import ServeSettings, StoreRevenue, run_server
+    from ..reports import StatusProbe
 
     lookup = StoreRevenue(lambda: config.open_store(dsn))
     settings = ServeSettings(host=host, port=port, journal=journal, token=token, fsync=fsync == "on",
-                             max_body=max_body_mb << 20, revenue_lookup=lookup, strict=strict)
+                             max_body=max_body_mb << 20, revenue_lookup=lookup, strict=strict,
+                             read_token=read_token, status_probe=StatusProbe(dsn, [journal], url=""))
     run_server(settings, on_ready=lambda message: click.echo(message, err=True))
