@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Context, Decimal, Inexact, InvalidOperation, Overflow
 
 import orjson
 
+from . import eventtime
 from .errors import InvalidEvent, MalformedJSON
 
 NAMES = ("add_revenue", "subtract_revenue")
@@ -65,6 +67,7 @@ class Event:
     value: Value
     event_id: str | None
     obj: dict
+    time: datetime | None = None  # event time, UTC (see eventtime); None when the event has none
 
 
 _VALUE_TEXT = re.compile(rb'"value"\s*:\s*(-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)')
@@ -256,7 +259,7 @@ def common_shape(obj: object, strict: bool = False) -> bool:
     return (type(value) is int and 0 <= value < _MAX_INT and type(user_id) is str
             and 0 < len(user_id) <= MAX_USER_ID and "\x00" not in user_id
             and (name == "add_revenue" or name == "subtract_revenue")
-            and (strict or USER_ID_ALIAS not in obj))
+            and (strict or USER_ID_ALIAS not in obj) and eventtime.fast_minute(obj) is not None)
 
 
 def event_id_of(obj: object, raw: bytes | str | None = None, *, allow_reserved: bool = False,
@@ -328,7 +331,7 @@ def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: boo
     event_id = obj.get("eventId")
     if event_id is not None:
         check_event_id(event_id, allow_reserved=allow_reserved)
-    return Event(user_id, name, value, event_id, obj)
+    return Event(user_id, name, value, event_id, obj, eventtime.of(obj))
 
 
 def check_event_id(event_id: object, *, allow_reserved: bool = False) -> str:

@@ -4,7 +4,8 @@ Pure: no HTTP, no files. `evtool serve` calls it for `POST /liveEvent` and maps 
 statuses (`BodyMalformed` 400, `BodyInvalid` 422, `BodyTooLong` 413). Every accepted line is one
 event on one line, with an `eventId`: the client's text is kept byte for byte where it already
 has one, and an id is added textually where it has none (`KEY#n` under an Idempotency-Key, else
-a receiver id), so the client's number text survives.
+a receiver id), so the client's number text survives. An event without a time gets the time the
+request was received (`"timestamp"`, see eventtime), added the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from . import events
+from . import events, eventtime
 from .errors import InvalidEvent, MalformedJSON
 
 _ORJSON_POS = re.compile(r": line 1 column (\d+) \(char \d+\)$")
@@ -76,6 +77,7 @@ class Intake:
     max_line: int
     strict: bool
     fresh_id: Callable[[], str]
+    clock: Callable[[], str] = eventtime.stamp  # the receive time written into untimed events
 
     def ndjson(self, body: bytes, key: str | None = None) -> Lines:
         """Validate an NDJSON body: one event per line, blank lines ignored.
@@ -94,6 +96,8 @@ class Intake:
                 body = body[:-1]
         out: list[bytes] = []
         append = out.append
+        has_time = eventtime.has_time
+        received: str | None = None
         n = 0
         for lineno, raw in enumerate(body.split(b"\n"), 1):
             if not raw or raw.isspace():
@@ -103,7 +107,9 @@ class Intake:
             n += 1
             try:
                 obj = parse(raw)
-                if event_id_of(obj, raw, strict=strict) is not None:
+                have_id = event_id_of(obj, raw, strict=strict) is not None
+                timed = has_time(obj)
+                if have_id and timed:
                     append(raw)  # fast path: the client's bytes, unchanged
                     continue
                 event = validate(obj, raw, strict=strict)
@@ -111,8 +117,10 @@ class Intake:
                 raise BodyMalformed(f"line {lineno}: {_line_reason(exc)}") from None
             except InvalidEvent as exc:
                 raise BodyInvalid(f"line {lineno}: {exc.reason}") from None
-            event_id = _key_id(key, n) if key is not None else self.fresh_id()
-            append(_with_id(raw, obj, event, event_id))
+            event_id = None if have_id else _key_id(key, n) if key is not None else self.fresh_id()
+            if not timed and received is None:
+                received = self.clock()
+            append(_with_id(raw, obj, event, event_id, None if timed else received))
         append(b"")
         return Lines(b"\n".join(out), n)
 
@@ -147,6 +155,8 @@ class Intake:
                 raise BodyInvalid(f"element {i}: {exc.reason}") from None
             if event.event_id is None:
                 el["eventId"] = _key_id(key, i) if key is not None else self.fresh_id()
+            if event.time is None and not eventtime.has_time(el):
+                el[eventtime.STAMP_FIELD] = self.clock()
             el["value"] = events.value_fragment(event.value)
             try:
                 line = orjson.dumps(el)
@@ -176,7 +186,12 @@ class Intake:
         raw = body.strip()
         if b"\n" in raw or b"\r" in raw:
             raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
-        line = raw if event.event_id is not None else _with_id(raw, obj, event, event_id)
+        timed = eventtime.has_time(obj)
+        if event.event_id is not None and timed:
+            line = raw
+        else:
+            line = _with_id(raw, obj, event, None if event.event_id else event_id,
+                            None if timed else self.clock())
         return Lines(line + b"\n", 1, event_id)
 
 
@@ -194,11 +209,17 @@ def _line_reason(exc: InvalidEvent) -> str:
     return _ORJSON_POS.sub(r" at column \1", exc.reason)
 
 
-def _with_id(raw: bytes, obj: dict, event: events.Event, event_id: str) -> bytes:
-    """`raw` (one line, an object without an id) with `"eventId"` added, other text unchanged."""
-    if "eventId" in obj:  # present but null: rewrite rather than add a second key
-        obj["eventId"] = event_id
+def _with_id(raw: bytes, obj: dict, event: events.Event, event_id: str | None,
+             received: str | None = None) -> bytes:
+    """`raw` (one line) with `"eventId"` and/or the receive time added, other text unchanged."""
+    extra = {}
+    if event_id is not None:
+        extra["eventId"] = event_id
+    if received is not None:
+        extra[eventtime.STAMP_FIELD] = received
+    if event_id is not None and "eventId" in obj:  # present but null: rewrite, not a second key
+        obj.update(extra)
         obj["value"] = events.value_fragment(event.value)
         return orjson.dumps(obj)
     raw = raw.rstrip()
-    return raw[:-1] + b',"eventId":' + orjson.dumps(event_id) + b"}"
+    return raw[:-1] + b"".join(b',"' + k.encode() + b'":' + orjson.dumps(v) for k, v in extra.items()) + b"}"

@@ -279,6 +279,10 @@ def report_text(r: dict[str, Any]) -> None:
         since = f"{r['since'].astimezone():%Y-%m-%d %H:%M:%S}" if r["since"] else "the start"
         until = f"{r['until'].astimezone():%Y-%m-%d %H:%M:%S}" if r["until"] else "now"
         scope.append(f"applied from {since} until {until}")
+    if r.get("event_since") or r.get("event_until"):
+        since = f"{r['event_since']:%Y-%m-%d %H:%M:%SZ}" if r["event_since"] else "the start"
+        until = f"{r['event_until']:%Y-%m-%d %H:%M:%SZ}" if r["event_until"] else "the end"
+        scope.append(f"event time from {since} until {until}")
     out.print(f"revenue {money(r['revenue'])} over {r['users']:,} users"
               + (f" ({', '.join(scope)})" if scope else ""))
     for name, e in r["events"].items():
@@ -293,6 +297,49 @@ def report_text(r: dict[str, Any]) -> None:
         for u in r[section]:
             table.add_row(u["userId"], money(u["revenue"]))
         out.print(table)
+
+
+PERIOD_COLUMNS = ("period", "adds", "added", "subtracts", "subtracted", "revenue", "users")
+
+
+def period_csv(p: dict[str, Any]) -> None:
+    """`report --by --csv`: one row per period, money exact; an empty period is events without a time."""
+    w = csv_writer()
+    w.writerow(PERIOD_COLUMNS)
+    for row in p["periods"]:
+        w.writerow([row["period"] or "", row["adds"], money(row["added"]), row["subtracts"],
+                    money(row["subtracted"]), money(row["revenue"]), row["users"]])
+
+
+def period_text(p: dict[str, Any]) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"revenue per {p['by']} of event time (UTC)", box=box.SIMPLE_HEAD,
+                  title_justify="left", pad_edge=False, show_edge=False)
+    for c in PERIOD_COLUMNS:
+        table.add_column(c, justify="left" if c == "period" else "right")
+    for row in p["periods"]:
+        table.add_row(row["period"] or "(no time)", f"{row['adds']:,}", money(row["added"]),
+                      f"{row['subtracts']:,}", money(row["subtracted"]), money(row["revenue"]),
+                      f"{row['users']:,}")
+    table_console().print(table)
+
+
+def window_csv(w: dict[str, Any]) -> None:
+    out = csv_writer()
+    out.writerow(["minute", "events", "revenue", "users"])
+    for m in w["per_minute"]:
+        out.writerow([m["minute"], m["events"], money(m["revenue"]), m["users"]])
+
+
+def window_text(w: dict[str, Any]) -> None:
+    out = table_console()
+    out.print(f"last {w['minutes']} min of event time (until {w['until']:%H:%MZ}): {w['events']:,} events, "
+              f"revenue {money(w['revenue'])}, {w['users']:,} active users")
+    for m in w["per_minute"]:
+        out.print(f"  {m['minute']}  {m['events']:>8,} events  {money(m['revenue']):>14}"
+                  f"  {m['users']:>6,} users")
 
 
 def reject_line(out: Any, r: dict[str, Any]) -> None:

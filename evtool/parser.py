@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from . import events, identity, journal, store
+from . import events, eventtime, identity, journal, store
 from .errors import InvalidEvent, JournalChanged
 from .events import money_add
 
-# Sums per user: [adds, added amount, subtracts, subtracted amount]
-Sums = dict[str, list]
+# Sums per (user, minute of event time): [adds, added amount, subtracts, subtracted amount].
+# The minute is eventtime.minute_key ("" for an event without a time); the totals are the sums
+# over a user's minutes, so per-period figures commit with them (store.add_to_totals).
+Key = tuple[str, str]
+Sums = dict[Key, list]
 PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
 # Distinct users (and opaque-id events) a worker part holds at most: its sums, COPY rows and
 # pickle grow with them, not with the bytes, so a part (and with it the batch) ends at the piece
@@ -60,7 +63,7 @@ class ParsedPart:
     end: int = 0
     fresh: Sums = field(default_factory=dict)
     sources: dict[str, SourcePart] = field(default_factory=dict)
-    opaque: list[tuple[bytes, str, bool, events.Value]] = field(default_factory=list)
+    opaque: list[tuple[bytes, Key, bool, events.Value]] = field(default_factory=list)
     rejects: list[tuple[int, int, bytes, str]] = field(default_factory=list)  # offset, index, raw, why
     lines: int = 0
     # The totals' COPY rows if every event with an id turns out to be new (the common case),
@@ -86,7 +89,7 @@ class ParsedPart:
                 merge(total, g)
         if not self.opaque:
             self.copy_rows = store.copy_rows(total)
-        self.users = list(total)
+        self.users = list({k[0] for k in total})
 
 
 @dataclass
@@ -141,11 +144,11 @@ def count(sums: Sums) -> int:
     return sum(s[0] + s[2] for s in sums.values())
 
 
-def add(sums: Sums, user: str, is_add: bool, value: events.Value) -> None:
+def add(sums: Sums, key: Key, is_add: bool, value: events.Value) -> None:
     """Count one event into `sums`, exactly (events.money_add, never the default context)."""
-    s = sums.get(user)
+    s = sums.get(key)
     if s is None:
-        sums[user] = [1, value, 0, 0] if is_add else [0, 0, 1, value]
+        sums[key] = [1, value, 0, 0] if is_add else [0, 0, 1, value]
     elif is_add:
         s[0] += 1
         s[1] = money_add(s[1], value)
@@ -167,8 +170,8 @@ def merge(into: Sums, other: Sums, *, take: bool = False) -> None:
             t[3] = money_add(t[3], s[3])
 
 
-def _event(raw: bytes, strict: bool = False) -> tuple[str, bool, events.Value, str | None]:
-    """(user, is_add, value, eventId) of a valid line; raises InvalidEvent.
+def _event(raw: bytes, strict: bool = False) -> tuple[Key, bool, events.Value, str | None]:
+    """((user, minute), is_add, value, eventId) of a valid line; raises InvalidEvent.
 
     The common shape (events.common_shape) is taken as it is; everything else goes through
     the shared validator, which accepts a superset of it.
@@ -178,9 +181,10 @@ def _event(raw: bytes, strict: bool = False) -> tuple[str, bool, events.Value, s
         eid = obj.get("eventId")  # type: ignore[union-attr]
         if eid is not None:
             events.check_event_id(eid, allow_reserved=True)
-        return obj["userId"], obj["name"] == "add_revenue", obj["value"], eid  # type: ignore[index]
+        key = (obj["userId"], eventtime.fast_minute(obj))  # type: ignore[index,arg-type]
+        return key, obj["name"] == "add_revenue", obj["value"], eid  # type: ignore[index]
     ev = events.validate(obj, raw, allow_reserved=True, strict=strict)
-    return ev.user_id, ev.name == "add_revenue", ev.value, ev.event_id
+    return (ev.user_id, eventtime.minute_key(ev.time)), ev.name == "add_revenue", ev.value, ev.event_id
 
 
 def exit_with_parent(parent: int) -> None:
@@ -199,7 +203,7 @@ def exit_with_parent(parent: int) -> None:
 
 
 def held(part: ParsedPart) -> int:
-    """Distinct users (per identity kind) and opaque-id events a part holds: what its memory
+    """Distinct (user, minute) keys (per identity kind) and opaque-id events a part holds: what its memory
     grows with."""
     return len(part.fresh) + sum(len(p.sums) for p in part.sources.values()) + len(part.opaque)
 
@@ -258,6 +262,7 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
     max_user = events.MAX_USER_ID
     deep_len, too_deep = events.DEEP_LEN, events.too_deep
     classify, POSITION = identity.classify, identity.Kind.POSITION
+    fast_minute = eventtime.fast_minute
     last_prefix = "\0"  # "<source>:" of the last sender id seen
     last_runs: list[tuple[int, int]] = []
     last_sums: Sums = {}
@@ -286,7 +291,8 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
             if (type(value) is int and 0 <= value < _MAX_INT and type(user) is str
                     and 0 < len(user) <= max_user and "\x00" not in user
                     and (name == "add_revenue" or name == "subtract_revenue")
-                    and (strict or "user_id" not in obj)):
+                    and (strict or "user_id" not in obj)
+                    and (minute := fast_minute(obj)) is not None):
                 eid = obj.get("eventId")
                 if eid is None:
                     sums = fresh
@@ -304,10 +310,11 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
                         sums = last_sums
                 else:
                     sums = None
-                if sums is not None:  # add(sums, user, is_add, value), inlined
-                    s = sums.get(user)
+                if sums is not None:  # add(sums, key, is_add, value), inlined
+                    key = (user, minute)
+                    s = sums.get(key)
                     if s is None:
-                        sums[user] = [1, value, 0, 0] if name == "add_revenue" else [0, 0, 1, value]
+                        sums[key] = [1, value, 0, 0] if name == "add_revenue" else [0, 0, 1, value]
                     elif name == "add_revenue":  # value is an int; the sum may be a Decimal
                         s[0] += 1
                         s[1] = s[1] + value if type(s[1]) is int else money_add(s[1], value)
@@ -316,16 +323,16 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
                         s[3] = s[3] + value if type(s[3]) is int else money_add(s[3], value)
                     continue
         try:
-            user, is_add, value, eid = _event(line, strict)
+            key, is_add, value, eid = _event(line, strict)
         except InvalidEvent as exc:
             rejects.append((start, index, line, exc.reason))
             continue
         kind, m = classify(eid)
         if kind is POSITION:
-            add(fresh, user, is_add, value)
+            add(fresh, key, is_add, value)
             continue
         if m is None:
-            opaque.append((identity.event_digest(eid), user, is_add, value))
+            opaque.append((identity.event_digest(eid), key, is_add, value))
             continue
         if run_next:
             last_runs.append((run_lo, run_next))
@@ -336,7 +343,7 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
         last_runs, last_sums = part.runs, part.sums
         run_lo = int(m[2])
         run_next = run_lo + 1
-        add(last_sums, user, is_add, value)
+        add(last_sums, key, is_add, value)
     if run_next:
         last_runs.append((run_lo, run_next))
     out.lines = index + 1
@@ -346,8 +353,8 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
 
 
 def source_events(data: bytes, source: str,
-                  strict: bool = False) -> list[tuple[int, str, bool, events.Value]]:
-    """(line, user, is_add, value) of every valid event of `source` in `data`, in order.
+                  strict: bool = False) -> list[tuple[int, Key, bool, events.Value]]:
+    """(line, (user, minute), is_add, value) of every valid event of `source` in `data`, in order.
 
     The slow path, used when some of a source's lines may have been applied already.
     """
@@ -358,10 +365,10 @@ def source_events(data: bytes, source: str,
             continue
         line = line.rstrip(b"\r")
         try:
-            user, is_add, value, eid = _event(line, strict)
+            key, is_add, value, eid = _event(line, strict)
         except InvalidEvent:
             continue
         _, m = identity.classify(eid)
         if m is not None and m[1] == source:
-            found.append((int(m[2]), user, is_add, value))
+            found.append((int(m[2]), key, is_add, value))
     return found

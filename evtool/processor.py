@@ -411,9 +411,9 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
         all_new = False
         data = reread() if data is None else data
         sums: parser.Sums = {}
-        for line, user, is_add, value in parser.source_events(data, source, b.strict):
+        for line, key, is_add, value in parser.source_events(data, source, b.strict):
             if claim.line(source, line):
-                parser.add(sums, user, is_add, value)
+                parser.add(sums, key, is_add, value)
                 out.applied += 1
             else:
                 out.duplicates += 1
@@ -422,9 +422,9 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
     if b.opaque:
         sums = {}
         claimed = claim.digests([d for d, _, _, _ in b.opaque])
-        for (_, user, is_add, value), new in zip(b.opaque, claimed, strict=True):
+        for (_, key, is_add, value), new in zip(b.opaque, claimed, strict=True):
             if new:
-                parser.add(sums, user, is_add, value)
+                parser.add(sums, key, is_add, value)
                 out.applied += 1
             else:
                 out.duplicates += 1
@@ -438,7 +438,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
         for g in groups:
             parser.merge(total, g)
         store.add_to_totals(copy_rows(total))
-        out.users = list(total)
+        out.users = list({k[0] for k in total})
     claim.record()
     return out
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import events, identity, parser
+from . import events, eventtime, identity, parser
 from .errors import InvalidEvent
 from .reports import reject_filter
 from .store import Store, copy_rows
@@ -98,7 +98,7 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
     for (offset, line_no, path, ev), key in zip(valid, keys, strict=True):
         fresh = claim.line(*key) if isinstance(key, tuple) else next(claimed)
         if fresh:
-            parser.add(sums, ev.user_id, ev.name == "add_revenue", ev.value)
+            parser.add(sums, (ev.user_id, eventtime.minute_key(ev.time)), ev.name == "add_revenue", ev.value)
             report.applied += 1
             report.users.add(ev.user_id)
         else:

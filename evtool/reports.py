@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -170,7 +170,7 @@ def server_version(store: Store) -> str:
 class Report:
     """What `evtool report` shows: revenue, users, events by name, top and bottom users."""
 
-    since: datetime | None
+    since: datetime | None  # applied time
     until: datetime | None
     prefix: str | None
     revenue: Decimal | int
@@ -178,21 +178,28 @@ class Report:
     events: dict[str, dict[str, Any]]  # name -> {"count", "amount"}
     top: list[dict[str, Any]]  # {"userId", "revenue"}, highest first
     bottom: list[dict[str, Any]]  # lowest first
+    event_since: datetime | None = None  # event time
+    event_until: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def report(store: Store, *, top: int = 10, prefix: str | None = None, since: datetime | None = None,
-           until: datetime | None = None) -> Report:
+           until: datetime | None = None, event_since: datetime | None = None,
+           event_until: datetime | None = None) -> Report:
     """Overall revenue, users, events applied by name, top and bottom `top` users.
 
     Without a time window the totals and rankings come from users_revenue (every event ever
     applied) and the counts by name from revenue_log. With `since`/`until` everything comes
-    from revenue_log: what batches committed in [since, until) contributed.
+    from revenue_log: what batches committed in [since, until) contributed. With
+    `event_since`/`event_until` it comes from revenue_by_minute: the events whose event time
+    is in that window.
     """
+    by_event = event_since is not None or event_until is not None
     adds, added, subs, subtracted, revenue, users, best, worst = store.revenue_report(
-        top=top, prefix=prefix, since=since, until=until)
+        top=top, prefix=prefix, since=event_since if by_event else since,
+        until=event_until if by_event else until, event_time=by_event)
     return Report(
         since=since, until=until, prefix=prefix, revenue=revenue, users=users,
         events={
@@ -201,7 +208,78 @@ def report(store: Store, *, top: int = 10, prefix: str | None = None, since: dat
         },
         top=[{"userId": u, "revenue": r} for u, r in best],
         bottom=[{"userId": u, "revenue": r} for u, r in worst],
+        event_since=event_since, event_until=event_until,
     )
+
+
+# -- per period and rolling window (event time) -------------------------------------------------
+
+PERIODS = ("hour", "day", "week", "month")
+
+
+@dataclass(frozen=True)
+class Periods:
+    """Revenue per UTC period of event time (`evtool report --by`).
+
+    Each row: period (its start: "2026-11-23T09:00Z", "2026-11-23", week of Monday
+    "2026-11-23", "2026-11"; None for events without a time), adds, added, subtracts,
+    subtracted, revenue, users (distinct, within the period).
+    """
+
+    by: str
+    since: datetime | None
+    until: datetime | None
+    prefix: str | None
+    periods: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def revenue_by_period(store: Store, by: str = "day", *, prefix: str | None = None,
+                      since: datetime | None = None, until: datetime | None = None) -> Periods:
+    """Revenue per `by` period of event time, oldest first; `since`/`until` are event time.
+
+    Read from revenue_by_minute, which the processor keeps in the totals' transaction: the
+    periods of a user always sum to the user's total (without a time filter).
+    """
+    if by not in PERIODS:
+        raise EvtoolError(f"unknown period {by!r}: use one of {', '.join(PERIODS)}")
+    rows = store.revenue_by_period(by, prefix=prefix, since=since, until=until)
+    return Periods(by=by, since=since, until=until, prefix=prefix, periods=[
+        {"period": p, "adds": a, "added": ad, "subtracts": s, "subtracted": sd, "revenue": ad - sd,
+         "users": u} for p, a, ad, s, sd, u in rows])
+
+
+@dataclass(frozen=True)
+class Window:
+    """Activity over the last `minutes` minutes of event time, up to `until` (exclusive).
+
+    `per_minute`: one row per minute that had events: minute, events, revenue, users.
+    """
+
+    minutes: int
+    since: datetime
+    until: datetime
+    events: int
+    revenue: Decimal | int
+    users: int  # distinct users over the whole window
+    per_minute: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rolling_window(store: Store, minutes: int = 15, now: datetime | None = None) -> Window:
+    """Events, revenue and distinct users per minute of event time over the last `minutes`
+    minutes (the current minute included), by the clock of this machine."""
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    until = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    since = until - timedelta(minutes=minutes)
+    rows, users = store.window(since, until)
+    per = [{"minute": m, "events": int(e), "revenue": r, "users": u} for m, e, r, u in rows]
+    return Window(minutes=minutes, since=since, until=until, events=sum(p["events"] for p in per),
+                  revenue=sum((p["revenue"] for p in per), Decimal(0)), users=users, per_minute=per)
 
 
 # -- every user -------------------------------------------------------------------------------

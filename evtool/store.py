@@ -188,18 +188,25 @@ class Store:
             ).fetchall()
 
     def revenue_report(self, *, top: int, prefix: str | None, since: datetime | None,
-                       until: datetime | None) -> tuple:
-        """(adds, added, subtracts, subtracted, revenue, users, best, worst); see reports.report."""
+                       until: datetime | None, event_time: bool = False) -> tuple:
+        """(adds, added, subtracts, subtracted, revenue, users, best, worst); see reports.report.
+
+        [since, until) is applied time (revenue_log), or event time with `event_time`
+        (revenue_by_minute, which has the same columns).
+        """
         windowed = since is not None or until is not None
-        where, params = _filters(prefix, since, until, "applied_at")
+        table = "revenue_by_minute" if event_time else "revenue_log"
+        where, params = _filters(prefix, since, until, "minute" if event_time else "applied_at")
+        if event_time and windowed:  # events without a time are in no event-time window
+            where += " AND minute > '-infinity'"
         with translated():
             conn = self.conn
             adds, added, subs, subtracted = conn.execute(
                 "SELECT coalesce(sum(adds), 0), coalesce(sum(added), 0), coalesce(sum(subtracts), 0),"
-                f" coalesce(sum(subtracted), 0) FROM revenue_log{where}", params
+                f" coalesce(sum(subtracted), 0) FROM {table}{where}", params
             ).fetchone()
             if windowed:
-                source = (f"(SELECT user_id, sum(added) - sum(subtracted) AS revenue FROM revenue_log{where}"
+                source = (f"(SELECT user_id, sum(added) - sum(subtracted) AS revenue FROM {table}{where}"
                           " GROUP BY user_id) AS w")
                 source_params = params
             else:
@@ -215,6 +222,41 @@ class Store:
                 worst = conn.execute(f"SELECT user_id, revenue FROM {source} ORDER BY revenue, user_id"
                                      " LIMIT %s", [*source_params, top]).fetchall()
         return adds, added, subs, subtracted, revenue, users, best, worst
+
+    def revenue_by_period(self, by: str, *, prefix: str | None, since: datetime | None,
+                          until: datetime | None) -> list[tuple]:
+        """(period start, adds, added, subtracts, subtracted, users) per UTC `by` period
+        (hour, day, week or month) of event time, oldest first; [since, until) is event time.
+
+        Events without a time come first, as period None (only when no time filter is given).
+        """
+        if by not in PERIOD_FORMATS:
+            raise ValueError(by)
+        where, params = _filters(prefix, since, until, "minute")
+        if since is not None or until is not None:  # a time filter selects timed events only
+            where += (" AND " if where else " WHERE ") + "minute > '-infinity'"
+        with translated():
+            return self.conn.execute(
+                "SELECT CASE WHEN minute = '-infinity' THEN NULL"
+                f" ELSE to_char(date_trunc('{by}', minute AT TIME ZONE 'UTC'),"
+                f" '{PERIOD_FORMATS[by]}') END AS p,"
+                " sum(adds), sum(added), sum(subtracts), sum(subtracted), count(DISTINCT user_id)"
+                f" FROM revenue_by_minute{where} GROUP BY 1 ORDER BY 1 NULLS FIRST", params
+            ).fetchall()
+
+    def window(self, since: datetime, until: datetime) -> tuple[list[tuple], int]:
+        """Per minute of event time in [since, until): (minute, events, revenue, users), and
+        the distinct users of the whole window."""
+        with translated():
+            rows = self.conn.execute(
+                "SELECT to_char(minute AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI\"Z\"'),"
+                " sum(adds + subtracts), sum(added) - sum(subtracted), count(*)"
+                " FROM revenue_by_minute WHERE minute >= %s AND minute < %s GROUP BY minute ORDER BY minute",
+                (since, until)).fetchall()
+            users = self.conn.execute(
+                "SELECT count(DISTINCT user_id) FROM revenue_by_minute WHERE minute >= %s AND minute < %s",
+                (since, until)).fetchone()
+        return rows, int(users[0]) if users else 0
 
     def all_revenue(self, prefix: str | None = None) -> Iterator[tuple[str, Decimal]]:
         """(user_id, revenue) of every user in user order, streamed."""
@@ -238,14 +280,14 @@ class Store:
     def revenue_by_applied_period(self, by: str, last: int) -> list[tuple]:
         """(period start, adds, added, subtracts, subtracted, users) of the `last` UTC `by` periods
         (hour, day, week or month) of applied time (revenue_log), oldest first."""
-        if by not in APPLIED_PERIOD_FORMATS:
+        if by not in PERIOD_FORMATS:
             raise ValueError(by)
         with translated():
             rows = self.conn.execute(
                 "SELECT to_char(date_trunc(%s, applied_at AT TIME ZONE 'UTC'), %s) AS p,"
                 " sum(adds), sum(added), sum(subtracts), sum(subtracted), count(DISTINCT user_id)"
                 " FROM revenue_log GROUP BY 1 ORDER BY 1 DESC LIMIT %s",
-                (by, APPLIED_PERIOD_FORMATS[by], last)).fetchall()
+                (by, PERIOD_FORMATS[by], last)).fetchall()
         return rows[::-1]
 
     def _stream(self, query: str, params: list[Any]) -> Iterator[tuple]:
@@ -293,8 +335,8 @@ class Store:
                 "CREATE TEMP TABLE IF NOT EXISTS batch_digests (digest bytea) ON COMMIT DELETE ROWS"
             )
             self.conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS batch_sums (user_id text, adds int8, added numeric,"
-                " subtracts int8, subtracted numeric) ON COMMIT DELETE ROWS"
+                "CREATE TEMP TABLE IF NOT EXISTS batch_minute_sums (user_id text, minute text, adds int8,"
+                " added numeric, subtracts int8, subtracted numeric) ON COMMIT DELETE ROWS"
             )
             self._temp_ready = True
 
@@ -362,23 +404,39 @@ class Store:
             return {row[0] for row in cur.fetchall()}
 
     def add_to_totals(self, rows: bytes) -> None:
-        """Add per-user sums, as COPY rows (see copy_rows), to the totals and the revenue log.
+        """Add per-(user, minute) sums, as COPY rows (see copy_rows), to the totals, the
+        per-minute figures (event time) and the revenue log, in the caller's transaction.
 
-        A user may have several rows (one per part of a batch); they are summed here. Totals
-        are upserted in user order, so concurrent processors never deadlock.
+        A user may have several rows (one per minute, per part of a batch); they are summed
+        here. Totals and minutes are upserted in user order, so concurrent processors never
+        deadlock. The minute "" (no event time) is kept as -infinity.
         """
         if not rows:
             return
         self._ensure_temp()
         with self.conn.cursor() as cur:
-            with cur.copy("COPY batch_sums FROM STDIN") as copy:
+            with cur.copy("COPY batch_minute_sums FROM STDIN") as copy:
                 copy.write(rows)
             cur.execute(
                 """
-                WITH s AS MATERIALIZED (
+                WITH m AS MATERIALIZED (
+                    SELECT user_id, minute, sum(adds) AS adds, sum(added) AS added,
+                           sum(subtracts) AS subtracts, sum(subtracted) AS subtracted
+                    FROM batch_minute_sums GROUP BY user_id, minute
+                ), s AS MATERIALIZED (
                     SELECT user_id, sum(adds) AS adds, sum(added) AS added,
                            sum(subtracts) AS subtracts, sum(subtracted) AS subtracted
-                    FROM batch_sums GROUP BY user_id
+                    FROM m GROUP BY user_id
+                ), minutes AS (
+                    INSERT INTO revenue_by_minute AS r (user_id, minute, adds, added, subtracts, subtracted)
+                    SELECT user_id, CASE WHEN minute = '' THEN '-infinity'::timestamptz
+                                         ELSE (minute || ':00Z')::timestamptz END,
+                           adds, added, subtracts, subtracted
+                    FROM m ORDER BY user_id, minute
+                    ON CONFLICT (user_id, minute) DO UPDATE
+                    SET adds = r.adds + excluded.adds, added = r.added + excluded.added,
+                        subtracts = r.subtracts + excluded.subtracts,
+                        subtracted = r.subtracted + excluded.subtracted
                 ), totals AS (
                     -- now() in the inserted row, not in DO UPDATE SET: Citus refuses a
                     -- non-IMMUTABLE function there.
@@ -463,9 +521,10 @@ class Store:
 
 
 
-# to_char formats of a period's start (UTC), sorting as text in time order; a week starts on Monday.
-APPLIED_PERIOD_FORMATS = {"hour": 'YYYY-MM-DD"T"HH24":00Z"', "day": "YYYY-MM-DD", "week": "YYYY-MM-DD",
-                          "month": "YYYY-MM"}
+# to_char formats of a period's start (UTC), sorting as text in time order; a week starts on
+# Monday (ISO 8601).
+PERIOD_FORMATS = {"hour": 'YYYY-MM-DD"T"HH24":00Z"', "day": "YYYY-MM-DD", "week": "YYYY-MM-DD",
+                  "month": "YYYY-MM"}
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -485,17 +544,18 @@ def _filters(prefix: str | None, since: datetime | None, until: datetime | None,
     return (" WHERE " + " AND ".join(conds) if conds else ""), params
 
 
-def copy_rows(sums: dict[str, list]) -> bytes:
-    """COPY text rows `user_id, adds, added, subtracts, subtracted` for per-user sums.
+def copy_rows(sums: dict[tuple[str, str], list]) -> bytes:
+    """COPY text rows `user_id, minute, adds, added, subtracts, subtracted` for sums per
+    (user, minute of event time).
 
     Each sum is [adds, added amount, subtracts, subtracted amount] (see parser.Sums).
     """
     fmt = format_value
     rows = []
-    for user, s in sums.items():
+    for (user, minute), s in sums.items():
         if "\\" in user or "\t" in user or "\n" in user or "\r" in user:
             user = user.translate(_COPY_ESCAPES)
-        rows.append(f"{user}\t{s[0]}\t{fmt(s[1])}\t{s[2]}\t{fmt(s[3])}\n")
+        rows.append(f"{user}\t{minute}\t{s[0]}\t{fmt(s[1])}\t{s[2]}\t{fmt(s[3])}\n")
     return "".join(rows).encode()
 
 

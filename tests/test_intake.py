@@ -14,20 +14,43 @@ from .conftest import event_line
 
 def intake(max_line: int = 1 << 20, strict: bool = False) -> Intake:
     counter = itertools.count(1)
-    return Intake(max_line=max_line, strict=strict, fresh_id=lambda: f"~t-{next(counter)}")
+    return Intake(max_line=max_line, strict=strict, fresh_id=lambda: f"~t-{next(counter)}", clock=lambda: NOW)
+
+
+NOW = "2026-11-23T09:00:00.000Z"
+STAMP = b',"timestamp":"' + NOW.encode() + b'"}'
 
 
 def test_ndjson_keeps_lines_with_ids_and_counts_events():
     given = [event_line("a", "1", "src:1"), event_line("b", "12.345", "src:2")]
     body = given[0] + b"\r\n\n  \n" + given[1]  # CRLF, blank lines, no final newline
     lines = intake().ndjson(body)
-    assert (lines.data, lines.count, lines.event_id) == (b"\n".join(given) + b"\n", 2, None)
+    stamped = b"\n".join(g[:-1] + STAMP for g in given) + b"\n"
+    assert (lines.data, lines.count, lines.event_id) == (stamped, 2, None)
+    # A line that has an id and a time is kept byte for byte.
+    timed = [g[:-1] + b', "ts": 1700000000}' for g in given]
+    assert intake().ndjson(b"\n".join(timed)).data == b"\n".join(timed) + b"\n"
+
+
+def test_an_event_without_a_time_gets_the_receive_time():
+    timed = event_line("b", "2")[:-1] + b', "time": "2026/11/20"}'
+    lines = intake().ndjson(event_line("a", "1") + b"\n" + timed)
+    first, second = (orjson.loads(x) for x in lines.data.splitlines())
+    assert first["timestamp"] == NOW and "timestamp" not in second and second["time"] == "2026/11/20"
+    single = orjson.loads(intake().json(event_line("c", "3")).data)
+    assert single["timestamp"] == NOW
+    bulk = [orjson.loads(x) for x in intake().json(b"[" + event_line("d") + b"]").data.splitlines()]
+    assert bulk[0]["timestamp"] == NOW
+    with pytest.raises(BodyInvalid, match="ambiguous time"):
+        intake().ndjson(event_line("e")[:-1] + b', "ts": 1700000000, "time": "2026-11-20"}')
+    with pytest.raises(BodyInvalid, match="not a time"):
+        intake().ndjson(event_line("e")[:-1] + b', "ts": "yesterday"}')
 
 
 def test_ndjson_adds_ids_textually_keeping_the_number_text():
     lines = intake().ndjson(event_line("a", "0.10") + b"\n" + event_line("b", "7") + b"\n")
-    assert lines.data.splitlines() == [event_line("a", "0.10")[:-1] + b',"eventId":"~t-1"}',
-                                       event_line("b", "7")[:-1] + b',"eventId":"~t-2"}']
+    assert lines.data.splitlines() == [event_line("a", "0.10")[:-1] + b',"eventId":"~t-1"' + STAMP,
+                                       event_line("b", "7")[:-1] + b',"eventId":"~t-2"' + STAMP]
 
 
 def test_idempotency_key_numbers_the_events_of_a_bulk():

@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 from click.testing import CliRunner
 
-from evtool import events, parser
+from evtool import events, eventtime, parser
 from evtool.cli import cli
 from evtool.errors import InvalidEvent
 from evtool.processor import process
@@ -80,11 +80,21 @@ def test_processor_fast_path_agrees_with_the_validator(strict):
         b'{"user_id": "b", "name": "subtract_revenue", "value": "2.5"}',
         b'{"userId": "a", "name": "add_revenue", "value": "2.50"}',
         b'{"userId": "a", "name": "add_revenue", "value": "-1"}',
+        b'{"userId": "a", "name": "add_revenue", "value": 1, "timestamp": "2026-11-23T09:15:30.250Z"}',
+        b'{"userId": "a", "name": "add_revenue", "value": 1, "timestamp": "2026-02-30T09:15:30.250Z"}',
+        b'{"userId": "a", "name": "add_revenue", "value": 1, "timestamp": "2026-11-23T24:15:30Z"}',
+        b'{"userId": "a", "name": "add_revenue", "value": 1, "timestamp": null}',
+        b'{"userId": "a", "name": "add_revenue", "value": 1, "ts": 1763889330123}',
+        b'{"userId": "a", "name": "add_revenue", "value": 1, "ts": 1763889330,'
+        b' "time": "2025-11-23T09:15:30Z"}',
+        b'{"userId": "a", "name": "add_revenue", "value": 1, "ts": 1763889330,'
+        b' "time": "2025-11-23T10:15:31+01:00"}',
     ]
     for raw in samples:
         try:
             ev = events.parse_line(raw, allow_reserved=True, strict=strict)
-            want = (ev.user_id, ev.name == "add_revenue", ev.value, ev.event_id)
+            key = (ev.user_id, eventtime.minute_key(ev.time))
+            want = (key, ev.name == "add_revenue", ev.value, ev.event_id)
         except InvalidEvent as exc:
             want = exc.reason
         try:
@@ -146,7 +156,7 @@ def test_receiver_normalizes_and_stores_lines_as_received(tmp_path):
                                          JSON)
             assert status == 200
             stored = lines(journal)
-            assert stored[0] == line
+            assert stored[0].startswith(line[:-1] + b',"timestamp":"')  # the receive time, added
             assert events.parse_line(stored[1], allow_reserved=True).value == 3
 
     asyncio.run(main())

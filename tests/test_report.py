@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import psycopg
 from click.testing import CliRunner
@@ -44,6 +45,7 @@ def test_report_json(dsn, tmp_path):
                    "subtract_revenue": {"count": 2, "amount": 12}},
         "top": [{"userId": "vip1", "revenue": 1000}, {"userId": "user1", "revenue": 100.1}],
         "bottom": [{"userId": "user2", "revenue": -4.8}, {"userId": "vip2", "revenue": 0}],
+        "event_since": None, "event_until": None,
     }
     assert '"revenue":1095.3,' in result.output  # exact text, not a float's
 
@@ -82,21 +84,21 @@ def test_time_window_uses_what_was_applied_in_it(dsn, tmp_path):
     with psycopg.connect(dsn) as conn:
         between = conn.execute("SELECT clock_timestamp()").fetchone()[0]
     load(dsn, tmp_path, ev("a", 10) + ev("c", 3, "subtract_revenue"))
-    later = json.loads(run("report", "--json", "--since", between.isoformat()).output)
+    later = json.loads(run("report", "--json", "--applied-since", between.isoformat()).output)
     assert (later["revenue"], later["users"]) == (7, 2)
     assert later["events"] == {"add_revenue": {"count": 1, "amount": 10},
                                "subtract_revenue": {"count": 1, "amount": 3}}
     assert later["top"][0] == {"userId": "a", "revenue": 10}
     assert later["since"] == between.isoformat()
-    earlier = json.loads(run("report", "--json", "--until", between.isoformat()).output)
+    earlier = json.loads(run("report", "--json", "--applied-until", between.isoformat()).output)
     assert (earlier["revenue"], earlier["users"]) == (3, 2)
     everything = json.loads(run("report", "--json").output)
     assert (everything["revenue"], everything["users"]) == (10, 3)
     # a date alone is local midnight; tomorrow has nothing yet
     tomorrow = (datetime.now() + timedelta(days=1)).date().isoformat()
-    empty = json.loads(run("report", "--json", "--since", tomorrow).output)
+    empty = json.loads(run("report", "--json", "--applied-since", tomorrow).output)
     assert (empty["revenue"], empty["users"], empty["top"]) == (0, 0, [])
-    bad = run("report", "--since", "yesterday")
+    bad = run("report", "--applied-since", "yesterday")
     assert bad.exit_code == 2 and "is not an ISO date" in bad.output
 
 
@@ -133,3 +135,48 @@ def test_revenue_usage_errors(dsn):
     assert run("revenue", "u1", "--all").exit_code == 2
     assert run("revenue", "u1", "--csv").exit_code == 2
     assert run("revenue", "--all", "--csv", "--json").exit_code == 2
+
+
+def exact(text: str):
+    return json.loads(text, parse_float=Decimal)
+
+
+def tev(user: str, value, when: str, name: str = "add_revenue") -> str:
+    return f'{{"userId": "{user}", "name": "{name}", "value": {value}, {when}}}\n'
+
+
+def test_by_period_uses_event_time_and_late_events_land_in_their_own_period(dsn, tmp_path):
+    load(dsn, tmp_path, tev("a", "0.1", '"ts": 1795425330')
+         + tev("b", 2, '"time": "2026-11-23T23:30:00-01:00"')
+         + tev("a", 5, '"createdAt": "2026/11/22"', "subtract_revenue") + ev("u", 1))
+    # A late event for the 22nd, processed after the 24th's: it lands on the 22nd.
+    load(dsn, tmp_path, tev("c", "0.2", '"timestamp": "2026-11-22T10:00:00Z"'))
+    days = exact(run("report", "--by", "day", "--json").output)["periods"]
+    assert [(d["period"], d["revenue"], d["users"]) for d in days] == [
+        (None, 1, 1), ("2026-11-22", Decimal("-4.8"), 2), ("2026-11-23", Decimal("0.1"), 1),
+        ("2026-11-24", 2, 1)]
+    assert sum(d["revenue"] for d in days) == exact(run("report", "--json").output)["revenue"]
+    hours = run("report", "--by", "hour", "--csv", "--since", "2026-11-23", "--until", "2026-11-24T01:00Z")
+    assert hours.exit_code == 0, hours.output
+    assert hours.output.splitlines() == [
+        "period,adds,added,subtracts,subtracted,revenue,users",
+        "2026-11-23T09:00Z,1,0.1,0,0,0.1,1",
+        "2026-11-24T00:00Z,1,2,0,0,2,1"]
+    weeks = json.loads(run("report", "--by", "week", "--json").output)["periods"]
+    assert [w["period"] for w in weeks] == [None, "2026-11-16", "2026-11-23"]  # weeks start on Monday
+    window = exact(run("report", "--json", "--since", "2026-11-23").output)
+    assert (window["revenue"], window["users"]) == (Decimal("2.1"), 2)
+    assert run("report", "--since", "2026-11-23", "--applied-since", "2026-11-23").exit_code == 2
+    bad = run("report", "--since", "yesterday")
+    assert bad.exit_code == 2 and "not a time" in bad.output
+
+
+def test_rolling_window_counts_recent_event_time(dsn, tmp_path):
+    now = datetime.now(UTC)
+    recent = now - timedelta(minutes=2)
+    load(dsn, tmp_path, tev("a", 3, f'"ts": {int(recent.timestamp())}')
+         + tev("b", "1.5", f'"ts": {int(now.timestamp())}')
+         + tev("a", 1, f'"ts": {int((now - timedelta(hours=2)).timestamp())}') + ev("u", 1))
+    w = exact(run("report", "--window", "10", "--json").output)
+    assert (w["events"], w["revenue"], w["users"]) == (2, Decimal("4.5"), 2)
+    assert sorted(m["events"] for m in w["per_minute"]) == [1, 1] or now.minute == recent.minute

@@ -11,7 +11,8 @@ rejects --reapply), so a statement added tomorrow is held to the rules too. The 
 - an UPDATE applies no STABLE (or VOLATILE) function, nor a cast, to a column: cast parameters;
 - no correlated subquery over a reference table (the migration makes none: checked too).
 
-The distribution columns come from the migration that distributes the tables (evtool/sql/005_citus.sql).
+The distribution columns come from the migrations that distribute the tables (evtool/sql/005_citus.sql,
+and the guarded block of each later migration that creates a table).
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ from evtool.store import SQL_DIR
 from . import workload
 from .pgcluster import Server, embedded_bindir
 
-MIGRATION = SQL_DIR / "005_citus.sql"
-
 
 def distribution() -> dict[str, str]:
-    """{table: distribution column}, as the migration distributes them."""
-    rows = re.findall(r"\(\d+,\s*'(\w+)',\s*'(\w+)',\s*'(\w+)'\)", MIGRATION.read_text())
+    """{table: distribution column}, as the migrations distribute them (005 and later ones)."""
+    text = "\n".join(f.read_text() for f in sorted(SQL_DIR.glob("*.sql")))
+    rows = re.findall(r"\(\d+,\s*'(\w+)',\s*'(\w+)',\s*'(\w+)'\)", text)
     return {table: column for table, column, _ in rows}
 
 
