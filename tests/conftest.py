@@ -103,9 +103,10 @@ def exact(d: dict) -> dict[str, Decimal]:
 
 
 def event_line(user: str = "u1", value: object = "1", event_id: str | None = None,
-               name: str = "add_revenue") -> bytes:
+               name: str = "add_revenue", time: str | None = None) -> bytes:
     """One event as a client writes it (no newline); `value` is put in as text, so "0.10" stays."""
     extra = f', "eventId": "{event_id}"' if event_id is not None else ""
+    extra += f', "timestamp": "{time}"' if time is not None else ""
     return f'{{"userId": "{user}", "name": "{name}", "value": {value}{extra}}}'.encode()
 
 

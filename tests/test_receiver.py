@@ -117,11 +117,19 @@ def test_missing_or_wrong_token_is_401_and_writes_nothing(tmp_path):
 def test_ndjson_bulk_keeps_lines_and_ids(tmp_path):
     async def main():
         async with serving(tmp_path) as (client, journal):
-            given = [ev("a", "1", "src:1"), ev("b", "12.345", "src:2"), ev("c", "0.1", "src:3")]
+            t = "2026-11-23T10:00:00Z"
+            given = [ev("a", "1", "src:1", time=t), ev("b", "12.345", "src:2", time=t),
+                     ev("c", "0.1", "src:3", time=t)]
             body = given[0] + b"\r\n\n" + given[1] + b"\n   \n" + given[2]  # no final newline
             status, resp, _ = await post(client, body, NDJSON)
             assert (status, resp) == (200, {"accepted": 3})
-            assert lines(journal) == given  # stored unchanged
+            assert lines(journal) == given  # timed events are stored unchanged
+            # an untimed one gets the receive time, and keeps the rest of what the client sent
+            status, resp, _ = await post(client, ev("d", "0.10", "src:4"), NDJSON)
+            assert (status, resp) == (200, {"accepted": 1})
+            stored = orjson.loads(lines(journal)[-1])
+            assert stored.pop("timestamp").endswith("Z")
+            assert stored == {"userId": "d", "name": "add_revenue", "value": 0.1, "eventId": "src:4"}
 
     asyncio.run(main())
 
@@ -412,7 +420,9 @@ def test_serve_process_sigterm_exits_0_with_data_on_disk(tmp_path):
         assert proc.wait(timeout=10) == 0
         assert time.monotonic() - started < 5
     [stored] = lines(journal)
-    assert orjson.loads(stored) == {**orjson.loads(ORIGINAL), "eventId": body["eventId"]}
+    got = orjson.loads(stored)
+    assert got.pop("timestamp").endswith("Z")  # the receive time of an untimed event
+    assert got == {**orjson.loads(ORIGINAL), "eventId": body["eventId"]}
 
 
 def test_fsync_off_says_so(tmp_path):
