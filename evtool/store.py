@@ -236,7 +236,8 @@ class Store:
     def _ensure_temp(self) -> None:
         if not self._temp_ready:
             self.conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS batch_digests (digest bytea) ON COMMIT DELETE ROWS"
+                "CREATE TEMP TABLE IF NOT EXISTS batch_digests (digest bytea, content bytea, journal bytea,"
+                " line_no bigint) ON COMMIT DELETE ROWS"
             )
             self.conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS batch_sums (user_id text, adds int8, added numeric,"
@@ -244,60 +245,77 @@ class Store:
             )
             self._temp_ready = True
 
-    def lock_sources(self, sources: Iterable[str], windows: dict[str, tuple[int, int]] | None = None
-                     ) -> dict[str, list[tuple[int, int]]]:
-        """Lock the applied-range rows of these sender sources (in source order) and read them.
+    def lock_cells(self, cells: dict[str, list[int]]) -> dict[tuple[str, int], bytes]:
+        """Lock the applied_lines rows of these sender cells and read them: {(source, cell): entries}.
 
-        With `windows`, only the applied lines within each source's [low, high) are read: a
-        source whose ids have many gaps (lines that carried ids of their own) has many ranges.
+        Source by source in source order, cells in order, each statement by equality on the
+        source (the distribution column where the table is sharded), so processors sharing
+        sources wait instead of deadlocking. Missing rows are created empty first: a row that
+        another transaction is creating is waited for, then locked, never overwritten.
         """
-        names = sorted(sources)
-        if not names:
-            return {}
-        self.conn.execute(
-            "INSERT INTO applied_ranges (source)"
-            " SELECT s FROM unnest(%s::text[]) AS s ORDER BY s ON CONFLICT DO NOTHING",
-            (names,),
-        )
-        windows = windows or {}
-        low = [windows.get(n, (None, None))[0] for n in names]
-        high = [windows.get(n, (None, None))[1] for n in names]
-        rows = self.conn.execute(
-            "SELECT a.source, a.lines * int8multirange(int8range(w.low, w.high))"
-            " FROM applied_ranges a"
-            " JOIN unnest(%s::text[], %s::int8[], %s::int8[]) AS w(source, low, high) USING (source)"
-            " ORDER BY a.source FOR UPDATE OF a",
-            (names, low, high),
-        ).fetchall()
-        return {source: [(r.lower, r.upper) for r in lines] for source, lines in rows}
+        out: dict[tuple[str, int], bytes] = {}
+        for source in sorted(cells):
+            wanted = cells[source]
+            if not wanted:
+                continue
+            self.conn.execute(
+                "INSERT INTO applied_lines (source, cell) SELECT %s::text, c FROM unnest(%s::int8[]) AS c"
+                " ORDER BY c ON CONFLICT DO NOTHING",
+                (source, wanted),
+            )
+            rows = self.conn.execute(
+                "SELECT cell, entries FROM applied_lines WHERE source = %s::text AND cell = ANY(%s::int8[])"
+                " ORDER BY cell FOR UPDATE",
+                (source, wanted),
+            ).fetchall()
+            out.update(((source, cell), bytes(entries)) for cell, entries in rows)
+        return out
 
-    def add_ranges(self, ranges: dict[str, str]) -> None:
-        """Add line ranges (multirange text) to the sources' applied ranges."""
-        if not ranges:
-            return
-        names = sorted(ranges)
-        self.conn.execute(
-            "UPDATE applied_ranges a SET lines = a.lines + n.lines::int8multirange, updated_at = now()"
-            " FROM unnest(%s::text[], %s::text[]) AS n(source, lines) WHERE a.source = n.source",
-            (names, [ranges[n] for n in names]),
-        )
+    def write_cells(self, cells: dict[tuple[str, int], bytes]) -> None:
+        """Store the new entries of locked applied_lines rows."""
+        by_source: dict[str, list[tuple[int, bytes]]] = {}
+        for (source, cell), packed in cells.items():
+            by_source.setdefault(source, []).append((cell, packed))
+        for source in sorted(by_source):
+            rows = sorted(by_source[source])
+            self.conn.execute(
+                "UPDATE applied_lines a SET entries = n.entries"
+                " FROM unnest(%s::int8[], %s::bytea[]) AS n(cell, entries)"
+                " WHERE a.source = %s::text AND a.cell = n.cell",
+                ([c for c, _ in rows], [e for _, e in rows], source),
+            )
 
-    def claim_digests(self, digests: Iterable[bytes]) -> set[bytes]:
-        """Claim event digests: record them, and return those never recorded before (each once).
+    def claim_digests(self, digests: list[bytes], contents: list[bytes],
+                      origins: list[tuple[bytes, int, str]] | None = None
+                      ) -> dict[bytes, tuple[bytes | None, str | None]]:
+        """Claim event digests: record the ones never recorded (with their content and origin),
+        and return the others: {digest: (content, "path line n" where first seen)}.
 
         Inserted in digest order, so processors sharing events wait instead of deadlocking.
         """
         self._ensure_temp()
         with self.conn.cursor() as cur:
-            with cur.copy("COPY batch_digests (digest) FROM STDIN") as copy:
-                for d in digests:
-                    copy.write_row((d,))
+            with cur.copy("COPY batch_digests (digest, content, journal, line_no) FROM STDIN") as copy:
+                for i, (d, c) in enumerate(zip(digests, contents, strict=True)):
+                    o = origins[i] if origins else None
+                    copy.write_row((d, c or None, o[0] if o else None, o[1] if o else None))
             cur.execute(
-                "INSERT INTO applied_events (digest)"
-                " SELECT DISTINCT digest FROM batch_digests ORDER BY digest"
-                " ON CONFLICT DO NOTHING RETURNING digest"
+                "INSERT INTO applied_events (digest, content, journal, line_no)"
+                " SELECT DISTINCT ON (digest) digest, content, journal, line_no FROM batch_digests"
+                " ORDER BY digest, line_no ON CONFLICT DO NOTHING RETURNING digest"
             )
-            return {row[0] for row in cur.fetchall()}
+            new = {row[0] for row in cur.fetchall()}
+            old = [d for d in dict.fromkeys(digests) if d not in new]
+            if not old:
+                return {}
+            cur.execute(
+                "SELECT e.digest, e.content, j.path, e.line_no FROM applied_events e"
+                " LEFT JOIN journal_files j ON j.fingerprint = e.journal"
+                " WHERE e.digest = ANY(%s::bytea[])",
+                (old,),
+            )
+            return {d: (bytes(c) if c is not None else None, f"{p} line {n}" if p else None)
+                    for d, c, p, n in cur.fetchall()}
 
     def add_to_totals(self, rows: bytes) -> None:
         """Add per-user sums, as COPY rows (see copy_rows), to the totals and the revenue log.
