@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 
 from evtool.errors import DeliveryFailed, SourceError
-from evtool.sender import SendSettings, send
 from evtool.identity import source_id
+from evtool.sender import SendSettings, send
 from evtool.sendstate import StateStore
 
 from .conftest import event_line as ev
@@ -283,7 +283,8 @@ def test_replaced_file_is_sent_from_where_it_differs(sink, tmp_path, home, repla
     second = send(settings(sink, src, home))
     assert (second.new_source_reason is not None) == note
     if note:
-        assert str(src.resolve()) in second.new_source_reason and "sending it from the start" in second.new_source_reason
+        assert str(src.resolve()) in second.new_source_reason
+        assert "sending it from the start" in second.new_source_reason
     assert second.sent == len(replacement) and second.already_sent == 0
     new = sink.ids()[len(old):]
     assert new[:same] == old[:same] and not set(new[same:]) & set(old)  # new from where it differs
@@ -306,7 +307,8 @@ def test_state_is_kept_per_destination(sink, tmp_path, home):
     assert send(settings(sink, src, home)).sent == 2
     assert send(settings(sink, src, home)).sent == 0
     # Another receiver (here: the same one under another URL) has seen nothing of it.
-    other = SendSettings(path=src, url=sink.url.replace("127.0.0.1", "localhost"), state_dir=home, max_retries=3)
+    other = SendSettings(path=src, url=sink.url.replace("127.0.0.1", "localhost"), state_dir=home,
+                         max_retries=3)
     assert send(other).sent == 2
     # A dead receiver is not "done" because the file went elsewhere before.
     dead = SendSettings(path=src, url=f"http://127.0.0.1:{free_port()}", state_dir=home, max_retries=0)
