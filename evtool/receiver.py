@@ -39,7 +39,17 @@ from aiohttp.web_server import Server
 from . import config, events, output
 from .appender import JournalAppender
 from .errors import ConfigError, EvtoolError, JournalWriteError, UnknownUser
-from .intake import BodyInvalid, BodyMalformed, BodyRefused, BodyTooLong, Intake, check_key, receiver_ids
+from .intake import (
+    BodyInvalid,
+    BodyMalformed,
+    BodyRefused,
+    BodyTooLong,
+    Intake,
+    KeyReused,
+    KeyWindow,
+    check_key,
+    receiver_ids,
+)
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import Metrics
 
@@ -161,7 +171,8 @@ class _ShuttingDown(Exception):
     """Set on the body stream of a request still arriving when the server stops."""
 
 
-_BODY_STATUS: dict[type[BodyRefused], int] = {BodyMalformed: 400, BodyInvalid: 422, BodyTooLong: 413}
+_BODY_STATUS: dict[type[BodyRefused], int] = {BodyMalformed: 400, BodyInvalid: 422, BodyTooLong: 413,
+                                              KeyReused: 422}
 
 
 def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: int) -> str:
@@ -190,6 +201,7 @@ class _Receiver:
         self.intake = Intake(max_line=s.max_line, strict=s.strict, fresh_id=receiver_ids())
         self._reading: set[StreamReader] = set()  # bodies being read
         self._stopping = False
+        self.keys = KeyWindow()  # Idempotency-Key -> body digest, recent ones
 
     def authorized(self, request: web.Request) -> bool:
         given = request.headers.get("Authorization")
@@ -262,10 +274,15 @@ class _Receiver:
             check_key(key)
         body = await self._read_body(request)
         lines = self.intake.ndjson(body, key) if ndjson else self.intake.json(body, key)
+        claimed = None
+        if key is not None:
+            claimed = self.keys.claim(key, (b"n" if ndjson else b"j") + body)
         if lines.count:
             try:
                 await request.app[APPENDER_KEY].append(lines.data)
             except JournalWriteError as exc:
+                if claimed is not None:
+                    self.keys.forget(key, claimed)  # type: ignore[arg-type]
                 return _error(503, f"{exc}; nothing was stored, retry later", {"Retry-After": "1"})
             request.app[METRICS_KEY].appended(lines.count, len(lines.data))
         if lines.event_id is not None:
