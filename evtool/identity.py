@@ -33,6 +33,9 @@ CELL_LINES = 1024  # line numbers per applied_lines row
 ENTRY = 10  # bytes of one remembered line in a cell: slot (2, big endian) + chain (8)
 ZERO_CHAIN = bytes(8)  # the chain of an old `<S>:<n>` id
 BOM = b"\xef\xbb\xbf"
+# `evtool serve` names itself (host and journal) in this header on /healthz, so a sender keeps
+# its resume state per receiver, not only per URL.
+RECEIVER_HEADER = "Evtool-Receiver"
 
 Cell = tuple[str, int]  # (source, cell number)
 

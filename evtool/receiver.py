@@ -24,10 +24,12 @@ import hmac
 import ipaddress
 import logging
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from hashlib import blake2b
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,6 +41,7 @@ from aiohttp.web_server import Server
 from . import config, events, output
 from .appender import JournalAppender
 from .errors import ConfigError, EvtoolError, JournalWriteError, UnknownUser
+from .identity import RECEIVER_HEADER
 from .intake import (
     BodyInvalid,
     BodyMalformed,
@@ -202,6 +205,10 @@ class _Receiver:
         self._reading: set[StreamReader] = set()  # bodies being read
         self._stopping = False
         self.keys = KeyWindow()  # Idempotency-Key -> body digest, recent ones
+        # Which receiver this is, for senders' resume state: its host and journal. A fresh
+        # receiver on the same URL (another journal) gets everything from line 1.
+        where = f"{socket.gethostname()}\0{Path(s.journal).resolve()}".encode("utf-8", "surrogateescape")
+        self.receiver_id = {RECEIVER_HEADER: blake2b(where, digest_size=8).hexdigest()}
 
     def authorized(self, request: web.Request) -> bool:
         given = request.headers.get("Authorization")
@@ -346,8 +353,9 @@ class _Receiver:
     async def healthz(self, request: web.Request) -> web.Response:
         appender = request.app[APPENDER_KEY]
         if appender.healthy:
-            return _json(200, {"status": "ok"})
-        return _error(503, f"cannot write the journal: {appender.last_error}", {"Retry-After": "1"})
+            return _json(200, {"status": "ok"}, self.receiver_id)
+        return _error(503, f"cannot write the journal: {appender.last_error}",
+                      {"Retry-After": "1", **self.receiver_id})
 
 
 SETTINGS_KEY = web.AppKey("settings", ServeSettings)

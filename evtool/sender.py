@@ -20,6 +20,8 @@ import asyncio
 import os
 import random
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from yarl import URL
 
 from . import config, events
 from .errors import ConfigError, DeliveryFailed, InvalidEvent, SourceError
-from .identity import bare_line, chain_next, source_id
+from .identity import RECEIVER_HEADER, bare_line, chain_next, source_id
 from .sendstate import BOM, ConfirmedPrefix, Position, StateStore, first_line, resume
 
 MAX_INVALID_KEPT = 100
@@ -127,7 +129,8 @@ def send(
     try:
         resolved = str(path.resolve())
         url = settings.url.rstrip("/")
-        store = StateStore(settings.state_dir, source_id(first_line(f)), url, resolved)
+        receiver = receiver_id(url, min(settings.timeout, 5.0))
+        store = StateStore(settings.state_dir, source_id(first_line(f)), url, resolved, receiver)
         store.lock()
         try:
             return _Run(settings, f, resolved, store, on_progress, on_total).run()
@@ -135,6 +138,18 @@ def send(
             store.unlock()
     finally:
         f.close()
+
+
+def receiver_id(url: str, timeout: float) -> str:
+    """The id `evtool serve` gives on /healthz (its host and journal; see receiver), or "" when
+    the receiver gives none or cannot be reached (the send then finds out why)."""
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=timeout) as resp:
+            return resp.headers.get(RECEIVER_HEADER, "")[:64]
+    except urllib.error.HTTPError as exc:
+        return (exc.headers.get(RECEIVER_HEADER) or "")[:64]
+    except (OSError, ValueError):
+        return ""
 
 
 class _Run:
@@ -155,7 +170,8 @@ class _Run:
         self.on_progress = on_progress
         self.on_total = on_total
         self.size = os.fstat(f.fileno()).st_size
-        decided = resume(f, resolved, store.url, store.load(), from_start=settings.from_start)
+        decided = resume(f, resolved, store.url, store.load(), from_start=settings.from_start,
+                         receiver=store.receiver)
         self.state = decided.state
         self.start = decided.start
         src = self.state.source

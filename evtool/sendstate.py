@@ -3,11 +3,12 @@
 A source is named by its first line (see `identity.source_id`); the ids of its lines cover
 the whole file's content up to each line (`identity.chain_next`), so where the file lives and
 whether this state exists never change them. The state only saves re-reading what was sent:
-one small JSON file per (source, receiver URL), `<state_dir>/send-state/<hash>.json`, holding
-the resume point -- the end of the last *complete* line of the contiguous prefix the receiver
-confirmed (offset, line count, chain value there). Keyed by URL too, so a send to another
-receiver starts from line 1. Files are written atomically: temp file, fsync, rename, fsync of
-the directory.
+one small JSON file per (source, receiver URL, receiver id), `<state_dir>/send-state/<hash>.json`,
+holding the resume point -- the end of the last *complete* line of the contiguous prefix the
+receiver confirmed (offset, line count, chain value there). Keyed by the destination too (its
+URL, and the id `evtool serve` gives on /healthz: its host and journal), so a send to another
+receiver, or to a fresh one on the same URL, starts from line 1. Files are written atomically:
+temp file, fsync, rename, fsync of the directory.
 
 `resume` decides where a send starts: the saved point once the file's prefix up to it hashes to
 the saved chain (one sequential read, no network), else line 1; `ConfirmedPrefix` moves the
@@ -52,6 +53,7 @@ class SendState:
 
     source: str
     url: str
+    receiver: str = ""  # the receiver's own id (its host and journal), "" when it gave none
     path: str = ""  # the file last sent from (for people reading the state; not part of the key)
     offset: int = 0
     line: int = 0
@@ -64,15 +66,16 @@ class SendState:
 class StateStore:
     """The state file of one (source, receiver URL), locked for the duration of a send."""
 
-    def __init__(self, state_dir: Path, source: str, url: str, path: str = "") -> None:
+    def __init__(self, state_dir: Path, source: str, url: str, path: str = "", receiver: str = "") -> None:
         self.path = path
-        self.source, self.url = source, url
+        self.source, self.url, self.receiver = source, url, receiver
         folder = Path(state_dir) / "send-state"
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the state directory {folder}: {exc.strerror}") from None
-        name = blake2b(f"{source}\0{url}".encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+        key = f"{source}\0{url}\0{receiver}".encode("utf-8", "surrogateescape")
+        name = blake2b(key, digest_size=8).hexdigest()
         self.file = folder / f"{name}.json"
         self._lock_fd: int | None = None
 
@@ -103,7 +106,8 @@ class StateStore:
             raise ConfigError(
                 f"cannot read the send state {self.file}: {exc}; delete it to send {self.path} from the start"
             ) from None
-        return state if (state.source, state.url) == (self.source, self.url) else None
+        same = (state.source, state.url, state.receiver) == (self.source, self.url, self.receiver)
+        return state if same else None
 
     def save(self, state: SendState) -> None:
         """Write the state atomically: a crash leaves the old or the new one, never a torn file."""
@@ -150,7 +154,7 @@ class Resume:
 
 
 def resume(f: BinaryIO, path: str, url: str, saved: SendState | None, *,
-           from_start: bool = False) -> Resume:
+           from_start: bool = False, receiver: str = "") -> Resume:
     """Decide where sending `f` (the file now at `path`) to `url` starts.
 
     At the saved position when the file's bytes up to it are the ones sent (the file may have
@@ -158,7 +162,7 @@ def resume(f: BinaryIO, path: str, url: str, saved: SendState | None, *,
     depend on this choice: they come from the file's content.
     """
     source = source_id(first_line(f))
-    state = SendState(source, url, path)
+    state = SendState(source, url, receiver, path)
     start = Position(0, 0, chain_start(source))
     reason = None
     if saved is not None and saved.offset and not from_start:

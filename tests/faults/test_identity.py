@@ -19,7 +19,7 @@ import psycopg
 from evtool.processor import Processor
 
 from ..conftest import evtool
-from .helpers import Serve, db_totals, http
+from .helpers import Serve, db_totals, free_port, http
 
 HEADER = b'{"userId": "header", "name": "add_revenue", "value": 0}'
 
@@ -188,3 +188,21 @@ def test_a_source_with_gaps_costs_the_same_per_batch_late_as_early(dsn, tmp_path
     early, late = sorted(wal[5:25])[10], sorted(wal[-20:])[10]  # medians
     assert late <= 2 * early, (early, late)
     assert db_totals(dsn) == {f"u{i}": Decimal(1200) for i in range(50)}
+
+
+def test_a_fresh_receiver_on_the_same_url_gets_the_file_again(dsn, tmp_path):
+    """Issue 10: after `make demo` (a receiver on 127.0.0.1:8000 with its own journal), the
+    by-hand steps start another receiver on the same URL: `send` must send the file to it, not
+    say it was sent (its state is per receiver: URL and the receiver's host and journal)."""
+    lines = [ev(f"u{i}", i) for i in range(1, 6)]
+    src = write(tmp_path / "events.jsonl", lines)
+    port = free_port()
+    (tmp_path / "demo").mkdir()
+    with Serve(tmp_path / "demo", port=port) as demo:
+        send(src, demo.url, tmp_path / "home", tmp_path)
+        send(src, demo.url, tmp_path / "home", tmp_path)  # nothing new for the same receiver
+    (tmp_path / "by-hand").mkdir()
+    with Serve(tmp_path / "by-hand", port=port) as fresh:
+        send(src, fresh.url, tmp_path / "home", tmp_path)
+    assert len((tmp_path / "demo" / "server-events.jsonl").read_bytes().splitlines()) == len(lines)
+    assert len((tmp_path / "by-hand" / "server-events.jsonl").read_bytes().splitlines()) == len(lines)
