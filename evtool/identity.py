@@ -2,42 +2,52 @@
 
 - no `eventId`, or an id the receiver made (`~...`): the line's position identifies it, and
   the committed offset already covers that, so it is always new ("fresh");
-- a sender id `<16 hex>:<line>`: remembered per source as ranges of line numbers;
-- any other id (opaque, the client's own): a digest row each.
+- a sender id `<S>:<n>:<c>`: line `n` of a source file whose first line hashes to `S`, and `c`
+  the chain digest of the file's first `n` lines. Two lines are the same event exactly when
+  their files agree byte for byte up to them; the processor remembers (n, c) per source, in
+  cells of CELL_LINES line numbers (one row each), so a batch touches only its own cells;
+- any other id (opaque, the client's own): a digest row each, with the digest of its content
+  so that an id reused for another event is caught instead of dropped.
 
-Ranges are half-open `[lo, hi)` pairs of line numbers, kept sorted and merged.
+Old sender ids `<S>:<n>` (written by evtool 0.1) are read as chain ZERO_CHAIN.
 """
 
 from __future__ import annotations
 
 import re
-from array import array
-from bisect import bisect_right
 from collections.abc import Iterable
+from decimal import Decimal
 from enum import Enum
 from hashlib import blake2b
 from typing import TYPE_CHECKING
 
-from .events import RECEIVER_ID_PREFIX
+from .events import RECEIVER_ID_PREFIX, Value, format_value
 
 if TYPE_CHECKING:
     from .store import Store
 
-SOURCE_ID = re.compile(r"([0-9a-f]{16}):([1-9][0-9]{0,17})")
+SOURCE_ID = re.compile(r"([0-9a-f]{16}):([1-9][0-9]{0,17})(?::([0-9a-f]{16}))?")
 SOURCE_ID_LEN = 16  # hex digits of a source id, before the ':'
-_INF = float("inf")
+CHAIN_LEN = 16  # hex digits of a chain value, after the second ':'
+CELL_LINES = 1024  # line numbers per applied_lines row
+ENTRY = 10  # bytes of one remembered line in a cell: slot (2, big endian) + chain (8)
+ZERO_CHAIN = bytes(8)  # the chain of an old `<S>:<n>` id
+BOM = b"\xef\xbb\xbf"
+# `evtool serve` names itself (host and journal) in this header on /healthz, so a sender keeps
+# its resume state per receiver, not only per URL.
+RECEIVER_HEADER = "Evtool-Receiver"
 
-Ranges = list[tuple[int, int]]
+Cell = tuple[str, int]  # (source, cell number)
 
 
 class Kind(Enum):
     POSITION = "position"  # no id, or a receiver id: the line's place in its journal
-    SENDER = "sender"  # `<source>:<line>`: a line of a sender's source
+    SENDER = "sender"  # `<source>:<line>[:<chain>]`: a line of a sender's source
     OPAQUE = "opaque"  # the client's own id: its digest
 
 
 def classify(event_id: str | None) -> tuple[Kind, re.Match[str] | None]:
-    """The identity kind of an id; for a sender id also its match (source, line number)."""
+    """The identity kind of an id; for a sender id also its match (source, line, chain or None)."""
     if event_id is None or event_id[0] == RECEIVER_ID_PREFIX:
         return Kind.POSITION, None
     m = SOURCE_ID.fullmatch(event_id)
@@ -46,20 +56,73 @@ def classify(event_id: str | None) -> tuple[Kind, re.Match[str] | None]:
     return Kind.SENDER, m
 
 
-def source_id(path: str, first_line: bytes, generation: int) -> str:
-    """The 16 hex digits that name a sender's source: its resolved path, first line and generation."""
-    h = blake2b(digest_size=8, person=b"evtool-source")
-    h.update(path.encode("utf-8", "surrogateescape"))
-    h.update(b"\0")
-    h.update(first_line)
-    h.update(b"\0")
-    h.update(str(generation).encode())
-    return h.hexdigest()
+# -- the sender's side: source ids and chains ------------------------------------------------------
+
+
+def bare_line(raw: bytes, first: bool = False) -> bytes:
+    """A line as identity sees it: without its line ending (and without a BOM on line 1)."""
+    if raw[-1:] == b"\n":
+        raw = raw[:-1]
+        if raw[-1:] == b"\r":
+            raw = raw[:-1]
+    if first and raw.startswith(BOM):
+        raw = raw[3:]
+    return raw
+
+
+def source_id(first_line: bytes) -> str:
+    """The 16 hex digits that name a source: a digest of its first line (bare, see bare_line)."""
+    return blake2b(first_line, digest_size=8, person=b"evtool-src2").hexdigest()
+
+
+def chain_start(source: str) -> bytes:
+    """The chain value before line 1."""
+    return bytes.fromhex(source)
+
+
+def chain_next(chain: bytes, line: bytes) -> bytes:
+    """The chain value through `line` (bare), given the value before it."""
+    return blake2b(chain + line, digest_size=8).digest()
+
+
+def sender_id(source: str, n: int, chain: bytes) -> str:
+    return f"{source}:{n}:{chain.hex()}"
+
+
+# -- the processor's side --------------------------------------------------------------------------
+
+
+def cell_of(n: int) -> int:
+    return (n - 1) // CELL_LINES
+
+
+def entry(n: int, chain: bytes) -> bytes:
+    """The packed entry of line `n` within its cell: slot (big endian, so entries sort by line)
+    then chain."""
+    return ((n - 1) % CELL_LINES).to_bytes(2, "big") + chain
+
+
+def entries(packed: bytes) -> list[bytes]:
+    """The entries of a cell's packed value."""
+    return [packed[i:i + ENTRY] for i in range(0, len(packed), ENTRY)]
+
+
+def chain_of(m: re.Match[str]) -> bytes:
+    """The chain value of a sender id's match (ZERO_CHAIN for an old `<S>:<n>` id)."""
+    return bytes.fromhex(m[3]) if m[3] else ZERO_CHAIN
 
 
 def event_digest(event_id: str) -> bytes:
     """The 16-byte dedup key of an event that has an id."""
     return blake2b(event_id.encode(), digest_size=16).digest()
+
+
+def content_digest(user: str, is_add: bool, value: Value) -> bytes:
+    """8 bytes that tell two events with the same id apart: what they mean (user, name, exact
+    value), not how they were written (key order, spacing, `1.50` vs `1.5`, other fields)."""
+    text = format_value(value if isinstance(value, int) else Decimal(value))
+    data = b"%s\0%c\0%s" % (user.encode("utf-8", "surrogatepass"), 43 if is_add else 45, text.encode())
+    return blake2b(data, digest_size=8, person=b"evtool-content").digest()
 
 
 def position_digest(fingerprint: bytes, offset: int) -> bytes:
@@ -68,57 +131,10 @@ def position_digest(fingerprint: bytes, offset: int) -> bytes:
     return blake2b(b"\x00" + fingerprint + offset.to_bytes(8, "big"), digest_size=16).digest()
 
 
-# -- ranges of line numbers -----------------------------------------------------------------------
-
-
-def to_ranges(lines: array | set[int] | list[int]) -> Ranges:
-    """Sorted, merged half-open ranges [lo, hi) covering `lines`."""
-    ranges: Ranges = []
-    if not lines:
-        return ranges
-    ordered = sorted(lines)
-    lo = prev = ordered[0]
-    for n in ordered[1:]:
-        if n > prev + 1:
-            ranges.append((lo, prev + 1))
-            lo = n
-        prev = n
-    ranges.append((lo, prev + 1))
-    return ranges
-
-
-def multirange_text(ranges: Ranges) -> str:
-    """PostgreSQL's text of an int8multirange."""
-    return "{" + ",".join(f"[{lo},{hi})" for lo, hi in ranges) + "}"
-
-
-def union(a: Ranges, b: Ranges) -> Ranges:
-    """Sorted, merged ranges covering both inputs."""
-    out: Ranges = []
-    for lo, hi in sorted(a + b):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(hi, out[-1][1]))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def overlaps(a: Ranges, b: Ranges) -> bool:
-    """Whether two sorted lists of disjoint half-open ranges share a number."""
-    i = j = 0
-    while i < len(a) and j < len(b):
-        if a[i][1] <= b[j][0]:
-            i += 1
-        elif b[j][1] <= a[i][0]:
-            j += 1
-        else:
-            return True
-    return False
-
-
-def contains(ranges: Ranges, n: int) -> bool:
-    i = bisect_right(ranges, (n, _INF)) - 1
-    return i >= 0 and ranges[i][0] <= n < ranges[i][1]
+def conflict_reason(event_id: str, where: str | None) -> str:
+    first = f" (first seen in {where})" if where else ""
+    return (f"eventId {event_id} was already applied with different content{first}; "
+            "an id names one event: give this one its own id")
 
 
 # -- claiming: what of a batch is new ---------------------------------------------------------------
@@ -127,50 +143,85 @@ def contains(ranges: Ranges, n: int) -> bool:
 class Claim:
     """The one step that decides what of a batch is new, inside the caller's transaction.
 
-    Made, it locks the applied ranges of the batch's sender sources (in source order, so
-    processors sharing sources wait instead of deadlocking). Then each sender line, or whole
-    run of lines, and each digest is claimed: True means never applied, and it is now taken
-    (a repeat later in the batch is a duplicate). `record()` adds the claimed lines to the
-    sources' applied ranges; the caller commits them with the effects.
+    Made, it locks the applied_lines rows of the cells the batch touches (source by source in
+    source order, cells in order, so processors sharing sources wait instead of deadlocking).
+    Then each sender cell (whole), or line, and each digest is claimed: True means never
+    applied, and it is now taken (a repeat later in the batch is a duplicate). `record()`
+    writes the touched cells back; the caller commits them with the effects. The work is
+    bounded by the cells of the batch, never by the history of a source.
     """
 
-    def __init__(self, store: Store, sources: Iterable[str],
-                 windows: dict[str, tuple[int, int]] | None = None) -> None:
+    def __init__(self, store: Store, cells: dict[str, Iterable[int]]) -> None:
         self.store = store
-        self.applied = store.lock_sources(sources, windows)
-        self._whole: dict[str, Ranges] = {}  # sources claimed as whole ranges
-        self._lines: dict[str, set[int]] = {}  # sources claimed line by line
+        self.stored: dict[Cell, bytes] = store.lock_cells({s: sorted(set(c)) for s, c in cells.items()})
+        self._sets: dict[Cell, set[bytes]] = {}  # cells claimed line by line: stored + claimed
+        self._whole: dict[Cell, bytes] = {}  # cells whose new value is known, packed
+        self.conflicts: dict[bytes, str | None] = {}  # digest -> where it was first seen
 
-    def ranges(self, source: str, ranges: Ranges, repeats: bool) -> bool:
-        """Claim whole ranges of a source's lines at once: only if none was applied before and
-        none repeats (the common case); otherwise nothing is claimed and the caller goes line
-        by line."""
-        if repeats or overlaps(self.applied.get(source, []), ranges):
-            return False
-        self._whole[source] = ranges
+    def cells(self, source: str, cells: dict[int, bytes]) -> bool:
+        """Claim whole cells of a source at once (packed, sorted, without repeats): only if
+        none of their lines was applied before (the common case); else nothing is claimed and
+        the caller goes line by line."""
+        merged = {}
+        for cell, packed in cells.items():
+            key = (source, cell)
+            have = self.stored.get(key, b"")
+            if key in self._sets or key in self._whole:
+                return False
+            if have:
+                old = set(entries(have))
+                new = entries(packed)
+                if any(e in old for e in new):
+                    return False
+                packed = b"".join(sorted(old.union(new)))
+            merged[key] = packed
+        self._whole.update(merged)
         return True
 
-    def line(self, source: str, n: int) -> bool:
-        """Claim line `n` of a sender source."""
-        seen = self._lines.setdefault(source, set())
-        if n in seen or contains(self.applied.get(source, []), n):
+    def line(self, source: str, n: int, chain: bytes) -> bool:
+        """Claim line `n` (with its chain) of a sender source."""
+        key = (source, cell_of(n))
+        seen = self._sets.get(key)
+        if seen is None:
+            seen = self._sets[key] = set(entries(self._whole.pop(key, None) or self.stored.get(key, b"")))
+        e = entry(n, chain)
+        if e in seen:
             return False
-        seen.add(n)
+        seen.add(e)
         return True
 
-    def digests(self, digests: list[bytes]) -> list[bool]:
-        """Claim each digest, in order: True for the first occurrence of one never applied."""
+    def digests(self, digests: list[bytes], contents: list[bytes] | None = None,
+                origins: list[tuple[bytes, int, str]] | None = None) -> list[bool | None]:
+        """Claim each digest, in order: True for the first occurrence of one never applied,
+        False for a repeat of the same content, None for the same id with different content
+        (`conflicts` then says where the first one was seen). `origins` are the lines'
+        (journal fingerprint, line number, path), remembered for that message."""
         if not digests:
             return []
-        new = self.store.claim_digests(digests)
-        out = []
-        for d in digests:
-            out.append(d in new)
-            new.discard(d)  # a repeat later in this batch is a duplicate
+        if contents is None:
+            contents = [b""] * len(digests)
+        known = self.store.claim_digests(digests, contents, origins)
+        out: list[bool | None] = []
+        first: dict[bytes, tuple[bytes, int]] = {}  # claimed in this batch: content, index
+        for i, (d, c) in enumerate(zip(digests, contents, strict=True)):
+            if d in first or d in known:
+                if d in first:
+                    was, at = first[d]
+                    where = f"{origins[at][2]} line {origins[at][1]}" if origins else None
+                else:
+                    was, where = known[d]
+                if was and c and was != c:
+                    self.conflicts[d] = where
+                    out.append(None)
+                else:
+                    out.append(False)
+                continue
+            first[d] = (c, i)
+            out.append(True)
         return out
 
     def record(self) -> None:
-        """Add every claimed line to its source's applied ranges."""
-        added = {s: multirange_text(r) for s, r in self._whole.items()}
-        added.update((s, multirange_text(to_ranges(lines))) for s, lines in self._lines.items() if lines)
-        self.store.add_ranges(added)
+        """Write every touched cell back."""
+        changed = dict(self._whole)
+        changed.update((key, b"".join(sorted(s))) for key, s in self._sets.items())
+        self.store.write_cells({k: v for k, v in changed.items() if v != self.stored.get(k, b"")})

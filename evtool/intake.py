@@ -13,8 +13,11 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from hashlib import blake2b
 
 import orjson
 
@@ -60,6 +63,48 @@ def receiver_ids() -> Callable[[], str]:
     prefix = f"{events.RECEIVER_ID_PREFIX}{os.urandom(6).hex()}-"
     counter = itertools.count(1)
     return lambda: f"{prefix}{next(counter)}"
+
+
+class KeyReused(BodyRefused):
+    """An Idempotency-Key seen before with another body (422, as Stripe and the IETF draft do)."""
+
+
+class KeyWindow:
+    """What each recent Idempotency-Key came with: the digest of its request body.
+
+    In memory, for the last `limit` keys seen within `ttl` seconds (100,000 keys, 24 h by
+    default: a few MB); a key reused with another body inside that window is refused. Beyond it
+    (or across receivers, or after a restart) the processor's content check is the backstop:
+    the second event is recorded as a reject, never dropped silently.
+    """
+
+    def __init__(self, limit: int = 100_000, ttl: float = 24 * 3600.0) -> None:
+        self.limit, self.ttl = limit, ttl
+        self._seen: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+
+    def claim(self, key: str, body: bytes, now: float | None = None) -> bytes | None:
+        """Remember `key` with this body; raise KeyReused if it came with another body.
+
+        Returns the digest recorded when the key is new here (give it to `forget` if the request
+        then fails, so a corrected retry is not refused), else None.
+        """
+        now = time.monotonic() if now is None else now
+        seen = self._seen
+        while seen and (len(seen) > self.limit or next(iter(seen.values()))[1] < now - self.ttl):
+            seen.popitem(last=False)
+        digest = blake2b(body, digest_size=16).digest()
+        had = seen.get(key)
+        if had is not None:
+            if had[0] != digest:
+                raise KeyReused(f"Idempotency-Key {key[:100]!r} was already used with a different request "
+                                "body; use a new key for a new request (a retry must send the same body)")
+            return None
+        seen[key] = (digest, now)
+        return digest
+
+    def forget(self, key: str, digest: bytes) -> None:
+        if self._seen.get(key, (None,))[0] == digest:
+            del self._seen[key]
 
 
 def check_key(key: str) -> None:

@@ -1,9 +1,9 @@
 """Turning a chunk of journal lines into what one transaction needs (runs in worker processes).
 
 Each valid event is sorted by its identity (see `identity`): position ("fresh"), sender
-`<source>:<line>`, or opaque id. Events are summed per user here, so the database sees one row
-per user and one range per source per batch, not one row per event. The parsed parts are small
-and cheap to pickle.
+`<source>:<line>:<chain>`, or opaque id. Events are summed per user here, so the database sees
+one row per user and one row per source per 1024 lines (see `identity`), not one row per event.
+The parsed parts are small and cheap to pickle.
 """
 
 from __future__ import annotations
@@ -35,21 +35,24 @@ _MAX_INT = 10**20
 
 @dataclass
 class SourcePart:
-    """The events of one sender source in a chunk: their line numbers as ranges, and sums."""
+    """The events of one sender source in a chunk: their (line, chain) entries by cell, and sums."""
 
-    # Runs of consecutive line numbers as they came: memory grows with the gaps, not the lines.
-    runs: list[tuple[int, int]] = field(default_factory=list)
+    # cell -> packed entries (see identity.entry): 10 bytes per event, unsorted until close.
+    cells: dict[int, bytes | bytearray] = field(default_factory=dict)
     sums: Sums = field(default_factory=dict)
-    ranges: list[tuple[int, int]] = field(default_factory=list)
-    repeats: bool = False  # a line number occurs twice in the chunk (a retry within the batch)
+    repeats: bool = False  # an entry occurs twice in the chunk (a retry within the batch)
     count: int = 0  # events
 
     def close(self) -> None:
-        """Merge the runs into ranges; drop them so the part pickles small."""
-        self.count = sum(hi - lo for lo, hi in self.runs)
-        self.ranges = identity.union(self.runs, [])
-        self.repeats = sum(hi - lo for lo, hi in self.ranges) != self.count
-        self.runs = []
+        """Sort each cell's entries; note repeats."""
+        count = 0
+        for cell, packed in self.cells.items():
+            got = identity.entries(bytes(packed))
+            count += len(got)
+            unique = sorted(set(got))
+            self.repeats = self.repeats or len(unique) != len(got)
+            self.cells[cell] = b"".join(unique)
+        self.count = count
 
 
 @dataclass
@@ -63,7 +66,8 @@ class ParsedPart:
     end: int = 0
     fresh: Sums = field(default_factory=dict)
     sources: dict[str, SourcePart] = field(default_factory=dict)
-    opaque: list[tuple[bytes, Key, bool, events.Value]] = field(default_factory=list)
+    # digest, content digest, (user, minute), is_add, value, offset, index of the line
+    opaque: list[tuple[bytes, bytes, Key, bool, events.Value, int, int]] = field(default_factory=list)
     rejects: list[tuple[int, int, bytes, str]] = field(default_factory=list)  # offset, index, raw, why
     lines: int = 0
     # The totals' COPY rows if every event with an id turns out to be new (the common case),
@@ -94,9 +98,9 @@ class ParsedPart:
 
 @dataclass
 class SourceLines:
-    """One sender source across the parts of a batch."""
+    """One sender source across the parts of a batch: its cells' entries, packed and sorted."""
 
-    ranges: list[tuple[int, int]]
+    cells: dict[int, bytes]
     repeats: bool
     parts: list[SourcePart]
 
@@ -126,12 +130,24 @@ class Batch:
             for source, part in p.sources.items():
                 have = self.sources.get(source)
                 if have is None:
-                    self.sources[source] = SourceLines(part.ranges, part.repeats, [part])
-                else:
-                    have.repeats = have.repeats or part.repeats or identity.overlaps(have.ranges, part.ranges)
-                    have.ranges = identity.union(have.ranges, part.ranges)
-                    have.parts.append(part)
-        self.opaque = [o for p in parts for o in p.opaque]
+                    self.sources[source] = SourceLines(dict(part.cells), part.repeats, [part])
+                    continue
+                have.repeats = have.repeats or part.repeats
+                for cell, packed in part.cells.items():
+                    before = have.cells.get(cell)
+                    if before is None:
+                        have.cells[cell] = packed
+                        continue
+                    got = identity.entries(before) + identity.entries(packed)
+                    unique = sorted(set(got))
+                    have.repeats = have.repeats or len(unique) != len(got)
+                    have.cells[cell] = b"".join(unique)
+                have.parts.append(part)
+        self.opaque = []  # as in ParsedPart, with the line's index in the batch
+        base = 0
+        for p in parts:
+            self.opaque.extend((d, c, u, a, v, off, base + i) for d, c, u, a, v, off, i in p.opaque)
+            base += p.lines
         self.strict = parts[0].strict
 
     @classmethod
@@ -185,6 +201,11 @@ def _event(raw: bytes, strict: bool = False) -> tuple[Key, bool, events.Value, s
         return key, obj["name"] == "add_revenue", obj["value"], eid  # type: ignore[index]
     ev = events.validate(obj, raw, allow_reserved=True, strict=strict)
     return (ev.user_id, eventtime.minute_key(ev.time)), ev.name == "add_revenue", ev.value, ev.event_id
+
+
+def event_id(raw: bytes) -> str:
+    """The eventId of a valid line (for a message)."""
+    return str(_event(raw)[3])
 
 
 def exit_with_parent(parent: int) -> None:
@@ -263,10 +284,8 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
     deep_len, too_deep = events.DEEP_LEN, events.too_deep
     classify, POSITION = identity.classify, identity.Kind.POSITION
     fast_minute = eventtime.fast_minute
-    last_prefix = "\0"  # "<source>:" of the last sender id seen
-    last_runs: list[tuple[int, int]] = []
-    last_sums: Sums = {}
-    run_lo = run_next = 0  # the current run of consecutive lines of that source: [run_lo, run_next)
+    sender_id, zero, cell_lines = identity.SOURCE_ID.fullmatch, identity.ZERO_CHAIN, identity.CELL_LINES
+    fromhex = bytes.fromhex
     pos = offset
     base = out.lines
     index = base - 1
@@ -294,20 +313,20 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
                     and (strict or "user_id" not in obj)
                     and (minute := fast_minute(obj)) is not None):
                 eid = obj.get("eventId")
+                m = None
                 if eid is None:
                     sums = fresh
-                elif type(eid) is str and eid.startswith(last_prefix):
-                    tail = eid[17:]  # after "<source>:"
-                    if not (tail.isdigit() and tail.isascii() and tail[0] != "0" and len(tail) <= 18):
-                        sums = None
-                    else:
-                        n = int(tail)
-                        if n != run_next:
-                            if run_next:
-                                last_runs.append((run_lo, run_next))
-                            run_lo = n
-                        run_next = n + 1
-                        sums = last_sums
+                elif type(eid) is str and (m := sender_id(eid)) is not None:
+                    part = sources.get(m[1])
+                    if part is None:
+                        part = sources[m[1]] = SourcePart()
+                    n = int(m[2]) - 1
+                    cell = part.cells.get(n // cell_lines)
+                    if cell is None:
+                        cell = part.cells[n // cell_lines] = bytearray()
+                    cell += (n % cell_lines).to_bytes(2, "big")
+                    cell += fromhex(m[3]) if m[3] else zero
+                    sums = part.sums
                 else:
                     sums = None
                 if sums is not None:  # add(sums, key, is_add, value), inlined
@@ -332,20 +351,20 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
             add(fresh, key, is_add, value)
             continue
         if m is None:
-            opaque.append((identity.event_digest(eid), key, is_add, value))
+            # the content is what the event means (user, name, value), not its time: a retry
+            # that serve stamped with another receive time is the same event
+            opaque.append((identity.event_digest(eid), identity.content_digest(key[0], is_add, value),
+                           key, is_add, value, start, index))
             continue
-        if run_next:
-            last_runs.append((run_lo, run_next))
-        last_prefix = m[1] + ":"
         part = sources.get(m[1])
         if part is None:
             part = sources[m[1]] = SourcePart()
-        last_runs, last_sums = part.runs, part.sums
-        run_lo = int(m[2])
-        run_next = run_lo + 1
-        add(last_sums, key, is_add, value)
-    if run_next:
-        last_runs.append((run_lo, run_next))
+        n = int(m[2])
+        cell = part.cells.get(identity.cell_of(n))
+        if cell is None:
+            cell = part.cells[identity.cell_of(n)] = bytearray()
+        cell += identity.entry(n, identity.chain_of(m))
+        add(part.sums, key, is_add, value)
     out.lines = index + 1
     if close:
         out.finish()
@@ -353,8 +372,8 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
 
 
 def source_events(data: bytes, source: str,
-                  strict: bool = False) -> list[tuple[int, Key, bool, events.Value]]:
-    """(line, (user, minute), is_add, value) of every valid event of `source` in `data`, in order.
+                  strict: bool = False) -> list[tuple[int, bytes, Key, bool, events.Value]]:
+    """(line, chain, (user, minute), is_add, value) of every valid event of `source` in `data`, in order.
 
     The slow path, used when some of a source's lines may have been applied already.
     """
@@ -370,5 +389,5 @@ def source_events(data: bytes, source: str,
             continue
         _, m = identity.classify(eid)
         if m is not None and m[1] == source:
-            found.append((int(m[2]), key, is_add, value))
+            found.append((int(m[2]), identity.chain_of(m), key, is_add, value))
     return found

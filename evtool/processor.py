@@ -78,7 +78,7 @@ class Outcome:
 
     applied: int = 0
     duplicates: int = 0
-    rejects: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
+    rejects: list[tuple[int, int, bytes, str]] = field(default_factory=list)  # offset, index, raw, why
     users: list[str] = field(default_factory=list)
 
 
@@ -338,11 +338,12 @@ class Processor:
                 f.seek(b.offset)
                 return f.read(b.end - b.offset)
 
-            outcome = apply(store, b, reread)
             first_line = p.lines + 1
+            outcome = apply(store, b, reread, fp, resolved, first_line)
+            rejects = b.rejects + outcome.rejects
             store.record_rejects(
                 (fp, offset, first_line + index, resolved, raw, reason)
-                for offset, index, raw, reason in b.rejects
+                for offset, index, raw, reason in rejects
             )
             p.path = resolved
             # Last, so nothing after it reads the file: the bytes applied are the file's bytes.
@@ -352,16 +353,16 @@ class Processor:
             p.tail_digest = journal.tail_digest(f, b.end)
             p.applied += outcome.applied
             p.duplicates += outcome.duplicates
-            p.rejected += len(b.rejects)
+            p.rejected += len(rejects)
             store.advance(p)
         report.applied += outcome.applied
         report.duplicates += outcome.duplicates
-        report.rejected += len(b.rejects)
+        report.rejected += len(rejects)
         report.bytes += b.end - b.offset
         report.batches += 1
         report.offset = b.end
         room = MAX_REJECT_SAMPLES - len(report.reject_samples)
-        report.reject_samples.extend((first_line + index, why) for _, index, _, why in b.rejects[:room])
+        report.reject_samples.extend((first_line + index, why) for _, index, _, why in rejects[:room])
         self._users.update(map(hash, outcome.users))
         return _COMMITTED
 
@@ -389,21 +390,28 @@ class Processor:
         return report
 
 
-def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
+def _line_at(data: bytes, at: int) -> bytes:
+    end = data.find(b"\n", at)
+    return data[at:end if end >= 0 else len(data)].rstrip(b"\r")
+
+
+def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: bytes = b"",
+          path: str = "", first_line: int = 1) -> Outcome:
     """Apply a parsed batch inside the caller's transaction; only never-applied events count.
 
     `b` is only read, so a failed transaction can apply it again. `reread` returns the
     batch's bytes, needed only when some sender lines may have been applied before.
+    `fingerprint`, `path` and `first_line` (the batch's first line number) say where opaque
+    ids were first seen, for the reason of a later conflict. An opaque id seen again with
+    other content is returned in `rejects` (offset, index in batch, raw, reason).
     """
     out = Outcome(applied=sum(p.fresh_count for p in b.parts))
     groups: list[parser.Sums] = [p.fresh for p in b.parts]
-    claim = identity.Claim(
-        store, b.sources, {s: (lines.ranges[0][0], lines.ranges[-1][1]) for s, lines in b.sources.items()}
-    )
+    claim = identity.Claim(store, {s: lines.cells.keys() for s, lines in b.sources.items()})
     data: bytes | None = None
     all_new = not b.opaque
     for source, lines in b.sources.items():
-        if claim.ranges(source, lines.ranges, lines.repeats):
+        if not lines.repeats and claim.cells(source, lines.cells):
             groups.extend(part.sums for part in lines.parts)  # the common case: all new
             out.applied += sum(part.count for part in lines.parts)
             continue
@@ -411,8 +419,8 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
         all_new = False
         data = reread() if data is None else data
         sums: parser.Sums = {}
-        for line, key, is_add, value in parser.source_events(data, source, b.strict):
-            if claim.line(source, line):
+        for line, chain, key, is_add, value in parser.source_events(data, source, b.strict):
+            if claim.line(source, line, chain):
                 parser.add(sums, key, is_add, value)
                 out.applied += 1
             else:
@@ -421,11 +429,17 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes]) -> Outcome:
 
     if b.opaque:
         sums = {}
-        claimed = claim.digests([d for d, _, _, _ in b.opaque])
-        for (_, key, is_add, value), new in zip(b.opaque, claimed, strict=True):
+        claimed = claim.digests([o[0] for o in b.opaque], [o[1] for o in b.opaque],
+                                [(fingerprint, first_line + o[6], path) for o in b.opaque])
+        for (d, _, key, is_add, value, offset, index), new in zip(b.opaque, claimed, strict=True):
             if new:
                 parser.add(sums, key, is_add, value)
                 out.applied += 1
+            elif new is None:  # the id names another event: record it, never drop it silently
+                data = reread() if data is None else data
+                raw = _line_at(data, offset - b.offset)
+                eid = parser.event_id(raw)
+                out.rejects.append((offset, index, raw, identity.conflict_reason(eid, claim.conflicts[d])))
             else:
                 out.duplicates += 1
         groups.append(sums)

@@ -32,11 +32,13 @@ import ipaddress
 import logging
 import resource
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
+from hashlib import blake2b
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -48,7 +50,18 @@ from aiohttp.web_server import Server
 from . import config, events, output, webview
 from .appender import JournalAppender
 from .errors import ConfigError, EvtoolError, JournalWriteError, UnknownUser
-from .intake import BodyInvalid, BodyMalformed, BodyRefused, BodyTooLong, Intake, check_key, receiver_ids
+from .identity import RECEIVER_HEADER
+from .intake import (
+    BodyInvalid,
+    BodyMalformed,
+    BodyRefused,
+    BodyTooLong,
+    Intake,
+    KeyReused,
+    KeyWindow,
+    check_key,
+    receiver_ids,
+)
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import Metrics
 
@@ -196,7 +209,8 @@ class _ShuttingDown(Exception):
     """Set on the body stream of a request still arriving when the server stops."""
 
 
-_BODY_STATUS: dict[type[BodyRefused], int] = {BodyMalformed: 400, BodyInvalid: 422, BodyTooLong: 413}
+_BODY_STATUS: dict[type[BodyRefused], int] = {BodyMalformed: 400, BodyInvalid: 422, BodyTooLong: 413,
+                                              KeyReused: 422}
 
 
 def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: int) -> str:
@@ -226,6 +240,11 @@ class _Receiver:
         self.intake = Intake(max_line=s.max_line, strict=s.strict, fresh_id=receiver_ids())
         self._reading: set[StreamReader] = set()  # bodies being read
         self._stopping = False
+        self.keys = KeyWindow()  # Idempotency-Key -> body digest, recent ones
+        # Which receiver this is, for senders' resume state: its host and journal. A fresh
+        # receiver on the same URL (another journal) gets everything from line 1.
+        where = f"{socket.gethostname()}\0{Path(s.journal).resolve()}".encode("utf-8", "surrogateescape")
+        self.receiver_id = {RECEIVER_HEADER: blake2b(where, digest_size=8).hexdigest()}
 
     def access(self, request: web.Request) -> str | None:
         """"write" for the token, "read" for the read token, None for neither (or none sent)."""
@@ -309,10 +328,15 @@ class _Receiver:
             check_key(key)
         body = await self._read_body(request)
         lines = self.intake.ndjson(body, key) if ndjson else self.intake.json(body, key)
+        claimed = None
+        if key is not None:
+            claimed = self.keys.claim(key, (b"n" if ndjson else b"j") + body)
         if lines.count:
             try:
                 await request.app[APPENDER_KEY].append(lines.data)
             except JournalWriteError as exc:
+                if claimed is not None:
+                    self.keys.forget(key, claimed)  # type: ignore[arg-type]
                 return _error(503, f"{exc}; nothing was stored, retry later", {"Retry-After": "1"})
             request.app[METRICS_KEY].appended(lines.count, len(lines.data))
         if lines.event_id is not None:
@@ -389,8 +413,9 @@ class _Receiver:
     async def healthz(self, request: web.Request) -> web.Response:
         appender = request.app[APPENDER_KEY]
         if appender.healthy:
-            return _json(200, {"status": "ok"})
-        return _error(503, f"cannot write the journal: {appender.last_error}", {"Retry-After": "1"})
+            return _json(200, {"status": "ok"}, self.receiver_id)
+        return _error(503, f"cannot write the journal: {appender.last_error}",
+                      {"Retry-After": "1", **self.receiver_id})
 
 
 SETTINGS_KEY = web.AppKey("settings", ServeSettings)

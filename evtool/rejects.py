@@ -4,8 +4,8 @@ Each batch is one transaction that first locks the journal's progress row (`FOR 
 serializes with `evtool process` on that journal and with another reapply. A line that is now
 valid is applied under the same identity rules as the processor (design section 3):
 
-- a sender id `<16 hex>:<line>`: the source's applied line ranges (locked, checked, extended);
-- any other client id: its digest in applied_events;
+- a sender id `<16 hex>:<line>[:<chain>]`: the source's applied_lines cells (locked, checked, extended);
+- any other client id: its digest in applied_events (the same id with other content stays rejected);
 - no id, or a receiver-made `~` id: a digest of (journal fingerprint, byte offset) in
   applied_events, so a second reapply cannot apply the line again.
 
@@ -82,21 +82,32 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
         valid.append((offset, line_no, path, ev))
 
     # Decide each valid line's identity, then claim it: the processor's rules (see identity).
-    keys: list[tuple[str, int] | bytes] = []  # (source, line) or a digest
+    keys: list[tuple[str, int, bytes] | bytes] = []  # (source, line, chain) or a digest
     for offset, _, _, ev in valid:
         kind, m = identity.classify(ev.event_id)
         if m is not None:
-            keys.append((m[1], int(m[2])))
+            keys.append((m[1], int(m[2]), identity.chain_of(m)))
         elif kind is identity.Kind.POSITION:
             keys.append(identity.position_digest(fp, offset))
         else:
             keys.append(identity.event_digest(ev.event_id))
-    claim = identity.Claim(store, {k[0] for k in keys if isinstance(k, tuple)})
-    claimed = iter(claim.digests([k for k in keys if isinstance(k, bytes)]))
+    cells: dict[str, set[int]] = {}
+    for k in keys:
+        if isinstance(k, tuple):
+            cells.setdefault(k[0], set()).add(identity.cell_of(k[1]))
+    claim = identity.Claim(store, cells)
+    opaque = [(k, identity.content_digest(ev.user_id, ev.name == "add_revenue", ev.value),
+               (fp, line_no, path))
+              for (_, line_no, path, ev), k in zip(valid, keys, strict=True) if isinstance(k, bytes)]
+    claimed = iter(claim.digests([d for d, _, _ in opaque], [c for _, c, _ in opaque],
+                                 [o for _, _, o in opaque]))
     sums: parser.Sums = {}
     outcomes: list[tuple[str, bytes, int]] = []
     for (offset, line_no, path, ev), key in zip(valid, keys, strict=True):
         fresh = claim.line(*key) if isinstance(key, tuple) else next(claimed)
+        if fresh is None:  # its id names another event: it stays rejected, for the operator
+            report.still_invalid += 1
+            continue
         if fresh:
             parser.add(sums, (ev.user_id, eventtime.minute_key(ev.time)), ev.name == "add_revenue", ev.value)
             report.applied += 1

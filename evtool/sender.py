@@ -1,20 +1,22 @@
 """The sender: stream a JSONL file to `evtool serve` (or any compatible receiver), exactly once.
 
 Design sections 3 and 8. The file is read line by line (never whole), each line is checked with
-the shared validator, events without an `eventId` get the deterministic id `<source>:<line>`
-(inserted textually, so the client's number text is kept), and bulks are POSTed over a few
-keep-alive connections. Delivery is at-least-once; the ids make the receiver's side exactly-once.
+the shared validator, events without an `eventId` get the deterministic id
+`<source>:<line>:<chain>` (see `identity`: the same bytes up to a line give the same id wherever
+the file lives; inserted textually, so the client's number text is kept), and bulks are POSTed
+over a few keep-alive connections. Delivery is at-least-once; the ids make it exactly-once.
 
 Resume: the state (see `sendstate`) records the end of the highest *contiguous* prefix of
-batches the receiver answered 200 for, always at the end of a complete line; a re-run starts
-there. A final line without a newline is sent but not counted as done, so it is re-sent (with the
-same id) next time. Concurrent sends of the *same* file are not supported; a second one is
-refused while the first holds the state lock.
+batches the receiver answered 200 for, always at the end of a complete line, per source and
+receiver; a re-run starts there once the file's bytes before it are verified. A final line
+without a newline is sent but not counted as done, so it is re-sent (with the same id) next time.
+Concurrent sends of the same source to the same receiver are refused while the first holds the
+state lock.
 
 Several receivers (`urls`): bulks are spread over them round-robin, and a receiver that fails a
 request (cannot be reached, times out, answers 5xx/429) is set aside for a backoff while its bulk
 goes to the next one, the way Filebeat's `loadbalance` output does; the ids make a bulk re-sent
-through another receiver harmless. The resume state and the report stay per source.
+through another receiver harmless.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import asyncio
 import os
 import random
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +38,8 @@ from yarl import URL
 
 from . import config, events
 from .errors import ConfigError, DeliveryFailed, InvalidEvent, SourceError
-from .sendstate import BOM, ConfirmedPrefix, Position, StateStore, resume
+from .identity import RECEIVER_HEADER, bare_line, chain_next, source_id
+from .sendstate import BOM, ConfirmedPrefix, Position, StateStore, first_line, resume
 
 MAX_INVALID_KEPT = 100
 MAX_ERRORS_KEPT = 20
@@ -178,7 +183,9 @@ def send(
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         resolved = str(path.resolve())
-        store = StateStore(settings.state_dir, resolved)
+        url = settings.url.rstrip("/")
+        receiver = receiver_id(url, min(settings.timeout, 5.0))
+        store = StateStore(settings.state_dir, source_id(first_line(f)), url, resolved, receiver)
         store.lock()
         try:
             return _Run(settings, f, resolved, store, on_progress, on_total).run()
@@ -186,6 +193,18 @@ def send(
             store.unlock()
     finally:
         f.close()
+
+
+def receiver_id(url: str, timeout: float) -> str:
+    """The id `evtool serve` gives on /healthz (its host and journal; see receiver), or "" when
+    the receiver gives none or cannot be reached (the send then finds out why)."""
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=timeout) as resp:
+            return resp.headers.get(RECEIVER_HEADER, "")[:64]
+    except urllib.error.HTTPError as exc:
+        return (exc.headers.get(RECEIVER_HEADER) or "")[:64]
+    except (OSError, ValueError):
+        return ""
 
 
 class _Run:
@@ -206,7 +225,8 @@ class _Run:
         self.on_progress = on_progress
         self.on_total = on_total
         self.size = os.fstat(f.fileno()).st_size
-        decided = resume(f, resolved, store.load(), from_start=settings.from_start)
+        decided = resume(f, resolved, store.url, store.load(), from_start=settings.from_start,
+                         receiver=store.receiver)
         self.state = decided.state
         self.start = decided.start
         src = self.state.source
@@ -312,8 +332,8 @@ class _Run:
         parse_json, event_id_of = events.parse_json, events.event_id_of
         strict = self.s.strict
         pos = self.start
-        offset, lineno = pos.offset, pos.line
-        tail_offset, tail = pos.tail_offset, pos.tail
+        offset, lineno, chain = pos.offset, pos.line, pos.chain
+        before = chain  # the chain before the last line read
         raw = b"\n"
         lines: list[bytes] = []
         linenos: list[int] = []
@@ -326,8 +346,7 @@ class _Run:
                     await asyncio.sleep(0)  # let the workers and the saver run on long invalid stretches
                 start = offset
                 offset += len(raw)
-                if raw[-1:] == b"\n":
-                    tail_offset, tail = start, raw
+                before, chain = chain, chain_next(chain, bare_line(raw, lineno == 1))
                 text = raw.strip()
                 if not text:
                     continue
@@ -341,13 +360,14 @@ class _Run:
                         report.invalid_lines.append((lineno, exc.reason))
                     continue
                 if event_id is None:
-                    text = b"".join((text[:-1], b',"eventId":"', prefix, b"%d" % lineno, b'"}'))
+                    text = b"".join((text[:-1], b',"eventId":"', prefix, b"%d:" % lineno,
+                                     chain.hex().encode(), b'"}'))
                 lines.append(text)
                 linenos.append(lineno)
                 if len(lines) >= batch_size:
                     if report.stopped is not None:
                         return
-                    done = _position_after(raw, offset, lineno, tail_offset, tail)
+                    done = _position_after(raw, offset, lineno, chain, before)
                     await queue.put(_Batch(seq, lines, linenos, done))
                     seq += 1
                     lines, linenos = [], []
@@ -355,7 +375,7 @@ class _Run:
             raise SourceError(f"cannot read {self.state.path}: {exc.strerror or exc}") from None
         if report.stopped is not None:
             return
-        done = _position_after(raw, offset, lineno, tail_offset, tail)
+        done = _position_after(raw, offset, lineno, chain, before)
         if lines:
             await queue.put(_Batch(seq, lines, linenos, done))
         else:
@@ -442,15 +462,16 @@ class _Run:
         return n
 
 
-def _position_after(raw: bytes, offset: int, lineno: int, tail_offset: int, tail: bytes) -> Position:
-    """The resume point after line `lineno` (`raw`, ending at `offset`).
+def _position_after(raw: bytes, offset: int, lineno: int, chain: bytes, before: bytes) -> Position:
+    """The resume point after line `lineno` (`raw`, ending at `offset`, `chain` through it,
+    `before` the chain before it).
 
     A line without a newline can only be the last one; it is sent but the resume point stays at
-    its start, so it is read again (same id) once it is complete.
+    its start, so it is read again (same id, line endings aside) once it is complete.
     """
     if raw[-1:] == b"\n":
-        return Position(offset, lineno, tail_offset, tail)
-    return Position(offset - len(raw), lineno - 1, tail_offset, tail)
+        return Position(offset, lineno, chain)
+    return Position(offset - len(raw), lineno - 1, before)
 
 
 def _delay(attempt: int, retry_after: str | None) -> float:

@@ -1,14 +1,18 @@
-"""The sender's resume state: per source file, how far delivery got (design sections 3 and 8).
+"""The sender's resume state: per source and destination, how far delivery got (design 3 and 8).
 
-One small JSON file per source, `<state_dir>/send-state/<hash of the resolved path>.json`, so
-sends of different files never overwrite each other's progress. Each holds the source id's
-inputs (path, first-line digest, generation) and the resume point: the end of the last
-*complete* line of the contiguous prefix the receiver confirmed (offset, line count, and the
-digest of that last line, which lets a re-run tell an appended file from a replaced one).
-Files are written atomically: temp file, fsync, rename, fsync of the directory.
+A source is named by its first line (see `identity.source_id`); the ids of its lines cover
+the whole file's content up to each line (`identity.chain_next`), so where the file lives and
+whether this state exists never change them. The state only saves re-reading what was sent:
+one small JSON file per (source, receiver URL, receiver id), `<state_dir>/send-state/<hash>.json`,
+holding the resume point -- the end of the last *complete* line of the contiguous prefix the
+receiver confirmed (offset, line count, chain value there). Keyed by the destination too (its
+URL, and the id `evtool serve` gives on /healthz: its host and journal), so a send to another
+receiver, or to a fresh one on the same URL, starts from line 1. Files are written atomically:
+temp file, fsync, rename, fsync of the directory.
 
-`resume` decides where a send starts (the saved point, or a new source when the file was
-replaced); `ConfirmedPrefix` moves the point as batches are confirmed, out of order.
+`resume` decides where a send starts: the saved point once the file's prefix up to it hashes to
+the saved chain (one sequential read, no network), else line 1; `ConfirmedPrefix` moves the
+point as batches are confirmed, out of order.
 """
 
 from __future__ import annotations
@@ -22,76 +26,69 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import ConfigError, SourceError
-from .identity import source_id  # noqa: F401 - where sender finds it
+from .identity import BOM, bare_line, chain_next, chain_start, source_id
 
-BOM = b"\xef\xbb\xbf"
-
-
-def digest(data: bytes) -> str:
-    """Hex digest used for the first line and the tail line."""
-    return blake2b(data, digest_size=16).hexdigest()
+__all__ = ["BOM", "ConfirmedPrefix", "Position", "Resume", "SendState", "StateStore", "first_line", "resume"]
 
 
-def read_first_line(f: BinaryIO) -> bytes:
-    """The file's first line without its line ending (b"" for an empty file)."""
+def first_line(f: BinaryIO) -> bytes:
+    """The file's first line as identity sees it (b"" for an empty file)."""
     f.seek(0)
-    return f.readline().rstrip(b"\r\n")
+    return bare_line(f.readline(), first=True)
 
 
 @dataclass(slots=True)
 class Position:
-    """A resume point: everything before `offset` (`line` lines) was delivered.
-
-    `tail` is the last complete line before `offset` (with its line ending) and `tail_offset`
-    where it starts; only its digest is stored.
-    """
+    """A resume point: everything before `offset` (`line` lines) was delivered; `chain` is the
+    chain value through line `line` (identity.chain_start of the source at line 0)."""
 
     offset: int = 0
     line: int = 0
-    tail_offset: int = 0
-    tail: bytes = b""
+    chain: bytes = b""
 
 
 @dataclass(slots=True)
 class SendState:
-    """What is remembered about one source file."""
+    """What is remembered about one source sent to one receiver."""
 
-    path: str
     source: str
-    generation: int
-    first_line_digest: str
+    url: str
+    receiver: str = ""  # the receiver's own id (its host and journal), "" when it gave none
+    path: str = ""  # the file last sent from (for people reading the state; not part of the key)
     offset: int = 0
     line: int = 0
-    tail_offset: int = 0
-    tail_digest: str | None = None
+    chain: str = ""  # hex
 
     def set_position(self, pos: Position) -> None:
-        self.offset, self.line, self.tail_offset = pos.offset, pos.line, pos.tail_offset
-        self.tail_digest = digest(pos.tail) if pos.offset else None
+        self.offset, self.line, self.chain = pos.offset, pos.line, pos.chain.hex()
 
 
 class StateStore:
-    """The state file of one source path, locked for the duration of a send."""
+    """The state file of one (source, receiver URL), locked for the duration of a send."""
 
-    def __init__(self, state_dir: Path, path: str) -> None:
+    def __init__(self, state_dir: Path, source: str, url: str, path: str = "", receiver: str = "") -> None:
         self.path = path
+        self.source, self.url, self.receiver = source, url, receiver
         folder = Path(state_dir) / "send-state"
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the state directory {folder}: {exc.strerror}") from None
-        name = blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+        key = f"{source}\0{url}\0{receiver}".encode("utf-8", "surrogateescape")
+        name = blake2b(key, digest_size=8).hexdigest()
         self.file = folder / f"{name}.json"
         self._lock_fd: int | None = None
 
     def lock(self) -> None:
-        """Refuse a second concurrent send of the same file (it would fight over the state)."""
+        """Refuse a second concurrent send of the same source to the same receiver (they would
+        fight over the state)."""
         fd = os.open(self.file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise SourceError(f"{self.path} is already being sent by another `evtool send`") from None
+            raise SourceError(f"{self.path} (or a file with the same first line) is already being sent to "
+                              f"{self.url} by another `evtool send`") from None
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -102,13 +99,15 @@ class StateStore:
     def load(self) -> SendState | None:
         try:
             data = json.loads(self.file.read_bytes())
-            return SendState(**data)
+            state = SendState(**data)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(
                 f"cannot read the send state {self.file}: {exc}; delete it to send {self.path} from the start"
             ) from None
+        same = (state.source, state.url, state.receiver) == (self.source, self.url, self.receiver)
+        return state if same else None
 
     def save(self, state: SendState) -> None:
         """Write the state atomically: a crash leaves the old or the new one, never a torn file."""
@@ -129,63 +128,51 @@ class StateStore:
             raise ConfigError(f"cannot write the send state {self.file}: {exc.strerror or exc}") from None
 
 
-def _replaced(f: BinaryIO, size: int, first_line: bytes, saved: SendState) -> str | None:
-    """Why the file now at the saved path is not the one that was sent from, or None.
-
-    Shorter than the resume point, a different first line, or a different last line before
-    the resume point all mean the path now holds another file (truncated, rewritten, rotated).
-    """
-    if size < saved.offset:
-        return "shorter than what was sent"
-    if digest(first_line) != saved.first_line_digest:
-        # An empty file that later got content was never really sent from.
-        if saved.offset == 0 and saved.first_line_digest == digest(b""):
+def _prefix(f: BinaryIO, source: str, offset: int) -> Position | None:
+    """The position after the lines that end exactly at `offset`, re-hashed from the file; None
+    when no line ends there (the file is shorter, or was rewritten)."""
+    f.seek(0)
+    chain, line, at = chain_start(source), 0, 0
+    for raw in f:
+        if at >= offset:
+            break
+        line += 1
+        at += len(raw)
+        chain = chain_next(chain, bare_line(raw, line == 1))
+        if not raw.endswith(b"\n"):
             return None
-        return "different content"
-    if saved.offset and saved.tail_digest is not None:
-        length = saved.offset - saved.tail_offset
-        if length <= 0:
-            return "different content"
-        f.seek(saved.tail_offset)
-        if digest(f.read(length)) != saved.tail_digest:
-            return "different content"
-    return None
+    return Position(at, line, chain) if at == offset else None
 
 
 @dataclass(slots=True)
 class Resume:
     """Where a send starts, decided from the file and its saved state."""
 
-    state: SendState  # what this run saves (its source id, and the start position until it moves)
+    state: SendState  # what this run saves
     start: Position  # where reading starts
-    new_source_reason: str | None = None  # why the file counts as a new source, if it does
+    new_source_reason: str | None = None  # why it starts from line 1 although state was saved
 
 
-def resume(f: BinaryIO, path: str, saved: SendState | None, *, from_start: bool = False) -> Resume:
-    """Decide where sending `f` (the file now at the resolved `path`) starts.
+def resume(f: BinaryIO, path: str, url: str, saved: SendState | None, *,
+           from_start: bool = False, receiver: str = "") -> Resume:
+    """Decide where sending `f` (the file now at `path`) to `url` starts.
 
-    At the saved position when the file is the one sent from (possibly appended to); from the
-    start, under a new generation (so new ids), when it was replaced; from the start with the
-    same ids when `from_start` asks for a full re-send.
+    At the saved position when the file's bytes up to it are the ones sent (the file may have
+    grown since); from line 1 otherwise, or when `from_start` asks for it. The ids never
+    depend on this choice: they come from the file's content.
     """
-    size = os.fstat(f.fileno()).st_size
-    first_line = read_first_line(f)
-    generation = 0
+    source = source_id(first_line(f))
+    state = SendState(source, url, receiver, path)
+    start = Position(0, 0, chain_start(source))
     reason = None
-    if saved is not None:
-        generation = saved.generation
-        why = _replaced(f, size, first_line, saved)
-        if why is not None:
-            generation += 1
-            reason = f"{path} was replaced since the last send ({why}); sending it as a new source"
-    state = SendState(path, source_id(path, first_line, generation), generation, digest(first_line))
-    start = Position()
-    if saved is not None and reason is None and not from_start:
-        # _replaced verified these bytes against the saved digest.
-        f.seek(saved.tail_offset)
-        tail = f.read(saved.offset - saved.tail_offset) if saved.offset else b""
-        start = Position(saved.offset, saved.line, saved.tail_offset, tail)
-        state.set_position(start)
+    if saved is not None and saved.offset and not from_start:
+        at = _prefix(f, source, saved.offset)
+        if at is not None and at.line == saved.line and at.chain.hex() == saved.chain:
+            start = at
+        else:
+            reason = (f"{path} differs from what was sent before within its first {saved.line} lines: "
+                      "sending it from the start")
+    state.set_position(start)
     return Resume(state, start, reason)
 
 

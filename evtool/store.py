@@ -332,7 +332,8 @@ class Store:
     def _ensure_temp(self) -> None:
         if not self._temp_ready:
             self.conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS batch_digests (digest bytea) ON COMMIT DELETE ROWS"
+                "CREATE TEMP TABLE IF NOT EXISTS batch_digests (digest bytea, content bytea, journal bytea,"
+                " line_no bigint) ON COMMIT DELETE ROWS"
             )
             self.conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS batch_minute_sums (user_id text, minute text, adds int8,"
@@ -340,68 +341,86 @@ class Store:
             )
             self._temp_ready = True
 
-    def lock_sources(self, sources: Iterable[str], windows: dict[str, tuple[int, int]] | None = None
-                     ) -> dict[str, list[tuple[int, int]]]:
-        """Lock the applied-range rows of these sender sources (in source order) and read them.
+    def lock_cells(self, cells: dict[str, list[int]]) -> dict[tuple[str, int], bytes]:
+        """Lock the applied_lines rows of these sender cells and read them: {(source, cell): entries}.
 
-        With `windows`, only the applied lines within each source's [low, high) are read: a
-        source whose ids have many gaps (lines that carried ids of their own) has many ranges.
+        Source by source in source order, cells in order, each statement by equality on the
+        source (the distribution column where the table is sharded), so processors sharing
+        sources wait instead of deadlocking. Missing rows are created empty first: a row that
+        another transaction is creating is waited for, then locked, never overwritten.
         """
-        names = sorted(sources)
-        if not names:
-            return {}
-        windows = windows or {}
-        bounds = [windows.get(n, (None, None)) for n in names]
-        with self.conn.cursor() as cur:
-            # One row per statement, by equality on the key, in source order: Citus refuses a
-            # lock that spans shards, and the order keeps concurrent processors free of
-            # deadlocks. executemany pipelines the statements: one round trip for each kind.
-            cur.executemany("INSERT INTO applied_ranges (source) VALUES (%s) ON CONFLICT DO NOTHING",
-                            [(n,) for n in names])
-            cur.executemany(
-                "SELECT lines * int8multirange(int8range(%s, %s)) FROM applied_ranges"
-                " WHERE source = %s FOR UPDATE",
-                [(low, high, n) for n, (low, high) in zip(names, bounds, strict=True)],
-                returning=True,
+        out: dict[tuple[str, int], bytes] = {}
+        for source in sorted(cells):
+            wanted = cells[source]
+            if not wanted:
+                continue
+            self.conn.execute(
+                "INSERT INTO applied_lines (source, cell) SELECT %s::text, c FROM unnest(%s::int8[]) AS c"
+                " ORDER BY c ON CONFLICT DO NOTHING",
+                (source, wanted),
             )
-            found: list[list[tuple[int, int]]] = []
-            while True:
-                row = cur.fetchone()
-                assert row is not None
-                found.append([(r.lower, r.upper) for r in row[0]])
-                if not cur.nextset():
-                    break
-        return dict(zip(names, found, strict=True))
+            rows = self.conn.execute(
+                "SELECT cell, entries FROM applied_lines WHERE source = %s::text AND cell = ANY(%s::int8[])"
+                " ORDER BY cell FOR UPDATE",
+                (source, wanted),
+            ).fetchall()
+            out.update(((source, cell), bytes(entries)) for cell, entries in rows)
+        return out
 
-    def add_ranges(self, ranges: dict[str, str]) -> None:
-        """Add line ranges (multirange text) to the sources' applied ranges."""
-        if not ranges:
-            return
-        names = sorted(ranges)
-        self.conn.execute(
-            # The parameter is cast, not the column: text to multirange is STABLE, and Citus
-            # refuses a STABLE function applied to a column in an UPDATE.
-            "UPDATE applied_ranges a SET lines = a.lines + n.lines, updated_at = now()"
-            " FROM unnest(%s::text[], %s::int8multirange[]) AS n(source, lines) WHERE a.source = n.source",
-            (names, [ranges[n] for n in names]),
-        )
+    def write_cells(self, cells: dict[tuple[str, int], bytes]) -> None:
+        """Store the new entries of locked applied_lines rows."""
+        by_source: dict[str, list[tuple[int, bytes]]] = {}
+        for (source, cell), packed in cells.items():
+            by_source.setdefault(source, []).append((cell, packed))
+        for source in sorted(by_source):
+            rows = sorted(by_source[source])
+            self.conn.execute(
+                "UPDATE applied_lines a SET entries = n.entries"
+                " FROM unnest(%s::int8[], %s::bytea[]) AS n(cell, entries)"
+                " WHERE a.source = %s::text AND a.cell = n.cell",
+                ([c for c, _ in rows], [e for _, e in rows], source),
+            )
 
-    def claim_digests(self, digests: Iterable[bytes]) -> set[bytes]:
-        """Claim event digests: record them, and return those never recorded before (each once).
+    def claim_digests(self, digests: list[bytes], contents: list[bytes],
+                      origins: list[tuple[bytes, int, str]] | None = None
+                      ) -> dict[bytes, tuple[bytes | None, str | None]]:
+        """Claim event digests: record the ones never recorded (with their content and origin),
+        and return the others: {digest: (content, "path line n" where first seen)}.
 
         Inserted in digest order, so processors sharing events wait instead of deadlocking.
         """
         self._ensure_temp()
         with self.conn.cursor() as cur:
-            with cur.copy("COPY batch_digests (digest) FROM STDIN") as copy:
-                for d in digests:
-                    copy.write_row((d,))
+            with cur.copy("COPY batch_digests (digest, content, journal, line_no) FROM STDIN") as copy:
+                for i, (d, c) in enumerate(zip(digests, contents, strict=True)):
+                    o = origins[i] if origins else None
+                    copy.write_row((d, c or None, o[0] if o else None, o[1] if o else None))
             cur.execute(
-                "INSERT INTO applied_events (digest)"
-                " SELECT DISTINCT digest FROM batch_digests ORDER BY digest"
-                " ON CONFLICT DO NOTHING RETURNING digest"
+                "INSERT INTO applied_events (digest, content, journal, line_no)"
+                " SELECT DISTINCT ON (digest) digest, content, journal, line_no FROM batch_digests"
+                " ORDER BY digest, line_no ON CONFLICT DO NOTHING RETURNING digest"
             )
-            return {row[0] for row in cur.fetchall()}
+            new = {row[0] for row in cur.fetchall()}
+            old = [d for d in dict.fromkeys(digests) if d not in new]
+            if not old:
+                return {}
+            # Two reads, not a join: applied_events is distributed by digest, journal_files by
+            # fingerprint, and Citus refuses a join that is not on both distribution columns.
+            seen = cur.execute(
+                "SELECT digest, content, journal, line_no FROM applied_events"
+                " WHERE digest = ANY(%s::bytea[])",
+                (old,),
+            ).fetchall()
+            journals = {bytes(j) for _, _, j, _ in seen if j is not None}
+            paths = dict(cur.execute(
+                "SELECT fingerprint, path FROM journal_files WHERE fingerprint = ANY(%s::bytea[])",
+                (list(journals),),
+            ).fetchall()) if journals else {}
+            out: dict[bytes, tuple[bytes | None, str | None]] = {}
+            for d, c, j, n in seen:
+                p = paths.get(bytes(j)) if j is not None else None
+                out[bytes(d)] = (bytes(c) if c is not None else None, f"{p} line {n}" if p else None)
+            return out
 
     def add_to_totals(self, rows: bytes) -> None:
         """Add per-(user, minute) sums, as COPY rows (see copy_rows), to the totals, the

@@ -20,13 +20,14 @@ import pytest
 from aiohttp import web
 
 from evtool.errors import DeliveryFailed, SourceError
+from evtool.identity import source_id
 from evtool.sender import SendSettings, send
 from evtool.sendstate import StateStore
 
 from .conftest import event_line as ev
 from .conftest import free_port
 
-ID_RE = re.compile(r"^([0-9a-f]{16}):(\d+)$")
+ID_RE = re.compile(r"^([0-9a-f]{16}):(\d+):([0-9a-f]{16})$")
 
 
 class Sink:
@@ -167,11 +168,16 @@ def test_identical_lines_get_different_ids(sink, tmp_path, home):
     assert [int(ID_RE.match(i).group(2)) for i in ids] == [1, 2, 3]
 
 
-def test_different_files_get_different_sources(sink, tmp_path, home):
-    a = write(tmp_path / "a.jsonl", [ev("x")])
-    b = write(tmp_path / "b.jsonl", [ev("x")])
-    assert send(settings(sink, a, home)).source != send(settings(sink, b, home)).source
-    assert len(set(sink.ids())) == 2
+def test_ids_follow_content_not_paths(sink, tmp_path, home):
+    a = write(tmp_path / "a.jsonl", [ev("x"), ev("y")])
+    b = write(tmp_path / "b.jsonl", [ev("x"), ev("y")])  # a copy: the same events
+    c = write(tmp_path / "c.jsonl", [ev("x"), ev("z")])  # same first line, then another event
+    d = write(tmp_path / "d.jsonl", [ev("w")])
+    reports = [send(settings(sink, f, home, from_start=True)) for f in (a, b, c, d)]
+    assert reports[0].source == reports[1].source == reports[2].source != reports[3].source
+    ids = sink.ids()
+    assert ids[0:2] == ids[2:4] and ids[4] == ids[0] and ids[5] != ids[1]
+    assert len(set(ids)) == 4
 
 
 def test_client_event_id_is_kept(sink, tmp_path, home):
@@ -247,7 +253,7 @@ def test_unterminated_line_appended_after_a_resume_point(sink, tmp_path, home):
         report = send(settings(sink, src, home))
         assert (report.sent, report.already_sent, report.new_source_reason) == (1, 1, None)
     ids = sink.ids()
-    assert ids[1] == ids[2] and ids[1].endswith(":2")
+    assert ids[1] == ids[2] and ID_RE.match(ids[1]).group(2) == "2"
 
 
 def test_byte_order_mark_on_the_first_line(sink, tmp_path, home):
@@ -264,42 +270,59 @@ def test_state_file_records_the_resume_point(sink, tmp_path, home):
     [state_file] = (home / "send-state").glob("*.json")
     state = orjson.loads(state_file.read_bytes())
     assert state["path"] == str(src.resolve()) and state["source"] == report.source
-    assert (state["offset"], state["line"], state["generation"]) == (src.stat().st_size, 2, 0)
+    assert (state["offset"], state["line"], state["url"]) == (src.stat().st_size, 2, sink.url)
+    assert state["chain"] == ID_RE.match(sink.ids()[-1]).group(3)
     assert not list((home / "send-state").glob("*.tmp*"))
 
 
 @pytest.mark.parametrize(
-    "replacement, why",
+    "replacement, note, same",
     [
-        ([ev("other")], "shorter than what was sent"),  # different and shorter
-        ([ev("u0")], "shorter than what was sent"),  # same first line, truncated
-        ([ev("u0"), ev("zz"), ev("u2"), ev("u3")], "different content"),  # same first line, rewritten
-        ([ev("new"), ev("u1"), ev("u2"), ev("u3")], "different content"),  # first line differs
+        ([ev("other")], False, 0),  # another first line: another source, nothing saved for it
+        ([ev("u0")], True, 1),  # same first line, truncated
+        ([ev("u0"), ev("zz"), ev("u2"), ev("u3")], True, 1),  # same first line, rewritten after it
+        ([ev("new"), ev("u1"), ev("u2"), ev("u3")], False, 0),  # first line differs
     ],
 )
-def test_replaced_file_is_a_new_source(sink, tmp_path, home, replacement, why):
+def test_replaced_file_is_sent_from_where_it_differs(sink, tmp_path, home, replacement, note, same):
     src = write(tmp_path / "e.jsonl", [ev("u0"), ev("u1"), ev("zz-long-line-to-shift-offsets")])
-    first = send(settings(sink, src, home))
-    before = len(sink.ids())
+    send(settings(sink, src, home))
+    old = sink.ids()
     write(src, replacement)
     second = send(settings(sink, src, home))
-    assert second.source != first.source
-    assert second.new_source_reason is not None and why in second.new_source_reason
-    assert str(src.resolve()) in second.new_source_reason
+    assert (second.new_source_reason is not None) == note
+    if note:
+        assert str(src.resolve()) in second.new_source_reason
+        assert "sending it from the start" in second.new_source_reason
     assert second.sent == len(replacement) and second.already_sent == 0
-    new_ids = sink.ids()[before:]
-    assert not set(new_ids) & set(sink.ids()[:before])
-    # The new generation is remembered: the next run resumes instead of flagging it again.
+    new = sink.ids()[len(old):]
+    assert new[:same] == old[:same] and not set(new[same:]) & set(old)  # new from where it differs
+    # The replacement is remembered: the next run resumes instead of flagging it again.
     third = send(settings(sink, src, home))
     assert (third.sent, third.new_source_reason, third.source) == (0, None, second.source)
 
 
-def test_from_start_after_replacement_still_changes_the_source(sink, tmp_path, home):
+def test_from_start_resends_with_the_same_ids(sink, tmp_path, home):
     src = write(tmp_path / "e.jsonl", [ev("u0"), ev("u1"), ev("u2")])
-    first = send(settings(sink, src, home))
+    send(settings(sink, src, home))
     write(src, [ev("u0")])
     redo = send(settings(sink, src, home, from_start=True))
-    assert redo.new_source_reason and redo.source != first.source
+    assert redo.new_source_reason is None and redo.sent == 1
+    assert sink.ids()[-1] == sink.ids()[0]
+
+
+def test_state_is_kept_per_destination(sink, tmp_path, home):
+    src = write(tmp_path / "e.jsonl", [ev("u0"), ev("u1")])
+    assert send(settings(sink, src, home)).sent == 2
+    assert send(settings(sink, src, home)).sent == 0
+    # Another receiver (here: the same one under another URL) has seen nothing of it.
+    other = SendSettings(path=src, url=sink.url.replace("127.0.0.1", "localhost"), state_dir=home,
+                         max_retries=3)
+    assert send(other).sent == 2
+    # A dead receiver is not "done" because the file went elsewhere before.
+    dead = SendSettings(path=src, url=f"http://127.0.0.1:{free_port()}", state_dir=home, max_retries=0)
+    with pytest.raises(DeliveryFailed, match="cannot reach"):
+        send(dead)
 
 
 def test_503_with_retry_after_is_retried(sink, tmp_path, home):
@@ -415,7 +438,7 @@ def test_missing_file_is_a_source_error(tmp_path, home):
 
 def test_second_concurrent_send_of_the_same_file_is_refused(sink, tmp_path, home):
     src = write(tmp_path / "e.jsonl", [ev("a")])
-    holder = StateStore(home, str(src.resolve()))
+    holder = StateStore(home, source_id(ev("a")), sink.url, str(src))
     holder.lock()
     try:
         with pytest.raises(SourceError, match="already being sent"):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evtool.identity import chain_next, chain_start
 from evtool.sendstate import ConfirmedPrefix, Position, resume
+
+URL = "http://127.0.0.1:8080"
 
 
 def test_confirmed_prefix_moves_over_contiguous_batches_only():
@@ -28,28 +31,33 @@ def _file(path: Path, data: bytes) -> Path:
 def test_resume_at_the_saved_point_of_an_appended_file(tmp_path):
     path = _file(tmp_path / "e.jsonl", b"one\ntwo\n")
     with open(path, "rb") as f:
-        first = resume(f, str(path), None)
-    assert first.start == Position() and first.new_source_reason is None
-    first.state.set_position(Position(8, 2, 4, b"two\n"))
+        first = resume(f, str(path), URL, None)
+    src = first.state.source
+    assert first.start == Position(0, 0, chain_start(src)) and first.new_source_reason is None
+    at = Position(8, 2, chain_next(chain_next(chain_start(src), b"one"), b"two"))
+    first.state.set_position(at)
+    _file(path, b"one\r\ntwo\nthree\n")  # line endings aside, the same first two lines
+    with open(path, "rb") as f:
+        again = resume(f, str(path), URL, first.state)
+        full = resume(f, str(path), URL, first.state, from_start=True)
+    assert again.new_source_reason is not None  # the offset moved: no line ends there now
     _file(path, b"one\ntwo\nthree\n")
     with open(path, "rb") as f:
-        again = resume(f, str(path), first.state)
-        full = resume(f, str(path), first.state, from_start=True)
-    assert again.start == Position(8, 2, 4, b"two\n") and again.new_source_reason is None
-    assert again.state.source == first.state.source  # same ids
-    assert full.start == Position() and full.state.source == first.state.source
+        again = resume(f, str(path), URL, first.state)
+    assert again.start == at and again.new_source_reason is None
+    assert again.state.source == src == full.state.source  # same ids
+    assert full.start == Position(0, 0, chain_start(src))
 
 
-def test_a_replaced_file_is_a_new_source(tmp_path):
+def test_a_file_that_differs_before_the_saved_point_is_sent_from_the_start(tmp_path):
     path = _file(tmp_path / "e.jsonl", b"one\ntwo\n")
     with open(path, "rb") as f:
-        first = resume(f, str(path), None)
-    first.state.set_position(Position(8, 2, 4, b"two\n"))
-    for data, why in [(b"one\n", "shorter than what was sent"), (b"uno\ntwo\n", "different content"),
-                      (b"one\nTWO\nthree\n", "different content")]:
+        first = resume(f, str(path), URL, None)
+    src = first.state.source
+    first.state.set_position(Position(8, 2, chain_next(chain_next(chain_start(src), b"one"), b"two")))
+    for data in [b"one\n", b"one\nTWO\nthree\n", b"one\ntwo"]:
         _file(path, data)
         with open(path, "rb") as f:
-            decided = resume(f, str(path), first.state)
-        assert decided.start == Position()
-        assert decided.state.generation == 1 and decided.state.source != first.state.source
-        assert f"({why}); sending it as a new source" in decided.new_source_reason
+            decided = resume(f, str(path), URL, first.state)
+        assert decided.start == Position(0, 0, chain_start(src)) and decided.state.source == src
+        assert "differs from what was sent before" in decided.new_source_reason

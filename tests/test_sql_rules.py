@@ -31,9 +31,13 @@ from .pgcluster import Server, embedded_bindir
 
 def distribution() -> dict[str, str]:
     """{table: distribution column}, as the migrations distribute them (005 and later ones)."""
-    text = "\n".join(f.read_text() for f in sorted(SQL_DIR.glob("*.sql")))
-    rows = re.findall(r"\(\d+,\s*'(\w+)',\s*'(\w+)',\s*'(\w+)'\)", text)
-    return {table: column for table, column, _ in rows}
+    out: dict[str, str] = {}
+    for f in sorted(SQL_DIR.glob("*.sql")):  # in migration order: a later one may drop a table
+        text = f.read_text()
+        for table in re.findall(r"^DROP TABLE (\w+)", text, re.M):
+            out.pop(table, None)
+        out.update((t, c) for t, c, _ in re.findall(r"\(\d+,\s*'(\w+)',\s*'(\w+)',\s*'(\w+)'\)", text))
+    return out
 
 
 def reference_tables() -> set[str]:
@@ -172,6 +176,10 @@ def check(query: str, dist: dict[str, str], reference: set[str], volatility: Vol
 
 # -- the rules catch what Citus refused ---------------------------------------------------------
 
+# The examples below are the statements as Citus saw them, some on a table a later migration
+# replaced (applied_ranges, distributed by source until 006): the rules are checked against it too.
+AS_REFUSED = {"applied_ranges": "source"}
+
 REFUSED = {  # evtool's statements that Citus 14 refused, as pg_stat_statements records them
     "lock several sources":
         "SELECT a.source, a.lines * int8multirange(int8range(w.low, w.high)) FROM applied_ranges a"
@@ -231,12 +239,12 @@ def volatility(stats_server) -> Volatility:
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_the_rules_catch_statements_citus_refuses(name, volatility):
-    assert check(REFUSED[name], distribution(), set(), volatility), name
+    assert check(REFUSED[name], distribution() | AS_REFUSED, set(), volatility), name
 
 
 @pytest.mark.parametrize("name", sorted(ACCEPTED))
 def test_the_rules_accept_what_citus_runs(name, volatility):
-    assert check(ACCEPTED[name], distribution(), set(), volatility) == []
+    assert check(ACCEPTED[name], distribution() | AS_REFUSED, set(), volatility) == []
 
 
 def test_a_correlated_subquery_over_a_reference_table_is_caught(volatility):

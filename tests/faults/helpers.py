@@ -208,7 +208,7 @@ def reset(dsn: str) -> None:
     with Store.connect(dsn) as store:
         store.migrate()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE users_revenue, applied_events, applied_ranges, rejected_lines, journal_files")
+        conn.execute("TRUNCATE users_revenue, applied_events, applied_lines, rejected_lines, journal_files")
 
 
 def backend_phase(conn: psycopg.Connection) -> str:
@@ -228,9 +228,9 @@ def backend_phase(conn: psycopg.Connection) -> str:
                           ("INSERT INTO users_revenue", "upsert totals"),
                           ("WITH s AS MATERIALIZED", "upsert totals"),
                           ("INSERT INTO applied_events", "insert digests"),
-                          ("UPDATE applied_ranges", "update ranges"),
-                          ("INSERT INTO applied_ranges", "lock ranges"),
-                          ("SELECT source, lines FROM applied_ranges", "lock ranges"),
+                          ("UPDATE applied_lines", "update lines"),
+                          ("INSERT INTO applied_lines", "lock lines"),
+                          ("SELECT cell, entries FROM applied_lines", "lock lines"),
                           ("CREATE TEMP TABLE", "temp tables"),
                           ("INSERT INTO rejected_lines", "record rejects"),
                           ("UPDATE journal_files", "advance offset"), ("COMMIT", "commit")):

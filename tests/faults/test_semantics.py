@@ -34,7 +34,8 @@ from evtool.store import Store
 from .helpers import Model, db_totals, evtool_cmd, kill_9, reset, start
 
 SOURCES = ("00000000000000aa", "00000000000000bb")
-SITES = ("lock_progress", "lock_sources", "claim_digests", "add_to_totals", "record_rejects", "advance")
+SITES = ("lock_progress", "lock_cells", "claim_digests", "add_to_totals", "write_cells", "record_rejects",
+         "advance")
 JUNK = [b'{"userId": "u1", "name": "add_revenue", "value": ',
         b'{"userId": "u1", "name": "refund", "value": 1}',
         b'{"userId": "u1", "name": "add_revenue", "value": -1}', b"\xff\xfe", b"[1, 2]",
@@ -69,7 +70,7 @@ def crash_at(site: str, after: int):
 user = st.sampled_from(["u1", "u2", "u3", "ü4", "u 5"])
 amount = st.one_of(st.integers(0, 1000), st.decimals(0, 1000, places=2))
 new_event = st.tuples(st.just("new"), user, st.booleans(), amount,
-                      st.sampled_from(["none", "none", "opaque", "sender", "sender", "receiver",
+                      st.sampled_from(["none", "none", "opaque", "sender", "sender", "chained", "receiver",
                                        "lookalike"]))
 line_spec = st.one_of(
     new_event, new_event,
@@ -117,11 +118,15 @@ class World:
         event_id = None
         if idkind == "opaque":
             event_id = f"order-{self.serial}"
-        elif idkind in ("sender", "lookalike"):
+        elif idkind in ("sender", "chained", "lookalike"):
             source = draw_rng.choice(SOURCES)
-            self.next_line[source] += 1
+            self.next_line[source] += draw_rng.choice((1, 1, 2, 700))  # gaps, and other cells
             n = self.next_line[source]
-            event_id = f"{source}:{n}" if idkind == "sender" else f"{source}:0{n}"
+            # "chained": a line of a file that may share line n with another one that diverged
+            # before it (same source and line, another chain): two events.
+            chain = f"{draw_rng.getrandbits(64) | 1:016x}"
+            event_id = {"sender": f"{source}:{n}", "lookalike": f"{source}:0{n}",
+                        "chained": f"{source}:{n - draw_rng.choice((0, 1))}:{chain}"}[idkind]
         elif idkind == "receiver":
             event_id = f"~r-{self.serial}"
         if event_id:
