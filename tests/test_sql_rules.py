@@ -52,6 +52,7 @@ Volatility = Callable[[str], set[str]]  # function name -> its overloads' provol
 LOCKS = "(?:no key update|update|key share|share)"
 LOCK = re.compile(rf"\bfor {LOCKS}\b")
 PARAM = re.compile(r"\$\d+")
+PARAM_CAST = r"\$\d+(?:::\w+)?"  # a parameter, maybe cast (the cast applies to the value, not the column)
 # SQL-standard functions written without parentheses: all STABLE.
 VALUE_FUNCTIONS = re.compile(r"\b(current_timestamp|current_date|current_time|localtime|localtimestamp"
                              r"|current_user|session_user|current_role|current_schema|current_catalog)\b")
@@ -148,9 +149,11 @@ def check(query: str, dist: dict[str, str], reference: set[str], volatility: Vol
             where = m[2]
             if column is None:
                 problems.append(f"row lock on {table}, which the migration does not distribute")
-            elif not re.search(rf"(?:^|\band )(?:{alias}\.)?\"?{column}\"? = \$\d+(?: and\b|$)", where):
+            elif not re.search(rf"(?:^|\band )(?:{alias}\.)?\"?{column}\"? = {PARAM_CAST}(?: and\b|$)", where):
                 problems.append(f"row lock on {table} not by equality on its distribution column {column}")
-            elif re.search(r"\bor\b|\bany ?\(|\bin ?\(|\(select\b", where):
+            # other conditions ANDed to that equality stay within its shard; an OR, a list or a
+            # subquery on the distribution column may not
+            elif re.search(rf"\bor\b|\(select\b|\b{column}\"? (?:= any|in) ?\(", where):
                 problems.append(f"row lock on {table} by a condition that may span shards: {where}")
 
     for m in re.finditer(r"\bon conflict\b.*?\bdo update set\b", s):
@@ -196,6 +199,7 @@ REFUSED = {  # evtool's statements that Citus 14 refused, as pg_stat_statements 
         " events = u.events + excluded.events, updated_at = now())"
         " INSERT INTO revenue_log (user_id, adds) SELECT user_id, adds FROM s",
     "lock by a list": "SELECT 1 FROM journal_files WHERE fingerprint = ANY($1) FOR UPDATE",
+    "lock one source or another": "SELECT 1 FROM applied_lines WHERE source = $1 OR source = $2 FOR UPDATE",
     "lock not by the key": "SELECT 1 FROM rejected_lines WHERE path = $1 FOR UPDATE",
     "STABLE function on a column":
         "UPDATE journal_files SET path = to_char(updated_at, $1) WHERE fingerprint = $2",
@@ -204,6 +208,8 @@ REFUSED = {  # evtool's statements that Citus 14 refused, as pg_stat_statements 
         " SET updated_at = CURRENT_TIMESTAMP",
 }
 ACCEPTED = {
+    "lock cells of one source": "SELECT cell, entries FROM applied_lines WHERE source = $1::text"
+                                " AND cell = ANY($2::int8[]) ORDER BY cell FOR UPDATE",
     "lock one source": "SELECT lines * int8multirange(int8range($1, $2)) FROM applied_ranges"
                        " WHERE source = $3 FOR UPDATE",
     "cast the parameter": "UPDATE applied_ranges a SET lines = a.lines + n.lines, updated_at = now()"
