@@ -149,7 +149,8 @@ def check(query: str, dist: dict[str, str], reference: set[str], volatility: Vol
             where = m[2]
             if column is None:
                 problems.append(f"row lock on {table}, which the migration does not distribute")
-            elif not re.search(rf"(?:^|\band )(?:{alias}\.)?\"?{column}\"? = {PARAM_CAST}(?: and\b|$)", where):
+            elif not re.search(rf"(?:^|\band )(?:{alias}\.)?\"?{column}\"? = {PARAM_CAST}(?: and\b|$)",
+                               where):
                 problems.append(f"row lock on {table} not by equality on its distribution column {column}")
             # other conditions ANDed to that equality stay within its shard; an OR, a list or a
             # subquery on the distribution column may not
