@@ -220,7 +220,10 @@ def status_view(s: dict[str, Any]):
 
     db = s["database"]
     where = f"{db['kind']} {db['dsn']}" if db["dsn"] else db["kind"]
-    if db["reachable"]:
+    if db["reachable"] and db.get("schema"):
+        db_line = Text.assemble("database  ", (f"{where}: reachable", "green"),
+                                f" (PostgreSQL {db['version']}); ", (db["schema"], "red"))
+    elif db["reachable"]:
         db_line = Text.assemble("database  ", (f"{where}: reachable", "green"),
                                 f" (PostgreSQL {db['version']})")
     else:

@@ -2,7 +2,7 @@
 
 Plain functions over a Store that return plain data (dataclasses with a `to_dict()`, dicts,
 tuples, Decimals); evtool.output renders them for people (rich) or for scripts (JSON, CSV).
-Nothing here writes, except `migrate` done by whoever opened the Store.
+Nothing here writes: readers check the schema version (Store.check_schema), never migrate.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from . import journal
-from .errors import EvtoolError
+from .errors import EvtoolError, SchemaBehind
 from .store import Store
 
 READ_BYTES = 1 << 20  # counting lag lines streams the file this much at a time
@@ -260,7 +260,7 @@ class StatusProbe:
 
         choice = embedded.choose(self.dsn, start=False)
         db: dict[str, Any] = {"kind": choice.kind, "dsn": None,
-                              "reachable": False, "version": None, "error": None}
+                              "reachable": False, "version": None, "error": None, "schema": None}
         if choice.dsn is None:
             db["error"] = "the embedded server is not running (evtool db start starts it)"
             self.close()
@@ -271,8 +271,11 @@ class StatusProbe:
             if self.store is None or self.store.conn.closed:
                 self.close()
                 self.store = Store.connect(url)
-                self.store.migrate()
             db.update(reachable=True, version=server_version(self.store))
+            self.store.check_schema()
+        except SchemaBehind as exc:
+            self.close()  # reachable, but without the tables the figures need
+            db["schema"] = str(exc)
         except EvtoolError as exc:
             self.close()
             db["error"] = str(exc)

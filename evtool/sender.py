@@ -55,7 +55,7 @@ class SendSettings:
     connections: int = 4
     from_start: bool = False
     max_retries: int = 8
-    state_dir: Path = config.HOME
+    state_dir: Path = field(default_factory=config.home)
     timeout: float = 30.0
     strict: bool = False  # events.validate without normalization
 

@@ -26,6 +26,7 @@ import psycopg
 import pytest
 
 from evtool import embedded
+from evtool.config import PG_VARS
 
 ROOT = Path(__file__).resolve().parent.parent
 # A copy of shared/tools/gen_events.py, kept here so a bare clone can run the tests.
@@ -59,7 +60,7 @@ def dsn(pg_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     url = _with_db(pg_server, name)
     monkeypatch.setenv("EVTOOL_DSN", url)
     monkeypatch.setenv("EVTOOL_HOME", str(tmp_path / "home"))
-    for var in ("DATABASE_URL", "PGHOST", "PGDATABASE", "EVTOOL_TOKEN", "EVTOOL_URL"):
+    for var in ("DATABASE_URL", *PG_VARS, "EVTOOL_TOKEN", "EVTOOL_URL"):
         monkeypatch.delenv(var, raising=False)
     yield url
     with psycopg.connect(pg_server, autocommit=True) as conn:

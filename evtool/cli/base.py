@@ -12,6 +12,7 @@ import errno
 import click
 
 from ..errors import EvtoolError
+from ..log import FORMATS, LEVELS
 
 DSN_HELP = "PostgreSQL DSN. Default: EVTOOL_DSN, DATABASE_URL, PG* variables, else the embedded server."
 
@@ -67,17 +68,55 @@ def strict_option(fn):
     )(fn)
 
 
-@click.group(cls=EvtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def _verbose_here(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """`-v` given after the subcommand: the same as before it (the error boundary reads the root's)."""
+    if value:
+        ctx.find_root().params["verbose"] = True
+        if isinstance(ctx.find_root().obj, dict):
+            ctx.find_root().obj["verbose"] = True
+
+
+def finish(group: click.Group) -> None:
+    """Once every command is registered: each option shows its environment variable in --help
+    (EVTOOL_<COMMAND>_<OPTION> unless it names its own), and each command accepts -v too."""
+
+    def walk(cmd: click.Command, prefix: str) -> None:
+        names = {n for p in cmd.params for n in getattr(p, "opts", [])}
+        if cmd is not group and "--verbose" not in names:
+            cmd.params.append(click.Option(["--verbose", "-v"], is_flag=True, expose_value=False,
+                                           callback=_verbose_here, allow_from_autoenv=False,
+                                           help="Show tracebacks and details on errors."))
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.allow_from_autoenv:
+                if p.envvar is None:  # named after the option (--json), not its variable (as_json)
+                    longest = max((o for o in p.opts if o.startswith("--")), key=len)
+                    p.envvar = f"{prefix}_{longest[2:].replace('-', '_').upper()}"
+                p.show_envvar = True
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{prefix}_{name.replace('-', '_').upper()}")
+
+    walk(group, "EVTOOL")
+
+
+@click.group(cls=EvtoolGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                                "auto_envvar_prefix": "EVTOOL"})
 @click.option("--verbose", "-v", is_flag=True, help="Show tracebacks and details on errors.")
-@click.version_option(package_name="evtool")
+@click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default="info",
+              show_default=True, help="Least severe log records written to stderr.")
+@click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="text: `<UTC time> <LEVEL> <message>` lines; json: one JSON object per line.")
+@click.version_option(package_name="evtool", allow_from_autoenv=False)
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool) -> None:
+def cli(ctx: click.Context, verbose: bool, log_level: str, log_format: str) -> None:
     """Revenue events from JSONL files into PostgreSQL, exactly once.
 
     \b
     events.jsonl --send--> POST /liveEvent --serve--> server-events.jsonl
     server-events.jsonl --process--> PostgreSQL users_revenue --revenue USER--> total
     """
+    from .. import log
+
+    log.setup(log_level, log_format)
     ctx.obj = {"verbose": verbose}
 
 

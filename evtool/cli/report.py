@@ -48,7 +48,7 @@ def report(dsn: str | None, top: int, prefix: str | None, since: datetime | None
 
     if as_json and as_csv:
         raise click.UsageError("--csv and --json are exclusive")
-    store = config.open_store(dsn)
+    store = config.open_store(dsn, migrate=False)
     try:
         r = make_report(store, top=top, prefix=prefix, since=since, until=until).to_dict()
     finally:

@@ -34,7 +34,7 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
     """
     from ..receiver import ServeSettings, StoreRevenue, run_server
 
-    lookup = StoreRevenue(lambda: config.open_store(dsn))
+    lookup = StoreRevenue(lambda: config.open_store(dsn, migrate=False))
     settings = ServeSettings(host=host, port=port, journal=journal, token=token, fsync=fsync == "on",
                              max_body=max_body_mb << 20, revenue_lookup=lookup, strict=strict)
     run_server(settings, on_ready=lambda message: click.echo(message, err=True))

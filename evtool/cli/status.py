@@ -28,7 +28,8 @@ def status(journals: tuple[Path, ...], dsn: str | None, url: str, watch: bool, i
     Shows every journal the database knows, plus JOURNALS (default ./server-events.jsonl when
     it exists): size, processed offset, lag (bytes and complete lines not yet applied),
     events applied, duplicates skipped, lines rejected, last processed time. Never starts the
-    embedded server. Exit 1 when the database cannot be reached.
+    embedded server and never writes. Exit 1 when the database cannot be reached or its schema
+    is behind (`evtool db migrate`).
     """
     from ..output import print_json, status_view, table_console
     from ..reports import StatusProbe
@@ -50,7 +51,7 @@ def status(journals: tuple[Path, ...], dsn: str | None, url: str, watch: bool, i
         print_json(snap.to_dict())
     else:
         table_console().print(status_view(snap.to_dict()))
-    if not snap.database["reachable"]:
+    if not snap.database["reachable"] or snap.database["schema"]:
         raise Failed
 
 
