@@ -75,7 +75,14 @@ def ensure_running(pgdata: Path) -> str:
     if info is not None:
         return info.dsn
     pgdata = pgdata.resolve()
-    pgdata.mkdir(parents=True, exist_ok=True)
+    try:
+        pgdata.mkdir(parents=True, exist_ok=True)
+        if not os.access(pgdata, os.W_OK):
+            raise PermissionError(13, os.strerror(13), str(pgdata))
+    except OSError as exc:
+        raise ConfigError(f"cannot use {pgdata.parent} for the embedded PostgreSQL: "
+                          f"{(exc.strerror or str(exc)).lower()}; set EVTOOL_HOME to a writable "
+                          "directory, or choose a server with --dsn, EVTOOL_DSN or PG* variables") from None
     package = _package()
     # A new handle, not get_server(): that one caches a handle per data directory and per process
     # and hands it back without starting anything, so a server stopped in this process could never

@@ -236,6 +236,9 @@ class Snapshot:
     receiver: dict[str, Any]  # url, reachable, healthy, error
     journals: list[dict[str, Any]]  # see journal_status
     totals: dict[str, int]
+    # accepted_per_s (lines arriving in the journals) and applied_per_s, since the previous
+    # snapshot of the same probe; None for the first one (a rate needs two samples)
+    rates: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,6 +257,7 @@ class StatusProbe:
         self.url = url
         self.timeout = timeout
         self.store: Store | None = None
+        self._previous: tuple[datetime, int, int] | None = None  # (time, lines accepted, applied)
 
     def _database(self) -> dict[str, Any]:
         from . import embedded
@@ -289,8 +293,19 @@ class StatusProbe:
             self.close()
             db.update(reachable=False, version=None, error=str(exc))
             journals = journal_status(None, self.paths)
-        return Snapshot(time=datetime.now(UTC), database=db, receiver=receiver_status(self.url, self.timeout),
-                        journals=journals, totals=totals(journals))
+        now = datetime.now(UTC)
+        sums = totals(journals)
+        # Every line in a journal was accepted by a receiver: applied, duplicate, rejected or lagging.
+        sample = (now, sums["applied"] + sums["duplicates"] + sums["rejected"] + sums["lag_lines"],
+                  sums["applied"])
+        rates = None
+        if self._previous is not None and db["reachable"] and (now - self._previous[0]).total_seconds() > 0:
+            secs = (now - self._previous[0]).total_seconds()
+            rates = {"accepted_per_s": max(0.0, (sample[1] - self._previous[1]) / secs),
+                     "applied_per_s": max(0.0, (sample[2] - self._previous[2]) / secs)}
+        self._previous = sample if db["reachable"] else None
+        return Snapshot(time=now, database=db, receiver=receiver_status(self.url, self.timeout),
+                        journals=journals, totals=sums, rates=rates)
 
     def close(self) -> None:
         if self.store is not None:

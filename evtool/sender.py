@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class SendReport:
     already_sent: int = 0  # lines before the resume point, not read again
     retried: int = 0
     failed: int = 0
+    retryable: int = 0  # of `failed`, those that failed only for transient reasons (retrying may work)
     seconds: float = 0.0
     invalid_lines: list[tuple[int, str]] = field(default_factory=list)
     new_source_reason: str | None = None
@@ -354,6 +356,7 @@ class _Run:
                         self.unreachable = reason
                     self.stop(f"the receiver still failed after {self.s.max_retries} retries: {reason}")
                     report.failed += n
+                    report.retryable += n
                     return n
                 attempt += 1
                 report.retried += 1
@@ -424,6 +427,8 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, aiohttp.ClientConnectorError):
         err = exc.os_error
+        if isinstance(err, socket.gaierror):  # getaddrinfo's codes are not errnos ("unknown error -2")
+            return f"cannot resolve the host {exc.host!r}: {err.strerror or err}"
         if err is not None and err.errno:
             return os.strerror(err.errno).lower()  # "connection refused", not asyncio's wording
         return str(err or exc)

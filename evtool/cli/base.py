@@ -8,10 +8,12 @@ Heavy modules (rich, aiohttp, psycopg) are imported inside the commands that nee
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import click
 
-from ..errors import EvtoolError
+from ..config import URL as DEFAULT_URL
+from ..errors import ConfigError, EvtoolError
 from ..log import FORMATS, LEVELS
 
 DSN_HELP = "PostgreSQL DSN. Default: EVTOOL_DSN, DATABASE_URL, PG* variables, else the embedded server."
@@ -55,6 +57,34 @@ class EvtoolGroup(click.Group):
                 traceback.print_exception(exc)
             click.echo(f"Error: {_one_line(exc)}", err=True)
             ctx.exit(1)
+
+
+class ReceiverURL(click.ParamType):
+    """The receiver's base URL: http:// or https://, a host, a port in range; no trailing slash.
+
+    A bad one is a setting that cannot work (often from EVTOOL_URL), so it is one line and
+    exit 1 through the error boundary, never a traceback from deep in the HTTP client.
+    """
+
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            u = urlsplit(str(value))
+            u.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+        except ValueError as exc:
+            raise ConfigError(f"--url {value!r} is not a valid URL: {exc}") from None
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"--url {value!r} is not an http:// URL with a host "
+                              f"(for example {DEFAULT_URL})")
+        return str(value).rstrip("/")
+
+
+def url_option(text: str):
+    return click.option("--url", envvar="EVTOOL_URL", show_envvar=True, default=DEFAULT_URL,
+                        show_default=True, type=ReceiverURL(), help=text)
 
 
 def dsn_option(fn):

@@ -7,16 +7,13 @@ from pathlib import Path
 import click
 
 from .. import config
-from .base import Failed, cli, dsn_option
-
-URL_OPTION = click.option("--url", envvar="EVTOOL_URL", show_envvar=True, default=config.URL,
-                          show_default=True, help="The receiver whose GET /healthz is checked.")
+from .base import Failed, cli, dsn_option, url_option
 
 
 @cli.command()
 @click.argument("journals", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @dsn_option
-@URL_OPTION
+@url_option("The receiver whose GET /healthz is checked.")
 @click.option("--watch", is_flag=True, help="Refresh live on the terminal until Ctrl-C.")
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
               help="Seconds between refreshes with --watch.")
