@@ -1,7 +1,9 @@
 """`evtool serve`: the HTTP receiver that appends accepted events to the journal (design section 7).
 
 Routes: `POST /liveEvent` (one JSON object, a JSON array or NDJSON), `GET /userEvents/<userId>`,
-`GET /healthz`, `GET /metrics` (Prometheus text format; the token is needed, as on data routes).
+`GET /healthz` and `GET /readyz` (can write the journal, not shutting down), `GET /livez` (the
+loop answers), `GET /metrics` (Prometheus text format; the token, or the metrics token, which
+can do nothing else). The probes need no token.
 Every answer but /metrics is JSON; every error is `{"error": "<sentence>"}`, aiohttp's own errors
 included (unknown route, wrong method, body too large, malformed HTTP).
 
@@ -25,6 +27,7 @@ import ipaddress
 import logging
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -110,6 +113,8 @@ class ServeSettings:
     # What GET /userEvents/<id> reads totals with; the app closes it when it stops. None -> 503.
     revenue_lookup: RevenueLookup | None = None
     strict: bool = False  # events.validate without normalization (no user_id alias, no string values)
+    metrics_token: str | None = None  # may GET /metrics, nothing else
+    access_log: bool = False  # one log line per request (logger aiohttp.access)
 
 
 def is_loopback(host: str) -> bool:
@@ -162,6 +167,8 @@ class _ShuttingDown(Exception):
 
 
 _BODY_STATUS: dict[type[BodyRefused], int] = {BodyMalformed: 400, BodyInvalid: 422, BodyTooLong: 413}
+_REJECT_REASONS = {400: "malformed", 413: "too_large", 422: "invalid"}  # POST /liveEvent refusals
+PROBES = frozenset({"/healthz", "/livez", "/readyz"})  # answered without a token
 
 
 def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: int) -> str:
@@ -187,6 +194,7 @@ class _Receiver:
     def __init__(self, s: ServeSettings) -> None:
         self.s = s
         self.token = check_settings(s).encode()
+        self.metrics_token = s.metrics_token.encode() if s.metrics_token else None
         self.intake = Intake(max_line=s.max_line, strict=s.strict, fresh_id=receiver_ids())
         self._reading: set[StreamReader] = set()  # bodies being read
         self._stopping = False
@@ -197,22 +205,31 @@ class _Receiver:
             return False
         if given[:7].lower() == "bearer ":
             given = given[7:]
-        return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), self.token)
+        raw = given.strip().encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(raw, self.token):
+            return True
+        # The scrape credential opens GET /metrics only: a leaked scrape config cannot post events.
+        return (self.metrics_token is not None and request.path == "/metrics"
+                and hmac.compare_digest(raw, self.metrics_token))
 
     @web.middleware
     async def counting(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Count answers by method, route pattern and status (outermost: sees every answer)."""
+        """Count answers by method, route pattern and status, and time them (outermost: sees every answer)."""
+        started = time.perf_counter()
         resp = await handler(request)
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "other"
-        request.app[METRICS_KEY].request(request.method, route, resp.status)
+        metrics = request.app[METRICS_KEY]
+        metrics.request(request.method, route, resp.status, time.perf_counter() - started)
+        if route == "/liveEvent" and resp.status in _REJECT_REASONS:
+            metrics.rejected(_REJECT_REASONS[resp.status])
         return resp
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Auth on every route but /healthz, and every error as a JSON sentence."""
+        """Auth on every route but the probes, and every error as a JSON sentence."""
         try:
-            if request.path != "/healthz" and not self.authorized(request):
+            if request.path not in PROBES and not self.authorized(request):
                 return _error(
                     401,
                     "missing or wrong token: send it in the Authorization header",
@@ -287,6 +304,10 @@ class _Receiver:
         finally:
             self._reading.discard(request.content)
 
+    def stopping(self) -> None:
+        """Told to stop: not ready any more (the readiness probe answers 503)."""
+        self._stopping = True
+
     async def on_shutdown(self, app: web.Application) -> None:
         """Listening has stopped: refuse requests whose body is still arriving (aiohttp no longer
         reads it), so they fail now rather than at their timeout; requests already appending finish."""
@@ -332,10 +353,21 @@ class _Receiver:
             return _json(200, {"status": "ok"})
         return _error(503, f"cannot write the journal: {appender.last_error}", {"Retry-After": "1"})
 
+    async def livez(self, request: web.Request) -> web.Response:
+        """The event loop answers: a full disk is not a reason to restart the receiver."""
+        return _json(200, {"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready for events: the journal can be written and the server is not shutting down."""
+        if self._stopping:
+            return _error(503, "shutting down")
+        return await self.healthz(request)
+
 
 SETTINGS_KEY = web.AppKey("settings", ServeSettings)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 APPENDER_KEY = web.AppKey("appender", JournalAppender)
+RECEIVER_KEY = web.AppKey("receiver", _Receiver)
 
 
 async def _journal(app: web.Application) -> AsyncIterator[None]:
@@ -370,6 +402,7 @@ def make_app(s: ServeSettings) -> web.Application:
     r = _Receiver(s)
     app = web.Application(client_max_size=s.max_body, middlewares=[r.counting, r.middleware])
     app[SETTINGS_KEY] = s
+    app[RECEIVER_KEY] = r
     app[METRICS_KEY] = Metrics()
     app.cleanup_ctx.append(_journal)
     app.cleanup_ctx.append(_revenue)
@@ -377,6 +410,8 @@ def make_app(s: ServeSettings) -> web.Application:
     app.router.add_post("/liveEvent", r.live_event)
     app.router.add_get("/userEvents/{user_id:.+}", r.user_events)
     app.router.add_get("/healthz", r.healthz)
+    app.router.add_get("/livez", r.livez)
+    app.router.add_get("/readyz", r.readyz)
     app.router.add_get("/metrics", r.metrics_text)
     return app
 
@@ -411,8 +446,12 @@ class _JSONErrorServer(Server):
         return _JSONErrorProtocol(self, loop=self._loop, **self._kwargs)
 
 
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i"'  # the logger adds the time
+
+
 async def start_runner(app: web.Application, host: str, port: int, *,
-                       shutdown_timeout: float = 60.0, idle_timeout: float = 30.0) -> web.AppRunner:
+                       shutdown_timeout: float = 60.0, idle_timeout: float = 30.0,
+                       access_log: bool = False) -> web.AppRunner:
     """Start serving `app` on host:port (0 picks a free port); return the runner to clean up.
 
     A connection that has not sent a complete request head for `idle_timeout` seconds (a client
@@ -422,8 +461,10 @@ async def start_runner(app: web.Application, host: str, port: int, *,
     # the client sees the answer; short, because it also delays shutdown. keepalive_timeout is
     # aiohttp's idle limit, which also runs from the start of a connection: its default (an
     # hour) let slow-header clients hold connections open.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
-                           lingering_time=2.0, keepalive_timeout=idle_timeout)
+    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if access_log else None,
+                           access_log_format=ACCESS_LOG_FORMAT, handle_signals=False,
+                           shutdown_timeout=shutdown_timeout, lingering_time=2.0,
+                           keepalive_timeout=idle_timeout)
     await runner.setup()
     if type(runner.server) is Server:
         runner.server.__class__ = _JSONErrorServer
@@ -445,7 +486,7 @@ def _url(runner: web.AppRunner) -> str:
 async def _serve(s: ServeSettings, on_ready: Callable[[str], None] | None) -> None:
     app = make_app(s)
     runner = await start_runner(app, s.host, s.port, shutdown_timeout=s.request_timeout + 5,
-                                idle_timeout=s.request_timeout)
+                                idle_timeout=s.request_timeout, access_log=s.access_log)
     appender = app[APPENDER_KEY]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -459,6 +500,7 @@ async def _serve(s: ServeSettings, on_ready: Callable[[str], None] | None) -> No
                 on_ready(f"cut a partial last line ({appender.dropped_tail} bytes) off {s.journal}: a write "
                          "cut short by a crash, never acknowledged")
         await stop.wait()
+        app[RECEIVER_KEY].stopping()  # /readyz says 503 from now on
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
