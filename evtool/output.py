@@ -124,8 +124,9 @@ def progress_bar(console: Any, verb: str) -> Iterator[Callable[[str, int, int | 
         yield update
 
 
-def process_summary(console: Any, report) -> None:
-    for f in report.files:
+def process_summary(console: Any, report, *, samples: bool = True) -> None:
+    """The end of `process`; `samples` False when each reject was logged as it was recorded."""
+    for f in report.files if samples else ():
         if f.waiting:
             console.print(f"{f.path}: nothing to apply ({f.waiting})")
         for line, reason in f.reject_samples:

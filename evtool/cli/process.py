@@ -68,10 +68,16 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
     if as_json:
         print_json(process_dict(report))
     else:
-        process_summary(console(), report)
+        process_summary(console(), report, samples=not follow)
     if report.rejected:
-        click.echo(f"Warning: {report.rejected} line(s) rejected; they are kept with their reasons "
-                   "in the rejected_lines table", err=True)
+        said = (f"{report.rejected} line(s) rejected; they are kept with their reasons in the "
+                "rejected_lines table (evtool rejects lists them)")
+        if follow:  # a service: everything on stderr is a log record
+            import logging
+
+            logging.getLogger("evtool.process").warning(said)
+        else:
+            click.echo(f"Warning: {said}", err=True)
         if fail_on_reject:
             raise Failed
 
