@@ -117,7 +117,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 20) -> bool:
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 60) -> bool:
     """Poll `url`/healthz until it answers 200; False when `proc` exits or `timeout` passes first."""
     deadline = time.monotonic() + timeout
     while True:
@@ -177,7 +177,7 @@ class Serve:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, *, preexec_fn=None, timeout: float = 20) -> Serve:
+    def start(self, *, preexec_fn=None, timeout: float = 60) -> Serve:
         self.starts += 1
         self.proc = start(evtool_cmd("serve", "--port", str(self.port), *self.args), self.workdir,
                           self.log, self.env, preexec_fn=preexec_fn or self.preexec_fn)
