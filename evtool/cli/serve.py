@@ -41,7 +41,8 @@ def serve(host: str, port: int, journal: Path, token: str | None, fsync: str, ma
 
     if metrics_token is not None and (not metrics_token or metrics_token == token):
         raise ConfigError("--metrics-token must be non-empty and differ from --token")
-    lookup = StoreRevenue(lambda: config.open_store(dsn, migrate=False))
+    # The receiver is a service beside the processor: it brings a fresh database up to date, as before.
+    lookup = StoreRevenue(lambda: config.open_store(dsn, migrate=True))
     settings = ServeSettings(host=host, port=port, journal=journal, token=token, fsync=fsync == "on",
                              max_body=max_body_mb << 20, revenue_lookup=lookup, strict=strict,
                              metrics_token=metrics_token, access_log=access_log)
