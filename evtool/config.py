@@ -19,12 +19,24 @@ PORT = 8000
 URL = f"http://{HOST}:{PORT}"  # where send and status find the receiver
 TOKEN = "secret"  # the default token, accepted on loopback only
 JOURNAL = Path("server-events.jsonl")  # serve writes it, process and status read it
-HOME = Path(".evtool")  # the state directory when EVTOOL_HOME is not set
+# libpq's environment variables that choose a server, database, role or service (psql's "which
+# database"). Those that only tune a connection (PGSSLMODE, PGAPPNAME, ...) do not choose one.
+PG_VARS = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGSERVICE",
+           "PGSERVICEFILE")
 
 
 def home() -> Path:
-    """The state directory: $EVTOOL_HOME, default ./.evtool."""
-    return Path(os.environ.get("EVTOOL_HOME") or HOME)
+    """The state directory: $EVTOOL_HOME, else $XDG_DATA_HOME/evtool, else ~/.local/share/evtool.
+
+    Never the working directory: every command, from any directory, finds the same embedded
+    server and the same resume state (as log shippers keep theirs in one data directory).
+    """
+    if os.environ.get("EVTOOL_HOME"):
+        return Path(os.environ["EVTOOL_HOME"])
+    xdg = os.environ.get("XDG_DATA_HOME")
+    # The XDG spec says a relative value is invalid and is to be ignored.
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return base / "evtool"
 
 
 def pgdata() -> Path:
@@ -35,13 +47,14 @@ def pgdata() -> Path:
 def explicit_dsn(dsn: str | None = None) -> str | None:
     """The DSN the user chose, if any: --dsn, EVTOOL_DSN, DATABASE_URL, or libpq's PG* variables.
 
-    Returns "" (libpq reads PG* itself) when only PGHOST or PGDATABASE is set, and None when
-    nothing is set, meaning: use the embedded server.
+    Returns "" (libpq reads its environment itself: PGSERVICE, PGPORT, ...) when any of libpq's
+    variables naming a server, database, user or service is set, as psql would use them; None
+    when nothing is set, meaning: use the embedded server.
     """
     for candidate in (dsn, os.environ.get("EVTOOL_DSN"), os.environ.get("DATABASE_URL")):
         if candidate:
             return candidate
-    if os.environ.get("PGHOST") or os.environ.get("PGDATABASE"):
+    if any(os.environ.get(var) for var in PG_VARS):
         return ""
     return None
 
@@ -119,13 +132,20 @@ def resolve_dsn(dsn: str | None = None) -> str:
     return chosen
 
 
-def open_store(dsn: str | None = None) -> Store:
-    """A connected Store on the chosen (or embedded) database, its schema migrated."""
+def open_store(dsn: str | None = None, *, migrate: bool) -> Store:
+    """A connected Store on the chosen (or embedded) database.
+
+    Writers pass migrate=True (the missing migrations are applied); readers pass False: the
+    schema version is checked, and SchemaBehind says what to run, so a SELECT-only role reads.
+    """
     from .store import Store
 
     store = Store.connect(resolve_dsn(dsn))
     try:
-        store.migrate()
+        if migrate:
+            store.migrate()
+        else:
+            store.check_schema()
     except BaseException:
         store.close()
         raise

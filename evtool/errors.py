@@ -31,6 +31,10 @@ class DatabaseError(EvtoolError):
     """PostgreSQL refused an operation for a reason that retrying will not fix."""
 
 
+class SchemaBehind(EvtoolError):
+    """The database's schema is older than this evtool's; a reader does not migrate it."""
+
+
 class UnknownUser(EvtoolError):
     """No total is stored for this user."""
 

@@ -15,6 +15,11 @@ Rotation (README, Guarantees):
   beside it that begins with the old first line (`<name>.1`, `<name>-20261123`...) is drained
   from the old offset like a renamed journal. Lines written between logrotate's copy and its
   truncation are in neither file: that is copytruncate's own loss; prefer `create`.
+
+Running as a service, the follower outlives database outages when asked (`keep_retrying`): a
+round that fails with DatabaseUnavailable (the processor already retried for its `retry_for`)
+is tried again with capped exponential backoff until the database is back; nothing committed
+is lost, since each batch commits its offset.
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import journal
-from .errors import JournalChanged
+from .errors import DatabaseUnavailable, JournalChanged
 from .processor import MAX_REJECT_SAMPLES, FileReport, Interrupted, Processor, ProcessReport
 
 DEFAULT_POLL = 0.01  # seconds between checks of an idle journal
 QUIET = 1.0  # seconds a rotated journal must stay unchanged (and unlocked) before it is closed
 STOP_GRACE = 10.0  # seconds after a stop signal before the command leaves, whatever it is doing
+OUTAGE_BACKOFF = (1.0, 30.0)  # seconds between rounds while the database is away: first, cap
 
 
 @dataclass
@@ -59,6 +65,18 @@ class _Watched:
 
 
 Notice = Callable[[str], None]
+AppliedFn = Callable[[FileReport, int], None]
+RoundFn = Callable[[FileReport, float], None]
+
+
+@dataclass
+class _Hooks:
+    """What the caller hears: lines applied (a terminal's progress), each round that reached the
+    database (logs and metrics), and rotations (a notice)."""
+
+    on_applied: AppliedFn | None
+    on_round: RoundFn | None
+    notice: Notice
 
 
 def follow(
@@ -67,26 +85,49 @@ def follow(
     should_stop: Callable[[], bool],
     *,
     poll: float = DEFAULT_POLL,
-    on_applied: Callable[[FileReport, int], None] | None = None,
+    on_applied: AppliedFn | None = None,
     on_notice: Notice | None = None,
+    on_round: RoundFn | None = None,
+    keep_retrying: bool = False,
+    on_outage: Callable[[str | None], None] | None = None,
 ) -> ProcessReport:
     """Apply `paths` until should_stop() is true (checked between batches and polls).
 
     on_applied(file_report, events) is called after each round that applied something;
-    on_notice(message) when a journal was rotated, truncated or overwritten.
+    on_notice(message) when a journal was rotated, truncated or overwritten; on_round(this_round,
+    seconds) after every round that reached the database (its counts, reject samples, offset
+    and size are that round's). With `keep_retrying`, DatabaseUnavailable does not end the loop:
+    on_outage(message) is called once when an outage starts and on_outage(None) once the
+    database answers again.
     """
     started = time.perf_counter()
     report = ProcessReport(users=processor._users)
     watched = [_Watched(p) for p in paths]
     files: dict[str, FileReport] = {}
-    notice = on_notice or (lambda _m: None)
+    hooks = _Hooks(on_applied, on_round, on_notice or (lambda _m: None))
+    outage = False
+    delay = OUTAGE_BACKOFF[0]
     try:
         while not should_stop():
             busy = False
-            for w in watched:
-                busy |= _round(processor, w, report, files, on_applied, notice)
-                if should_stop():
-                    break
+            try:
+                for w in watched:
+                    busy |= _round(processor, w, report, files, hooks)
+                    if should_stop():
+                        break
+            except DatabaseUnavailable as exc:
+                if not keep_retrying:
+                    raise
+                if not outage and on_outage is not None:
+                    on_outage(str(exc))
+                outage = True
+                _sleep_unless(should_stop, delay)
+                delay = min(delay * 2, OUTAGE_BACKOFF[1])
+                continue
+            if outage:
+                outage, delay = False, OUTAGE_BACKOFF[0]
+                if on_outage is not None:
+                    on_outage(None)
             if not busy:
                 time.sleep(poll)
     except Interrupted:
@@ -101,11 +142,21 @@ def follow(
     return report
 
 
+def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> None:
+    """Sleep `seconds`, waking every 0.1 s to notice a stop request."""
+    end = time.monotonic() + seconds
+    while not should_stop() and time.monotonic() < end:
+        time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+
+
 def run_until_signalled(processor: Processor, paths: list[Path], *, poll: float = DEFAULT_POLL,
-                        on_applied: Callable[[FileReport, int], None] | None = None,
-                        on_notice: Notice | None = None) -> ProcessReport:
+                        on_applied: AppliedFn | None = None, on_notice: Notice | None = None,
+                        on_round: RoundFn | None = None, keep_retrying: bool = False,
+                        on_outage: Callable[[str | None], None] | None = None,
+                        tick: Callable[[], None] | None = None) -> ProcessReport:
     """`follow` until SIGINT or SIGTERM; the command always ends within STOP_GRACE seconds.
 
+    tick() is called at every check for a stop (between batches and polls: a progress log).
     A signal lets a transaction in flight commit, but ends a wait on the parse workers at once
     (nothing is open then); a second signal ends a transaction too (it rolls back). Should
     anything still hold the command STOP_GRACE seconds after the first signal, it leaves with
@@ -132,8 +183,14 @@ def run_until_signalled(processor: Processor, paths: list[Path], *, poll: float 
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return follow(processor, paths, lambda: bool(stop), poll=poll, on_applied=on_applied,
-                      on_notice=on_notice)
+        def should_stop() -> bool:
+            if tick is not None:
+                tick()
+            return bool(stop)
+
+        return follow(processor, paths, should_stop, poll=poll, on_applied=on_applied,
+                      on_notice=on_notice, on_round=on_round, keep_retrying=keep_retrying,
+                      on_outage=on_outage)
     except Interrupted:  # raised outside follow's loop (between two checks): an empty report
         return ProcessReport(users=processor._users)
     finally:
@@ -143,7 +200,7 @@ def run_until_signalled(processor: Processor, paths: list[Path], *, poll: float 
 
 
 def _round(processor: Processor, w: _Watched, report: ProcessReport, files: dict[str, FileReport],
-           on_applied: Callable[[FileReport, int], None] | None, notice: Notice) -> bool:
+           hooks: _Hooks) -> bool:
     """Apply what is new in one watched journal and its rotated files; True if anything was."""
     try:
         st = os.stat(w.path)
@@ -154,12 +211,12 @@ def _round(processor: Processor, w: _Watched, report: ProcessReport, files: dict
     if w.file is not None and inode != w.inode:
         # Renamed away, deleted or replaced: a writer may still append to it; drain it until quiet.
         moved = journal.find_rotated(w.path, w.file) or w.path
-        notice(f"{w.path} was rotated{f' to {moved}' if moved != w.path else ''}: "
+        hooks.notice(f"{w.path} was rotated{f' to {moved}' if moved != w.path else ''}: "
                "draining it until its writer has left it")
         w.retired.append(_Retired(w.file, moved))
         w.file, w.inode, w.seen_size, w.fp = None, None, -1, None
     for r in list(w.retired):
-        applied += _drain(processor, w, r, report, files, on_applied)
+        applied += _drain(processor, w, r, report, files, hooks)
     if st is None:
         return applied > 0
     if w.file is None:
@@ -168,12 +225,12 @@ def _round(processor: Processor, w: _Watched, report: ProcessReport, files: dict
     if st.st_size != w.seen_size:
         fp = journal.fingerprint(w.file)
         if w.fp is not None and fp != w.fp:
-            _copytruncated(w, notice)
+            _copytruncated(w, hooks.notice)
         w.fp = fp  # after a change: the new file's (None while empty); the copy drains on its own
         try:
-            n = _apply(processor, w.file, w.path, report, files, on_applied)
+            n = _apply(processor, w.file, w.path, report, files, hooks)
         except JournalChanged as exc:
-            notice(f"{exc}; reading {w.path} again")
+            hooks.notice(f"{exc}; reading {w.path} again")
             w.seen_size = -1  # look again next round: it may now be a new journal
             return True
         applied += n
@@ -195,7 +252,7 @@ def _copytruncated(w: _Watched, notice: Notice) -> None:
 
 
 def _drain(processor: Processor, w: _Watched, r: _Retired, report: ProcessReport,
-           files: dict[str, FileReport], on_applied: Callable[[FileReport, int], None] | None) -> int:
+           files: dict[str, FileReport], hooks: _Hooks) -> int:
     """Apply what a rotated file gained; close it once quiet and no writer holds its lock."""
     unlocked = _unlocked(r.file)  # first: a writer that has left finished its last write before
     size = journal.size(r.file)
@@ -203,7 +260,7 @@ def _drain(processor: Processor, w: _Watched, r: _Retired, report: ProcessReport
     if size != r.size:
         r.size, r.since = size, now
         try:
-            return _apply(processor, r.file, r.path, report, files, on_applied)
+            return _apply(processor, r.file, r.path, report, files, hooks)
         except JournalChanged:
             r.size = -1  # changed again under the batch: look next round
             return 0
@@ -224,14 +281,17 @@ def _unlocked(f: BinaryIO) -> bool:
 
 
 def _apply(processor: Processor, f: BinaryIO, path: Path, report: ProcessReport,
-           files: dict[str, FileReport], on_applied: Callable[[FileReport, int], None] | None) -> int:
+           files: dict[str, FileReport], hooks: _Hooks) -> int:
     fr = FileReport(str(path))
+    t0 = time.perf_counter()
     try:
         processor.process_open(f, str(path.resolve()), fr)
     finally:
         n = _add(report, files, fr)
-    if n and on_applied:
-        on_applied(files[fr.path], n)
+    if hooks.on_round is not None:
+        hooks.on_round(fr, time.perf_counter() - t0)
+    if n and hooks.on_applied:
+        hooks.on_applied(files[fr.path], n)
     return n
 
 

@@ -41,11 +41,13 @@ def console(err: bool = False) -> Any:
 
 
 def table_console() -> Any:
-    """The console for rich tables: on a pipe, wide enough that no cell wraps."""
+    """The console for rich tables: on a pipe, $COLUMNS wide, else wide enough that no cell wraps."""
+    import os
+
     from rich.console import Console
 
     out = Console(highlight=False, soft_wrap=True)
-    if not out.is_terminal:
+    if not out.is_terminal and not os.environ.get("COLUMNS"):
         out.width = 200
     return out
 
@@ -122,8 +124,9 @@ def progress_bar(console: Any, verb: str) -> Iterator[Callable[[str, int, int | 
         yield update
 
 
-def process_summary(console: Any, report) -> None:
-    for f in report.files:
+def process_summary(console: Any, report, *, samples: bool = True) -> None:
+    """The end of `process`; `samples` False when each reject was logged as it was recorded."""
+    for f in report.files if samples else ():
         if f.waiting:
             console.print(f"{f.path}: nothing to apply ({f.waiting})")
         for line, reason in f.reject_samples:
@@ -191,14 +194,6 @@ def reapply_dict(rep) -> dict[str, Any]:
 # -- status, report, rejects --------------------------------------------------------------
 
 
-def _ago(t: datetime | None, now: datetime) -> str:
-    if t is None:
-        return "never"
-    secs = max(0, int((now - t).total_seconds()))
-    span = f"{secs} s" if secs < 120 else f"{secs // 60} min" if secs < 7200 else f"{secs // 3600} h"
-    return f"{t.astimezone():%Y-%m-%d %H:%M:%S} ({span} ago)"
-
-
 def _short(path: str) -> str:
     """A path relative to the working directory when it is under it."""
     try:
@@ -211,16 +206,44 @@ def _n(v: int | None) -> str:
     return "-" if v is None else f"{v:,}"
 
 
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _since(t: datetime | None, now: datetime) -> str:
+    """`12:03:04 (5 s ago)`: short enough never to wrap at 80 columns."""
+    if t is None:
+        return "never"
+    secs = max(0, int((now - t).total_seconds()))
+    span = f"{secs} s" if secs < 120 else f"{secs // 60} min" if secs < 7200 else f"{secs // 3600} h"
+    day = "%H:%M:%S" if secs < 86400 else "%Y-%m-%d %H:%M"
+    return f"{t.astimezone():{day}} ({span} ago)"
+
+
+def _rate(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}/s"
+
+
 def status_view(s: dict[str, Any]):
-    """The status snapshot as rich renderables (a table of journals between two lines)."""
-    from rich import box
+    """The status snapshot as rich renderables: a few labelled lines, then a block per journal.
+
+    Lines, not a wide table: every figure is whole at 80 columns (a table squeezed to that
+    width cut numbers to `624,…` and wrapped times); only a long path wraps, on its own line.
+    """
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     db = s["database"]
     where = f"{db['kind']} {db['dsn']}" if db["dsn"] else db["kind"]
-    if db["reachable"]:
+    if db["reachable"] and db.get("schema"):
+        db_line = Text.assemble("database  ", (f"{where}: reachable", "green"),
+                                f" (PostgreSQL {db['version']}); ", (db["schema"], "red"))
+    elif db["reachable"]:
         db_line = Text.assemble("database  ", (f"{where}: reachable", "green"),
                                 f" (PostgreSQL {db['version']})")
     else:
@@ -232,27 +255,30 @@ def status_view(s: dict[str, Any]):
         rx_line = Text.assemble("receiver  ", (f"{r['url']}: unhealthy", "red"), f" ({r['error']})")
     else:
         rx_line = Text.assemble("receiver  ", (f"{r['url']}: not answering", "yellow"))
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for name, justify in (("journal", "left"), ("state", "left"), ("size", "right"),
-                          ("processed", "right"), ("lag bytes", "right"), ("lag lines", "right"),
-                          ("applied", "right"), ("dups", "right"), ("rejected", "right"),
-                          ("last processed", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    t = s["totals"]
+    parts: list[Any] = [db_line, rx_line]
+    rates = s.get("rates")
+    if rates is not None:
+        parts.append(Text(f"rates     accepted {_rate(rates['accepted_per_s'])}  "
+                          f"applied {_rate(rates['applied_per_s'])}"))
+    parts.append(Text(f"totals    applied {_n(t['applied'])}  dups {_n(t['duplicates'])}  "
+                      f"rejected {_n(t['rejected'])}  lag {_n(t['lag_lines'])} lines"))
+    if not s["journals"]:
+        parts.append(Text("no journals: none known to the database, and no ./server-events.jsonl"))
     style = {"ok": "green", "rotated": "yellow", "new": "yellow", "waiting": "yellow"}
     for j in s["journals"]:
         rejected = _n(j["rejected"])
         if j["rejects_pending"]:
             rejected += f" ({j['rejects_pending']:,} pending)"
         lag_style = "yellow" if j["lag_lines"] else ""
-        table.add_row(_short(j["path"]), Text(j["state"], style.get(j["state"], "red")), _n(j["size"]),
-                      _n(j["offset"]), Text(_n(j["lag_bytes"]), lag_style),
-                      Text(_n(j["lag_lines"]), lag_style),
-                      _n(j["applied"]), _n(j["duplicates"]), rejected, _ago(j["last_processed"], s["time"]))
-    parts: list[Any] = [db_line, rx_line]
-    if s["journals"]:
-        parts += [Text(""), table]
-    else:
-        parts.append(Text("no journals: none known to the database, and no ./server-events.jsonl"))
+        parts.append(Text(""))
+        parts.append(Text.assemble((_short(j["path"]), "bold"), "  ",
+                                   (j["state"], style.get(j["state"], "red"))))
+        parts.append(Text(f"  applied {_n(j['applied'])}  dups {_n(j['duplicates'])}  rejected {rejected}"))
+        parts.append(Text.assemble("  lag ", (f"{_n(j['lag_lines'])} lines, {_bytes(j['lag_bytes'])}",
+                                              lag_style),
+                                   f"  processed {_bytes(j['offset'])} of {_bytes(j['size'])}"))
+        parts.append(Text(f"  last processed {_since(j['last_processed'], s['time'])}"))
     return Group(*parts)
 
 

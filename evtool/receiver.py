@@ -1,9 +1,11 @@
 """`evtool serve`: the HTTP receiver that appends accepted events to the journal (design section 7).
 
 Routes: `POST /liveEvent` (one JSON object, a JSON array or NDJSON), `GET /userEvents/<userId>`,
-`GET /healthz`, `GET /metrics` (Prometheus text format; the token is needed, as on data routes),
-and the live web page `GET /` with its JSON routes under /api/ (see `webview`). Every answer but
-/metrics and the page is JSON; every error is `{"error": "<sentence>"}`, aiohttp's own errors
+`GET /healthz` and `GET /readyz` (can write the journal, not shutting down), `GET /livez` (the
+loop answers), `GET /metrics` (Prometheus text format; the token, or the metrics token, which
+can do nothing else), and the live web page `GET /` with its JSON routes under /api/ (see
+`webview`). The probes need no token. Every answer but /metrics and the page is JSON; every
+error is `{"error": "<sentence>"}`, aiohttp's own errors
 included (unknown route, wrong method, body too large, malformed HTTP).
 
 Tokens: the token opens every route; the read token (optional) opens GET routes only, so a
@@ -34,6 +36,7 @@ import resource
 import signal
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -153,6 +156,8 @@ class ServeSettings:
     strict: bool = False  # events.validate without normalization (no user_id alias, no string values)
     # What GET /api/status takes snapshots with (`status --json`); the app closes it. None -> 503.
     status_probe: StatusProbe | None = None
+    metrics_token: str | None = None  # may GET /metrics, nothing else
+    access_log: bool = False  # one log line per request (logger aiohttp.access)
 
 
 def is_loopback(host: str) -> bool:
@@ -211,6 +216,8 @@ class _ShuttingDown(Exception):
 
 _BODY_STATUS: dict[type[BodyRefused], int] = {BodyMalformed: 400, BodyInvalid: 422, BodyTooLong: 413,
                                               KeyReused: 422}
+_REJECT_REASONS = {400: "malformed", 413: "too_large", 422: "invalid"}  # POST /liveEvent refusals
+PROBES = frozenset({"/healthz", "/livez", "/readyz"})  # answered without a token
 
 
 def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: int) -> str:
@@ -237,6 +244,7 @@ class _Receiver:
         self.s = s
         self.token = check_settings(s).encode()
         self.read_token = s.read_token.encode() if s.read_token is not None else None
+        self.metrics_token = s.metrics_token.encode() if s.metrics_token else None
         self.intake = Intake(max_line=s.max_line, strict=s.strict, fresh_id=receiver_ids())
         self._reading: set[StreamReader] = set()  # bodies being read
         self._stopping = False
@@ -258,22 +266,30 @@ class _Receiver:
             return "write"
         if self.read_token is not None and hmac.compare_digest(sent, self.read_token):
             return "read"
+        # The scrape credential opens GET /metrics only: a leaked scrape config cannot post events.
+        if (self.metrics_token is not None and request.path == "/metrics"
+                and hmac.compare_digest(sent, self.metrics_token)):
+            return "read"
         return None
 
     @web.middleware
     async def counting(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Count answers by method, route pattern and status (outermost: sees every answer)."""
+        """Count answers by method, route pattern and status, and time them (outermost: sees every answer)."""
+        started = time.perf_counter()
         resp = await handler(request)
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "other"
-        request.app[METRICS_KEY].request(request.method, route, resp.status)
+        metrics = request.app[METRICS_KEY]
+        metrics.request(request.method, route, resp.status, time.perf_counter() - started)
+        if route == "/liveEvent" and resp.status in _REJECT_REASONS:
+            metrics.rejected(_REJECT_REASONS[resp.status])
         return resp
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Auth on every route but /healthz and the page's files, and every error as a JSON sentence."""
+        """Auth on every route but the probes and the page's files, and every error as a JSON sentence."""
         try:
-            if request.path != "/healthz" and request.path not in webview.PUBLIC_PATHS:
+            if request.path not in PROBES and request.path not in webview.PUBLIC_PATHS:
                 access = self.access(request)
                 if access is None:
                     return _error(
@@ -358,6 +374,10 @@ class _Receiver:
         finally:
             self._reading.discard(request.content)
 
+    def stopping(self) -> None:
+        """Told to stop: not ready any more (the readiness probe answers 503)."""
+        self._stopping = True
+
     async def on_shutdown(self, app: web.Application) -> None:
         """Listening has stopped: refuse requests whose body is still arriving (aiohttp no longer
         reads it), so they fail now rather than at their timeout; requests already appending finish."""
@@ -417,12 +437,23 @@ class _Receiver:
         return _error(503, f"cannot write the journal: {appender.last_error}",
                       {"Retry-After": "1", **self.receiver_id})
 
+    async def livez(self, request: web.Request) -> web.Response:
+        """The event loop answers: a full disk is not a reason to restart the receiver."""
+        return _json(200, {"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready for events: the journal can be written and the server is not shutting down."""
+        if self._stopping:
+            return _error(503, "shutting down")
+        return await self.healthz(request)
+
 
 SETTINGS_KEY = web.AppKey("settings", ServeSettings)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 APPENDER_KEY = web.AppKey("appender", JournalAppender)
 LOOKUPS_KEY = web.AppKey("lookups", ThreadPoolExecutor)
 WEBVIEW_KEY = web.AppKey("webview", webview.WebView)
+RECEIVER_KEY = web.AppKey("receiver", _Receiver)
 
 
 async def _journal(app: web.Application) -> AsyncIterator[None]:
@@ -465,6 +496,7 @@ def make_app(s: ServeSettings) -> web.Application:
     r = _Receiver(s)
     app = web.Application(client_max_size=s.max_body, middlewares=[r.counting, r.middleware])
     app[SETTINGS_KEY] = s
+    app[RECEIVER_KEY] = r
     app[METRICS_KEY] = Metrics()
     app.cleanup_ctx.append(_journal)
     app.cleanup_ctx.append(_revenue)
@@ -472,6 +504,8 @@ def make_app(s: ServeSettings) -> web.Application:
     app.router.add_post("/liveEvent", r.live_event)
     app.router.add_get("/userEvents/{user_id:.+}", r.user_events)
     app.router.add_get("/healthz", r.healthz)
+    app.router.add_get("/livez", r.livez)
+    app.router.add_get("/readyz", r.readyz)
     app.router.add_get("/metrics", r.metrics_text)
     reader = s.revenue_lookup if isinstance(s.revenue_lookup, StoreRevenue) else None
     app[WEBVIEW_KEY] = webview.WebView(reader, s.status_probe, r.itself)
@@ -589,10 +623,13 @@ def connection_cap(open_files: int) -> int:
     return max(8, open_files - RESERVED_FILES)
 
 
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i"'  # the logger adds the time
+
+
 async def start_runner(app: web.Application, host: str, port: int, *,
                        shutdown_timeout: float = 60.0, idle_timeout: float = 30.0,
-                       head_timeout: float | None = None, max_connections: int | None = None
-                       ) -> web.AppRunner:
+                       head_timeout: float | None = None, max_connections: int | None = None,
+                       access_log: bool = False) -> web.AppRunner:
     """Start serving `app` on host:port (0 picks a free port); return the runner to clean up.
 
     A connection that has not sent a complete request head for `idle_timeout` seconds (a client
@@ -602,8 +639,10 @@ async def start_runner(app: web.Application, host: str, port: int, *,
     # the client sees the answer; short, because it also delays shutdown. keepalive_timeout is
     # aiohttp's idle limit, which also runs from the start of a connection: its default (an
     # hour) let slow-header clients hold connections open.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
-                           lingering_time=2.0, keepalive_timeout=idle_timeout)
+    runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if access_log else None,
+                           access_log_format=ACCESS_LOG_FORMAT, handle_signals=False,
+                           shutdown_timeout=shutdown_timeout, lingering_time=2.0,
+                           keepalive_timeout=idle_timeout)
     await runner.setup()
     if type(runner.server) is Server:
         runner.server.__class__ = _JSONErrorServer
@@ -630,7 +669,7 @@ async def _serve(s: ServeSettings, on_ready: Callable[[str], None] | None) -> No
     app = make_app(s)
     cap = s.max_connections or connection_cap(raise_open_file_limit())
     runner = await start_runner(app, s.host, s.port, shutdown_timeout=s.request_timeout + 5,
-                                idle_timeout=s.request_timeout,
+                                idle_timeout=s.request_timeout, access_log=s.access_log,
                                 head_timeout=min(s.head_timeout, s.request_timeout), max_connections=cap)
     appender = app[APPENDER_KEY]
     loop = asyncio.get_running_loop()
@@ -654,6 +693,7 @@ async def _serve(s: ServeSettings, on_ready: Callable[[str], None] | None) -> No
                 on_ready(f"cut a partial last line ({appender.dropped_tail} bytes) off {s.journal}: a write "
                          "cut short by a crash, never acknowledged")
         await stop.wait()
+        app[RECEIVER_KEY].stopping()  # /readyz says 503 from now on
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -2,7 +2,7 @@
 
 Plain functions over a Store that return plain data (dataclasses with a `to_dict()`, dicts,
 tuples, Decimals); evtool.output renders them for people (rich) or for scripts (JSON, CSV).
-Nothing here writes, except `migrate` done by whoever opened the Store.
+Nothing here writes: readers check the schema version (Store.check_schema), never migrate.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import orjson
 
 from . import journal
 from .config import mask_dsn
-from .errors import EvtoolError
+from .errors import EvtoolError, SchemaBehind
 from .store import Store, path_of_text, path_text
 
 READ_BYTES = 1 << 20  # counting lag lines streams the file this much at a time
@@ -333,6 +333,9 @@ class Snapshot:
     receiver: dict[str, Any]  # url, reachable, healthy, error
     journals: list[dict[str, Any]]  # see journal_status
     totals: dict[str, int]
+    # accepted_per_s (lines arriving in the journals) and applied_per_s, since the previous
+    # snapshot of the same probe; None for the first one (a rate needs two samples)
+    rates: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -351,13 +354,14 @@ class StatusProbe:
         self.url = url
         self.timeout = timeout
         self.store: Store | None = None
+        self._previous: tuple[datetime, int, int] | None = None  # (time, lines accepted, applied)
 
     def _database(self) -> dict[str, Any]:
         from . import embedded
 
         choice = embedded.choose(self.dsn, start=False)
         db: dict[str, Any] = {"kind": choice.kind, "dsn": None,
-                              "reachable": False, "version": None, "error": None}
+                              "reachable": False, "version": None, "error": None, "schema": None}
         if choice.dsn is None:
             db["error"] = "the embedded server is not running (evtool db start starts it)"
             self.close()
@@ -368,8 +372,11 @@ class StatusProbe:
             if self.store is None or self.store.conn.closed:
                 self.close()
                 self.store = Store.connect(url)
-                self.store.migrate()
             db.update(reachable=True, version=server_version(self.store))
+            self.store.check_schema()
+        except SchemaBehind as exc:
+            self.close()  # reachable, but without the tables the figures need
+            db["schema"] = str(exc)
         except EvtoolError as exc:
             self.close()
             db["error"] = str(exc)
@@ -384,10 +391,21 @@ class StatusProbe:
             self.close()
             db.update(reachable=False, version=None, error=str(exc))
             journals = journal_status(None, self.paths)
+        now = datetime.now(UTC)
+        sums = totals(journals)
+        # Every line in a journal was accepted by a receiver: applied, duplicate, rejected or lagging.
+        sample = (now, sums["applied"] + sums["duplicates"] + sums["rejected"] + sums["lag_lines"],
+                  sums["applied"])
+        rates = None
+        if self._previous is not None and db["reachable"] and (now - self._previous[0]).total_seconds() > 0:
+            secs = (now - self._previous[0]).total_seconds()
+            rates = {"accepted_per_s": max(0.0, (sample[1] - self._previous[1]) / secs),
+                     "applied_per_s": max(0.0, (sample[2] - self._previous[2]) / secs)}
+        self._previous = sample if db["reachable"] else None
         if receiver is None:
             receiver = receiver_status(self.url, self.timeout)
-        return Snapshot(time=datetime.now(UTC), database=db, receiver=receiver,
-                        journals=journals, totals=totals(journals))
+        return Snapshot(time=now, database=db, receiver=receiver, journals=journals, totals=sums,
+                        rates=rates)
 
     def close(self) -> None:
         if self.store is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -66,7 +67,7 @@ class SendSettings:
     connections: int = 4
     from_start: bool = False
     max_retries: int = 8
-    state_dir: Path = config.HOME
+    state_dir: Path = field(default_factory=config.home)
     timeout: float = 30.0
     strict: bool = False  # events.validate without normalization
 
@@ -87,6 +88,7 @@ class SendReport:
     already_sent: int = 0  # lines before the resume point, not read again
     retried: int = 0
     failed: int = 0
+    retryable: int = 0  # of `failed`, those that failed only for transient reasons (retrying may work)
     seconds: float = 0.0
     invalid_lines: list[tuple[int, str]] = field(default_factory=list)
     new_source_reason: str | None = None
@@ -183,8 +185,10 @@ def send(
         raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         resolved = str(path.resolve())
-        url = settings.url.rstrip("/")
-        receiver = receiver_id(url, min(settings.timeout, 5.0))
+        # the state is per source and destination: the receivers, as URLs and as the ids they
+        # give (one of each for a single receiver)
+        url = " ".join(settings.receivers)
+        receiver = " ".join(receiver_id(u, min(settings.timeout, 5.0)) for u in settings.receivers)
         store = StateStore(settings.state_dir, source_id(first_line(f)), url, resolved, receiver)
         store.lock()
         try:
@@ -440,6 +444,7 @@ class _Run:
                         self.unreachable = reason
                     self.stop(f"the receiver still failed after {self.s.max_retries} retries: {reason}")
                     report.failed += n
+                    report.retryable += n
                     return n
                 attempt += 1
                 report.retried += 1
@@ -511,6 +516,8 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, aiohttp.ClientConnectorError):
         err = exc.os_error
+        if isinstance(err, socket.gaierror):  # getaddrinfo's codes are not errnos ("unknown error -2")
+            return f"cannot resolve the host {exc.host!r}: {err.strerror or err}"
         if err is not None and err.errno:
             return os.strerror(err.errno).lower()  # "connection refused", not asyncio's wording
         return str(err or exc)

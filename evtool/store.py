@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from .config import mask_secrets
-from .errors import DatabaseError, DatabaseUnavailable
+from .errors import DatabaseError, DatabaseUnavailable, SchemaBehind
 from .events import format_value
 
 # Package data, so a wheel carries it: read through importlib.resources, never a path beside the checkout.
@@ -126,13 +126,36 @@ class Store:
 
     # -- schema ------------------------------------------------------------------------
 
+    def schema_versions(self) -> tuple[int, int]:
+        """(the version the database is at, 0 for none; the version this evtool needs). Reads only."""
+        want = _version(migration_files()[-1])
+        with translated():
+            row = self.conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+            if not (row and row[0]):
+                return 0, want
+            row = self.conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+        return (row[0] if row else 0), want
+
+    def check_schema(self) -> None:
+        """Raise SchemaBehind, saying what to run, when the database lacks migrations this evtool needs.
+
+        What readers call instead of migrate: a SELECT-only role can read, and reading never writes.
+        """
+        have, want = self.schema_versions()
+        if have >= want:
+            return
+        if have == 0:
+            raise SchemaBehind("the database has no evtool tables yet: run `evtool db migrate` "
+                               "(or `evtool process`, which creates them)")
+        raise SchemaBehind(f"the database schema is at version {have}, this evtool needs {want}: "
+                           "run `evtool db migrate` as a role that may create tables")
+
     def migrate(self) -> list[str]:
         """Apply the numbered files in evtool/sql/ that are not applied yet; return their names."""
-        found = SQL_DIR.iterdir() if SQL_DIR.is_dir() else ()
-        files = sorted((f for f in found if f.name[:1].isdigit() and f.name.endswith(".sql")),
-                       key=lambda f: f.name)
-        if not files:
-            raise DatabaseError(f"no migrations found in {SQL_DIR}")
+        files = migration_files()
+        have, want = self.schema_versions()
+        if have >= want:
+            return []  # up to date: take no lock, create nothing (a role without CREATE gets here)
         done: list[str] = []
         with translated(), self.conn.transaction():
             # One migrator at a time, even when several commands start together.
@@ -144,7 +167,7 @@ class Store:
             )
             have = {r[0] for r in self.conn.execute("SELECT version FROM schema_migrations")}
             for f in files:
-                version = int(f.name.split("_", 1)[0])
+                version = _version(f)
                 if version in have:
                     continue
                 self.conn.execute(f.read_text())
@@ -545,6 +568,20 @@ class Store:
 PERIOD_FORMATS = {"hour": 'YYYY-MM-DD"T"HH24":00Z"', "day": "YYYY-MM-DD", "week": "YYYY-MM-DD",
                   "month": "YYYY-MM"}
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def migration_files() -> list[Any]:
+    """The numbered migrations (package data: importlib.resources Traversables), in order."""
+    found = SQL_DIR.iterdir() if SQL_DIR.is_dir() else ()
+    files = sorted((f for f in found if f.name[:1].isdigit() and f.name.endswith(".sql")),
+                   key=lambda f: f.name)
+    if not files:
+        raise DatabaseError(f"no migrations found in {SQL_DIR}")
+    return files
+
+
+def _version(f: Any) -> int:
+    return int(f.name.split("_", 1)[0])
 
 
 def _filters(prefix: str | None, since: datetime | None, until: datetime | None,

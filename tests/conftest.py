@@ -26,6 +26,7 @@ import psycopg
 import pytest
 
 from evtool import embedded
+from evtool.config import PG_VARS
 
 ROOT = Path(__file__).resolve().parent.parent
 # A copy of shared/tools/gen_events.py, kept here so a bare clone can run the tests.
@@ -59,7 +60,7 @@ def dsn(pg_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     url = _with_db(pg_server, name)
     monkeypatch.setenv("EVTOOL_DSN", url)
     monkeypatch.setenv("EVTOOL_HOME", str(tmp_path / "home"))
-    for var in ("DATABASE_URL", "PGHOST", "PGDATABASE", "EVTOOL_TOKEN", "EVTOOL_URL"):
+    for var in ("DATABASE_URL", *PG_VARS, "EVTOOL_TOKEN", "EVTOOL_URL"):
         monkeypatch.delenv(var, raising=False)
     yield url
     with psycopg.connect(pg_server, autocommit=True) as conn:
@@ -117,7 +118,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 20) -> bool:
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 60) -> bool:
     """Poll `url`/healthz until it answers 200; False when `proc` exits or `timeout` passes first."""
     deadline = time.monotonic() + timeout
     while True:
@@ -177,7 +178,7 @@ class Serve:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, *, preexec_fn=None, timeout: float = 20) -> Serve:
+    def start(self, *, preexec_fn=None, timeout: float = 60) -> Serve:
         self.starts += 1
         self.proc = start(evtool_cmd("serve", "--port", str(self.port), *self.args), self.workdir,
                           self.log, self.env, preexec_fn=preexec_fn or self.preexec_fn)

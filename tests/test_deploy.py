@@ -122,3 +122,55 @@ def test_systemd_analyze_verify_reports_nothing(tmp_path):
     about_ours = [line for line in (verified.stdout + verified.stderr).splitlines()
                   if any(u.name in line for u in UNITS.values())]
     assert verified.returncode == 0 and not about_ours, verified.stdout + verified.stderr
+
+
+def test_grafana_dashboard_queries_name_metrics_that_exist(dsn, tmp_path):
+    """Scrape a real `serve` and a real `process --follow --metrics`: every metric a dashboard
+    query names is in one of the two expositions (a renamed metric would blank a panel)."""
+    import json
+    import signal
+    import time
+    import urllib.request
+
+    from evtool.config import TOKEN
+
+    from .conftest import Serve, event_line, evtool_cmd, free_port, http
+
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs.append(dashboard["templating"]["list"][0]["query"])
+    named = {m for e in exprs for m in re.findall(r"\b((?:evtool|process)_[a-z_]+)\b", e)}
+    assert len(named) >= 15 and all(p["targets"] for p in dashboard["panels"])
+
+    def names(url: str, token: str) -> set[str]:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            text = resp.read().decode()
+        return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
+
+    port = free_port()
+    with Serve(tmp_path, "--journal", str(tmp_path / "server-events.jsonl")) as serve:
+        auth = {"Authorization": TOKEN}
+        assert http(f"{serve.url}/liveEvent", "POST", event_line("u1", "1"), auth)[0] == 200
+        assert http(f"{serve.url}/liveEvent", "POST", b'{"userId": ""}', auth)[0] == 422
+        with open(tmp_path / "follow.log", "wb") as log:
+            proc = subprocess.Popen(evtool_cmd("process", "--follow", "--metrics", f"127.0.0.1:{port}"),
+                                    cwd=tmp_path, stdout=log, stderr=log)
+        try:
+            exposed: set[str] = set()
+            for _ in range(3000):  # until the processor committed its first batch (a bound on polls)
+                try:
+                    exposed = names(f"http://127.0.0.1:{port}/metrics", "")
+                except OSError:
+                    exposed = set()
+                if "evtool_process_batch_duration_seconds_bucket" in exposed and \
+                        "evtool_process_lag_lines" in exposed:
+                    break
+                assert proc.poll() is None, (tmp_path / "follow.log").read_text()
+                time.sleep(0.01)
+            exposed |= names(f"{serve.url}/metrics", TOKEN)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+    missing = sorted(n for n in named if n not in exposed)
+    assert not missing, f"the dashboard names metrics nobody exposes: {missing}"

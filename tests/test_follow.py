@@ -22,7 +22,7 @@ def total(dsn: str, user: str) -> Decimal | None:
     return None if row is None else row[0]
 
 
-def wait_for(dsn: str, user: str, want: Decimal, timeout: float = 20) -> float:
+def wait_for(dsn: str, user: str, want: Decimal, timeout: float = 120) -> float:
     """Seconds until `user`'s total is `want`."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:

@@ -103,6 +103,9 @@ def test_time_window_uses_what_was_applied_in_it(dsn, tmp_path):
 
 
 def test_empty_database(dsn):
+    never = run("report", "--json")  # no evtool tables: a reader says what to run, creates nothing
+    assert never.exit_code == 1 and "evtool db migrate" in never.output
+    assert run("db", "migrate").exit_code == 0
     r = json.loads(run("report", "--json").output)
     assert r["revenue"] == 0 and r["users"] == 0 and r["top"] == [] and r["bottom"] == []
     assert run("report", "--json", "--csv").exit_code == 2

@@ -13,6 +13,7 @@ from evtool.cli import cli
 from evtool.processor import process
 from evtool.reports import count_lines, mask_dsn
 
+from .conftest import evtool
 from .test_pipeline import free_port
 
 DEAD_URL = "http://127.0.0.1:9"  # discard port: nothing answers
@@ -42,7 +43,8 @@ def test_json_has_the_processors_figures_and_lag(dsn, workdir):
     result = run("status", "--json", "--url", DEAD_URL)
     assert result.exit_code == 0, result.output
     s = json.loads(result.output)
-    assert set(s) == {"time", "database", "receiver", "journals", "totals"}
+    assert set(s) == {"time", "database", "receiver", "journals", "totals", "rates"}
+    assert s["rates"] is None  # one snapshot: a rate needs two
     assert s["database"]["reachable"] is True and s["database"]["kind"] == "dsn"
     assert s["database"]["version"] and s["database"]["error"] is None
     assert s["receiver"] == {"url": DEAD_URL, "reachable": False, "healthy": False,
@@ -67,11 +69,28 @@ def test_table_for_people(dsn, workdir):
     lines = result.output.splitlines()
     assert lines[0].startswith("database  dsn postgresql://") and ": reachable (PostgreSQL " in lines[0]
     assert lines[1] == f"receiver  {DEAD_URL}: not answering"
-    assert lines[3].split() == ["journal", "state", "size", "processed", "lag", "bytes", "lag", "lines",
-                                "applied", "dups", "rejected", "last", "processed"]
-    row = lines[5].split()
-    assert row[:9] == ["server-events.jsonl", "ok", "153", "153", "0", "0", "3", "0", "0"]
-    assert row[-2:] == ["s", "ago)"]
+    assert lines[2] == "totals    applied 3  dups 0  rejected 0  lag 0 lines"
+    assert lines[4:7] == ["server-events.jsonl  ok", "  applied 3  dups 0  rejected 0",
+                          "  lag 0 lines, 0 B  processed 153 B of 153 B"]
+    assert lines[7].startswith("  last processed ") and lines[7].endswith(" s ago)")
+
+
+def test_readable_at_80_columns(dsn, tmp_path):
+    """A real terminal width: whole numbers (not `624,…`), times on one line (item 10.5)."""
+    journal = tmp_path / "a-journal-with-a-rather-long-name-for-the-width.jsonl"
+    journal.write_text("".join(ev(f"u{i % 50}", 1) for i in range(123_456 // 100)) + "bad\n")
+    process(dsn, [journal])
+    with open(journal, "a") as f:
+        f.write(ev("late", 1) * 7)
+    r = evtool("status", str(journal), "--url", DEAD_URL, cwd=tmp_path, env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "…" not in r.stdout
+    assert all(len(line) <= 80 for line in lines[1:]), lines  # the first holds the DSN
+    assert "  applied 1,234  dups 0  rejected 1 (1 pending)" in lines
+    assert any(line.startswith("  lag 7 lines, ") for line in lines)
+    [last] = [line for line in lines if line.startswith("  last processed ")]
+    assert last.endswith(" s ago)")
 
 
 def test_new_missing_and_renamed_journals(dsn, workdir):
@@ -152,6 +171,8 @@ def test_watch_refreshes_until_ctrl_c(dsn, workdir, monkeypatch):
     assert result.exit_code == 0, result.output
     assert calls == [0.5, 0.5]
     assert "evtool status, every 0.5 s" in result.output
+    # from the second frame on, rates between frames (vector top's accepted/s, applied/s)
+    assert "rates     accepted 0/s  applied 0/s" in result.output
     assert run("status", "--watch", "--json").exit_code == 2
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 # Importing each command module registers its command on the group.
 from . import db, process, rejects, report, revenue, send, serve, status  # noqa: F401
-from .base import cli
+from .base import cli, finish
+
+finish(cli)
 
 __all__ = ["cli", "main"]
 

@@ -12,7 +12,32 @@ from .base import cli, dsn_option
 
 @cli.group()
 def db() -> None:
-    """Manage the embedded PostgreSQL (under $EVTOOL_HOME/pg)."""
+    """The database: migrate or check its schema; the embedded PostgreSQL (under the state directory)."""
+
+
+@db.command("migrate")
+@dsn_option
+@click.option("--check", is_flag=True,
+              help="Change nothing: exit 1 (saying what is missing) when the schema is behind.")
+def db_migrate(dsn: str | None, check: bool) -> None:
+    """Bring the database's schema up to this evtool's (writers do it themselves; readers never do).
+
+    Run it once as a role that may create tables; then a SELECT-only role can run `revenue`,
+    `report`, `status` and `rejects`.
+    """
+    from .. import config
+    from ..store import Store
+
+    with Store.connect(config.resolve_dsn(dsn)) as store:
+        if check:
+            store.check_schema()  # SchemaBehind: one line, exit 1
+            have, _ = store.schema_versions()
+            click.echo(f"schema up to date (version {have})")
+            return
+        done = store.migrate()
+        have, _ = store.schema_versions()
+    click.echo(f"applied {', '.join(done)}; schema at version {have}" if done
+               else f"schema up to date (version {have})")
 
 
 @db.command("status")

@@ -40,7 +40,7 @@ def rejects(dsn: str | None, reason: str | None, file: Path | None, limit: int, 
     from ..reports import rejects as list_rejects
 
     out = console()
-    store = config.open_store(dsn)
+    store = config.open_store(dsn, migrate=False)
     n = 0
     try:
         for r in list_rejects(store, reason=reason, path=file, limit=limit,
@@ -61,7 +61,7 @@ def _reapply(dsn: str | None, reason: str | None, file: Path | None, strict: boo
     from ..output import console, print_json, reapply_dict, reapply_summary
     from ..rejects import reapply
 
-    store = config.open_store(dsn)
+    store = config.open_store(dsn, migrate=True)
     try:
         rep = reapply(store, reason=reason, path=file, strict=strict)
     finally:

@@ -86,7 +86,7 @@ def report(dsn: str | None, top: int, prefix: str | None, by: str | None, since:
         raise click.UsageError("--window reports the last minutes up to now: it takes no other time option")
     if by and (applied_since or applied_until):
         raise click.UsageError("--by is per period of event time: filter it with --since/--until")
-    store = config.open_store(dsn)
+    store = config.open_store(dsn, migrate=False)
     try:
         if window:
             w = rolling_window(store, window).to_dict()

@@ -29,7 +29,7 @@ def revenue(user: str | None, dsn: str | None, every: bool, as_csv: bool, as_jso
     from ..errors import UnknownUser
     from ..output import json_text, money, user_revenue
 
-    with config.open_store(dsn) as store:
+    with config.open_store(dsn, migrate=False) as store:
         total = store.revenue(user)
     if total is None:
         raise UnknownUser(f"unknown user {user!r}: no events applied for it")
@@ -58,7 +58,7 @@ def revenue_all(dsn: str | None, fmt: str) -> None:
     writer = csv_writer(out) if fmt == "csv" else None
     if writer is not None:
         writer.writerow(["user_id", "revenue"])
-    store = config.open_store(dsn)
+    store = config.open_store(dsn, migrate=False)
     try:
         for user, total in all_revenue(store):
             if writer is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .. import config
+from ..errors import ConfigError
 from .base import cli, dsn_option, strict_option
 
 
@@ -24,22 +25,32 @@ from .base import cli, dsn_option, strict_option
               help="Acknowledge only after the data is on disk (off: faster, not durable).")
 @click.option("--max-body-mb", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="Largest request body accepted.")
+@click.option("--metrics-token", help="A second token that may only GET /metrics (for the scraper).")
+@click.option("--access-log", is_flag=True, help="Log one line per request (logger aiohttp.access).")
 @strict_option
 @dsn_option
 def serve(host: str, port: int, journal: Path, token: str | None, read_token: str | None, fsync: str,
-          max_body_mb: int, strict: bool, dsn: str | None) -> None:
+          max_body_mb: int, metrics_token: str | None, access_log: bool, strict: bool,
+          dsn: str | None) -> None:
     """Receive events over HTTP and append them durably to the journal.
 
     POST /liveEvent takes one JSON object or a bulk (NDJSON or a JSON array);
-    GET /userEvents/<userId> answers a user's total; GET /healthz needs no token;
-    GET /metrics serves Prometheus metrics (token needed); GET / is a live web page
-    (totals, top users, revenue per period, pipeline health) that asks for a token.
+    GET /userEvents/<userId> answers a user's total; GET /metrics serves Prometheus metrics
+    (the token or --metrics-token); GET /livez, /readyz and /healthz need no token;
+    GET / is a live web page (totals, top users, revenue per period, pipeline health) that
+    asks for a token.
     """
+    import logging
+
     from ..receiver import ServeSettings, StoreRevenue, run_server
     from ..reports import StatusProbe
 
-    lookup = StoreRevenue(lambda: config.open_store(dsn))
+    if metrics_token is not None and (not metrics_token or metrics_token == token):
+        raise ConfigError("--metrics-token must be non-empty and differ from --token")
+    # The receiver is a service beside the processor: it brings a fresh database up to date, as before.
+    lookup = StoreRevenue(lambda: config.open_store(dsn, migrate=True))
     settings = ServeSettings(host=host, port=port, journal=journal, token=token, fsync=fsync == "on",
                              max_body=max_body_mb << 20, revenue_lookup=lookup, strict=strict,
-                             read_token=read_token, status_probe=StatusProbe(dsn, [journal], url=""))
-    run_server(settings, on_ready=lambda message: click.echo(message, err=True))
+                             read_token=read_token, status_probe=StatusProbe(dsn, [journal], url=""),
+                             metrics_token=metrics_token, access_log=access_log)
+    run_server(settings, on_ready=logging.getLogger("evtool.serve").info)

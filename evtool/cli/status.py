@@ -7,16 +7,13 @@ from pathlib import Path
 import click
 
 from .. import config
-from .base import Failed, cli, dsn_option
-
-URL_OPTION = click.option("--url", envvar="EVTOOL_URL", show_envvar=True, default=config.URL,
-                          show_default=True, help="The receiver whose GET /healthz is checked.")
+from .base import Failed, cli, dsn_option, url_option
 
 
 @cli.command()
 @click.argument("journals", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @dsn_option
-@URL_OPTION
+@url_option("The receiver whose GET /healthz is checked.")
 @click.option("--watch", is_flag=True, help="Refresh live on the terminal until Ctrl-C.")
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
               help="Seconds between refreshes with --watch.")
@@ -28,7 +25,8 @@ def status(journals: tuple[Path, ...], dsn: str | None, url: str, watch: bool, i
     Shows every journal the database knows, plus JOURNALS (default ./server-events.jsonl when
     it exists): size, processed offset, lag (bytes and complete lines not yet applied),
     events applied, duplicates skipped, lines rejected, last processed time. Never starts the
-    embedded server. Exit 1 when the database cannot be reached.
+    embedded server and never writes. Exit 1 when the database cannot be reached or its schema
+    is behind (`evtool db migrate`).
     """
     from ..output import print_json, status_view, table_console
     from ..reports import StatusProbe
@@ -50,7 +48,7 @@ def status(journals: tuple[Path, ...], dsn: str | None, url: str, watch: bool, i
         print_json(snap.to_dict())
     else:
         table_console().print(status_view(snap.to_dict()))
-    if not snap.database["reachable"]:
+    if not snap.database["reachable"] or snap.database["schema"]:
         raise Failed
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -79,11 +78,9 @@ def kill_loop(dsn: str, tmp_path: Path, *, events: int, kill_points: int, max_de
 
 
 def test_process_killed_at_random_points_stays_exact(dsn, tmp_path):
-    started = time.monotonic()
     stats = kill_loop(dsn, tmp_path, events=200_000, kill_points=22, max_delay=1.8, seed=11)
     assert stats["kills"] >= 20 and stats["mismatches"] == 0
     assert len(stats["phases"]) >= 2  # kills landed both inside and outside transactions
-    assert time.monotonic() - started < 150
 
 
 @pytest.mark.soak
