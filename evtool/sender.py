@@ -145,7 +145,8 @@ class _Receivers:
     def failed(self, r: _Receiver, retry_after: str | None) -> None:
         r.failures += 1
         backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(r.failures, 8))
-        r.down_until = time.monotonic() + (_delay(0, retry_after) if retry_after else backoff)
+        asked = _retry_after(retry_after)
+        r.down_until = time.monotonic() + (backoff if asked is None else asked)
 
     @staticmethod
     def succeeded(r: _Receiver) -> None:
@@ -481,12 +482,20 @@ def _position_after(raw: bytes, offset: int, lineno: int, chain: bytes, before: 
 
 def _delay(attempt: int, retry_after: str | None) -> float:
     """Full-jitter exponential backoff, or the receiver's Retry-After (seconds) when given."""
-    if retry_after:
-        try:
-            return min(max(float(retry_after), 0.0), RETRY_AFTER_CAP)
-        except ValueError:
-            pass  # an HTTP date: fall back to our own backoff
+    asked = _retry_after(retry_after)
+    if asked is not None:
+        return asked
     return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A Retry-After in seconds (capped), or None when absent or an HTTP date (our own backoff then)."""
+    if not value:
+        return None
+    try:
+        return min(max(float(value), 0.0), RETRY_AFTER_CAP)
+    except ValueError:
+        return None
 
 
 def _accepted(payload: bytes) -> int | None:
