@@ -19,7 +19,7 @@ import pytest
 from ..conftest import evtool
 from .helpers import Serve, db_totals, evtool_cmd, exact, generate, http, journal_lines, start
 
-SENDER_ID = re.compile(rb'"eventId":"([0-9a-f]{16}):([0-9]+)"')
+SENDER_ID = re.compile(rb'"eventId":"([0-9a-f]{16}):([0-9]+):[0-9a-f]{16}"')  # <source>:<line>:<chain>
 
 
 def journal_ids(journal: Path) -> dict[str, set[int]]:

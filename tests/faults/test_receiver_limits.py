@@ -24,7 +24,7 @@ EVENT = b'{"userId":"u1","name":"add_revenue","value":5}'
 
 
 def test_lookups_waiting_on_a_lock_never_delay_a_post(dsn, tmp_path: Path):
-    evtool("rejects", cwd=tmp_path, check=True)  # the schema exists
+    evtool("db", "migrate", cwd=tmp_path, check=True)  # the schema exists
     with Serve(tmp_path) as serve:
         holder = psycopg.connect(dsn)
         holder.execute("LOCK TABLE users_revenue IN ACCESS EXCLUSIVE MODE")  # a transaction, held
