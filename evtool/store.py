@@ -34,13 +34,26 @@ FETCH_ROWS = 5000  # rows per round trip of a server-side cursor
 _RETRYABLE_STATES = {"40001", "40P01", "57P01", "57P02", "57P03", "53300"}
 
 
+# What a server says when a connection to it is lost: a Citus coordinator relays a worker's
+# (killed, restarted, failing over) with the internal-error code XX000 instead of class 08.
+_LOST = re.compile(r"server closed the connection unexpectedly|terminating connection due to"
+                   r"|connection not open|could not connect|lost connection|connection to the remote node")
+
+
+def _relayed_connection_loss(exc: psycopg.Error, state: str, message: str) -> bool:
+    """A lost connection to another node, relayed as an internal error: retrying the batch (one
+    transaction, idempotent) is right; a real internal error fails again and ends the retries."""
+    return state in ("", "XX000") and bool(_LOST.search(message))
+
+
 def _translate(exc: psycopg.Error, dsn: str | None = None) -> Exception:
     """Our exception for a psycopg error. The one boundary where libpq's messages enter evtool:
     libpq quotes a malformed DSN back, so every form of its password is masked here."""
     state = getattr(exc, "sqlstate", None) or ""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     message = mask_secrets(message, dsn)
-    if isinstance(exc, psycopg.OperationalError) or state.startswith("08") or state in _RETRYABLE_STATES:
+    if (isinstance(exc, psycopg.OperationalError) or state.startswith("08") or state in _RETRYABLE_STATES
+            or _relayed_connection_loss(exc, state, message)):
         return DatabaseUnavailable(f"database unavailable: {message}")
     return DatabaseError(f"database error: {message}")
 
@@ -170,7 +183,10 @@ class Store:
                 version = _version(f)
                 if version in have:
                     continue
-                self.conn.execute(f.read_text())
+                for statement in sql_statements(f.read_text()):
+                    # One statement per execute: Citus forwards a DDL statement's query text to
+                    # the workers, and a text holding several commands is refused there.
+                    self.conn.execute(statement)
                 self.conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, f.name)
                 )
@@ -567,6 +583,35 @@ class Store:
 # Monday (ISO 8601).
 PERIOD_FORMATS = {"hour": 'YYYY-MM-DD"T"HH24":00Z"', "day": "YYYY-MM-DD", "week": "YYYY-MM-DD",
                   "month": "YYYY-MM"}
+_STATEMENT_PARTS = re.compile(
+    r"""--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|"(?:[^"]|"")*"|(\$\w*\$).*?\1|;|[^;'"$/-]+|.""",
+    re.S,
+)
+
+
+def sql_statements(text: str) -> list[str]:
+    """The statements of a migration file, split at the semicolons that end them (not those in
+    strings, quoted names, dollar-quoted bodies or comments); comments stay with their statement."""
+    out: list[str] = []
+    current: list[str] = []
+    for m in _STATEMENT_PARTS.finditer(text):
+        if m[0] == ";":
+            statement = "".join(current).strip()
+            if _has_code(statement):
+                out.append(statement)
+            current = []
+        else:
+            current.append(m[0])
+    statement = "".join(current).strip()
+    if _has_code(statement):
+        out.append(statement)
+    return out
+
+
+def _has_code(statement: str) -> bool:
+    return bool(re.sub(r"--[^\n]*|/\*.*?\*/|\s+", "", statement, flags=re.S))
+
+
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
