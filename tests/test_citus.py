@@ -104,7 +104,7 @@ def cdsn(citus: Cluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str
 
 
 def test_the_tables_are_distributed_and_co_located(cdsn):
-    workload.cli_run(cdsn, "report", "--json")
+    workload.cli_run(cdsn, "db", "migrate")
     with psycopg.connect(cdsn) as conn:
         rows = dict(conn.execute("SELECT table_name::text, colocation_id FROM citus_tables"
                                  " WHERE citus_table_type = 'distributed'").fetchall())
@@ -186,7 +186,7 @@ def test_a_worker_killed_mid_batch(citus, cdsn, tmp_path):
     """SIGKILL a worker while the processor commits batches; restart it: totals exact."""
     paths, want = _journals(tmp_path)
     size = sum(p.stat().st_size for p in paths)
-    workload.cli_run(cdsn, "report", "--json")  # migrated: the progress table exists to watch
+    workload.cli_run(cdsn, "db", "migrate")  # the progress table exists to watch
     proc = _process(cdsn, *paths)
     victim = citus.workers[1]
     with psycopg.connect(cdsn, autocommit=True) as conn:

@@ -302,3 +302,27 @@ def test_the_distribution_migration_does_nothing_without_citus(dsn):
         assert citus == (0,)
         tables = store.conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()
         assert tables == (len(distribution()) + 1,)
+
+
+def test_migrations_split_into_statements_at_their_own_semicolons():
+    """The migrator runs one statement per execute (Citus forwards a DDL's whole text to the
+    workers): semicolons in strings, quoted names, dollar-quoted bodies and comments stay put."""
+    from evtool.store import sql_statements
+
+    text = "SELECT ';' ; -- a;b\nSELECT $x$ ; $x$;\n/* ; */ SELECT \"a;b\" FROM t;\n-- only a comment;\n"
+    assert sql_statements(text) == ["SELECT ';'", "-- a;b\nSELECT $x$ ; $x$", '/* ; */ SELECT "a;b" FROM t']
+    for f in SQL_DIR.glob("*.sql"):
+        statements = sql_statements(f.read_text())
+        assert statements and all(s.count("$$") % 2 == 0 for s in statements), f.name
+
+
+def test_a_lost_worker_connection_relayed_by_citus_is_retried():
+    """A coordinator relays a killed worker's lost connection as an internal error (XX000)."""
+    from psycopg import errors
+
+    from evtool.errors import DatabaseError, DatabaseUnavailable
+    from evtool.store import _translate
+
+    lost = errors.InternalError_("terminating connection due to unexpected postmaster exit")
+    assert isinstance(_translate(lost), DatabaseUnavailable)
+    assert type(_translate(errors.InternalError_("could not find shard 7"))) is DatabaseError
