@@ -8,6 +8,7 @@ The parsed parts are small and cheap to pickle.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -25,11 +26,15 @@ from .events import money_add
 Key = tuple[str, str]
 Sums = dict[Key, list]
 PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
-# Distinct users (and opaque-id events) a worker part holds at most: its sums, COPY rows and
-# pickle grow with them, not with the bytes, so a part (and with it the batch) ends at the piece
-# where they pass this. 25,000 users of 256 characters are about 20 MB in a worker, and the
-# committing process holds two batches of such parts.
-MAX_USERS_PER_PART = 25_000
+# What a worker part holds at most, in users of up to SHORT_ID characters (a longer id counts
+# for more, by its size: see `held`): its sums, COPY rows and pickle grow with distinct users
+# (and opaque-id events), not with the bytes, so a part (and with it the batch) ends at the
+# piece where they pass this. 100,000 short ids are about 30 MB in a worker; 256-character ids
+# count 1.7 each (about 59,000 of them, 35 MB). The processor sizes later batches to fit
+# (Processor._plan), so a cut part is rare and wastes little parsing.
+MAX_USERS_PER_PART = 100_000
+SHORT_ID = 50
+_KEY_BYTES = 250  # a key's dict entry, tuple, sums list and ints, beside its id's characters
 _MAX_INT = 10**20
 
 
@@ -76,6 +81,7 @@ class ParsedPart:
     users: list[str] = field(default_factory=list)
     strict: bool = False  # parsed without normalization (events.validate's strict)
     cut: bool = False  # ended before the planned end: MAX_USERS_PER_PART was reached
+    held: int = 0  # what it held at the end (see `held`), for the processor to size batches
     fresh_count: int = 0  # events in `fresh`
     digest: bytes = b""  # of the bytes parsed: checked against the file before the commit
 
@@ -224,9 +230,19 @@ def exit_with_parent(parent: int) -> None:
 
 
 def held(part: ParsedPart) -> int:
-    """Distinct (user, minute) keys (per identity kind) and opaque-id events a part holds: what its memory
-    grows with."""
-    return len(part.fresh) + sum(len(p.sums) for p in part.sources.values()) + len(part.opaque)
+    """Distinct (user, minute) keys (per identity kind) and opaque-id events a part holds, in
+    short-id units: what its memory grows with. Ids longer than SHORT_ID count by their size
+    (estimated from a sample of the keys, so the check stays cheap)."""
+    keys = len(part.fresh) + sum(len(p.sums) for p in part.sources.values()) + len(part.opaque)
+    sample = [k[0] for k in itertools.islice(part.fresh, 256)]
+    if not sample:
+        for p in part.sources.values():
+            sample = [k[0] for k in itertools.islice(p.sums, 256)]
+            break
+    if not sample:
+        return keys
+    mean = sum(map(len, sample)) / len(sample)
+    return int(keys * max(1.0, (mean + _KEY_BYTES) / (SHORT_ID + _KEY_BYTES)))
 
 
 def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
@@ -264,6 +280,7 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
                 out.end, out.cut = pos - len(rest), True
                 break
     out.digest = h.digest()
+    out.held = held(out)
     out.finish()
     return out
 

@@ -91,6 +91,7 @@ class ParsePool:
         self.piece_bytes = piece_bytes
         self.strict = strict
         self.max_users = max_users
+        self.submitted_bytes = 0  # what the workers were asked to parse: the file once, ideally
         self._pool: ProcessPoolExecutor | None = None
 
     def submit(self, f: BinaryIO, path: str, start: int, end: int) -> list[Future]:
@@ -107,6 +108,7 @@ class ParsePool:
         opener = f"/proc/{os.getpid()}/fd/{f.fileno()}"
         if not os.path.exists(opener):
             opener = None
+        self.submitted_bytes += end - start
         return [
             self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict,
                               opener, self.max_users)
@@ -208,6 +210,10 @@ class Processor:
         self._users: set[int] = set()  # hash() of the users whose totals this run changed
         # [waiting on the workers only (no transaction open), a stop was asked]: see _Planned.batch
         self.waiting_for_parse = [False, False]
+        # Bytes a worker part can hold before it reaches the users cap (parser.held), learnt from
+        # the last part that was cut; None while no part was. Batches are planned to fit, so a
+        # journal with many distinct users gets smaller batches instead of parses thrown away.
+        self.part_bytes: int | None = None
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -232,7 +238,10 @@ class Processor:
 
     def _plan(self, f: BinaryIO, path: str, start: int) -> _Planned | None:
         """The next batch from `start`, handed to the workers (or parsed here when small)."""
-        end = journal.batch_end(f, start, self.batch_bytes)
+        size = self.batch_bytes
+        if self.part_bytes is not None:
+            size = min(size, self.part_bytes * max(1, self.workers))
+        end = journal.batch_end(f, start, size)
         if end <= start:
             return None
         if self.workers <= 0 or end - start < self.inline_bytes:
@@ -308,12 +317,27 @@ class Processor:
                 continue
             planned.popleft()
             offset = current.end
+            self._learn(current)
             if planned and planned[0].start != offset:  # the batch was cut short (parser.held)
                 for p in planned:
                     p.cancel()
                 planned.clear()
             if on_progress:
                 on_progress(offset)
+
+    def _learn(self, b: Batch) -> None:
+        """Size later batches by what the parts of this one held (see part_bytes): parts of
+        about 3/4 of the cap, by the bytes per user seen; back to --batch-mb when they hold few."""
+        cap = self.pool.max_users
+        dense = [p for p in b.parts if p.held * 2 > cap and p.end > p.offset]
+        if not dense:
+            if self.part_bytes is not None:
+                self.part_bytes *= 2
+                if self.part_bytes * max(1, self.workers) >= self.batch_bytes:
+                    self.part_bytes = None
+            return
+        per_unit = min((p.end - p.offset) / p.held for p in dense)
+        self.part_bytes = max(64 << 10, int(per_unit * cap * 3 // 4))
 
     def _start(self, store: Store, fp: bytes, resolved: str) -> int:
         """The journal's committed offset, once it is known not to be a second file (see below)."""
