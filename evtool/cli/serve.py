@@ -19,7 +19,7 @@ from .base import cli, dsn_option, strict_option
               default=config.JOURNAL, show_default=True, help="The file accepted events go to.")
 @click.option("--token", envvar="EVTOOL_TOKEN", show_envvar=True,
               help="Token clients must send in Authorization. Default 'secret', allowed on loopback only.")
-@click.option("--read-token", envvar="EVTOOL_READ_TOKEN", show_envvar=True,
+@click.option("--read-token",
               help="A second token that opens GET routes only (the web page at /): it cannot add events.")
 @click.option("--fsync", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Acknowledge only after the data is on disk (off: faster, not durable).")
