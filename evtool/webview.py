@@ -57,6 +57,7 @@ PAGE_HEADERS = {
 MAX_TOP = 100  # users per ranking the page may ask for
 MAX_REJECTS = 50
 CHART_PERIODS = 48
+MAX_WINDOW = 24 * 60  # minutes of the rolling window the page may ask for
 
 
 class Reader(Protocol):
@@ -71,12 +72,12 @@ class Probe(Protocol):
 
 
 def periods(store: Store, by: str) -> dict[str, Any]:
-    """Revenue per period for the chart: the one place that chooses which time it is on.
-
-    Applied time (revenue_log) until revenue per period of event time lands (issue 13 item 1);
-    then this returns that report's rows with "time": "event", and the page follows the label.
-    """
-    return reports.applied_periods(store, by, CHART_PERIODS)
+    """Revenue per period of event time for the chart (the rows `report --by` gives), the last
+    CHART_PERIODS periods; events without a time, if any, first as the period "no time"."""
+    rows = reports.revenue_by_period(store, by).to_dict()["periods"]
+    untimed = [dict(r, period="no time") for r in rows if r["period"] is None]
+    timed = [r for r in rows if r["period"] is not None][-CHART_PERIODS:]
+    return {"by": by, "time": "event", "periods": untimed + timed}
 
 
 def answer(status: int, body: Any) -> web.Response:
@@ -129,6 +130,7 @@ class WebView:
         app.router.add_get("/api/report", self.report)
         app.router.add_get("/api/users/{user_id:.+}", self.user)
         app.router.add_get("/api/periods", self.periods)
+        app.router.add_get("/api/window", self.window)
         app.router.add_get("/api/status", self.status)
         app.router.add_get("/api/rejects", self.rejects)
         app.router.add_get("/api/receiver", self.counters)
@@ -173,6 +175,15 @@ class WebView:
         if by not in ("hour", "day", "week", "month"):
             return answer(400, {"error": f"by must be hour, day, week or month, not {by[:40]!r}"})
         return await self._read("/api/periods", lambda store: periods(store, by))
+
+    async def window(self, request: web.Request) -> web.Response:
+        try:
+            minutes = _int_arg(request, "minutes", 15, MAX_WINDOW)
+        except _BadArgument as exc:
+            return answer(400, {"error": str(exc)})
+        if minutes < 1:
+            return answer(400, {"error": "minutes must be at least 1"})
+        return await self._read("/api/window", lambda store: reports.rolling_window(store, minutes).to_dict())
 
     async def rejects(self, request: web.Request) -> web.Response:
         try:

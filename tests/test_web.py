@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
@@ -20,7 +21,8 @@ from .test_receiver import serving
 READ = {"Authorization": "Bearer look-only", "Content-Type": "application/json"}
 WRITE = {"Authorization": "Bearer secret", "Content-Type": "application/json"}
 # 0.1 + 0.2 prints 0.30000000000000004 as a float; 19 significant digits do not survive a double.
-WORKLOAD = [ev("a", "0.1"), ev("a", "0.2"), ev("b", "1234567890.123456789"),
+NOW = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")  # b's event time: in the rolling window
+WORKLOAD = [ev("a", "0.1"), ev("a", "0.2"), ev("b", "1234567890.123456789", time=NOW),
             ev("c", "5.5", name="subtract_revenue"), b'{"userId": "d", "name": "add_revenue"}']
 
 
@@ -45,8 +47,15 @@ def test_api_answers_what_the_cli_prints_with_exact_money(dsn, tmp_path):
                 assert resp.status == 404
             async with client.get("/api/periods?by=day", headers=READ) as resp:
                 periods = json.loads(await resp.read(), parse_float=Decimal)
-            assert periods["time"] == "applied"
+            assert periods["time"] == "event"  # as `report --by day`: events without a time first
+            assert [p["period"] for p in periods["periods"]] == ["no time", NOW[:10]]
             assert sum(p["revenue"] for p in periods["periods"]) == Decimal("1234567884.923456789")
+            async with client.get("/api/window?minutes=15", headers=READ) as resp:
+                window = json.loads(await resp.read(), parse_float=Decimal)
+            assert (window["events"], window["revenue"], window["users"]) == (
+                1, Decimal("1234567890.123456789"), 1)
+            async with client.get("/api/window?minutes=0", headers=READ) as resp:
+                assert resp.status == 400
             async with client.get("/api/rejects?limit=5", headers=READ) as resp:
                 rejects = orjson.loads(await resp.read())
             assert len(rejects) == 1 and "value" in rejects[0]["reason"]
@@ -55,7 +64,8 @@ def test_api_answers_what_the_cli_prints_with_exact_money(dsn, tmp_path):
             assert status["totals"]["applied"] == 4 and status["receiver"]["healthy"] is True
             async with client.get("/", headers={}) as resp:  # the page needs no token, holds no data
                 assert resp.status == 200 and b"/web/app.js" in await resp.read()
-            for path in ("/api/report", "/api/users/a", "/api/periods", "/api/status", "/api/rejects"):
+            for path in ("/api/report", "/api/users/a", "/api/periods", "/api/status", "/api/rejects",
+                         "/api/window"):
                 async with client.get(path) as resp:
                     assert resp.status == 401, path
             # the read token cannot add events; the token can

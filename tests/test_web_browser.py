@@ -51,6 +51,9 @@ def test_page_shows_exact_totals_and_updates(dsn, tmp_path: Path):
                 # (expect, not wait_for_function: the page's CSP forbids evaluating strings)
                 expect(page.locator("#revenue")).to_have_text("1234567884.923456789", timeout=60_000)
                 assert page.text_content("#added") == "1234567890.423456789"
+                # serve stamped each event with its receive time: all are in the rolling window
+                expect(page.locator("#window")).to_have_text(
+                    "4 events, revenue 1234567884.923456789, 3 active users", timeout=30_000)
                 page.fill("#user", "a")
                 page.click("#lookup button")
                 expect(page.locator("#found")).to_have_text("a: 0.3", timeout=30_000)

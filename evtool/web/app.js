@@ -109,14 +109,16 @@ function health(s, rx, rejects) {
 async function refresh() {
   if (!sessionStorage.getItem(KEY)) { $("login").hidden = false; $("view").hidden = true; return; }
   try {
-    const [r, p, s, rx, rj] = await Promise.all([api("/api/report"), api("/api/periods?by=" + $("by").value),
-      api("/api/status"), api("/api/receiver"), api("/api/rejects?limit=5")]);
+    const [r, p, s, rx, rj, w] = await Promise.all([api("/api/report"), api("/api/periods?by=" + $("by").value),
+      api("/api/status"), api("/api/receiver"), api("/api/rejects?limit=5"), api("/api/window?minutes=15")]);
     const rep = r.body;
     $("revenue").textContent = rep.revenue; $("users").textContent = group(rep.users);
     $("adds").textContent = group(rep.events.add_revenue.count) + " events"; $("added").textContent = rep.events.add_revenue.amount;
     $("subs").textContent = group(rep.events.subtract_revenue.count) + " events"; $("subtracted").textContent = rep.events.subtract_revenue.amount;
     rows($("top"), rep.top); rows($("bottom"), rep.bottom);
     chart(p.body); health(s.body, rx.body, rj.body);
+    const win = w.body;
+    $("window").textContent = `${group(win.events)} events, revenue ${win.revenue}, ${group(win.users)} active users`;
     $("updated").textContent = "updated " + new Date().toLocaleTimeString() + `, every ${EVERY / 1000} s`;
     $("problem").hidden = true; $("login").hidden = true; $("view").hidden = false;
   } catch (e) {
