@@ -345,8 +345,10 @@ def _decide(store: Store, lines: list[Line], srcs: list[Source]) -> None:
         if winner is None and key in origins and origins[key][0] is not None:
             fp, n = origins[key]
             winner = next((x for x in group if x.source and x.source.fingerprint == fp and x.line == n), None)
-            if winner is None:  # applied from a line not scanned (its journal is gone, or another user's)
+            if winner is None:  # applied from a line not read (its journal is gone, or not given)
                 first = (shown_of.get(fp) or f"journal {fp.hex()}", n)  # type: ignore[union-attr]
+                for x in group:
+                    x.note = x.note or "the applied line is in a journal not read"
         elif winner is None:
             winner = next((x for x in group if x.status == ""), None)
         if winner is not None:

@@ -54,17 +54,16 @@ def events(user: str, journals: tuple[Path, ...], dsn: str | None, since: dateti
     if t.revenue is None and not t.found:
         raise UnknownUser(f"unknown user {user!r}: no events applied for it, and no line of it in "
                           f"the {len(t.journals)} journal(s) read")
-    warn = click.get_text_stream("stderr")
     for j in t.journals:
         if j.state in ("missing", "changed"):
             why = "is not on disk" if j.state == "missing" else "no longer holds the lines processed"
-            warn.write(f"warning: journal {j.shown} {why}: its lines are not listed\n")
+            click.echo(f"warning: journal {j.shown} {why}: its lines are not listed", err=True)
     if not t.explains_total:
         from ..output import money
 
         total = money(t.revenue) if t.revenue is not None else "none"
-        warn.write(f"warning: the applied lines sum to {money(t.applied_sum)}, the stored total is "
-                   f"{total}: some journal that fed it was not read\n")
+        click.echo(f"warning: the applied lines sum to {money(t.applied_sum)}, the stored total is "
+                   f"{total}: some journal that fed it was not read", err=True)
     if as_json:
         print_json(t.to_dict())
     else:
