@@ -78,7 +78,7 @@ def test_events_explain_the_total_line_by_line(dsn, tmp_path):
     with served.open("ab") as f:  # appended after processing: pending
         f.write(event_line("alice", "5") + b"\n")
     with client.open("ab") as f:
-        f.write(event_line("alice", "6", "order-3") + b"\n" + event_line("alice", "7"))  # the last: unfinished
+        f.write(event_line("alice", "6", "order-3") + b"\n" + event_line("alice", "7"))  # last: unfinished
 
     for user in ("alice", "bob", "carol"):
         doc = events_json(user, cwd=tmp_path)
