@@ -2,10 +2,10 @@
 verdict the processor gave each one.
 
 The journal is the record: nothing is stored twice. The journals are scanned for the user's id
-as bytes (a line that does not contain it cannot be the user's event, unless it writes the id
-with JSON escapes: lines with a backslash are parsed too), and only those lines are parsed, by
-the shared validator. Each line's status is decided as the processor decided it (see
-`identity`), from what the database keeps:
+as bytes, as JSON writes it (`"u1"`, quotes included: a line without it cannot be the user's
+event, unless it writes the id with escapes, so lines with a backslash are parsed too), and only
+those lines are parsed, by the shared validator. Each line's status is decided as the processor
+decided it (see `identity`), from what the database keeps:
 
 - pending: at or beyond its journal's committed offset (or its journal was never processed);
 - rejected: recorded in rejected_lines (with its reason), unless `rejects --reapply` applied it
@@ -22,6 +22,7 @@ total is still on disk; `Trail.explains_total` says whether it does.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ from .errors import InvalidEvent, JournalError
 from .events import Value, money_add
 from .store import Store, path_of_text, path_text
 
-SCAN_BYTES = 8 * 1024 * 1024  # read at once while scanning a journal
+SCAN_BYTES = 8 * 1024 * 1024  # copied at once while counting lines
 STATUSES = ("applied", "duplicate", "rejected", "pending")
 
 
@@ -192,46 +193,45 @@ def sources(store: Store, paths: list[Path]) -> list[Source]:
 # -- scanning ---------------------------------------------------------------------------------
 
 
-def _line_starts(body: bytes, needle: bytes, starts: set[int]) -> None:
-    """Add the start of every line of `body` that contains `needle`."""
-    i = body.find(needle)
-    while i >= 0:
-        starts.add(body.rfind(b"\n", 0, i) + 1)
-        end = body.find(b"\n", i)
-        i = body.find(needle, end)  # the rest of this line need not be searched
+def _newlines(m: mmap.mmap, start: int, end: int) -> int:
+    """Newlines in bytes [start, end) of `m`, a bounded piece at a time."""
+    n = 0
+    while start < end:
+        stop = min(end, start + SCAN_BYTES)
+        n += m[start:stop].count(b"\n")
+        start = stop
+    return n
 
 
-def scan(f: BinaryIO, needle: bytes, block: int = SCAN_BYTES,
-         tally: list[int] | None = None) -> Iterator[tuple[int, int, bytes]]:
-    """(line number, byte offset, line) of every complete line of `f` holding `needle` (or a
-    backslash: an escape may hide it). Bytes are searched, never parsed: the cost of a line
-    that is not the user's is a memory scan. `tally` ends as [complete lines, their bytes]."""
-    f.seek(0)
-    pos, line_no, rest = 0, 1, b""
-    while True:
-        chunk = f.read(block)
-        if not chunk:
-            if tally is not None:
-                tally[:] = [line_no - 1, pos]
-            return  # `rest` is a line still being written: not a line yet
-        data = rest + chunk if rest else chunk
-        cut = data.rfind(b"\n") + 1
-        if cut == 0:
-            rest = data
-            continue
-        body, rest = (data[:cut], data[cut:]) if cut < len(data) else (data, b"")
-        starts: set[int] = set()
-        _line_starts(body, needle, starts)
-        if b"\\" in body:
-            _line_starts(body, b"\\", starts)
-        counted = 0
-        for s in sorted(starts):
-            line_no += body.count(b"\n", counted, s)
-            counted = s
-            raw = body[s:body.index(b"\n", s)]
-            yield line_no, pos + s, raw[:-1] if raw[-1:] == b"\r" else raw
-        line_no += body.count(b"\n", counted)
-        pos += cut
+def scan(f: BinaryIO, needle: bytes, tally: list[int] | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, line) of every complete line of `f` that holds `needle`, or a
+    backslash (an escape may hide the needle). Bytes are searched (mmap, no copy), never parsed:
+    a line that is not the user's costs a memory scan. Lines appended meanwhile are not read.
+    `tally` ends as [complete lines, their bytes]."""
+    size = journal.size(f)
+    if size == 0:
+        if tally is not None:
+            tally[:] = [0, 0]
+        return
+    with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
+        end = m.rfind(b"\n") + 1  # a last line without its newline is still being written
+        line_no, counted = 1, 0
+        hit = m.find(needle, 0, end)
+        slash = m.find(b"\\", 0, end)
+        while hit >= 0 or slash >= 0:
+            at = hit if slash < 0 or 0 <= hit < slash else slash
+            start = m.rfind(b"\n", 0, at) + 1
+            stop = m.find(b"\n", at, end)
+            line_no += _newlines(m, counted, start)
+            counted = start
+            raw = m[start:stop]
+            yield line_no, start, raw[:-1] if raw[-1:] == b"\r" else raw
+            if 0 <= hit <= stop:
+                hit = m.find(needle, stop + 1, end)
+            if 0 <= slash <= stop:
+                slash = m.find(b"\\", stop + 1, end)
+        if tally is not None:
+            tally[:] = [line_no - 1 + _newlines(m, counted, end), end]
 
 
 def read_line(raw: bytes, user: str, strict: bool = False) -> events.Event | tuple[str, str | None] | None:
@@ -264,7 +264,9 @@ def _key(event_id: str | None) -> tuple[str, int, bytes] | bytes | None:
 
 def _collect(user: str, srcs: list[Source], strict: bool) -> list[Line]:
     """The user's lines in every journal on disk, in journal then line order."""
-    needle = user.encode("utf-8", "surrogatepass")
+    # The id as JSON writes it, quotes included: "u1" is not found in "u10". Written with an
+    # escape, it is found by the backslash.
+    needle = orjson.dumps(user)
     found: list[Line] = []
     for s in srcs:
         if s.path is None:
@@ -282,7 +284,7 @@ def _collect(user: str, srcs: list[Source], strict: bool) -> list[Line]:
                     s.state = "changed"
                     continue
             tally = [0, 0]
-            for n, offset, raw in scan(f, needle, tally=tally):
+            for n, offset, raw in scan(f, needle, tally):
                 ev = read_line(raw, user, strict)
                 if ev is None:
                     continue
