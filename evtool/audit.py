@@ -163,13 +163,16 @@ def sources(store: Store, paths: list[Path]) -> list[Source]:
         out.append(s)
 
     if paths:
+        read: set[Path] = set()
         for path in paths:
             fp, exists = _fingerprint(path)
-            if fp is not None and fp in seen:
-                continue
+            where = path.resolve()
+            if (fp is not None and fp in seen) or where in read:
+                continue  # the same journal twice
+            read.add(where)
             row = by_fp.get(fp) if fp is not None else None
-            shown = row[1] if row is not None else path_text(str(path))
-            add(path if exists else None, shown, fp, row, "ok" if row else "new" if exists else "missing")
+            add(path if exists else None, path_text(str(where)), fp, row,
+                "ok" if row else "new" if exists else "missing")
     else:
         from .config import JOURNAL
 

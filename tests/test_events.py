@@ -147,6 +147,9 @@ def test_filters_usage_and_unknown_user(dsn, tmp_path):
     assert unknown.stderr.strip() == ("Error: unknown user 'nobody': no events applied for it, and no line "
                                       "of it in the 1 journal(s) read")
     assert "EVENT time" in evtool("events", "--help").stdout
+    gone = evtool("events", "u", str(tmp_path / "nothere.jsonl"), "--json", cwd=tmp_path)
+    assert gone.returncode == 0 and json.loads(gone.stdout)["explains_total"] is False
+    assert f"warning: journal {tmp_path / 'nothere.jsonl'} is not on disk" in gone.stderr
 
 
 def test_default_journals_rotated_and_missing(dsn, tmp_path):
@@ -208,6 +211,9 @@ def test_reapplied_lines_are_applied(dsn, tmp_path):
                              ("a.jsonl", 3, "applied", None), ("b.jsonl", 1, "duplicate", ("a.jsonl", 1)),
                              ("b.jsonl", 2, "duplicate", ("a.jsonl", 3))]
     assert "re-applied" in doc["events"][0]["note"] and doc["revenue"] == "9" and applied_sum(doc) == 9
+    # Given in another order, or twice, the journals are read once each, in the order processed.
+    again = json.loads(run.invoke(cli, ["events", "u", str(b), str(a), str(b), "--json"]).stdout)
+    assert again == doc
 
 
 def test_every_users_sum_equals_the_total(dsn, tmp_path):
