@@ -383,3 +383,32 @@ def reapply_summary(out: Any, rep) -> None:
     out.print(f"re-applied {rep.applied} lines, {rep.duplicates} were already applied, "
               f"{rep.still_invalid} still invalid ({rep.reasons_updated} with a new reason), "
               f"{len(rep.users)} users touched")
+
+
+def events_text(t) -> None:
+    """`evtool events USER`: one line per journal line, then what they add up to."""
+    out = console()
+    rows = []
+    for x in t.lines:
+        d = x.to_dict()
+        status = x.status
+        if x.duplicate_of:
+            status += f" of {_short(x.duplicate_of[0])}:{x.duplicate_of[1]}"
+        if x.reason:
+            status += f": {x.reason}"
+        if x.note and x.status != "rejected":
+            status += f" ({x.note})"
+        rows.append((f"{_short(x.journal)}:{x.line}", d["time"] or "-", x.name or "-", d["amount"] or "-",
+                     x.event_id or "-", status))
+    head = ("JOURNAL:LINE", "EVENT TIME", "NAME", "AMOUNT", "ID", "STATUS")
+    w = [max([len(head[i])] + [len(r[i]) for r in rows]) for i in range(5)]
+    for r in [head, *rows]:
+        out.print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]:>{w[3]}}  {r[4]:<{w[4]}}  {r[5]}",
+                  markup=False)
+    c = t.counts
+    total = money(t.revenue) if t.revenue is not None else "none"
+    listed = " listed" if t.filtered else ""
+    same = "=" if t.explains_total else "!="
+    out.print(f"{c['applied']} applied, {c['duplicate']} duplicate, {c['rejected']} rejected, "
+              f"{c['pending']} pending{listed}; all applied lines sum to {money(t.applied_sum)} "
+              f"{same} stored total {total}", markup=False)

@@ -226,6 +226,41 @@ class Store:
                 " FROM journal_files j ORDER BY j.path, j.first_seen"
             ).fetchall()
 
+    # -- the audit trail (see audit) ------------------------------------------------------------
+
+    def journals_in_order(self) -> list[tuple]:
+        """Every journal's progress: (fingerprint, path, offset, lines, tail_digest), in the
+        order the database first saw them (the order their events were first processed)."""
+        with translated():
+            return self.conn.execute(
+                'SELECT fingerprint, path, "offset", lines, tail_digest FROM journal_files'
+                " ORDER BY first_seen, fingerprint"
+            ).fetchall()
+
+    def rejects_at(self, fingerprint: bytes, offsets: list[int]) -> dict[int, tuple[str, str | None]]:
+        """The rejected lines of one journal at these byte offsets: {offset: (reason, reapply outcome)}."""
+        if not offsets:
+            return {}
+        with translated():
+            rows = self.conn.execute(
+                'SELECT "offset", reason, reapply_outcome FROM rejected_lines'
+                ' WHERE fingerprint = %s AND "offset" = ANY(%s::int8[])',
+                (fingerprint, offsets),
+            ).fetchall()
+        return {off: (reason, outcome) for off, reason, outcome in rows}
+
+    def event_origins(self, digests: list[bytes]) -> dict[bytes, tuple[bytes | None, int | None]]:
+        """Where each opaque event id was first applied: {digest: (journal fingerprint, line)};
+        (None, None) for a row older than migration 006, which did not record it."""
+        if not digests:
+            return {}
+        with translated():
+            rows = self.conn.execute(
+                "SELECT digest, journal, line_no FROM applied_events WHERE digest = ANY(%s::bytea[])",
+                (digests,),
+            ).fetchall()
+        return {bytes(d): (bytes(j) if j is not None else None, n) for d, j, n in rows}
+
     def revenue_report(self, *, top: int, prefix: str | None, since: datetime | None,
                        until: datetime | None, event_time: bool = False) -> tuple:
         """(adds, added, subtracts, subtracted, revenue, users, best, worst); see reports.report.

@@ -5,7 +5,7 @@ plain PostgreSQL's).
 It exercises every path of the processor's transaction: sender ids from several sources (the
 all-new path and the line-by-line path, with repeats), client ids, receiver ids, no ids, rejected
 lines; then `status`, `report` (plain and windowed), `revenue` (one, --all), `rejects` (listing,
-filters) and `rejects --reapply`, and processing again (everything a duplicate).
+filters) and `rejects --reapply`, and processing again (everything a duplicate), then `events`.
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ def run(dsn: str, tmp: Path) -> dict[str, Any]:
     out["reapply"] = {k: reapply[k] for k in ("applied", "duplicates", "still_invalid", "users")}
     out["process_again"] = json.loads(cli_run(dsn, "process", str(a), str(b), "--json"))
     out["after"] = json.loads(cli_run(dsn, "report", "--json", "--top", "0"))
+    # The audit trail: ids repeated across journals, re-applied lines, rejects.
+    for user in ("o", "u1", "f", "h", "x"):
+        out[f"events_{user}"] = json.loads(cli_run(dsn, "events", user, str(a), str(b), "--json"))
     for key in ("process_a", "process_b", "process_again"):
         out[key] = {k: out[key][k] for k in ("applied", "duplicates", "rejected")}
     for key in ("report", "report_window", "after"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Importing each command module registers its command on the group.
-from . import db, process, rejects, report, revenue, send, serve, status  # noqa: F401
+from . import db, events, process, rejects, report, revenue, send, serve, status  # noqa: F401
 from .base import cli, finish
 
 finish(cli)

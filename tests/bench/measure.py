@@ -411,6 +411,29 @@ class Bench:
         fig.notes.append(f"{runs} alternating runs per repeat; samples are single runs")
         return fig
 
+    def events_scan(self) -> Figure:
+        """`evtool events USER` (the audit trail scans the journal) beside `grep -c` on the same file."""
+        w = self.cache.journal(self.sizes.events, 1000, 1)
+        size = w.path.stat().st_size / 1e6
+        fig = Figure("events_scan", f"evtool events USER, {short(w.events)}-line journal, whole command",
+                     "MB/s", "grep -c USER", "info", 0, issue="13")
+        user = next(iter(w.expected["per_user"]))
+        with self.pg.database() as dsn, scratch() as work:
+            self.process_once(w, dsn)
+            env = child_env(EVTOOL_DSN=dsn, EVTOOL_HOME=str(work / "home"))
+            for i in range(self.repeat + 1):
+                grep = run(["grep", "-c", f'"{user}"', str(w.path)], env=env, cwd=work).check("grep")
+                ev = run(evtool_cmd("events", user, str(w.path), "--json"), env=env, cwd=work).check("events")
+                doc = json.loads(ev.stdout)
+                if not doc["explains_total"] or len(doc["events"]) != int(grep.stdout):
+                    raise RuntimeError(f"evtool events listed {len(doc['events'])} lines, grep found "
+                                       f"{grep.stdout.strip()}; explains_total {doc['explains_total']}")
+                if i:  # the first pair warms the page cache
+                    fig.baseline.append(size / grep.wall)
+                    fig.evtool.append(size / ev.wall)
+        fig.notes.append(f"{size:.0f} MB; evtool's figure includes starting Python and reading the database")
+        return fig
+
     def lookup_p99(self, rate: int = 1000, seconds: float = 5) -> Figure:
         fig = Figure("lookup_p99", f"GET /userEvents p99 at {rate:,}/s", "ms",
                      "aiohttp constant answer", "max_value", 5.0)
@@ -461,4 +484,5 @@ FIGURES: list[tuple[str, str, Callable[[Bench], Figure | list[Figure]]]] = [
     ("workers", "serve_workers", Bench.serve_workers),
     ("revenue", "revenue_cli", Bench.revenue_cli),
     ("lookup", "lookup_p99", Bench.lookup_p99),
+    ("events", "events_scan", Bench.events_scan),
 ]

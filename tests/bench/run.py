@@ -4,7 +4,7 @@
                               [--out bench-results.json] [--events N] [--cache DIR]
 
 NAME is a group (process, uuids, big, tenth, uuids10, rss, send, serve, workers, revenue,
-lookup) or a figure key (see the JSON); `--skip big,uuids10` leaves out the largest workloads.
+lookup, events) or a figure key (see the JSON); `--skip big,uuids10` leaves out the largest workloads.
 Workloads are generated deterministically into the cache dir (default .evtool/bench-cache) and
 reused; PostgreSQL is the bench's own embedded server in a temp dir, a fresh database per run.
 """
