@@ -263,6 +263,10 @@ def status_view(s: dict[str, Any]):
                           f"applied {_rate(rates['applied_per_s'])}"))
     parts.append(Text(f"totals    applied {_n(t['applied'])}  dups {_n(t['duplicates'])}  "
                       f"rejected {_n(t['rejected'])}  lag {_n(t['lag_lines'])} lines"))
+    w = s.get("window")
+    if w is not None:
+        parts.append(Text(f"last {w['minutes']} min  {_n(w['events'])} events  revenue {w['revenue']}  "
+                          f"{_n(w['users'])} users (event time)"))
     if not s["journals"]:
         parts.append(Text("no journals: none known to the database, and no ./server-events.jsonl"))
     style = {"ok": "green", "rotated": "yellow", "new": "yellow", "waiting": "yellow"}

@@ -336,9 +336,15 @@ class Snapshot:
     # accepted_per_s (lines arriving in the journals) and applied_per_s, since the previous
     # snapshot of the same probe; None for the first one (a rate needs two samples)
     rates: dict[str, float] | None = None
+    # the rolling window of event time (see rolling_window): events, revenue and distinct users
+    # over the last WINDOW_MINUTES minutes; None when the database cannot be read
+    window: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+WINDOW_MINUTES = 15  # the rolling window `status` shows
 
 
 class StatusProbe:
@@ -402,10 +408,17 @@ class StatusProbe:
             rates = {"accepted_per_s": max(0.0, (sample[1] - self._previous[1]) / secs),
                      "applied_per_s": max(0.0, (sample[2] - self._previous[2]) / secs)}
         self._previous = sample if db["reachable"] else None
+        window = None
+        if self.store is not None and db["reachable"]:
+            try:
+                w = rolling_window(self.store, WINDOW_MINUTES)
+                window = {"minutes": w.minutes, "events": w.events, "revenue": w.revenue, "users": w.users}
+            except EvtoolError:
+                self.close()
         if receiver is None:
             receiver = receiver_status(self.url, self.timeout)
         return Snapshot(time=now, database=db, receiver=receiver, journals=journals, totals=sums,
-                        rates=rates)
+                        rates=rates, window=window)
 
     def close(self) -> None:
         if self.store is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -35,7 +36,9 @@ def workdir(dsn, tmp_path, monkeypatch):
 
 def test_json_has_the_processors_figures_and_lag(dsn, workdir):
     journal = workdir / "server-events.jsonl"
-    journal.write_text(ev("a", 1) + ev("b", 2) + "not json\n")
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    timed = f'{{"userId": "b", "name": "add_revenue", "value": 2, "timestamp": "{now}"}}\n'
+    journal.write_text(ev("a", 1) + timed + "not json\n")
     process(dsn, [journal])
     waiting = ev("a", 3) + ev("c", 4)
     with open(journal, "a") as f:
@@ -43,7 +46,9 @@ def test_json_has_the_processors_figures_and_lag(dsn, workdir):
     result = run("status", "--json", "--url", DEAD_URL)
     assert result.exit_code == 0, result.output
     s = json.loads(result.output)
-    assert set(s) == {"time", "database", "receiver", "journals", "totals", "rates"}
+    assert set(s) == {"time", "database", "receiver", "journals", "totals", "rates", "window"}
+    # the last 15 minutes of event time: b's event (a's has no time)
+    assert s["window"] == {"minutes": 15, "events": 1, "revenue": 2, "users": 1}
     assert s["rates"] is None  # one snapshot: a rate needs two
     assert s["database"]["reachable"] is True and s["database"]["kind"] == "dsn"
     assert s["database"]["version"] and s["database"]["error"] is None
@@ -70,9 +75,10 @@ def test_table_for_people(dsn, workdir):
     assert lines[0].startswith("database  dsn postgresql://") and ": reachable (PostgreSQL " in lines[0]
     assert lines[1] == f"receiver  {DEAD_URL}: not answering"
     assert lines[2] == "totals    applied 3  dups 0  rejected 0  lag 0 lines"
-    assert lines[4:7] == ["server-events.jsonl  ok", "  applied 3  dups 0  rejected 0",
+    assert lines[3] == "last 15 min  0 events  revenue 0  0 users (event time)"  # no event has a time
+    assert lines[5:8] == ["server-events.jsonl  ok", "  applied 3  dups 0  rejected 0",
                           "  lag 0 lines, 0 B  processed 153 B of 153 B"]
-    assert lines[7].startswith("  last processed ") and lines[7].endswith(" s ago)")
+    assert lines[8].startswith("  last processed ") and lines[8].endswith(" s ago)")
 
 
 def test_readable_at_80_columns(dsn, tmp_path):
