@@ -370,7 +370,7 @@ class Bench:
                     env = child_env(EVTOOL_HOME=str(work / "home"))
                     serve = evtool_cmd("serve", "--port", str(port), "--journal", str(work / "j.jsonl"),
                                        "--workers", str(workers))
-                    with serving(serve, port, env=env, cwd=work) as url:
+                    with serving(serve, port, env=env, cwd=work, listening=workers) as url:
                         r = run([PY, "-m", "tests.bench.baselines", "client", str(w.path), "--url", url,
                                  "--lines", "1", "--connections", "64"], env=child_env(), cwd=ROOT)
                     r.check("raw client -> serve --workers")
