@@ -366,7 +366,9 @@ class _Receiver:
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, within request_timeout; cut short when the server stops."""
-        if self._stopping and not request.content.is_eof():
+        if request.content.is_eof():  # all of it arrived with the head (most small requests): no timer
+            return await request.read()
+        if self._stopping:
             raise _Refused(503, "the server is shutting down; retry")
         self._reading.add(request.content)
         try:
