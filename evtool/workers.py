@@ -183,6 +183,9 @@ def _start(w: _Worker, main: WorkerMain, mask: set[signal.Signals]) -> None:
         code = 1
         try:
             os.close(r)
+            # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which
+            # forwards it once (a second signal while a worker drains would cut the drain short).
+            os.setpgid(0, 0)
             for sig in _SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
