@@ -189,3 +189,20 @@ def test_workers_refuse_a_port_in_use(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "Address already in use" in proc.stderr
     assert not list(tmp_path.glob("*.jsonl"))  # nothing started
+
+
+def test_ctrl_c_at_a_terminal_stops_every_worker_cleanly(tmp_path):
+    """SIGINT to the whole foreground process group (what a terminal's Ctrl-C does) reaches the
+    supervisor only; it forwards it once, every worker drains, and the exit status is 0."""
+    serve = start_workers(tmp_path, 2)
+    assert serve.proc is not None
+    workers = workers_of(serve.proc)
+    status, _, _ = http(f"{serve.url}/liveEvent", "POST", b'{"userId":"u","name":"add_revenue","value":1}',
+                        {"Authorization": "secret"})
+    assert status == 200
+    os.killpg(serve.proc.pid, signal.SIGINT)
+    assert serve.proc.wait(timeout=60) == 0, serve.log.read_text()
+    text = serve.log.read_text()
+    assert "Traceback" not in text and "left with" not in text
+    for pid in workers:  # none is left behind
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
