@@ -82,10 +82,14 @@ def reserve_port(host: str, port: int) -> socket.socket:
     """
     family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     with socket.socket(family, kind, proto) as probe:
+        # SO_REUSEADDR, as every worker sets it: a port whose last connections linger in
+        # TIME_WAIT is free; one with a listener (even a SO_REUSEPORT one) is not, on Linux.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(addr)  # OSError EADDRINUSE: the CLI says "Address already in use"
         addr = (addr[0], probe.getsockname()[1], *addr[2:])
     held = socket.socket(family, kind, proto)
     try:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         held.bind(addr)
     except BaseException:

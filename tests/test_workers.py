@@ -206,3 +206,29 @@ def test_ctrl_c_at_a_terminal_stops_every_worker_cleanly(tmp_path):
     assert "Traceback" not in text and "left with" not in text
     for pid in workers:  # none is left behind
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_the_port_is_free_again_right_after_a_receiver_stopped_but_not_while_one_listens():
+    """A restart right after a stop finds the port's last connections in TIME_WAIT: that port
+    is free (as for plain serve); a port some socket listens on, even with SO_REUSEPORT, is not."""
+    import socket
+
+    import pytest
+
+    from evtool.workers import reserve_port
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's listener
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    with pytest.raises(OSError, match="in use"):
+        reserve_port("127.0.0.1", port)
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()  # the server closes first: its side of the connection stays in TIME_WAIT
+    client.close()
+    listener.close()
+    time.sleep(0.1)
+    reserve_port("127.0.0.1", port).close()
