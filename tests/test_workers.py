@@ -47,12 +47,27 @@ def wait_for(cond, what: str, proc: subprocess.Popen, log: Path, timeout: float 
         time.sleep(0.05)
 
 
-def start_workers(tmp_path: Path, n: int = 2, *args: str) -> Serve:
-    serve = Serve(tmp_path, "--workers", str(n), *args).start()
-    assert serve.proc is not None
-    wait_for(lambda: serve.log.read_text().count(": listening on") >= n, "listening workers",
-             serve.proc, serve.log)
-    return serve
+class Workers(Serve):
+    """`serve --workers N` as a subprocess: started (once) and ready when every worker listens;
+    `with` stops it with SIGTERM and checks exit 0 and no traceback, as Serve does."""
+
+    def __init__(self, workdir: Path, n: int = 2, *args: str) -> None:
+        super().__init__(workdir, "--workers", str(n), *args)
+        self.n = n
+
+    def start(self, **kw) -> Workers:
+        super().start(**kw)
+        assert self.proc is not None
+        wait_for(lambda: self.log.read_text().count(": listening on") >= self.n, "listening workers",
+                 self.proc, self.log)
+        return self
+
+    def __enter__(self) -> Workers:
+        return self if self.proc is not None else self.start()
+
+
+def start_workers(tmp_path: Path, n: int = 2, *args: str) -> Workers:
+    return Workers(tmp_path, n, *args).start()
 
 
 def sender_lines(journals: list[Path]) -> list[int]:
@@ -122,7 +137,7 @@ def test_a_worker_killed_mid_send_is_restarted_and_nothing_acknowledged_is_lost(
     expected = generate(source, events, "--users", "500", "--decimals", "0.3", "--seed", "12")
     home = Path(os.environ["EVTOOL_HOME"])
     journals = [tmp_path / "server-events.jsonl", tmp_path / "server-events.w1.jsonl"]
-    serve = start_workers(tmp_path, 2)
+    serve = start_workers(tmp_path, 2)  # stopped (SIGTERM, exit 0 checked) at the end
     assert serve.proc is not None
     send_cmd = evtool_cmd("send", str(source), "--url", serve.url, "--batch", "100", "--connections", "8",
                           "--max-retries", "30", "--json")
@@ -194,14 +209,14 @@ def test_workers_refuse_a_port_in_use(tmp_path):
 def test_ctrl_c_at_a_terminal_stops_every_worker_cleanly(tmp_path):
     """SIGINT to the whole foreground process group (what a terminal's Ctrl-C does) reaches the
     supervisor only; it forwards it once, every worker drains, and the exit status is 0."""
-    serve = start_workers(tmp_path, 2)
-    assert serve.proc is not None
-    workers = workers_of(serve.proc)
-    status, _, _ = http(f"{serve.url}/liveEvent", "POST", b'{"userId":"u","name":"add_revenue","value":1}',
-                        {"Authorization": "secret"})
-    assert status == 200
-    os.killpg(serve.proc.pid, signal.SIGINT)
-    assert serve.proc.wait(timeout=60) == 0, serve.log.read_text()
+    with start_workers(tmp_path, 2) as serve:
+        assert serve.proc is not None
+        workers = workers_of(serve.proc)
+        event = b'{"userId":"u","name":"add_revenue","value":1}'
+        status, _, _ = http(f"{serve.url}/liveEvent", "POST", event, {"Authorization": "secret"})
+        assert status == 200
+        os.killpg(serve.proc.pid, signal.SIGINT)
+        assert serve.proc.wait(timeout=60) == 0, serve.log.read_text()
     text = serve.log.read_text()
     assert "Traceback" not in text and "left with" not in text
     for pid in workers:  # none is left behind
