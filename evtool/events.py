@@ -262,13 +262,12 @@ def common_shape(obj: object, strict: bool = False) -> bool:
             and (strict or USER_ID_ALIAS not in obj) and eventtime.fast_minute(obj) is not None)
 
 
-def event_id_of(obj: object, raw: bytes | str | None = None, *, allow_reserved: bool = False,
-                strict: bool = False) -> str | None:
-    """Validate like `validate`, but return only the eventId (None when there is none).
+UNCOMMON = "\0uncommon"  # common_event_id's answer for anything else (no eventId can hold a NUL)
 
-    For the sender's and receiver's per-line loops: the common shape is checked in a few
-    operations and no Event is built.
-    """
+
+def common_event_id(obj: object, strict: bool = False, allow_reserved: bool = False) -> str | None:
+    """The eventId (None: no id, or null) of a valid event of the common shape whose id, if any,
+    is acceptable; UNCOMMON for anything else, which `validate` decides. Builds nothing."""
     if common_shape(obj, strict):
         event_id = obj.get("eventId")  # type: ignore[union-attr]
         if event_id is None or (
@@ -276,6 +275,19 @@ def event_id_of(obj: object, raw: bytes | str | None = None, *, allow_reserved: 
             and (allow_reserved or event_id[0] != RECEIVER_ID_PREFIX)
         ):
             return event_id
+    return UNCOMMON
+
+
+def event_id_of(obj: object, raw: bytes | str | None = None, *, allow_reserved: bool = False,
+                strict: bool = False) -> str | None:
+    """Validate like `validate`, but return only the eventId (None when there is none).
+
+    For the sender's and receiver's per-line loops: the common shape is checked in a few
+    operations and no Event is built.
+    """
+    event_id = common_event_id(obj, strict, allow_reserved)
+    if event_id is not UNCOMMON:
+        return event_id
     return validate(obj, raw, allow_reserved=allow_reserved, strict=strict).event_id
 
 

@@ -21,6 +21,7 @@ event without a time (a journal written by an older serve, or a foreign file).
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
@@ -39,9 +40,20 @@ _CANON = re.compile(r"[0-9]{4}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][
 _DAY_OK: dict[str, bool] = {}
 
 
+_SECOND: tuple[int, str] = (-1, "")  # the last whole second stamped now, and its text to the point
+
+
 def stamp(now: datetime | None = None) -> str:
     """The canonical text of a time (now by default): UTC, milliseconds, `Z`."""
-    t = (now or datetime.now(UTC)).astimezone(UTC)
+    global _SECOND
+    if now is None:  # the receiver stamps every untimed event: format each second once
+        t = time.time()
+        second = int(t)
+        cached = _SECOND  # one tuple, swapped whole: safe from any thread
+        if cached[0] != second:
+            cached = _SECOND = (second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)))
+        return f"{cached[1]}{min(999, int((t - second) * 1000)):03d}Z"
+    t = now.astimezone(UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 

@@ -41,6 +41,7 @@ from .processor import MAX_REJECT_SAMPLES, FileReport, Interrupted, Processor, P
 DEFAULT_POLL = 0.01  # seconds between checks of an idle journal
 QUIET = 1.0  # seconds a rotated journal must stay unchanged (and unlocked) before it is closed
 STOP_GRACE = 10.0  # seconds after a stop signal before the command leaves, whatever it is doing
+DISCOVER_EVERY = 1.0  # seconds between looks for new journals to follow (worker journals)
 OUTAGE_BACKOFF = (1.0, 30.0)  # seconds between rounds while the database is away: first, cap
 
 
@@ -90,6 +91,7 @@ def follow(
     on_round: RoundFn | None = None,
     keep_retrying: bool = False,
     on_outage: Callable[[str | None], None] | None = None,
+    discover: Callable[[], list[Path]] | None = None,
 ) -> ProcessReport:
     """Apply `paths` until should_stop() is true (checked between batches and polls).
 
@@ -98,7 +100,8 @@ def follow(
     seconds) after every round that reached the database (its counts, reject samples, offset
     and size are that round's). With `keep_retrying`, DatabaseUnavailable does not end the loop:
     on_outage(message) is called once when an outage starts and on_outage(None) once the
-    database answers again.
+    database answers again. discover(), called every DISCOVER_EVERY seconds, names journals to
+    follow from then on too (the worker journals of a `serve --workers N` started later).
     """
     started = time.perf_counter()
     report = ProcessReport(users=processor._users)
@@ -107,9 +110,17 @@ def follow(
     hooks = _Hooks(on_applied, on_round, on_notice or (lambda _m: None))
     outage = False
     delay = OUTAGE_BACKOFF[0]
+    known = {os.path.abspath(p) for p in paths}
+    next_look = time.monotonic() + DISCOVER_EVERY
     try:
         while not should_stop():
             busy = False
+            if discover is not None and time.monotonic() >= next_look:
+                next_look = time.monotonic() + DISCOVER_EVERY
+                for p in discover():
+                    if os.path.abspath(p) not in known:
+                        known.add(os.path.abspath(p))
+                        watched.append(_Watched(p))
             try:
                 for w in watched:
                     busy |= _round(processor, w, report, files, hooks)
@@ -153,7 +164,8 @@ def run_until_signalled(processor: Processor, paths: list[Path], *, poll: float 
                         on_applied: AppliedFn | None = None, on_notice: Notice | None = None,
                         on_round: RoundFn | None = None, keep_retrying: bool = False,
                         on_outage: Callable[[str | None], None] | None = None,
-                        tick: Callable[[], None] | None = None) -> ProcessReport:
+                        tick: Callable[[], None] | None = None,
+                        discover: Callable[[], list[Path]] | None = None) -> ProcessReport:
     """`follow` until SIGINT or SIGTERM; the command always ends within STOP_GRACE seconds.
 
     tick() is called at every check for a stop (between batches and polls: a progress log).
@@ -190,7 +202,7 @@ def run_until_signalled(processor: Processor, paths: list[Path], *, poll: float 
 
         return follow(processor, paths, should_stop, poll=poll, on_applied=on_applied,
                       on_notice=on_notice, on_round=on_round, keep_retrying=keep_retrying,
-                      on_outage=on_outage)
+                      on_outage=on_outage, discover=discover)
     except Interrupted:  # raised outside follow's loop (between two checks): an empty report
         return ProcessReport(users=processor._users)
     finally:

@@ -132,8 +132,9 @@ class Intake:
         number when the body has no blank lines.
         """
         max_line = self.max_line
-        parse = events.parse_json
+        parse, loads, deep_len = events.parse_json, orjson.loads, events.DEEP_LEN
         validate, event_id_of = events.validate, events.event_id_of
+        common_id, uncommon = events.common_event_id, events.UNCOMMON
         strict = self.strict
         if b"\r" in body:  # a CR in valid NDJSON is whitespace; only a line-ending one is dropped
             body = body.replace(b"\r\n", b"\n")
@@ -143,6 +144,7 @@ class Intake:
         append = out.append
         has_time = eventtime.has_time
         received: str | None = None
+        stamp = b""  # `,"timestamp":"<received>"`, made once per request
         n = 0
         for lineno, raw in enumerate(body.split(b"\n"), 1):
             if not raw or raw.isspace():
@@ -151,11 +153,37 @@ class Intake:
                 raise BodyTooLong(f"line {lineno} is longer than the limit of {max_line} bytes")
             n += 1
             try:
-                obj = parse(raw)
+                # Validate once, build nothing: a line of the common shape (events.common_shape,
+                # the form nearly every client sends) is checked on orjson's dict and goes out as
+                # the client's bytes, with at most an id and the receive time appended as text.
+                try:
+                    obj = loads(raw)
+                except orjson.JSONDecodeError:
+                    obj = parse(raw)  # raises MalformedJSON with the shared wording
+                if len(raw) > deep_len:
+                    parse(raw)  # the depth rule, for the few lines long enough to break it
+                event_id = common_id(obj, strict)
+                if event_id is not uncommon and (event_id is not None or "eventId" not in obj):
+                    # common shape: its only possible time field is a canonical `timestamp`
+                    if "timestamp" in obj:
+                        if event_id is not None:
+                            append(raw)  # the client's bytes, unchanged
+                            continue
+                        tail = b"}"
+                    else:
+                        if not stamp:
+                            received = self.clock()
+                            stamp = b',"' + eventtime.STAMP_FIELD.encode() + b'":' + orjson.dumps(received)
+                        tail = stamp + b"}"
+                    if event_id is None:
+                        made = _key_id(key, n) if key is not None else self.fresh_id()
+                        tail = b',"eventId":' + orjson.dumps(made) + tail
+                    append(raw.rstrip()[:-1] + tail)
+                    continue
                 have_id = event_id_of(obj, raw, strict=strict) is not None
                 timed = has_time(obj)
                 if have_id and timed:
-                    append(raw)  # fast path: the client's bytes, unchanged
+                    append(raw)  # the client's bytes, unchanged
                     continue
                 event = validate(obj, raw, strict=strict)
             except MalformedJSON as exc:
@@ -219,6 +247,18 @@ class Intake:
         """One JSON object: the original client's request."""
         if len(body) > self.max_line:
             raise BodyTooLong(f"the event is longer than the limit of {self.max_line} bytes")
+        common = events.common_event_id(obj, self.strict)
+        if common is not events.UNCOMMON and (common is not None or "eventId" not in obj):
+            # the common shape (see ndjson): no Event built, members appended as text
+            raw = _one_line(body)
+            if common is not None and "timestamp" in obj:
+                return Lines(raw + b"\n", 1, common)
+            event_id = common or key or self.fresh_id()
+            tail = b"}\n" if "timestamp" in obj else (
+                b',"' + eventtime.STAMP_FIELD.encode() + b'":' + orjson.dumps(self.clock()) + b"}\n")
+            if common is None:
+                tail = b',"eventId":' + orjson.dumps(event_id) + tail
+            return Lines(raw.rstrip()[:-1] + tail, 1, event_id)
         try:
             event = events.validate(obj, body, strict=self.strict)
         except MalformedJSON as exc:
@@ -226,11 +266,7 @@ class Intake:
         except InvalidEvent as exc:
             raise BodyInvalid(exc.reason) from None
         event_id = event.event_id or key or self.fresh_id()
-        # A pretty-printed object becomes one line: raw CR/LF in valid JSON can only be
-        # whitespace between tokens, so replacing them keeps every field's text exactly.
-        raw = body.strip()
-        if b"\n" in raw or b"\r" in raw:
-            raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
+        raw = _one_line(body)
         timed = eventtime.has_time(obj)
         if event.event_id is not None and timed:
             line = raw
@@ -238,6 +274,15 @@ class Intake:
             line = _with_id(raw, obj, event, None if event.event_id else event_id,
                             None if timed else self.clock())
         return Lines(line + b"\n", 1, event_id)
+
+
+def _one_line(body: bytes) -> bytes:
+    """A pretty-printed object as one line: raw CR/LF in valid JSON can only be whitespace
+    between tokens, so replacing them keeps every field's text exactly."""
+    raw = body.strip()
+    if b"\n" in raw or b"\r" in raw:
+        raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
+    return raw
 
 
 def _key_id(key: str, n: int) -> str:

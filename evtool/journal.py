@@ -9,6 +9,7 @@ read: a trailing line without its newline waits for the next run.
 from __future__ import annotations
 
 import os
+import re
 from hashlib import blake2b
 from pathlib import Path
 from typing import BinaryIO
@@ -123,6 +124,53 @@ def check_range(f: BinaryIO, fp: bytes, parts: list[tuple[int, int, bytes]], pat
 
 def size(f: BinaryIO) -> int:
     return os.fstat(f.fileno()).st_size
+
+
+# -- the journals of `serve --workers N` ------------------------------------------------------
+
+_WORKER_TAG = re.compile(r"\.w([1-9][0-9]*)")
+
+
+def worker_journal(base: Path, index: int) -> Path:
+    """The journal of worker `index` of `serve --workers N` writing `base`: worker 0 writes
+    `base` itself (so one worker is plain `serve`), worker i `<stem>.w<i><suffix>`
+    (server-events.jsonl -> server-events.w1.jsonl). A logrotate copy of one
+    (`server-events.w1.jsonl.1`) still starts with its own name, never with another's."""
+    if index == 0:
+        return base
+    return base.with_name(f"{base.stem}.w{index}{base.suffix}")
+
+
+def worker_journals(base: Path) -> list[Path]:
+    """The worker journals beside `base` that exist (`<stem>.w<i><suffix>`, i >= 1), by index."""
+    found: list[tuple[int, Path]] = []
+    try:
+        entries = list(base.parent.iterdir())
+    except OSError:
+        return []
+    head, tail = base.stem, base.suffix
+    for p in entries:
+        name = p.name
+        if not (name.startswith(head) and name.endswith(tail)) or len(name) <= len(head) + len(tail):
+            continue
+        m = _WORKER_TAG.fullmatch(name[len(head):len(name) - len(tail)])
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def with_workers(paths: list[Path]) -> list[Path]:
+    """`paths`, each followed by its worker journals (see worker_journal), without repeats: what
+    `process` and `status` read when given the journal `serve --workers N` was started with."""
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for path in paths:
+        for p in [path, *worker_journals(path)]:
+            key = Path(os.path.abspath(p))
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+    return out
 
 
 # -- rotated files beside a journal -----------------------------------------------------------

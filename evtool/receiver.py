@@ -158,6 +158,10 @@ class ServeSettings:
     status_probe: StatusProbe | None = None
     metrics_token: str | None = None  # may GET /metrics, nothing else
     access_log: bool = False  # one log line per request (logger aiohttp.access)
+    reuse_port: bool = False  # SO_REUSEPORT: one of `serve --workers N` on a shared port (see workers)
+    # The journal that names this receiver for senders (Evtool-Receiver); None: `journal`. The
+    # workers of one `serve --workers N` share the base journal's name, whichever answers.
+    receiver_name: Path | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -251,7 +255,8 @@ class _Receiver:
         self.keys = KeyWindow()  # Idempotency-Key -> body digest, recent ones
         # Which receiver this is, for senders' resume state: its host and journal. A fresh
         # receiver on the same URL (another journal) gets everything from line 1.
-        where = f"{socket.gethostname()}\0{Path(s.journal).resolve()}".encode("utf-8", "surrogateescape")
+        name = Path(s.receiver_name or s.journal).resolve()
+        where = f"{socket.gethostname()}\0{name}".encode("utf-8", "surrogateescape")
         self.receiver_id = {RECEIVER_HEADER: blake2b(where, digest_size=8).hexdigest()}
 
     def access(self, request: web.Request) -> str | None:
@@ -361,7 +366,9 @@ class _Receiver:
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, within request_timeout; cut short when the server stops."""
-        if self._stopping and not request.content.is_eof():
+        if request.content.is_eof():  # all of it arrived with the head (most small requests): no timer
+            return await request.read()
+        if self._stopping:
             raise _Refused(503, "the server is shutting down; retry")
         self._reading.add(request.content)
         try:
@@ -629,7 +636,7 @@ ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i"'  # the logger adds the 
 async def start_runner(app: web.Application, host: str, port: int, *,
                        shutdown_timeout: float = 60.0, idle_timeout: float = 30.0,
                        head_timeout: float | None = None, max_connections: int | None = None,
-                       access_log: bool = False) -> web.AppRunner:
+                       access_log: bool = False, reuse_port: bool = False) -> web.AppRunner:
     """Start serving `app` on host:port (0 picks a free port); return the runner to clean up.
 
     A connection that has not sent a complete request head for `idle_timeout` seconds (a client
@@ -650,7 +657,7 @@ async def start_runner(app: web.Application, host: str, port: int, *,
         server.head_timeout = idle_timeout if head_timeout is None else head_timeout
         if max_connections is not None:
             server.max_connections = max_connections
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
     try:
         await site.start()
     except BaseException:
@@ -670,7 +677,8 @@ async def _serve(s: ServeSettings, on_ready: Callable[[str], None] | None) -> No
     cap = s.max_connections or connection_cap(raise_open_file_limit())
     runner = await start_runner(app, s.host, s.port, shutdown_timeout=s.request_timeout + 5,
                                 idle_timeout=s.request_timeout, access_log=s.access_log,
-                                head_timeout=min(s.head_timeout, s.request_timeout), max_connections=cap)
+                                head_timeout=min(s.head_timeout, s.request_timeout), max_connections=cap,
+                                reuse_port=s.reuse_port)
     appender = app[APPENDER_KEY]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -108,3 +108,68 @@ def test_receiver_ids_are_unique_and_reserved():
     ids = [make() for _ in range(1000)]
     assert len(set(ids)) == 1000 and all(i.startswith("~") for i in ids)
     assert receiver_ids()() != make()
+
+
+# Lines of every shape a client sends, with and without id and time, odd spacing, a null id, the
+# user_id alias, a decimal, a string value: the common shape and what only `validate` accepts.
+VARIANTS = [
+    event_line("a", "1"), event_line("a", "1", "own"), event_line("a", "1", time="2026-11-23T08:00:00.000Z"),
+    event_line("a", "1", "own", time="2026-11-23T08:00:00Z"), event_line("a", "0.10"),
+    event_line("a", "1")[:-1] + b', "ts": 1700000000}',
+    b'  {"userId":"b","name":"subtract_revenue","value":5}  ',
+    b'{"userId":"c","name":"add_revenue","value":2,"eventId":null}',
+    b'{"user_id":"d","name":"add_revenue","value":3}', b'{"userId":"e","name":"add_revenue","value":"4.50"}',
+    b'{"userId":"f","name":"add_revenue","value":1,"timestamp":"2026-11-23 08:00"}',
+    b'{"userId":"g\\u00e9","name":"add_revenue","value":99999999999999999999}',
+    b'{"userId":"h","name":"add_revenue","value":1,"extra":{"nested":[1,2,{"x":null}]}}',
+]
+
+
+@pytest.mark.parametrize("key", [None, 'k"\\'])
+def test_every_line_is_stored_as_validate_and_with_id_would_store_it(key):
+    """The receiver's one-pass path (no Event built for the common shape) stores exactly what the
+    full path stores: validate, then the id and receive time added to the client's text."""
+    from evtool import events, eventtime
+    from evtool.intake import _key_id, _with_id
+
+    got = intake().ndjson(b"\n".join(VARIANTS), key).data.splitlines()
+    made = itertools.count(1)
+    for n, (raw, line) in enumerate(zip(VARIANTS, got, strict=True), 1):
+        raw = raw.strip()
+        obj = orjson.loads(raw)
+        event = events.validate(obj, raw)
+        event_id = None if event.event_id else _key_id(key, n) if key else f"~t-{next(made)}"
+        timed = eventtime.has_time(obj)
+        stamp = None if timed else NOW
+        want = raw if event_id is None and timed else _with_id(raw, obj, event, event_id, stamp)
+        assert line.strip() == want, raw
+        # one object per request: the same text, and the id it answers with (a key is the id itself)
+        single = intake().json(raw, key)
+        one_id = event.event_id or key or "~t-1"
+        added = None if event.event_id else one_id
+        want = raw if event.event_id and timed else _with_id(raw, obj, event, added, stamp)
+        assert (single.data, single.event_id) == (want + b"\n", one_id), raw
+
+
+def test_the_common_shape_is_validated_once_without_building_an_event(monkeypatch):
+    """Validate once: a bulk of common-shape lines (with or without id or time) never reaches
+    `events.validate` (which builds an Event and its time): the checks on orjson's dict suffice."""
+    from evtool import events
+    from evtool import intake as intake_module
+
+    calls = []
+    real = events.validate
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(events, "validate", counting)
+    monkeypatch.setattr(intake_module.events, "validate", counting)
+    common = [event_line(f"u{i}", str(i), f"id{i}" if i % 2 else None,
+                         time="2026-11-23T08:00:00.000Z" if i % 3 else None) for i in range(300)]
+    lines = intake().ndjson(b"\n".join(common))
+    assert lines.count == 300 and calls == []
+    assert intake().json(common[0]).count == 1 and calls == []
+    intake().ndjson(VARIANTS[-4])  # a string value: only validate reads it
+    assert calls

@@ -42,9 +42,12 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
     digests, its totals and its rejects in one transaction.
     """
     from .. import processor
+    from ..journal import with_workers
     from ..output import console, print_json, process_dict, process_summary, progress_bar
 
-    paths = list(journals) or [config.JOURNAL]
+    # A journal `serve --workers N` wrote brings its worker journals along (server-events.w1.jsonl...).
+    given = list(journals) or [config.JOURNAL]
+    paths = with_workers(given)
     url = config.resolve_dsn(dsn)
     err = console(err=True)
 
@@ -60,7 +63,8 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
     if follow:
         report = _follow(url, paths, batch_mb << 20, retry_for, poll, strict,
                          keep_retrying=not exit_on_outage, progress_every=progress_every,
-                         metrics_addr=metrics_addr, metrics_token=metrics_token)
+                         metrics_addr=metrics_addr, metrics_token=metrics_token,
+                         discover=lambda: with_workers(given))
     else:
         with progress_bar(err, "processing") as bar:
             report = processor.process(url, paths, batch_bytes=batch_mb << 20, retry_for=retry_for,
@@ -84,7 +88,7 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
 
 def _follow(url: str, paths: list[Path], batch_bytes: int, retry_for: float, poll: float,
             strict: bool, *, keep_retrying: bool, progress_every: float, metrics_addr: str | None,
-            metrics_token: str | None):
+            metrics_token: str | None, discover=None):
     """Run the follower until SIGINT/SIGTERM; the batch in flight finishes first.
 
     A service's loop: everything it says goes through logging (--log-format json for a log
@@ -178,12 +182,19 @@ def _follow(url: str, paths: list[Path], batch_bytes: int, retry_for: float, pol
             raise click.UsageError(f"--metrics {metrics_addr!r}: give HOST:PORT (e.g. 127.0.0.1:9187)")
         server = MetricsServer(host.strip("[]") or "127.0.0.1", int(port), render, metrics_token).start()
 
+    def found() -> list[Path]:
+        """The journals to follow now; new ones (worker journals) count in the lag too."""
+        now = discover()
+        paths[:] = now + [p for p in paths if p not in now]
+        return now
+
     proc = Processor(url, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry, strict=strict)
     log.info("following %s; Ctrl-C or SIGTERM to stop%s", ", ".join(path_text(str(p)) for p in paths),
              f"; metrics at {server.url}" if server else "")
     try:
         return run_until_signalled(proc, paths, poll=poll, on_notice=on_notice, on_round=on_round,
-                                   keep_retrying=keep_retrying, on_outage=on_outage, tick=progress)
+                                   keep_retrying=keep_retrying, on_outage=on_outage, tick=progress,
+                                   discover=found if discover is not None else None)
     finally:
         proc.close()
         if server is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import config
-from ..errors import ConfigError
+from ..errors import ConfigError, EvtoolError
 from .base import cli, dsn_option, strict_option
 
 
@@ -27,10 +27,14 @@ from .base import cli, dsn_option, strict_option
               help="Largest request body accepted.")
 @click.option("--metrics-token", help="A second token that may only GET /metrics (for the scraper).")
 @click.option("--access-log", is_flag=True, help="Log one line per request (logger aiohttp.access).")
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Receiver processes sharing the port (SO_REUSEPORT), each with its own journal: "
+                   "worker 0 writes JOURNAL, worker i JOURNAL's name with .w<i> before its suffix "
+                   "(server-events.w1.jsonl). `process` and `status` given JOURNAL read them all.")
 @strict_option
 @dsn_option
 def serve(host: str, port: int, journal: Path, token: str | None, read_token: str | None, fsync: str,
-          max_body_mb: int, metrics_token: str | None, access_log: bool, strict: bool,
+          max_body_mb: int, metrics_token: str | None, access_log: bool, workers: int, strict: bool,
           dsn: str | None) -> None:
     """Receive events over HTTP and append them durably to the journal.
 
@@ -42,8 +46,9 @@ def serve(host: str, port: int, journal: Path, token: str | None, read_token: st
     """
     import logging
 
-    from ..receiver import ServeSettings, StoreRevenue, run_server
+    from ..receiver import ServeSettings, StoreRevenue, check_settings, run_server
     from ..reports import StatusProbe
+    from ..workers import journals
 
     if metrics_token is not None and (not metrics_token or metrics_token == token):
         raise ConfigError("--metrics-token must be non-empty and differ from --token")
@@ -51,6 +56,25 @@ def serve(host: str, port: int, journal: Path, token: str | None, read_token: st
     lookup = StoreRevenue(lambda: config.open_store(dsn, migrate=True))
     settings = ServeSettings(host=host, port=port, journal=journal, token=token, fsync=fsync == "on",
                              max_body=max_body_mb << 20, revenue_lookup=lookup, strict=strict,
-                             read_token=read_token, status_probe=StatusProbe(dsn, [journal], url=""),
-                             metrics_token=metrics_token, access_log=access_log)
-    run_server(settings, on_ready=logging.getLogger("evtool.serve").info)
+                             read_token=read_token, metrics_token=metrics_token, access_log=access_log,
+                             status_probe=StatusProbe(dsn, journals(journal, workers), url=""))
+    if workers == 1:
+        run_server(settings, on_ready=logging.getLogger("evtool.serve").info)
+        return
+    from ..workers import supervise
+
+    check_settings(settings)  # a setting that cannot start is said once, before any fork
+    supervise(settings, workers, _worker_main)
+
+
+def _worker_main(index: int, settings, on_ready) -> int:
+    """One worker of `serve --workers N` (in its own process): serve, and say why it could not."""
+    from ..receiver import run_server
+    from .base import _one_line
+
+    try:
+        run_server(settings, on_ready=on_ready)
+    except (EvtoolError, OSError) as exc:
+        click.echo(f"Error: worker {index}: {_one_line(exc)}", err=True)
+        return 1
+    return 0

@@ -33,9 +33,12 @@ def status(journals: tuple[Path, ...], dsn: str | None, url: str, watch: bool, i
 
     if watch and as_json:
         raise click.UsageError("--watch and --json are exclusive")
+    from ..journal import with_workers
+
     paths = list(journals)
     if not paths and config.JOURNAL.exists():
         paths = [config.JOURNAL]
+    paths = with_workers(paths)  # and the worker journals of `serve --workers N` beside each
     probe = StatusProbe(dsn, paths, url)
     try:
         if watch:

@@ -114,8 +114,12 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | No
 
 @contextmanager
 def serving(cmd: Sequence[str], port: int, *, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> Iterator[str]:
-    """Start a server that answers GET /healthz on `port`; yield its base URL; SIGTERM it after."""
+            cwd: Path | None = None, listening: int = 1) -> Iterator[str]:
+    """Start a server that answers GET /healthz on `port`; yield its base URL; SIGTERM it after.
+
+    `listening`: also wait until its log says "listening on" that many times (`serve --workers
+    N`: a load started before every worker listens would all go to the first one).
+    """
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd)
@@ -124,6 +128,14 @@ def serving(cmd: Sequence[str], port: int, *, env: dict[str, str] | None = None,
                 err.seek(0)
                 raise RuntimeError(f"{' '.join(cmd)} did not start: "
                                    f"{err.read().decode(errors='replace')[-2000:]}")
+            deadline = time.monotonic() + 30
+            while listening > 1:
+                err.seek(0)
+                if err.read().count(b"listening on") >= listening:
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{' '.join(cmd)}: not all {listening} workers listen")
+                time.sleep(0.05)
             yield url
         finally:
             if proc.poll() is None:
