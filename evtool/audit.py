@@ -147,7 +147,8 @@ def sources(store: Store, paths: list[Path]) -> list[Source]:
     """The journals to scan, in the order the database first saw them (unknown ones last).
 
     `paths` given: those files. Else every journal the database knows, found where `status`
-    finds it (its recorded path, or a rotated copy beside it), and ./server-events.jsonl.
+    finds it (its recorded path, or a rotated copy beside it), and ./server-events.jsonl; each
+    given or default journal with the worker journals of `serve --workers N` beside it.
     """
     rows = store.journals_in_order()
     order = {r[0]: i for i, r in enumerate(rows)}
@@ -164,7 +165,7 @@ def sources(store: Store, paths: list[Path]) -> list[Source]:
 
     if paths:
         read: set[Path] = set()
-        for path in paths:
+        for path in journal.with_workers(paths):  # as process and status read them
             fp, exists = _fingerprint(path)
             where = path.resolve()
             if (fp is not None and fp in seen) or where in read:
@@ -186,9 +187,10 @@ def sources(store: Store, paths: list[Path]) -> list[Source]:
                     continue
                 path = moved
             add(path, path_text(str(path)), row[0], row, "ok")
-        fp, exists = _fingerprint(JOURNAL)
-        if exists and (fp is None or fp not in seen):
-            add(JOURNAL, path_text(str(JOURNAL.resolve())), fp, None, "new")
+        for path in journal.with_workers([JOURNAL]):  # and `serve --workers N`'s beside it
+            fp, exists = _fingerprint(path)
+            if exists and (fp is None or fp not in seen):
+                add(path, path_text(str(path.resolve())), fp, None, "new")
     out.sort(key=lambda s: order.get(s.fingerprint, len(order)) if s.known else len(order))
     return out
 
