@@ -227,3 +227,19 @@ def test_parse_with_a_mapping_sums_like_the_validator(tmp_path):
     assert [o[2] for o in part.opaque] == [("carol", "2026-11-22T00:00"), ("bob", "2026-11-22T06:15"),
                                            ("bob", "2026-11-22T06:15")]  # YYYY/MM/DD; the txn_id twice
     assert [r[1] for r in part.rejects] == [9, 10]
+
+
+def test_the_epoch_shortcut_reads_times_as_eventtime_does():
+    """mapping's integer-epoch shortcut gives eventtime.parse's instant, to the microsecond."""
+    import random
+
+    from evtool import eventtime
+
+    rng = random.Random(13)
+    values = [0, 1, 10**11 - 1, 10**11, 1795248000123, 253402300799, 253402300799000]
+    values += [rng.randrange(0, 253402300799001) for _ in range(2000)]
+    values += [rng.randrange(0, 10**11) for _ in range(2000)]
+    for v in values:
+        assert mapping._parse_time(v, "at") == eventtime.parse(v, "at"), v
+    with pytest.raises(InvalidEvent, match="after the year 9999"):
+        mapping._parse_time(253402300799001, "at")
