@@ -243,3 +243,23 @@ def test_the_epoch_shortcut_reads_times_as_eventtime_does():
         assert mapping._parse_time(v, "at") == eventtime.parse(v, "at"), v
     with pytest.raises(InvalidEvent, match="after the year 9999"):
         mapping._parse_time(253402300799001, "at")
+
+
+def test_rejects_of_an_undeclared_shape_are_reapplied_under_a_mapping(dsn, tmp_path):
+    """Processed before the mapping existed, the client's lines are rejects; `rejects --reapply
+    --mapping` applies them once, and a second reapply changes nothing."""
+    journal = tmp_path / "server-events.jsonl"
+    journal.write_bytes(b'{"client_id":"bob","type":"order","amount":2.5,"at":"2026/11/22","txn_id":"t1"}\n'
+                        b'{"client_id":"bob","type":"refund","amount":1,"at":1795328100}\n')
+    done = json.loads(evtool("process", "--json", cwd=tmp_path, check=True).stdout)
+    assert done["rejected"] == 2
+    (tmp_path / "m.toml").write_text(MAPPING)
+    usage = evtool("rejects", "--mapping", "m.toml", cwd=tmp_path)
+    assert usage.returncode == 2 and "--mapping goes with --reapply" in usage.stderr
+    again = json.loads(evtool("rejects", "--reapply", "--mapping", "m.toml", "--json", cwd=tmp_path,
+                              check=True).stdout)
+    assert again["applied"] == 2
+    assert totals(dsn) == {"bob": Decimal("1.5")}
+    evtool("rejects", "--reapply", "--mapping", "m.toml", cwd=tmp_path, check=True)
+    assert totals(dsn) == {"bob": Decimal("1.5")}
+    assert per_day(tmp_path) == {"2026-11-22": Decimal("1.5")}
