@@ -23,6 +23,7 @@ import orjson
 
 from . import events, eventtime
 from .errors import InvalidEvent, MalformedJSON
+from .mapping import Mapping
 
 _ORJSON_POS = re.compile(r": line 1 column (\d+) \(char \d+\)$")
 
@@ -123,6 +124,9 @@ class Intake:
     strict: bool
     fresh_id: Callable[[], str]
     clock: Callable[[], str] = eventtime.stamp  # the receive time written into untimed events
+    # A declared mapping: events are checked as what they stand for under it (mapping.view);
+    # the journal still gets the client's text, with only eventId / the receive time added.
+    mapping: Mapping | None = None
 
     def ndjson(self, body: bytes, key: str | None = None) -> Lines:
         """Validate an NDJSON body: one event per line, blank lines ignored.
@@ -135,7 +139,7 @@ class Intake:
         parse, loads, deep_len = events.parse_json, orjson.loads, events.DEEP_LEN
         validate, event_id_of = events.validate, events.event_id_of
         common_id, uncommon = events.common_event_id, events.UNCOMMON
-        strict = self.strict
+        strict, mapping = self.strict, self.mapping
         if b"\r" in body:  # a CR in valid NDJSON is whitespace; only a line-ending one is dropped
             body = body.replace(b"\r\n", b"\n")
             if body.endswith(b"\r"):
@@ -162,7 +166,8 @@ class Intake:
                     obj = parse(raw)  # raises MalformedJSON with the shared wording
                 if len(raw) > deep_len:
                     parse(raw)  # the depth rule, for the few lines long enough to break it
-                event_id = common_id(obj, strict)
+                # under a mapping, the mapped fields decide: the common shape alone is not enough
+                event_id = common_id(obj, strict) if mapping is None else uncommon
                 if event_id is not uncommon and (event_id is not None or "eventId" not in obj):
                     # common shape: its only possible time field is a canonical `timestamp`
                     if "timestamp" in obj:
@@ -180,12 +185,13 @@ class Intake:
                         tail = b',"eventId":' + orjson.dumps(made) + tail
                     append(raw.rstrip()[:-1] + tail)
                     continue
-                have_id = event_id_of(obj, raw, strict=strict) is not None
-                timed = has_time(obj)
+                view, text = (obj, raw) if mapping is None else (mapping.view(obj, raw, strict), None)
+                have_id = event_id_of(view, text, strict=strict) is not None
+                timed = has_time(view)
                 if have_id and timed:
                     append(raw)  # the client's bytes, unchanged
                     continue
-                event = validate(obj, raw, strict=strict)
+                event = validate(view, text, strict=strict)
             except MalformedJSON as exc:
                 raise BodyMalformed(f"line {lineno}: {_line_reason(exc)}") from None
             except InvalidEvent as exc:
@@ -193,7 +199,7 @@ class Intake:
             event_id = None if have_id else _key_id(key, n) if key is not None else self.fresh_id()
             if not timed and received is None:
                 received = self.clock()
-            append(_with_id(raw, obj, event, event_id, None if timed else received))
+            append(_with_id(raw, obj, event, event_id, None if timed else received, mapping, strict))
         append(b"")
         return Lines(b"\n".join(out), n)
 
@@ -211,9 +217,13 @@ class Intake:
             raise BodyInvalid("the body must be one event object or an array of event objects")
         spans: list[tuple[int, int] | None] | None = None
         out: list[bytes] = []
+        mapping = self.mapping
+        mapped_spans: list[tuple[int, int] | None] = []  # filled once, when a mapped amount needs it
         for i, el in enumerate(obj, 1):
             try:
-                if isinstance(el, dict) and isinstance(el.get("value"), float):
+                if mapping is not None:
+                    event, timed = self._mapped(body, el, i, mapped_spans)
+                elif isinstance(el, dict) and isinstance(el.get("value"), float):
                     # orjson gave a float: take the exact number from the element's text (the
                     # body is scanned once, without recursion, whatever its nesting)
                     if spans is None:
@@ -221,16 +231,21 @@ class Intake:
                     span = spans[i - 1]
                     assert span is not None
                     el["value"] = events.exact_value(body[span[0]:span[1]], el["value"])
-                event = events.validate(el, strict=self.strict)
+                if mapping is None:
+                    event = events.validate(el, strict=self.strict)
+                    timed = event.time is not None or eventtime.has_time(el)
             except MalformedJSON as exc:
                 raise BodyMalformed(f"element {i}: {exc.reason}") from None
             except InvalidEvent as exc:
                 raise BodyInvalid(f"element {i}: {exc.reason}") from None
             if event.event_id is None:
                 el["eventId"] = _key_id(key, i) if key is not None else self.fresh_id()
-            if event.time is None and not eventtime.has_time(el):
+            if not timed:
                 el[eventtime.STAMP_FIELD] = self.clock()
-            el["value"] = events.value_fragment(event.value)
+            if mapping is None:
+                el["value"] = events.value_fragment(event.value)
+            else:
+                mapping.write_exact(el, events.value_fragment(event.value), self.strict)
             try:
                 line = orjson.dumps(el)
             except orjson.JSONEncodeError:  # orjson writes 254 levels at most: deeper than MAX_DEPTH
@@ -243,11 +258,25 @@ class Intake:
         out.append(b"")
         return Lines(b"\n".join(out), len(obj))
 
+    def _mapped(self, body: bytes, el: object, i: int, spans: list) -> tuple[events.Event, bool]:
+        """A bulk element under the mapping: its event, and whether it carries a time."""
+        assert self.mapping is not None
+        text = None
+        if isinstance(el, dict) and self.mapping.float_values(el, self.strict):
+            if not spans:  # the exact amount is in the element's text: scan the body once
+                spans.extend(events.object_spans(body))
+            span = spans[i - 1]
+            assert span is not None
+            text = body[span[0]:span[1]]
+        view = self.mapping.view(el, text, self.strict)
+        return events.validate(view, strict=self.strict), eventtime.STAMP_FIELD in view
+
     def _single(self, body: bytes, obj: dict, key: str | None) -> Lines:
         """One JSON object: the original client's request."""
         if len(body) > self.max_line:
             raise BodyTooLong(f"the event is longer than the limit of {self.max_line} bytes")
-        common = events.common_event_id(obj, self.strict)
+        mapping = self.mapping
+        common = events.common_event_id(obj, self.strict) if mapping is None else events.UNCOMMON
         if common is not events.UNCOMMON and (common is not None or "eventId" not in obj):
             # the common shape (see ndjson): no Event built, members appended as text
             raw = _one_line(body)
@@ -260,19 +289,20 @@ class Intake:
                 tail = b',"eventId":' + orjson.dumps(event_id) + tail
             return Lines(raw.rstrip()[:-1] + tail, 1, event_id)
         try:
-            event = events.validate(obj, body, strict=self.strict)
+            view = obj if mapping is None else mapping.view(obj, body, self.strict)
+            event = events.validate(view, body if mapping is None else None, strict=self.strict)
         except MalformedJSON as exc:
             raise BodyMalformed(exc.reason) from None
         except InvalidEvent as exc:
             raise BodyInvalid(exc.reason) from None
         event_id = event.event_id or key or self.fresh_id()
         raw = _one_line(body)
-        timed = eventtime.has_time(obj)
+        timed = eventtime.has_time(view)
         if event.event_id is not None and timed:
             line = raw
         else:
             line = _with_id(raw, obj, event, None if event.event_id else event_id,
-                            None if timed else self.clock())
+                            None if timed else self.clock(), mapping, self.strict)
         return Lines(line + b"\n", 1, event_id)
 
 
@@ -300,7 +330,7 @@ def _line_reason(exc: InvalidEvent) -> str:
 
 
 def _with_id(raw: bytes, obj: dict, event: events.Event, event_id: str | None,
-             received: str | None = None) -> bytes:
+             received: str | None = None, mapping: Mapping | None = None, strict: bool = False) -> bytes:
     """`raw` (one line) with `"eventId"` and/or the receive time added, other text unchanged."""
     extra = {}
     if event_id is not None:
@@ -309,7 +339,10 @@ def _with_id(raw: bytes, obj: dict, event: events.Event, event_id: str | None,
         extra[eventtime.STAMP_FIELD] = received
     if event_id is not None and "eventId" in obj:  # present but null: rewrite, not a second key
         obj.update(extra)
-        obj["value"] = events.value_fragment(event.value)
+        if mapping is None:
+            obj["value"] = events.value_fragment(event.value)
+        else:  # the amount stays where the client put it, with its exact digits
+            mapping.write_exact(obj, events.value_fragment(event.value), strict)
         return orjson.dumps(obj)
     raw = raw.rstrip()
     return raw[:-1] + b"".join(b',"' + k.encode() + b'":' + orjson.dumps(v) for k, v in extra.items()) + b"}"

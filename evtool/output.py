@@ -283,7 +283,29 @@ def status_view(s: dict[str, Any]):
                                               lag_style),
                                    f"  processed {_bytes(j['offset'])} of {_bytes(j['size'])}"))
         parts.append(Text(f"  last processed {_since(j['last_processed'], s['time'])}"))
+        parts.extend(_mapping_lines(j))
     return Group(*parts)
+
+
+def _mapping_name(m: dict[str, Any]) -> str:
+    if not m["mapping"]:
+        return "none (built-in shapes)"
+    return m["mapping"] + (f" ({_short(m['source'])})" if m["source"] else "")
+
+
+def _mapping_lines(j: dict[str, Any]) -> list[Any]:
+    """The mapping a journal was read under; when it changed between runs, each with its lines."""
+    from rich.text import Text
+
+    ms = j.get("mappings") or []
+    if not ms:
+        return []
+    if len(ms) == 1:
+        return [Text(f"  mapping {_mapping_name(ms[0])}")]
+    out = [Text("  mapping changed between runs: its batches were read under", style="yellow")]
+    out += [Text(f"    {_mapping_name(m)}: {_n(m['lines'])} lines in {_n(m['batches'])} batch(es), "
+                 f"bytes {m['first_offset']:,}-{m['end_offset']:,}") for m in ms]
+    return out
 
 
 def report_csv(r: dict[str, Any]) -> None:

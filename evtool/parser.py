@@ -19,6 +19,7 @@ import orjson
 from . import events, eventtime, identity, journal, store
 from .errors import InvalidEvent, JournalChanged
 from .events import money_add
+from .mapping import Mapping
 
 # Sums per (user, minute of event time): [adds, added amount, subtracts, subtracted amount].
 # The minute is eventtime.minute_key ("" for an event without a time); the totals are the sums
@@ -80,6 +81,7 @@ class ParsedPart:
     copy_rows: bytes | None = None
     users: list[str] = field(default_factory=list)
     strict: bool = False  # parsed without normalization (events.validate's strict)
+    mapping: Mapping | None = None  # the declared mapping lines were read under (see mapping)
     cut: bool = False  # ended before the planned end: MAX_USERS_PER_PART was reached
     held: int = 0  # what it held at the end (see `held`), for the processor to size batches
     fresh_count: int = 0  # events in `fresh`
@@ -155,6 +157,7 @@ class Batch:
             self.opaque.extend((d, c, u, a, v, off, base + i) for d, c, u, a, v, off, i in p.opaque)
             base += p.lines
         self.strict = parts[0].strict
+        self.mapping = parts[0].mapping
 
     @classmethod
     def empty(cls, offset: int) -> Batch:
@@ -192,13 +195,17 @@ def merge(into: Sums, other: Sums, *, take: bool = False) -> None:
             t[3] = money_add(t[3], s[3])
 
 
-def _event(raw: bytes, strict: bool = False) -> tuple[Key, bool, events.Value, str | None]:
+def _event(raw: bytes, strict: bool = False,
+           mapping: Mapping | None = None) -> tuple[Key, bool, events.Value, str | None]:
     """((user, minute), is_add, value, eventId) of a valid line; raises InvalidEvent.
 
     The common shape (events.common_shape) is taken as it is; everything else goes through
-    the shared validator, which accepts a superset of it.
+    the shared validator, which accepts a superset of it. Under a mapping, the line is first
+    read as the event it stands for (mapping.Mapping.view).
     """
     obj = events.parse_json(raw)
+    if mapping is not None:
+        obj = mapping.view(obj, raw, strict)
     if events.common_shape(obj, strict):
         eid = obj.get("eventId")  # type: ignore[union-attr]
         if eid is not None:
@@ -209,9 +216,9 @@ def _event(raw: bytes, strict: bool = False) -> tuple[Key, bool, events.Value, s
     return (ev.user_id, eventtime.minute_key(ev.time)), ev.name == "add_revenue", ev.value, ev.event_id
 
 
-def event_id(raw: bytes) -> str:
+def event_id(raw: bytes, mapping: Mapping | None = None) -> str:
     """The eventId of a valid line (for a message)."""
-    return str(_event(raw)[3])
+    return str(_event(raw, False, mapping)[3])
 
 
 def exit_with_parent(parent: int) -> None:
@@ -247,7 +254,7 @@ def held(part: ParsedPart) -> int:
 
 def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
                     piece: int = PIECE_BYTES, strict: bool = False, opener: str | None = None,
-                    max_users: int = MAX_USERS_PER_PART) -> ParsedPart:
+                    max_users: int = MAX_USERS_PER_PART, mapping: Mapping | None = None) -> ParsedPart:
     """Parse bytes [start, end) of a journal (both at line boundaries), `piece` bytes at a time.
 
     Runs in a worker process, which opens the file itself: `opener` (the caller's descriptor
@@ -256,7 +263,7 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
     early (`cut`, `end` moved back to the last line parsed) once the part holds more than
     `max_users` (see `held`). `digest` covers exactly the bytes parsed, [start, end).
     """
-    out = ParsedPart(start, end, strict=strict)
+    out = ParsedPart(start, end, strict=strict, mapping=mapping)
     h = journal.range_digest()
     with open(opener or path, "rb") as f:
         st = os.fstat(f.fileno())
@@ -286,15 +293,18 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
 
 
 def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: bool = True,
-              strict: bool = False) -> ParsedPart:
+              strict: bool = False, mapping: Mapping | None = None) -> ParsedPart:
     """Parse complete lines `data` (starting at byte `offset` of the journal) into `out`.
 
-    `strict` applies only to a new part; a given `out` keeps its own. The loop inlines the
-    common case (an integer value, and no id or an id of the source seen last) because it runs
-    once per event; every other line takes `_event`, which ends in the shared validator.
+    `strict` and `mapping` apply only to a new part; a given `out` keeps its own. The loop
+    inlines the common case (an integer value, and no id or an id of the source seen last)
+    because it runs once per event; every other line takes `_event`, which ends in the shared
+    validator. Under a mapping, each object is first turned into the common shape by the
+    mapping's compiled accessor (None, for the slow path, when it needs the full view).
     """
-    out = ParsedPart(offset, offset + len(data), strict=strict) if out is None else out
-    strict = out.strict
+    out = ParsedPart(offset, offset + len(data), strict=strict, mapping=mapping) if out is None else out
+    strict, mapping = out.strict, out.mapping
+    mapped = None if mapping is None else mapping.accessor(strict)
     fresh, sources, opaque, rejects = out.fresh, out.sources, out.opaque, out.rejects
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
     max_user = events.MAX_USER_ID
@@ -319,6 +329,8 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
             obj = None  # _event below says what is wrong
         if len(line) > deep_len and obj is not None and too_deep(line):
             obj = None  # _event says it nests too deep
+        if mapped is not None:
+            obj = mapped(obj)  # the common shape, or None: _event applies the full mapping
         # events.common_shape, inlined (it runs once per event); validate accepts a superset.
         if type(obj) is dict:
             user = obj.get("userId")
@@ -359,7 +371,7 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
                         s[3] = s[3] + value if type(s[3]) is int else money_add(s[3], value)
                     continue
         try:
-            key, is_add, value, eid = _event(line, strict)
+            key, is_add, value, eid = _event(line, strict, mapping)
         except InvalidEvent as exc:
             rejects.append((start, index, line, exc.reason))
             continue
@@ -388,8 +400,8 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
     return out
 
 
-def source_events(data: bytes, source: str,
-                  strict: bool = False) -> list[tuple[int, bytes, Key, bool, events.Value]]:
+def source_events(data: bytes, source: str, strict: bool = False,
+                  mapping: Mapping | None = None) -> list[tuple[int, bytes, Key, bool, events.Value]]:
     """(line, chain, (user, minute), is_add, value) of every valid event of `source` in `data`, in order.
 
     The slow path, used when some of a source's lines may have been applied already.
@@ -401,7 +413,7 @@ def source_events(data: bytes, source: str,
             continue
         line = line.rstrip(b"\r")
         try:
-            key, is_add, value, eid = _event(line, strict)
+            key, is_add, value, eid = _event(line, strict, mapping)
         except InvalidEvent:
             continue
         _, m = identity.classify(eid)

@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from . import identity, journal, parser
 from .errors import EvtoolError, JournalChanged, JournalError, SourceError
+from .mapping import Mapping
 from .parser import Batch, ParsedPart
 from .store import Store, copy_rows, path_text, retrying
 
@@ -86,10 +87,11 @@ class ParsePool:
     """The parsing worker processes: started on first use, each parses a part of a batch."""
 
     def __init__(self, workers: int, piece_bytes: int, strict: bool,
-                 max_users: int = parser.MAX_USERS_PER_PART) -> None:
+                 max_users: int = parser.MAX_USERS_PER_PART, mapping: Mapping | None = None) -> None:
         self.workers = workers
         self.piece_bytes = piece_bytes
         self.strict = strict
+        self.mapping = mapping
         self.max_users = max_users
         self.submitted_bytes = 0  # what the workers were asked to parse: the file once, ideally
         self._pool: ProcessPoolExecutor | None = None
@@ -111,7 +113,7 @@ class ParsePool:
         self.submitted_bytes += end - start
         return [
             self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict,
-                              opener, self.max_users)
+                              opener, self.max_users, self.mapping)
             for lo, hi in journal.split(f, start, end, self.workers)
         ]
 
@@ -196,16 +198,18 @@ class Processor:
         piece_bytes: int = parser.PIECE_BYTES,
         strict: bool = False,
         max_users: int = parser.MAX_USERS_PER_PART,
+        mapping: Mapping | None = None,
     ) -> None:
         self.dsn = dsn
         self.strict = strict  # events.validate without normalization
+        self.mapping = mapping  # the declared mapping lines are read under; recorded per batch
         self.batch_bytes = batch_bytes
         self.inline_bytes = inline_bytes
         self.retry_for = retry_for
         self.on_retry = on_retry
         self.workers = min(2, os.cpu_count() or 1) if workers is None else workers
         self.store: Store | None = None
-        self.pool = ParsePool(self.workers, piece_bytes, strict, max_users)
+        self.pool = ParsePool(self.workers, piece_bytes, strict, max_users, mapping)
         self.retries = 0
         self._users: set[int] = set()  # hash() of the users whose totals this run changed
         # [waiting on the workers only (no transaction open), a stop was asked]: see _Planned.batch
@@ -247,7 +251,7 @@ class Processor:
         if self.workers <= 0 or end - start < self.inline_bytes:
             f.seek(start)
             data = f.read(end - start)
-            part = parser.parse(data, start, strict=self.strict)
+            part = parser.parse(data, start, strict=self.strict, mapping=self.mapping)
             h = journal.range_digest()
             h.update(data)
             part.digest = h.digest()
@@ -390,6 +394,8 @@ class Processor:
             p.duplicates += outcome.duplicates
             p.rejected += len(rejects)
             store.advance(p)
+            # which mapping this batch was read under: a re-run under another one shows in status
+            store.record_mapping(fp, b.mapping, b.offset, b.end, b.lines)
         report.applied += outcome.applied
         report.duplicates += outcome.duplicates
         report.rejected += len(rejects)
@@ -454,7 +460,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
         all_new = False
         data = reread() if data is None else data
         sums: parser.Sums = {}
-        for line, chain, key, is_add, value in parser.source_events(data, source, b.strict):
+        for line, chain, key, is_add, value in parser.source_events(data, source, b.strict, b.mapping):
             if claim.line(source, line, chain):
                 parser.add(sums, key, is_add, value)
                 out.applied += 1
@@ -473,7 +479,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
             elif new is None:  # the id names another event: record it, never drop it silently
                 data = reread() if data is None else data
                 raw = _line_at(data, offset - b.offset)
-                eid = parser.event_id(raw)
+                eid = parser.event_id(raw, b.mapping)
                 out.rejects.append((offset, index, raw, identity.conflict_reason(eid, claim.conflicts[d])))
             else:
                 out.duplicates += 1

@@ -65,6 +65,7 @@ from .intake import (
     check_key,
     receiver_ids,
 )
+from .mapping import Mapping
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import Metrics
 
@@ -154,6 +155,7 @@ class ServeSettings:
     # What GET /userEvents/<id> reads totals with; the app closes it when it stops. None -> 503.
     revenue_lookup: RevenueLookup | None = None
     strict: bool = False  # events.validate without normalization (no user_id alias, no string values)
+    mapping: Mapping | None = None  # the declared mapping events are checked under (journal keeps their text)
     # What GET /api/status takes snapshots with (`status --json`); the app closes it. None -> 503.
     status_probe: StatusProbe | None = None
     metrics_token: str | None = None  # may GET /metrics, nothing else
@@ -249,7 +251,7 @@ class _Receiver:
         self.token = check_settings(s).encode()
         self.read_token = s.read_token.encode() if s.read_token is not None else None
         self.metrics_token = s.metrics_token.encode() if s.metrics_token else None
-        self.intake = Intake(max_line=s.max_line, strict=s.strict, fresh_id=receiver_ids())
+        self.intake = Intake(max_line=s.max_line, strict=s.strict, fresh_id=receiver_ids(), mapping=s.mapping)
         self._reading: set[StreamReader] = set()  # bodies being read
         self._stopping = False
         self.keys = KeyWindow()  # Idempotency-Key -> body digest, recent ones

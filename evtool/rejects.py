@@ -23,6 +23,7 @@ from typing import Any
 
 from . import events, eventtime, identity, parser
 from .errors import InvalidEvent
+from .mapping import Mapping
 from .reports import reject_filter
 from .store import Store, copy_rows
 
@@ -43,8 +44,9 @@ MAX_LINES_KEPT = 50
 
 
 def reapply(store: Store, *, reason: str | None = None, path: Path | None = None, strict: bool = False,
-            batch_rows: int = BATCH_ROWS) -> ReapplyReport:
-    """Re-validate pending rejected lines (optionally filtered) and apply those now valid."""
+            batch_rows: int = BATCH_ROWS, mapping: Mapping | None = None) -> ReapplyReport:
+    """Re-validate pending rejected lines (optionally filtered, and read under `mapping` when
+    given: lines of a shape it declares) and apply those now valid."""
     report = ReapplyReport()
     conds, params = reject_filter(reason, path)
     where = " AND ".join(conds)
@@ -54,14 +56,14 @@ def reapply(store: Store, *, reason: str | None = None, path: Path | None = None
         after = -1
         while True:
             with store.transaction():
-                after = _batch(store, fp, after, where, params, strict, batch_rows, report)
+                after = _batch(store, fp, after, where, params, strict, batch_rows, report, mapping)
             if after is None:
                 break
     return report
 
 
 def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], strict: bool,
-           limit: int, report: ReapplyReport) -> int | None:
+           limit: int, report: ReapplyReport, mapping: Mapping | None = None) -> int | None:
     """One transaction: up to `limit` pending rejects of journal `fp` after offset `after`.
 
     Returns the last offset handled, or None when there was nothing left.
@@ -73,7 +75,11 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
     new_reasons: list[tuple[str, bytes, int]] = []
     for offset, line_no, path, raw, old_reason in rows:
         try:
-            ev = events.parse_line(bytes(raw), allow_reserved=True, strict=strict)
+            if mapping is None:
+                ev = events.parse_line(bytes(raw), allow_reserved=True, strict=strict)
+            else:
+                view = mapping.view(events.parse_json(bytes(raw)), bytes(raw), strict)
+                ev = events.validate(view, allow_reserved=True, strict=strict)
         except InvalidEvent as exc:
             report.still_invalid += 1
             if exc.reason != old_reason:

@@ -80,8 +80,10 @@ def journal_status(store: Store | None, paths: list[Path]) -> list[dict[str, Any
     database to compare with).
     """
     rows: list[tuple] = []
+    mappings: dict[bytes, list[tuple]] = {}
     if store is not None:
         rows = store.journal_rows()
+        mappings = store.journal_mappings()
     by_fp = {r[0]: r for r in rows}
     out: list[dict[str, Any]] = []
     shown: set[bytes] = set()
@@ -92,10 +94,12 @@ def journal_status(store: Store | None, paths: list[Path]) -> list[dict[str, Any
             "lag_bytes": None, "lag_lines": None, "applied": None, "duplicates": None,
             "rejected": None, "rejects_pending": None, "last_processed": None,
             "fingerprint": fp.hex() if fp else (row[0].hex() if row else None),
+            "mapping": None, "mappings": [], "mapping_changed": False,
         }
         if row is not None:
             e.update(offset=row[2], applied=row[3], duplicates=row[4], rejected=row[5],
                      last_processed=row[6], rejects_pending=row[7])
+            e.update(mapping_view(mappings.get(bytes(row[0]), [])))
         if size is None:
             e["state"] = "missing"
         elif row is not None and fp != row[0]:
@@ -133,6 +137,15 @@ def journal_status(store: Store | None, paths: list[Path]) -> list[dict[str, Any
             continue
         out.append(entry(row[1], path, row, fp if size is not None else row[0], size))
     return out
+
+
+def mapping_view(rows: list[tuple]) -> dict[str, Any]:
+    """A journal's mappings for status: `mapping` (the one its last batch was read under, "" for
+    the built-in shapes only, None before any batch), `mappings` (each with the bytes and lines
+    it covered, oldest first) and `mapping_changed` (batches were read under more than one)."""
+    ms = [{"mapping": m, "source": src or None, "first_offset": lo, "end_offset": hi, "lines": n,
+           "batches": b, "last_at": at} for m, src, lo, hi, n, b, at in rows]
+    return {"mapping": ms[-1]["mapping"] if ms else None, "mappings": ms, "mapping_changed": len(ms) > 1}
 
 
 def totals(journals: list[dict[str, Any]]) -> dict[str, int]:

@@ -40,6 +40,7 @@ from yarl import URL
 from . import config, events
 from .errors import ConfigError, DeliveryFailed, InvalidEvent, SourceError
 from .identity import RECEIVER_HEADER, bare_line, chain_next, source_id
+from .mapping import Mapping
 from .sendstate import BOM, ConfirmedPrefix, Position, StateStore, first_line, resume
 
 MAX_INVALID_KEPT = 100
@@ -70,6 +71,7 @@ class SendSettings:
     state_dir: Path = field(default_factory=config.home)
     timeout: float = 30.0
     strict: bool = False  # events.validate without normalization
+    mapping: Mapping | None = None  # the declared mapping lines are checked (and their ids read) under
 
     @property
     def receivers(self) -> tuple[str, ...]:
@@ -336,6 +338,7 @@ class _Run:
         f, batch_size, report, prefix = self.f, self.s.batch, self.report, self.id_prefix
         parse_json, event_id_of = events.parse_json, events.event_id_of
         strict = self.s.strict
+        view = self.s.mapping.view if self.s.mapping is not None else None
         pos = self.start
         offset, lineno, chain = pos.offset, pos.line, pos.chain
         before = chain  # the chain before the last line read
@@ -358,7 +361,10 @@ class _Run:
                 if start == 0 and text.startswith(BOM):
                     text = text[3:].lstrip()
                 try:
-                    event_id = event_id_of(parse_json(text), text, strict=strict)
+                    if view is None:
+                        event_id = event_id_of(parse_json(text), text, strict=strict)
+                    else:  # the mapped id field, if the line has one, is its eventId
+                        event_id = event_id_of(view(parse_json(text), text, strict), strict=strict)
                 except InvalidEvent as exc:
                     report.skipped_invalid += 1
                     if len(report.invalid_lines) < MAX_INVALID_KEPT:

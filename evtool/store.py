@@ -602,6 +602,33 @@ class Store:
                     (applied, len(outcomes) - applied, len(outcomes), fp),
                 )
 
+    def record_mapping(self, fingerprint: bytes, mapping: Any, start: int, end: int, lines: int) -> None:
+        """Note, in the batch's transaction, the mapping (mapping.Mapping or None) its lines were
+        read under: one row per journal and mapping, widened to cover [start, end)."""
+        digest, source = ("", "") if mapping is None else (mapping.digest, mapping.source)
+        self.conn.execute(
+            "INSERT INTO journal_mappings (fingerprint, mapping, source, first_offset, end_offset, lines,"
+            " batches, last_at) VALUES (%s, %s, %s, %s, %s, %s, 1, now())"
+            " ON CONFLICT (fingerprint, mapping) DO UPDATE SET source = EXCLUDED.source,"
+            " first_offset = least(journal_mappings.first_offset, EXCLUDED.first_offset),"
+            " end_offset = greatest(journal_mappings.end_offset, EXCLUDED.end_offset),"
+            " lines = journal_mappings.lines + EXCLUDED.lines, batches = journal_mappings.batches + 1,"
+            " last_at = EXCLUDED.last_at",
+            (fingerprint, digest, path_text(source), start, end, lines),
+        )
+
+    def journal_mappings(self) -> dict[bytes, list[tuple]]:
+        """Per journal fingerprint, the mappings its batches were read under: (mapping digest,
+        source file, first offset, end offset, lines, batches, last batch at), oldest first."""
+        with translated():
+            rows = self.conn.execute(
+                "SELECT fingerprint, mapping, source, first_offset, end_offset, lines, batches, last_at"
+                " FROM journal_mappings ORDER BY fingerprint, last_at, first_offset").fetchall()
+        out: dict[bytes, list[tuple]] = {}
+        for r in rows:
+            out.setdefault(bytes(r[0]), []).append(tuple(r[1:]))
+        return out
+
     def advance(self, p: FileProgress) -> None:
         """Store the new offset and counters of a locked journal row."""
         self.conn.execute(

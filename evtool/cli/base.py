@@ -99,6 +99,23 @@ def strict_option(fn):
     )(fn)
 
 
+def _load_mapping(_ctx: click.Context, _param: click.Parameter, value: str | None):
+    """--mapping FILE, read at once: a bad file is one line and exit 1 (the error boundary)."""
+    if not value:
+        return None
+    from ..mapping import load
+
+    return load(value)
+
+
+def mapping_option(fn):
+    return click.option(
+        "--mapping", metavar="FILE", envvar="EVTOOL_MAPPING", callback=_load_mapping,
+        help="A TOML file declaring how your events' own shape maps to userId, name, value, time "
+             "and eventId (README: Inputs of any shape). Give the same file to send, serve and process.",
+    )(fn)
+
+
 def _verbose_here(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     """`-v` given after the subcommand: the same as before it (the error boundary reads the root's)."""
     if value:

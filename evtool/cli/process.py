@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from .. import config
-from .base import Failed, cli, dsn_option, strict_option
+from ..mapping import Mapping
+from .base import Failed, cli, dsn_option, mapping_option, strict_option
 
 
 @cli.command()
@@ -32,10 +33,12 @@ from .base import Failed, cli, dsn_option, strict_option
               help="With --follow: serve Prometheus metrics at http://HOST:PORT/metrics.")
 @click.option("--metrics-token", help="With --metrics: the token a scrape must send (Authorization).")
 @strict_option
+@mapping_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_for: float,
             fail_on_reject: bool, follow: bool, poll: float, exit_on_outage: bool, progress_every: float,
-            metrics_addr: str | None, metrics_token: str | None, strict: bool, as_json: bool) -> None:
+            metrics_addr: str | None, metrics_token: str | None, strict: bool, mapping: Mapping | None,
+            as_json: bool) -> None:
     """Apply journal files (default ./server-events.jsonl) to the totals, exactly once.
 
     Safe to re-run and to run several at once: every batch commits its offset, its event
@@ -61,14 +64,15 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
     if metrics_addr and not follow:
         raise click.UsageError("--metrics goes with --follow")
     if follow:
-        report = _follow(url, paths, batch_mb << 20, retry_for, poll, strict,
+        report = _follow(url, paths, batch_mb << 20, retry_for, poll, strict, mapping,
                          keep_retrying=not exit_on_outage, progress_every=progress_every,
                          metrics_addr=metrics_addr, metrics_token=metrics_token,
                          discover=lambda: with_workers(given))
     else:
         with progress_bar(err, "processing") as bar:
             report = processor.process(url, paths, batch_bytes=batch_mb << 20, retry_for=retry_for,
-                                       on_retry=on_retry, on_progress=bar, strict=strict)
+                                       on_retry=on_retry, on_progress=bar, strict=strict,
+                                       mapping=mapping)
     if as_json:
         print_json(process_dict(report))
     else:
@@ -87,7 +91,7 @@ def process(journals: tuple[Path, ...], dsn: str | None, batch_mb: int, retry_fo
 
 
 def _follow(url: str, paths: list[Path], batch_bytes: int, retry_for: float, poll: float,
-            strict: bool, *, keep_retrying: bool, progress_every: float, metrics_addr: str | None,
+            strict: bool, mapping, *, keep_retrying: bool, progress_every: float, metrics_addr: str | None,
             metrics_token: str | None, discover=None):
     """Run the follower until SIGINT/SIGTERM; the batch in flight finishes first.
 
@@ -188,7 +192,8 @@ def _follow(url: str, paths: list[Path], batch_bytes: int, retry_for: float, pol
         paths[:] = now + [p for p in paths if p not in now]
         return now
 
-    proc = Processor(url, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry, strict=strict)
+    proc = Processor(url, batch_bytes=batch_bytes, retry_for=retry_for, on_retry=on_retry, strict=strict,
+                     mapping=mapping)
     log.info("following %s; Ctrl-C or SIGTERM to stop%s", ", ".join(path_text(str(p)) for p in paths),
              f"; metrics at {server.url}" if server else "")
     try:

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from .. import config
-from .base import cli, dsn_option, strict_option
+from ..mapping import Mapping
+from .base import cli, dsn_option, mapping_option, strict_option
 
 
 @cli.command()
@@ -22,19 +23,23 @@ from .base import cli, dsn_option, strict_option
 @click.option("--reapply", is_flag=True,
               help="Re-validate the (filtered) rejected lines and apply those now valid, exactly once.")
 @strict_option
+@mapping_option
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines (one object per line); with --reapply "
               "one summary object.")
 def rejects(dsn: str | None, reason: str | None, file: Path | None, limit: int, include_reapplied: bool,
-            newest: bool, reapply: bool, strict: bool, as_json: bool) -> None:
+            newest: bool, reapply: bool, strict: bool, mapping: Mapping | None, as_json: bool) -> None:
     """List rejected lines (file, line, time, reason, the raw line), or --reapply them.
 
     --reapply checks each pending rejected line against the current rules (for instance after
     input normalization was widened): one now valid is applied once, under its eventId or, if
     it has none, its position, and marked as re-applied; one still invalid stays, with its
     reason updated. Each batch is one transaction that locks the journal like `process` does.
+    With --mapping, the lines are read under that mapping (lines of a shape it declares).
     """
+    if mapping is not None and not reapply:
+        raise click.UsageError("--mapping goes with --reapply")
     if reapply:
-        _reapply(dsn, reason, file, strict, as_json)
+        _reapply(dsn, reason, file, strict, as_json, mapping)
         return
     from ..output import console, json_text, reject_line
     from ..reports import rejects as list_rejects
@@ -57,13 +62,14 @@ def rejects(dsn: str | None, reason: str | None, file: Path | None, limit: int, 
         click.echo(f"{n} rejected line(s){more}", err=True)
 
 
-def _reapply(dsn: str | None, reason: str | None, file: Path | None, strict: bool, as_json: bool) -> None:
+def _reapply(dsn: str | None, reason: str | None, file: Path | None, strict: bool, as_json: bool,
+             mapping: Mapping | None = None) -> None:
     from ..output import console, print_json, reapply_dict, reapply_summary
     from ..rejects import reapply
 
     store = config.open_store(dsn, migrate=True)
     try:
-        rep = reapply(store, reason=reason, path=file, strict=strict)
+        rep = reapply(store, reason=reason, path=file, strict=strict, mapping=mapping)
     finally:
         store.close()
     if as_json:

@@ -10,7 +10,7 @@ import click
 
 from .. import config
 from ..errors import ConfigError, DeliveryFailed
-from .base import Failed, cli, strict_option, url_option
+from .base import Failed, cli, mapping_option, strict_option, url_option
 
 
 @cli.command()
@@ -30,9 +30,10 @@ from .base import Failed, cli, strict_option, url_option
               help="Retries per request for transient failures (connection errors, 408, 429, 5xx).")
 @click.option("--fail-on-invalid", is_flag=True, help="Exit 1 when any line was skipped as invalid.")
 @strict_option
+@mapping_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def send(file: Path, urls: tuple[str, ...], token: str, batch: int, connections: int, from_start: bool,
-         max_retries: int, fail_on_invalid: bool, strict: bool, as_json: bool) -> None:
+         max_retries: int, fail_on_invalid: bool, strict: bool, mapping, as_json: bool) -> None:
     """Send FILE (JSONL events; - for standard input) to the receiver; re-running resumes.
 
     Standard input is first kept whole in the state directory (stdin.jsonl), then sent like a
@@ -42,10 +43,10 @@ def send(file: Path, urls: tuple[str, ...], token: str, batch: int, connections:
     if str(file) == "-":
         with _stdin_spooled() as spool:
             _send(spool, str(file), urls, token, batch, connections, from_start, max_retries,
-                  fail_on_invalid, strict, as_json)
+                  fail_on_invalid, strict, as_json, mapping)
     else:
         _send(file, str(file), urls, token, batch, connections, from_start, max_retries,
-              fail_on_invalid, strict, as_json)
+              fail_on_invalid, strict, as_json, mapping)
 
 
 @contextmanager
@@ -69,14 +70,16 @@ def _stdin_spooled() -> Iterator[Path]:
 
 
 def _send(file: Path, name: str, urls: tuple[str, ...], token: str, batch: int, connections: int,
-          from_start: bool, max_retries: int, fail_on_invalid: bool, strict: bool, as_json: bool) -> None:
+          from_start: bool, max_retries: int, fail_on_invalid: bool, strict: bool, as_json: bool,
+          mapping=None) -> None:
     from ..output import console, print_json, progress_bar, send_dict, send_summary
     from ..sender import SendSettings
     from ..sender import send as do_send
 
     settings = SendSettings(path=file, url=urls[0].rstrip("/"), urls=urls, token=token, batch=batch,
                             connections=connections, from_start=from_start, max_retries=max_retries,
-                            state_dir=config.home(), strict=strict)
+                            state_dir=config.home(), strict=strict,
+                            mapping=mapping)
     err = console(err=True)
     with progress_bar(err, "sending") as bar:
         report = do_send(settings, on_progress=lambda done, sent: bar(name, done, None),

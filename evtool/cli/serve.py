@@ -8,7 +8,7 @@ import click
 
 from .. import config
 from ..errors import ConfigError, EvtoolError
-from .base import cli, dsn_option, strict_option
+from .base import cli, dsn_option, mapping_option, strict_option
 
 
 @cli.command()
@@ -32,9 +32,11 @@ from .base import cli, dsn_option, strict_option
                    "worker 0 writes JOURNAL, worker i JOURNAL's name with .w<i> before its suffix "
                    "(server-events.w1.jsonl). `process` and `status` given JOURNAL read them all.")
 @strict_option
+@mapping_option
 @dsn_option
 def serve(host: str, port: int, journal: Path, token: str | None, read_token: str | None, fsync: str,
           max_body_mb: int, metrics_token: str | None, access_log: bool, workers: int, strict: bool,
+          mapping,
           dsn: str | None) -> None:
     """Receive events over HTTP and append them durably to the journal.
 
@@ -56,6 +58,7 @@ def serve(host: str, port: int, journal: Path, token: str | None, read_token: st
     lookup = StoreRevenue(lambda: config.open_store(dsn, migrate=True))
     settings = ServeSettings(host=host, port=port, journal=journal, token=token, fsync=fsync == "on",
                              max_body=max_body_mb << 20, revenue_lookup=lookup, strict=strict,
+                             mapping=mapping,
                              read_token=read_token, metrics_token=metrics_token, access_log=access_log,
                              status_probe=StatusProbe(dsn, journals(journal, workers), url=""))
     if workers == 1:

@@ -208,7 +208,8 @@ def reset(dsn: str) -> None:
     with Store.connect(dsn) as store:
         store.migrate()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE users_revenue, applied_events, applied_lines, rejected_lines, journal_files")
+        conn.execute("TRUNCATE users_revenue, applied_events, applied_lines, rejected_lines,"
+                     " journal_mappings, journal_files")
 
 
 def backend_phase(conn: psycopg.Connection) -> str:
