@@ -37,7 +37,6 @@ _SLASHED = re.compile(r"([0-9]{4})/([0-9]{1,2})/([0-9]{1,2})"
                       r"(?:[ T]([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")
 # The canonical form serve writes: read without building a datetime (see fast_minute).
 _CANON = re.compile(r"[0-9]{4}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?Z")
-_DAY_OK: dict[str, bool] = {}
 
 
 _SECOND: tuple[int, str] = (-1, "")  # the last whole second stamped now, and its text to the point
@@ -145,25 +144,46 @@ def fast_minute(obj: dict) -> str | None:
     """The minute key of an object whose time needs no full parse, else None.
 
     No time field at all gives ""; a `timestamp` in the canonical form serve writes (and no
-    other time field) gives its first 16 characters. Anything else is for `of`.
+    other time field) gives its first 16 characters. Anything else is for `of`. It runs once
+    per event: the minute ("YYYY-MM-DDTHH:MM") is checked once per distinct minute (_MINUTE_OK),
+    the seconds with slices; together the same as _CANON and a real date from 1970 on.
     """
     t = obj.get("timestamp")
-    if ("time" in obj or "ts" in obj or "eventTime" in obj or "created_at" in obj
-            or "createdAt" in obj):
-        return None
+    if not obj.keys() <= _PLAIN_KEYS and ("time" in obj or "ts" in obj or "eventTime" in obj
+                                          or "created_at" in obj or "createdAt" in obj):
+        return None  # (one set comparison settles the common shape: no other time field)
     if t is None:
         return None if "timestamp" in obj else ""
-    if type(t) is not str or t[-1:] != "Z" or not _CANON.fullmatch(t):
+    if type(t) is not str or t[-1:] != "Z" or t[16:17] != ":":
         return None
-    day = t[:10]
-    ok = _DAY_OK.get(day)
+    minute = t[:16]
+    ok = _MINUTE_OK.get(minute)
     if ok is None:
-        try:
-            ok = date.fromisoformat(day).year >= 1970
-        except ValueError:
-            ok = False
-        if len(_DAY_OK) < 100_000:
-            _DAY_OK[day] = ok
-    if not ok or t[11:13] > "23":
+        ok = _minute_ok(minute)
+        if len(_MINUTE_OK) < 100_000:
+            _MINUTE_OK[minute] = ok
+    if not ok:
         return None
-    return t[:16]
+    rest = t[17:-1]  # "SS" or "SS.f" to "SS.fffffffff"
+    sec = rest[:2]
+    if not (len(sec) == 2 and sec.isdigit() and sec.isascii() and sec < "60"):
+        return None
+    frac = rest[2:]
+    if frac and not (frac[0] == "." and 2 <= len(frac) <= 10 and frac[1:].isdigit() and frac[1:].isascii()):
+        return None
+    return minute
+
+
+_MINUTE_OK: dict[str, bool] = {}
+_PLAIN_KEYS = frozenset({"userId", "name", "value", "eventId", "timestamp"})
+
+
+def _minute_ok(minute: str) -> bool:
+    """"YYYY-MM-DDTHH:MM" of _CANON's form, a real date from 1970 on, hour below 24."""
+    if not _CANON.fullmatch(minute + ":00Z"):
+        return False
+    try:
+        ok = date.fromisoformat(minute[:10]).year >= 1970
+    except ValueError:
+        return False
+    return ok and minute[11:13] <= "23"
