@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
@@ -36,6 +36,9 @@ from . import events, identity, journal
 from .errors import InvalidEvent, JournalError
 from .events import Value, money_add
 from .store import Store, path_of_text, path_text
+
+if TYPE_CHECKING:
+    from .mapping import Mapping
 
 SCAN_BYTES = 8 * 1024 * 1024  # copied at once while counting lines
 STATUSES = ("applied", "duplicate", "rejected", "pending")
@@ -239,16 +242,23 @@ def scan(f: BinaryIO, needle: bytes, tally: list[int] | None = None) -> Iterator
             tally[:] = [line_no - 1 + _newlines(m, counted, end), end]
 
 
-def read_line(raw: bytes, user: str, strict: bool = False) -> events.Event | tuple[str, str | None] | None:
-    """The event of a valid line of `user`; (reason, its name if it has one) for an invalid
-    line that names `user`; None for anything else. A line that is not JSON counts as the
-    user's when it holds the user id as a JSON string."""
+def read_line(raw: bytes, user: str, strict: bool = False,
+              mapping: Mapping | None = None) -> events.Event | tuple[str, str | None] | None:
+    """The event of a valid line of `user`, read as the processor reads it (under `mapping`,
+    if the journal was processed with one); (reason, its name if it has one) for an invalid
+    line that names `user`; None for anything else. A line that is not JSON, or that the
+    mapping cannot read, counts as the user's when it holds the user id as a JSON string."""
     try:
-        ev = events.parse_line(raw, allow_reserved=True, strict=strict)
+        obj = events.parse_json(raw)
+        if mapping is not None:
+            obj = mapping.view(obj, raw, strict)
+        ev = events.validate(obj, raw, allow_reserved=True, strict=strict)
     except InvalidEvent as exc:
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
+            return (exc.reason, None) if orjson.dumps(user) in raw else None
+        if mapping is not None:
             return (exc.reason, None) if orjson.dumps(user) in raw else None
         if isinstance(obj, dict) and user in (obj.get("userId"), obj.get("user_id")):
             name = obj.get("name")
@@ -267,7 +277,7 @@ def _key(event_id: str | None) -> tuple[str, int, bytes] | bytes | None:
     return identity.event_digest(event_id)
 
 
-def _collect(user: str, srcs: list[Source], strict: bool) -> list[Line]:
+def _collect(user: str, srcs: list[Source], strict: bool, mapping: Mapping | None = None) -> list[Line]:
     """The user's lines in every journal on disk, in journal then line order."""
     # The id as JSON writes it, quotes included: "u1" is not found in "u10". Written with an
     # escape, it is found by the backslash.
@@ -290,7 +300,7 @@ def _collect(user: str, srcs: list[Source], strict: bool) -> list[Line]:
                     continue
             tally = [0, 0]
             for n, offset, raw in scan(f, needle, tally):
-                ev = read_line(raw, user, strict)
+                ev = read_line(raw, user, strict, mapping)
                 if ev is None:
                     continue
                 if isinstance(ev, tuple):
@@ -368,13 +378,14 @@ def _decide(store: Store, lines: list[Line], srcs: list[Source]) -> None:
 
 def trail(store: Store, user: str, paths: list[Path] | None = None, *, strict: bool = False,
           since: datetime | None = None, until: datetime | None = None,
-          status: str | None = None) -> Trail:
+          status: str | None = None, mapping: Mapping | None = None) -> Trail:
     """The user's lines in the journals (`paths`, else the database's; see `sources`) with the
     processor's verdict on each; [since, until) is event time (a line without a time is in no
-    window), `status` one of STATUSES. The counts cover the lines kept; the applied sum covers
-    all of the user's lines, so it compares with the stored total whatever the filters."""
+    window), `status` one of STATUSES; `mapping` as given to `process`. The counts cover the
+    lines kept; the applied sum covers all of the user's lines, so it compares with the stored
+    total whatever the filters."""
     srcs = sources(store, list(paths or []))
-    lines = _collect(user, srcs, strict)
+    lines = _collect(user, srcs, strict, mapping)
     _decide(store, lines, srcs)
     total: Value = 0
     for x in lines:

@@ -66,6 +66,12 @@ def test_mixed_shapes_through_send_serve_process_give_the_per_day_totals(dsn, tm
     assert json.loads(done.stdout)["applied"] == 8  # t-1002 came twice: once
     assert totals(dsn) == PER_USER
     assert per_day(tmp_path) == PER_DAY
+    # the audit trail reads the journal under the same mapping: each total, line by line
+    for user, total in PER_USER.items():
+        out = evtool("events", user, "--json", "--mapping", str(toml), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        trail = json.loads(out.stdout, parse_float=Decimal)
+        assert Decimal(str(trail["applied_sum"])) == total and trail["explains_total"] is True, trail
 
 
 def test_without_the_mapping_the_same_journal_is_rejected_not_guessed(dsn, tmp_path):

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from .. import config
-from .base import cli, dsn_option, strict_option
+from ..mapping import Mapping
+from .base import cli, dsn_option, mapping_option, strict_option
 from .report import EventTime
 
 STATUSES = ("applied", "duplicate", "rejected", "pending")
@@ -28,8 +29,10 @@ STATUSES = ("applied", "duplicate", "rejected", "pending")
               help="Print one JSON object: the total, the sum of the applied lines, the journals "
                    "read and every line (amounts as exact decimal strings).")
 @strict_option
+@mapping_option
 def events(user: str, journals: tuple[Path, ...], dsn: str | None, since: datetime | None,
-           until: datetime | None, only: str | None, as_json: bool, strict: bool) -> None:
+           until: datetime | None, only: str | None, as_json: bool, strict: bool,
+           mapping: Mapping | None) -> None:
     """List the journal lines behind USER's total, oldest first, with each line's status.
 
     Status: applied (counted in the total); duplicate (of the journal line that was applied
@@ -50,7 +53,8 @@ def events(user: str, journals: tuple[Path, ...], dsn: str | None, since: dateti
     if since is not None and until is not None and since >= until:
         raise click.UsageError("--since must be before --until")
     with config.open_store(dsn, migrate=False) as store:
-        t = trail(store, user, list(journals), strict=strict, since=since, until=until, status=only)
+        t = trail(store, user, list(journals), strict=strict, since=since, until=until, status=only,
+                  mapping=mapping)
     if t.revenue is None and not t.found:
         raise UnknownUser(f"unknown user {user!r}: no events applied for it, and no line of it in "
                           f"the {len(t.journals)} journal(s) read")
