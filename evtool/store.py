@@ -407,7 +407,7 @@ class Store:
         if not self._temp_ready:
             self.conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS batch_digests (digest bytea, content bytea, journal bytea,"
-                " line_no bigint) ON COMMIT DELETE ROWS"
+                " line_no bigint, part bigint) ON COMMIT DELETE ROWS"
             )
             self.conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS batch_minute_sums (user_id text, minute text, adds int8,"
@@ -475,9 +475,41 @@ class Store:
                 " ORDER BY digest, line_no ON CONFLICT DO NOTHING RETURNING digest"
             )
             new = {row[0] for row in cur.fetchall()}
-            old = [d for d in dict.fromkeys(digests) if d not in new]
-            if not old:
-                return {}
+        return self.digests_seen([d for d in dict.fromkeys(digests) if d not in new])
+
+    def claim_digest_rows(self, rows: bytes, events: int, fingerprint: bytes, first_line: int,
+                          parts: list[tuple[int, int]]) -> set[bytes] | None:
+        """Claim opaque event digests from COPY rows the workers rendered (digest, content,
+        part offset, line index in the part; see parser.ParsedPart.finish): record the ones
+        never recorded, at line `first_line` + the lines before their part (`parts`: part
+        offset -> lines before it in the batch) + their index.
+
+        None when all `events` were recorded now (every id new, none repeated: the common
+        case, decided by a count, with nothing sent back); else the digests recorded now, for
+        the caller to decide event by event (see identity.Claim.digests). Inserted in digest
+        order, as claim_digests.
+        """
+        self._ensure_temp()
+        with self.conn.cursor() as cur:
+            with cur.copy("COPY batch_digests (digest, content, part, line_no) FROM STDIN") as copy:
+                copy.write(rows)
+            cur.execute(
+                "INSERT INTO applied_events (digest, content, journal, line_no)"
+                " SELECT DISTINCT ON (b.digest) b.digest, b.content, %s::bytea, %s::int8 + p.base + b.line_no"
+                " FROM batch_digests b"
+                " JOIN unnest(%s::int8[], %s::int8[]) AS p(start, base) ON p.start = b.part"
+                " ORDER BY b.digest, p.base + b.line_no ON CONFLICT DO NOTHING RETURNING digest",
+                (fingerprint, first_line, [s for s, _ in parts], [b for _, b in parts]),
+            )
+            if cur.rowcount == events:
+                return None
+            return {row[0] for row in cur.fetchall()}
+
+    def digests_seen(self, old: list[bytes]) -> dict[bytes, tuple[bytes | None, str | None]]:
+        """{digest: (content, "path line n" where first seen)} of digests recorded before."""
+        if not old:
+            return {}
+        with self.conn.cursor() as cur:
             # Two reads, not a join: applied_events is distributed by digest, journal_files by
             # fingerprint, and Citus refuses a join that is not on both distribution columns.
             seen = cur.execute(
