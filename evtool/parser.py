@@ -337,6 +337,8 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
     fast_minute = eventtime.fast_minute
     sender_id, zero, cell_lines = identity.SOURCE_ID.fullmatch, identity.ZERO_CHAIN, identity.CELL_LINES
     fromhex = bytes.fromhex
+    max_eid, receiver = events.MAX_EVENT_ID, events.RECEIVER_ID_PREFIX
+    event_digest, content_digest = identity.event_digest, identity.content_digest
     pos = offset
     base = out.lines
     index = base - 1
@@ -380,6 +382,12 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
                     cell += (n % cell_lines).to_bytes(2, "big")
                     cell += fromhex(m[3]) if m[3] else zero
                     sums = part.sums
+                elif (type(eid) is str and 0 < len(eid) <= max_eid and eid[0] != receiver
+                      and eid.isprintable()):  # an opaque id (events.check_event_id, inlined)
+                    is_add = name == "add_revenue"
+                    opaque.append((event_digest(eid), content_digest(user, is_add, value),
+                                   (user, minute), is_add, value, start, index))
+                    continue
                 else:
                     sums = None
                 if sums is not None:  # add(sums, key, is_add, value), inlined
