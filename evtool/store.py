@@ -46,6 +46,13 @@ def _relayed_connection_loss(exc: psycopg.Error, state: str, message: str) -> bo
     return state in ("", "XX000") and bool(_LOST.search(message))
 
 
+def _unique_violation(exc: psycopg.Error) -> bool:
+    """A unique key violated, here or on a Citus worker (which the coordinator relays as an
+    internal error with PostgreSQL's message)."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return state == "23505" or (state in ("", "XX000") and "duplicate key value violates unique" in str(exc))
+
+
 def _translate(exc: psycopg.Error, dsn: str | None = None) -> Exception:
     """Our exception for a psycopg error. The one boundary where libpq's messages enter evtool:
     libpq quotes a malformed DSN back, so every form of its password is masked here."""
@@ -505,7 +512,9 @@ class Store:
             try:
                 cur.execute("INSERT INTO applied_events (digest, content, journal, line_no) "
                             + select.format(""), params)
-            except psycopg.errors.UniqueViolation:
+            except psycopg.Error as exc:
+                if not _unique_violation(exc):
+                    raise
                 cur.execute("ROLLBACK TO SAVEPOINT claim_digests")
             else:
                 cur.execute("RELEASE SAVEPOINT claim_digests")
