@@ -85,6 +85,7 @@ class ParsedPart:
     opaque_rows: bytes = b""
     opaque_count: int = 0
     opaque_sums: Sums = field(default_factory=dict)  # the opaque events' sums, as if all new
+    opaque_repeats: bool = False  # an opaque id occurs twice in the part (a client's retry)
     strict: bool = False  # parsed without normalization (events.validate's strict)
     mapping: Mapping | None = None  # the declared mapping lines were read under (see mapping)
     cut: bool = False  # ended before the planned end: MAX_USERS_PER_PART was reached
@@ -102,6 +103,7 @@ class ParsedPart:
             for _, _, key, is_add, value, _, _ in self.opaque:
                 add(opaque, key, is_add, value)
             self.opaque_count = len(self.opaque)
+            self.opaque_repeats = len({o[0] for o in self.opaque}) != self.opaque_count
             start = self.offset
             self.opaque_rows = "".join(
                 f"\\\\x{d.hex()}\t\\\\x{c.hex()}\t{start}\t{i}\n" for d, c, _, _, _, _, i in self.opaque
@@ -117,9 +119,11 @@ class ParsedPart:
         self.users = list({k[0] for k in total})
 
     def shipped(self) -> ParsedPart:
-        """What a worker sends back: the opaque events stay behind (their COPY rows go). The
-        rare batch that needs them one by one (an id seen before) parses its bytes again."""
-        self.opaque = []
+        """What a worker sends back: the opaque events stay behind (their COPY rows go) unless
+        an id repeats within the part (a client's retry), which is then decided event by
+        event. The rarer batch with an id seen before parses its bytes again."""
+        if not self.opaque_repeats:
+            self.opaque = []
         return self
 
 

@@ -473,12 +473,17 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
         # the workers' optimistic sums stand. Otherwise decide event by event, from the
         # events themselves (parsed here again when the workers kept them).
         rows = b"".join(p.opaque_rows for p in b.parts)
-        recorded = store.claim_digest_rows(rows, b.opaque_count, fingerprint, first_line, b.part_lines)
+        # an id twice in a part: no point trying the all-new insert
+        hopeful = not any(p.opaque_repeats for p in b.parts)
+        recorded = store.claim_digest_rows(rows, b.opaque_count, fingerprint, first_line, b.part_lines,
+                                           hopeful)
         if recorded is not None:
             all_new = False
             data = reread() if data is None else data
-            opaque = b.opaque or parser.parse(data, b.offset, close=False, strict=b.strict,
-                                              mapping=b.mapping).opaque
+            if len(b.opaque) != b.opaque_count:  # parsed again, once: a retry reuses it
+                b.opaque = parser.parse(data, b.offset, close=False, strict=b.strict,
+                                        mapping=b.mapping).opaque
+            opaque = b.opaque
             sums = {}
             claimed = claim.digests([o[0] for o in opaque], [o[1] for o in opaque],
                                     [(fingerprint, first_line + o[6], path) for o in opaque], recorded)

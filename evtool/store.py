@@ -485,7 +485,7 @@ class Store:
         return self.digests_seen([d for d in dict.fromkeys(digests) if d not in new])
 
     def claim_digest_rows(self, rows: bytes, events: int, fingerprint: bytes, first_line: int,
-                          parts: list[tuple[int, int]]) -> set[bytes] | None:
+                          parts: list[tuple[int, int]], hopeful: bool = True) -> set[bytes] | None:
         """Claim opaque event digests from COPY rows the workers rendered (digest, content,
         part offset, line index in the part; see parser.ParsedPart.finish): record the ones
         never recorded, at line `first_line` + the lines before their part (`parts`: part
@@ -494,7 +494,8 @@ class Store:
         None when all `events` were recorded now (every id new, none repeated: the common
         case, decided by a count, with nothing sent back); else the digests recorded now, for
         the caller to decide event by event (see identity.Claim.digests). Inserted in digest
-        order, as claim_digests.
+        order, as claim_digests. `hopeful` False skips the all-new attempt (an id is known to
+        repeat).
         """
         self._ensure_temp()
         select = ("SELECT {} b.digest, b.content, %s::bytea, %s::int8 + p.base + b.line_no"
@@ -508,17 +509,18 @@ class Store:
             # Optimistic: a plain insert costs about half an ON CONFLICT one. A digest recorded
             # before (or by a concurrent processor, once it commits), or twice in the batch,
             # fails it; then the savepoint undoes it and the careful insert says what is new.
-            cur.execute("SAVEPOINT claim_digests")
-            try:
-                cur.execute("INSERT INTO applied_events (digest, content, journal, line_no) "
-                            + select.format(""), params)
-            except psycopg.Error as exc:
-                if not _unique_violation(exc):
-                    raise
-                cur.execute("ROLLBACK TO SAVEPOINT claim_digests")
-            else:
-                cur.execute("RELEASE SAVEPOINT claim_digests")
-                return None
+            if hopeful:
+                cur.execute("SAVEPOINT claim_digests")
+                try:
+                    cur.execute("INSERT INTO applied_events (digest, content, journal, line_no) "
+                                + select.format(""), params)
+                except psycopg.Error as exc:
+                    if not _unique_violation(exc):
+                        raise
+                    cur.execute("ROLLBACK TO SAVEPOINT claim_digests")
+                else:
+                    cur.execute("RELEASE SAVEPOINT claim_digests")
+                    return None
             cur.execute("INSERT INTO applied_events (digest, content, journal, line_no) "
                         + select.format("DISTINCT ON (b.digest)")
                         + " ON CONFLICT DO NOTHING RETURNING digest", params)
