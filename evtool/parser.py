@@ -80,6 +80,12 @@ class ParsedPart:
     # rendered by the worker so the committing process only sends them.
     copy_rows: bytes | None = None
     users: list[str] = field(default_factory=list)
+    # The opaque events' batch_digests COPY rows (see store.claim_digest_rows), rendered by the
+    # worker; the worker then ships only these and their count, not the events (`shipped`).
+    opaque_rows: bytes = b""
+    opaque_count: int = 0
+    opaque_sums: Sums = field(default_factory=dict)  # the opaque events' sums, as if all new
+    opaque_repeats: bool = False  # an opaque id occurs twice in the part (a client's retry)
     strict: bool = False  # parsed without normalization (events.validate's strict)
     mapping: Mapping | None = None  # the declared mapping lines were read under (see mapping)
     cut: bool = False  # ended before the planned end: MAX_USERS_PER_PART was reached
@@ -92,16 +98,33 @@ class ParsedPart:
         for part in self.sources.values():
             part.close()
         self.fresh_count = count(self.fresh)
-        groups = [g for g in [self.fresh, *(p.sums for p in self.sources.values())] if g]
+        opaque = self.opaque_sums = {}
+        if self.opaque:  # optimistic, as for sender ids: the sums if every opaque id is new
+            for _, _, key, is_add, value, _, _ in self.opaque:
+                add(opaque, key, is_add, value)
+            self.opaque_count = len(self.opaque)
+            self.opaque_repeats = len({o[0] for o in self.opaque}) != self.opaque_count
+            start = self.offset
+            self.opaque_rows = "".join(
+                f"\\\\x{d.hex()}\t\\\\x{c.hex()}\t{start}\t{i}\n" for d, c, _, _, _, _, i in self.opaque
+            ).encode()
+        groups = [g for g in [self.fresh, opaque, *(p.sums for p in self.sources.values())] if g]
         if len(groups) == 1:
             total = groups[0]
         else:
             total = {}
             for g in groups:
                 merge(total, g)
-        if not self.opaque:
-            self.copy_rows = store.copy_rows(total)
+        self.copy_rows = store.copy_rows(total)
         self.users = list({k[0] for k in total})
+
+    def shipped(self) -> ParsedPart:
+        """What a worker sends back: the opaque events stay behind (their COPY rows go) unless
+        an id repeats within the part (a client's retry), which is then decided event by
+        event. The rarer batch with an id seen before parses its bytes again."""
+        if not self.opaque_repeats:
+            self.opaque = []
+        return self
 
 
 @dataclass
@@ -151,10 +174,15 @@ class Batch:
                     have.repeats = have.repeats or len(unique) != len(got)
                     have.cells[cell] = b"".join(unique)
                 have.parts.append(part)
-        self.opaque = []  # as in ParsedPart, with the line's index in the batch
+        # as in ParsedPart, with the line's index in the batch; empty when the parts were
+        # shipped by workers (see ParsedPart.shipped): then only the counts and rows are here
+        self.opaque = []
+        self.opaque_count = sum(p.opaque_count for p in parts)
+        self.part_lines: list[tuple[int, int]] = []  # (part offset, lines before it in the batch)
         base = 0
         for p in parts:
             self.opaque.extend((d, c, u, a, v, off, base + i) for d, c, u, a, v, off, i in p.opaque)
+            self.part_lines.append((p.offset, base))
             base += p.lines
         self.strict = parts[0].strict
         self.mapping = parts[0].mapping
@@ -289,7 +317,7 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
     out.digest = h.digest()
     out.held = held(out)
     out.finish()
-    return out
+    return out.shipped()
 
 
 def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: bool = True,
@@ -313,6 +341,8 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
     fast_minute = eventtime.fast_minute
     sender_id, zero, cell_lines = identity.SOURCE_ID.fullmatch, identity.ZERO_CHAIN, identity.CELL_LINES
     fromhex = bytes.fromhex
+    max_eid, receiver = events.MAX_EVENT_ID, events.RECEIVER_ID_PREFIX
+    event_digest, content_digest = identity.event_digest, identity.content_digest
     pos = offset
     base = out.lines
     index = base - 1
@@ -356,6 +386,12 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
                     cell += (n % cell_lines).to_bytes(2, "big")
                     cell += fromhex(m[3]) if m[3] else zero
                     sums = part.sums
+                elif (type(eid) is str and 0 < len(eid) <= max_eid and eid[0] != receiver
+                      and eid.isprintable()):  # an opaque id (events.check_event_id, inlined)
+                    is_add = name == "add_revenue"
+                    opaque.append((event_digest(eid), content_digest(user, is_add, value),
+                                   (user, minute), is_add, value, start, index))
+                    continue
                 else:
                     sums = None
                 if sums is not None:  # add(sums, key, is_add, value), inlined

@@ -450,7 +450,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
     groups: list[parser.Sums] = [p.fresh for p in b.parts]
     claim = identity.Claim(store, {s: lines.cells.keys() for s, lines in b.sources.items()})
     data: bytes | None = None
-    all_new = not b.opaque
+    all_new = True
     for source, lines in b.sources.items():
         if not lines.repeats and claim.cells(source, lines.cells):
             groups.extend(part.sums for part in lines.parts)  # the common case: all new
@@ -468,22 +468,39 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
                 out.duplicates += 1
         groups.append(sums)
 
-    if b.opaque:
-        sums = {}
-        claimed = claim.digests([o[0] for o in b.opaque], [o[1] for o in b.opaque],
-                                [(fingerprint, first_line + o[6], path) for o in b.opaque])
-        for (d, _, key, is_add, value, offset, index), new in zip(b.opaque, claimed, strict=True):
-            if new:
-                parser.add(sums, key, is_add, value)
-                out.applied += 1
-            elif new is None:  # the id names another event: record it, never drop it silently
-                data = reread() if data is None else data
-                raw = _line_at(data, offset - b.offset)
-                eid = parser.event_id(raw, b.mapping)
-                out.rejects.append((offset, index, raw, identity.conflict_reason(eid, claim.conflicts[d])))
-            else:
-                out.duplicates += 1
-        groups.append(sums)
+    if b.opaque_count:
+        # The common case is decided by a count: every opaque id is new and none repeats, so
+        # the workers' optimistic sums stand. Otherwise decide event by event, from the
+        # events themselves (parsed here again when the workers kept them).
+        rows = b"".join(p.opaque_rows for p in b.parts)
+        # an id twice in a part: no point trying the all-new insert
+        hopeful = not any(p.opaque_repeats for p in b.parts)
+        recorded = store.claim_digest_rows(rows, b.opaque_count, fingerprint, first_line, b.part_lines,
+                                           hopeful)
+        if recorded is not None:
+            all_new = False
+            data = reread() if data is None else data
+            if len(b.opaque) != b.opaque_count:  # parsed again, once: a retry reuses it
+                b.opaque = parser.parse(data, b.offset, close=False, strict=b.strict,
+                                        mapping=b.mapping).opaque
+            opaque = b.opaque
+            sums = {}
+            claimed = claim.digests([o[0] for o in opaque], [o[1] for o in opaque],
+                                    [(fingerprint, first_line + o[6], path) for o in opaque], recorded)
+            for (d, _, key, is_add, value, offset, index), new in zip(opaque, claimed, strict=True):
+                if new:
+                    parser.add(sums, key, is_add, value)
+                    out.applied += 1
+                elif new is None:  # the id names another event: record it, never drop it silently
+                    raw = _line_at(data, offset - b.offset)
+                    why = identity.conflict_reason(parser.event_id(raw, b.mapping), claim.conflicts[d])
+                    out.rejects.append((offset, index, raw, why))
+                else:
+                    out.duplicates += 1
+            groups.append(sums)
+        else:
+            groups.extend(p.opaque_sums for p in b.parts)
+            out.applied += b.opaque_count
 
     if all_new and all(p.copy_rows is not None for p in b.parts):
         store.add_to_totals(b"".join(p.copy_rows or b"" for p in b.parts))  # from the workers

@@ -46,6 +46,13 @@ def _relayed_connection_loss(exc: psycopg.Error, state: str, message: str) -> bo
     return state in ("", "XX000") and bool(_LOST.search(message))
 
 
+def _unique_violation(exc: psycopg.Error) -> bool:
+    """A unique key violated, here or on a Citus worker (which the coordinator relays as an
+    internal error with PostgreSQL's message)."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return state == "23505" or (state in ("", "XX000") and "duplicate key value violates unique" in str(exc))
+
+
 def _translate(exc: psycopg.Error, dsn: str | None = None) -> Exception:
     """Our exception for a psycopg error. The one boundary where libpq's messages enter evtool:
     libpq quotes a malformed DSN back, so every form of its password is masked here."""
@@ -407,7 +414,7 @@ class Store:
         if not self._temp_ready:
             self.conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS batch_digests (digest bytea, content bytea, journal bytea,"
-                " line_no bigint) ON COMMIT DELETE ROWS"
+                " line_no bigint, part bigint) ON COMMIT DELETE ROWS"
             )
             self.conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS batch_minute_sums (user_id text, minute text, adds int8,"
@@ -475,9 +482,57 @@ class Store:
                 " ORDER BY digest, line_no ON CONFLICT DO NOTHING RETURNING digest"
             )
             new = {row[0] for row in cur.fetchall()}
-            old = [d for d in dict.fromkeys(digests) if d not in new]
-            if not old:
-                return {}
+        return self.digests_seen([d for d in dict.fromkeys(digests) if d not in new])
+
+    def claim_digest_rows(self, rows: bytes, events: int, fingerprint: bytes, first_line: int,
+                          parts: list[tuple[int, int]], hopeful: bool = True) -> set[bytes] | None:
+        """Claim opaque event digests from COPY rows the workers rendered (digest, content,
+        part offset, line index in the part; see parser.ParsedPart.finish): record the ones
+        never recorded, at line `first_line` + the lines before their part (`parts`: part
+        offset -> lines before it in the batch) + their index.
+
+        None when all `events` were recorded now (every id new, none repeated: the common
+        case, decided by a count, with nothing sent back); else the digests recorded now, for
+        the caller to decide event by event (see identity.Claim.digests). Inserted in digest
+        order, as claim_digests. `hopeful` False skips the all-new attempt (an id is known to
+        repeat).
+        """
+        self._ensure_temp()
+        select = ("SELECT {} b.digest, b.content, %s::bytea, %s::int8 + p.base + b.line_no"
+                  " FROM batch_digests b"
+                  " JOIN unnest(%s::int8[], %s::int8[]) AS p(start, base) ON p.start = b.part"
+                  " ORDER BY b.digest, p.base + b.line_no")
+        params = (fingerprint, first_line, [s for s, _ in parts], [b for _, b in parts])
+        with self.conn.cursor() as cur:
+            with cur.copy("COPY batch_digests (digest, content, part, line_no) FROM STDIN") as copy:
+                copy.write(rows)
+            # Optimistic: a plain insert costs about half an ON CONFLICT one. A digest recorded
+            # before (or by a concurrent processor, once it commits), or twice in the batch,
+            # fails it; then the savepoint undoes it and the careful insert says what is new.
+            if hopeful:
+                cur.execute("SAVEPOINT claim_digests")
+                try:
+                    cur.execute("INSERT INTO applied_events (digest, content, journal, line_no) "
+                                + select.format(""), params)
+                except psycopg.Error as exc:
+                    if not _unique_violation(exc):
+                        raise
+                    cur.execute("ROLLBACK TO SAVEPOINT claim_digests")
+                else:
+                    cur.execute("RELEASE SAVEPOINT claim_digests")
+                    return None
+            cur.execute("INSERT INTO applied_events (digest, content, journal, line_no) "
+                        + select.format("DISTINCT ON (b.digest)")
+                        + " ON CONFLICT DO NOTHING RETURNING digest", params)
+            if cur.rowcount == events:  # a concurrent processor's claim rolled back meanwhile
+                return None
+            return {row[0] for row in cur.fetchall()}
+
+    def digests_seen(self, old: list[bytes]) -> dict[bytes, tuple[bytes | None, str | None]]:
+        """{digest: (content, "path line n" where first seen)} of digests recorded before."""
+        if not old:
+            return {}
+        with self.conn.cursor() as cur:
             # Two reads, not a join: applied_events is distributed by digest, journal_files by
             # fingerprint, and Citus refuses a join that is not on both distribution columns.
             seen = cur.execute(

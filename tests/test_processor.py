@@ -192,3 +192,36 @@ def test_unreachable_database_exits_1_with_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("Error: ")
     assert "Traceback" not in result.stderr
+
+
+def test_opaque_ids_parsed_by_workers_keep_their_lines_repeats_and_conflicts(dsn, tmp_path):
+    """Workers ship opaque ids as rendered rows and a count (the all-new case is decided by
+    that count); every digest is recorded at its own line, whatever part of the batch it was
+    in, and a batch with repeats or reused ids is decided event by event."""
+    journal = tmp_path / "j.jsonl"
+    ids = [f"order-{n:05d}" for n in range(1, 3001)]
+    write(journal, *(line(f"u{n % 11}", "add_revenue", n, ids[n - 1]) for n in range(1, 3001)))
+    tuning = {"workers": 2, "inline_bytes": 0, "piece_bytes": 8_000}
+    report = process(dsn, [journal], **tuning)
+    assert (report.applied, report.duplicates, report.rejected) == (3000, 0, 0)
+    with psycopg.connect(dsn) as conn:
+        stored = conn.execute("SELECT digest, line_no FROM applied_events").fetchall()
+    from evtool.identity import event_digest
+    assert dict((bytes(d), n) for d, n in stored) == {event_digest(e): n for n, e in enumerate(ids, 1)}
+
+    # later batches: a re-send (duplicate), a reused id with other content (reject, naming
+    # where it was first seen), a repeat within the batch, and a new id
+    write(journal, line("u1", "add_revenue", 12, ids[11]), line("u2", "add_revenue", 999, ids[12]),
+          line("u3", "add_revenue", 5, "fresh-1"), line("u3", "add_revenue", 5, "fresh-1"))
+    report = process(dsn, [journal], **tuning)
+    assert (report.applied, report.duplicates, report.rejected) == (1, 2, 1)
+    with psycopg.connect(dsn) as conn:
+        reason, line_no = conn.execute("SELECT reason, line_no FROM rejected_lines").fetchone()
+    assert line_no == 3002
+    assert f"eventId {ids[12]} was already applied with different content" in reason
+    assert "line 13)" in reason
+    want: dict[str, int] = {}
+    for n in range(1, 3001):
+        want[f"u{n % 11}"] = want.get(f"u{n % 11}", 0) + n
+    want["u3"] += 5
+    assert totals(dsn) == want
