@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psycopg
 
+from evtool import identity
 from evtool.store import Store
 
 # Shared with the other tests; the fault tests import them from here.
@@ -140,20 +141,29 @@ class Model:
 
     An event with an `eventId` (other than a receiver-made `~` id) counts the first time its id
     is seen; any other valid line counts once per position, so two identical lines count twice.
+    An opaque id (not a sender id) seen again with other content (user, name, value) is a
+    conflict: recorded as rejected, never counted (README Guarantees).
     """
 
     def __init__(self) -> None:
         self.totals: dict[str, Decimal] = {}
-        self.seen: set[str] = set()
+        self.seen: dict[str, tuple[str, str, Decimal]] = {}
         self.applied = 0
         self.duplicates = 0
+        self.conflicts = 0
 
     def feed(self, user: str, name: str, value: Decimal, event_id: str | None) -> None:
         if event_id is not None and not event_id.startswith("~"):
-            if event_id in self.seen:
-                self.duplicates += 1
+            content = (user, name, value)
+            first = self.seen.get(event_id)
+            if first is not None:
+                opaque = identity.classify(event_id)[0] is identity.Kind.OPAQUE
+                if opaque and first != content:
+                    self.conflicts += 1
+                else:
+                    self.duplicates += 1
                 return
-            self.seen.add(event_id)
+            self.seen[event_id] = content
         self.applied += 1
         delta = value if name == "add_revenue" else -value
         self.totals[user] = self.totals.get(user, Decimal(0)) + delta

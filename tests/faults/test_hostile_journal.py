@@ -151,7 +151,7 @@ def expected(lines: list[bytes]) -> tuple[Model, int]:
             rejected += 1
             continue
         model.feed(ev.user_id, ev.name, Decimal(ev.value), ev.event_id)
-    return model, rejected
+    return model, rejected + model.conflicts  # an id reused with other content is a reject
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
