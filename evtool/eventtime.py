@@ -175,6 +175,7 @@ def stamp_minute(t: str) -> str | None:
             _MINUTE_OK[minute] = ok
     if not ok:
         return _remember(t, None)
+    minute = _MINUTES.setdefault(minute, minute)  # one string per minute in STAMP_MINUTE
     rest = t[17:-1]  # "SS" or "SS.f" to "SS.fffffffff"
     sec = rest[:2]
     if not (len(sec) == 2 and sec.isdigit() and sec.isascii() and sec < "60"):
@@ -189,6 +190,7 @@ def _remember(t: str, minute: str | None) -> str | None:
     if minute is not None:  # (a None is not remembered: STAMP_MINUTE.get's None means "unknown")
         if len(STAMP_MINUTE) >= _STAMPS_KEPT:
             STAMP_MINUTE.clear()  # stamps come in time order: the old ones are not seen again
+            _MINUTES.clear()
         STAMP_MINUTE[t] = minute
     return minute
 
@@ -196,7 +198,8 @@ def _remember(t: str, minute: str | None) -> str | None:
 # A canonical timestamp text -> its minute key. serve stamps in milliseconds, so at 100k events
 # a second about 100 lines share each text: one dict lookup each instead of the checks.
 STAMP_MINUTE: dict[str, str] = {}
-_STAMPS_KEPT = 65_536
+_STAMPS_KEPT = 16_384  # about 2 MB
+_MINUTES: dict[str, str] = {}
 _MINUTE_OK: dict[str, bool] = {}
 _PLAIN_KEYS = frozenset({"userId", "name", "value", "eventId", "timestamp"})
 

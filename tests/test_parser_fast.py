@@ -25,7 +25,8 @@ _users = st.one_of(
     st.text(max_size=8), st.integers(0, 3), st.none())
 _names = st.sampled_from(["add_revenue", "subtract_revenue", "Add_revenue", "", None, 1])
 _values = st.one_of(
-    st.integers(0, 1000), st.sampled_from([0, -1, 10**20 - 1, 10**20, 2**63, 1.5, 0.1, "12", "x", True, None]),
+    st.integers(0, 1000),
+    st.sampled_from([0, -1, 10**20 - 1, 10**20, 2**63, 1.5, 0.1, "12", "x", True, None]),
     st.integers(-10, 10**21))
 _event_ids = st.one_of(
     st.sampled_from([
@@ -76,7 +77,8 @@ def _line(draw: st.DrawFn) -> bytes:
         elif key == "timestamp" and draw(st.integers(0, 3)):
             obj[key] = draw(_stamps)
     if draw(st.integers(0, 9)) == 0:  # another time field, an alias, an unknown key
-        extra = draw(st.sampled_from(["ts", "time", "eventTime", "created_at", "createdAt", "user_id", "note"]))
+        extra = draw(st.sampled_from(["ts", "time", "eventTime", "created_at", "createdAt", "user_id",
+                                      "note"]))
         obj[extra] = draw(st.one_of(_stamps, _users))
     style = draw(st.integers(0, 3))
     if style == 0:
@@ -116,8 +118,8 @@ def _reference(data: bytes, strict: bool) -> parser.ParsedPart:
         if kind is identity.Kind.POSITION:
             parser.add(out.fresh, key, is_add, value)
         elif m is None:
-            out.opaque.append((identity.event_digest(ev.event_id), identity.content_digest(key[0], is_add, value),
-                               key, is_add, value, start, index))
+            digests = identity.event_digest(ev.event_id), identity.content_digest(key[0], is_add, value)
+            out.opaque.append((*digests, key, is_add, value, start, index))
         else:
             part = out.sources.setdefault(m[1], parser.SourcePart())
             n = int(m[2])
@@ -140,7 +142,7 @@ def _facts(part: parser.ParsedPart) -> tuple:
 def test_parse_decides_every_line_as_the_full_validator(lines: list[bytes], crlf: list[bool], cut: int,
                                                         strict: bool) -> None:
     ends = [b"\r\n" if i < len(crlf) and crlf[i] else b"\n" for i in range(len(lines))]
-    pieces = [line + end for line, end in zip(lines, ends)]
+    pieces = [line + end for line, end in zip(lines, ends, strict=True)]
     data = b"".join(pieces)
     want = _reference(data, strict)
     assert _facts(parser.parse(data, 0, strict=strict)) == _facts(want)
@@ -169,3 +171,14 @@ def test_a_run_of_serve_lines_sums_per_user_minute_and_keeps_every_entry() -> No
     assert added == sum(n for n in range(1, 3001) if n % 4)
     assert {k[1] for k in part.sums} == {"2026-11-23T14:34", "2026-11-23T14:35", "2026-11-23T14:36",
                                          "2026-11-23T14:37"}
+
+
+def test_the_timestamp_cache_stays_bounded_and_remembers_only_valid_stamps() -> None:
+    """A worker parses millions of lines: what it remembers per stamp text has a cap."""
+    kept = eventtime._STAMPS_KEPT
+    for i in range(kept + 10):
+        text = f"2026-11-23T{i // 60000 % 24:02d}:{i // 1000 % 60:02d}:{i // 10 % 60:02d}.{i % 10:03d}Z"
+        assert eventtime.fast_minute({"timestamp": text}) == text[:16]
+    assert 0 < len(eventtime.STAMP_MINUTE) <= kept
+    assert eventtime.fast_minute({"timestamp": "2026-11-23T24:00:00.000Z"}) is None
+    assert "2026-11-23T24:00:00.000Z" not in eventtime.STAMP_MINUTE
