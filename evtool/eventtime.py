@@ -144,9 +144,7 @@ def fast_minute(obj: dict) -> str | None:
     """The minute key of an object whose time needs no full parse, else None.
 
     No time field at all gives ""; a `timestamp` in the canonical form serve writes (and no
-    other time field) gives its first 16 characters. Anything else is for `of`. It runs once
-    per event: the minute ("YYYY-MM-DDTHH:MM") is checked once per distinct minute (_MINUTE_OK),
-    the seconds with slices; together the same as _CANON and a real date from 1970 on.
+    other time field) gives its first 16 characters (see stamp_minute). Anything else is for `of`.
     """
     t = obj.get("timestamp")
     if not obj.keys() <= _PLAIN_KEYS and ("time" in obj or "ts" in obj or "eventTime" in obj
@@ -154,8 +152,21 @@ def fast_minute(obj: dict) -> str | None:
         return None  # (one set comparison settles the common shape: no other time field)
     if t is None:
         return None if "timestamp" in obj else ""
-    if type(t) is not str or t[-1:] != "Z" or t[16:17] != ":":
+    if type(t) is not str:
         return None
+    minute = STAMP_MINUTE.get(t)
+    return minute if minute is not None else stamp_minute(t)
+
+
+def stamp_minute(t: str) -> str | None:
+    """The minute key of a canonical `timestamp` text (the `_CANON` form, a real date from
+    1970 on), else None; remembered in STAMP_MINUTE (bounded), as many events share a stamp.
+
+    The minute ("YYYY-MM-DDTHH:MM") is checked once per distinct minute (_MINUTE_OK), the
+    seconds with slices; together the same as _CANON and a real date from 1970 on.
+    """
+    if t[-1:] != "Z" or t[16:17] != ":":
+        return _remember(t, None)
     minute = t[:16]
     ok = _MINUTE_OK.get(minute)
     if ok is None:
@@ -163,17 +174,32 @@ def fast_minute(obj: dict) -> str | None:
         if len(_MINUTE_OK) < 100_000:
             _MINUTE_OK[minute] = ok
     if not ok:
-        return None
+        return _remember(t, None)
+    minute = _MINUTES.setdefault(minute, minute)  # one string per minute in STAMP_MINUTE
     rest = t[17:-1]  # "SS" or "SS.f" to "SS.fffffffff"
     sec = rest[:2]
     if not (len(sec) == 2 and sec.isdigit() and sec.isascii() and sec < "60"):
-        return None
+        return _remember(t, None)
     frac = rest[2:]
     if frac and not (frac[0] == "." and 2 <= len(frac) <= 10 and frac[1:].isdigit() and frac[1:].isascii()):
-        return None
+        return _remember(t, None)
+    return _remember(t, minute)
+
+
+def _remember(t: str, minute: str | None) -> str | None:
+    if minute is not None:  # (a None is not remembered: STAMP_MINUTE.get's None means "unknown")
+        if len(STAMP_MINUTE) >= _STAMPS_KEPT:
+            STAMP_MINUTE.clear()  # stamps come in time order: the old ones are not seen again
+            _MINUTES.clear()
+        STAMP_MINUTE[t] = minute
     return minute
 
 
+# A canonical timestamp text -> its minute key. serve stamps in milliseconds, so at 100k events
+# a second about 100 lines share each text: one dict lookup each instead of the checks.
+STAMP_MINUTE: dict[str, str] = {}
+_STAMPS_KEPT = 16_384  # about 2 MB
+_MINUTES: dict[str, str] = {}
 _MINUTE_OK: dict[str, bool] = {}
 _PLAIN_KEYS = frozenset({"userId", "name", "value", "eventId", "timestamp"})
 

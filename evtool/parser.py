@@ -37,6 +37,7 @@ MAX_USERS_PER_PART = 100_000
 SHORT_ID = 50
 _KEY_BYTES = 250  # a key's dict entry, tuple, sums list and ints, beside its id's characters
 _MAX_INT = 10**20
+_SLOTS = [slot.to_bytes(2, "big") for slot in range(identity.CELL_LINES)]  # identity.entry's first bytes
 
 
 @dataclass
@@ -339,17 +340,23 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
     deep_len, too_deep = events.DEEP_LEN, events.too_deep
     classify, POSITION = identity.classify, identity.Kind.POSITION
     fast_minute = eventtime.fast_minute
+    stamp_minutes, stamp_minute = eventtime.STAMP_MINUTE, eventtime.stamp_minute
     sender_id, zero, cell_lines = identity.SOURCE_ID.fullmatch, identity.ZERO_CHAIN, identity.CELL_LINES
-    fromhex = bytes.fromhex
+    fromhex, slots = bytes.fromhex, _SLOTS
     max_eid, receiver = events.MAX_EVENT_ID, events.RECEIVER_ID_PREFIX
     event_digest, content_digest = identity.event_digest, identity.content_digest
     pos = offset
     base = out.lines
     index = base - 1
-    for index, line in enumerate(data.split(b"\n")[:-1], base):
+    lines = data.split(b"\n")
+    lines.pop()  # what follows the last newline: nothing, as `data` is complete lines
+    crlf = b"\r" in data  # (most journals have none: no per-line test then)
+    # the source, line and cell of the last sender id: lines of a source come in runs
+    last_source, last_n, last_part, last_cell = None, -1, SourcePart(), bytearray()
+    for index, line in enumerate(lines, base):
         start = pos
         pos += len(line) + 1
-        if line[-1:] == b"\r":
+        if crlf and line[-1:] == b"\r":
             line = line[:-1]
         try:
             obj = loads(line)
@@ -368,44 +375,63 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
             name = obj.get("name")
             if (type(value) is int and 0 <= value < _MAX_INT and type(user) is str
                     and 0 < len(user) <= max_user and "\x00" not in user
-                    and (name == "add_revenue" or name == "subtract_revenue")
-                    and (strict or "user_id" not in obj)
-                    and (minute := fast_minute(obj)) is not None):
+                    and (name == "add_revenue" or name == "subtract_revenue")):
                 eid = obj.get("eventId")
-                m = None
-                if eid is None:
-                    sums = fresh
-                elif type(eid) is str and (m := sender_id(eid)) is not None:
-                    part = sources.get(m[1])
-                    if part is None:
-                        part = sources[m[1]] = SourcePart()
-                    n = int(m[2]) - 1
-                    cell = part.cells.get(n // cell_lines)
-                    if cell is None:
-                        cell = part.cells[n // cell_lines] = bytearray()
-                    cell += (n % cell_lines).to_bytes(2, "big")
-                    cell += fromhex(m[3]) if m[3] else zero
-                    sums = part.sums
-                elif (type(eid) is str and 0 < len(eid) <= max_eid and eid[0] != receiver
-                      and eid.isprintable()):  # an opaque id (events.check_event_id, inlined)
-                    is_add = name == "add_revenue"
-                    opaque.append((event_digest(eid), content_digest(user, is_add, value),
-                                   (user, minute), is_add, value, start, index))
-                    continue
-                else:
-                    sums = None
-                if sums is not None:  # add(sums, key, is_add, value), inlined
-                    key = (user, minute)
-                    s = sums.get(key)
-                    if s is None:
-                        sums[key] = [1, value, 0, 0] if name == "add_revenue" else [0, 0, 1, value]
-                    elif name == "add_revenue":  # value is an int; the sum may be a Decimal
-                        s[0] += 1
-                        s[1] = s[1] + value if type(s[1]) is int else money_add(s[1], value)
+                t = obj.get("timestamp")
+                if len(obj) == 3 + (eid is not None) + (t is not None):
+                    # no key but those read: no user_id alias, no other time field, so the
+                    # minute is the timestamp's alone (eventtime.fast_minute, inlined)
+                    if t is None:
+                        minute = ""
+                    elif type(t) is str:
+                        minute = stamp_minutes.get(t)
+                        if minute is None:
+                            minute = stamp_minute(t)
                     else:
-                        s[2] += 1
-                        s[3] = s[3] + value if type(s[3]) is int else money_add(s[3], value)
-                    continue
+                        minute = None
+                elif strict or "user_id" not in obj:
+                    minute = fast_minute(obj)
+                else:
+                    minute = None
+                if minute is not None:
+                    if eid is None:
+                        sums = fresh
+                    elif type(eid) is str and (m := sender_id(eid)) is not None:
+                        source, number, chain = m.groups()
+                        n = int(number) - 1
+                        if source != last_source:
+                            last_part = sources.get(source)
+                            if last_part is None:
+                                last_part = sources[source] = SourcePart()
+                            last_source, last_n = source, -1
+                        if n // cell_lines != last_n // cell_lines:  # (identity.cell_of, entry)
+                            last_cell = last_part.cells.get(n // cell_lines)
+                            if last_cell is None:
+                                last_cell = last_part.cells[n // cell_lines] = bytearray()
+                        last_n = n
+                        last_cell += slots[n % cell_lines]
+                        last_cell += fromhex(chain) if chain else zero
+                        sums = last_part.sums
+                    elif (type(eid) is str and 0 < len(eid) <= max_eid and eid[0] != receiver
+                          and eid.isprintable()):  # an opaque id (events.check_event_id, inlined)
+                        is_add = name == "add_revenue"
+                        opaque.append((event_digest(eid), content_digest(user, is_add, value),
+                                       (user, minute), is_add, value, start, index))
+                        continue
+                    else:
+                        sums = None
+                    if sums is not None:  # add(sums, key, is_add, value), inlined
+                        key = (user, minute)
+                        s = sums.get(key)
+                        if s is None:
+                            sums[key] = [1, value, 0, 0] if name == "add_revenue" else [0, 0, 1, value]
+                        elif name == "add_revenue":  # value is an int; the sum may be a Decimal
+                            s[0] += 1
+                            s[1] = s[1] + value if type(s[1]) is int else money_add(s[1], value)
+                        else:
+                            s[2] += 1
+                            s[3] = s[3] + value if type(s[3]) is int else money_add(s[3], value)
+                        continue
         try:
             key, is_add, value, eid = _event(line, strict, mapping)
         except InvalidEvent as exc:

@@ -1,0 +1,184 @@
+"""The processor's per-line loop (parser.parse) against the slow reference, on fuzzed journals.
+
+parse inlines the common shape (events.common_shape, eventtime.fast_minute, identity.classify)
+and caches what lines share (timestamp text -> minute, the last sender source and cell). The
+reference here reads every line the slow way: the shared validator (events.validate), the full
+time parse (eventtime.of) and identity.classify. Both must accept and reject the same lines, for
+the same reasons, and give the same sums, identity entries and opaque rows.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evtool import events, eventtime, identity, parser
+from evtool.errors import InvalidEvent
+
+SRC = "1cf54481b2d1479b"
+CHAIN = "2b7b1de2052eb1ca"
+
+_users = st.one_of(
+    st.sampled_from(["user24", "u", "x" * 256, "x" * 257, "", "a\x00b", "é", "ü" * 256, "日本", " "]),
+    st.text(max_size=8), st.integers(0, 3), st.none())
+_names = st.sampled_from(["add_revenue", "subtract_revenue", "Add_revenue", "", None, 1])
+_values = st.one_of(
+    st.integers(0, 1000),
+    st.sampled_from([0, -1, 10**20 - 1, 10**20, 2**63, 1.5, 0.1, "12", "x", True, None]),
+    st.integers(-10, 10**21))
+_event_ids = st.one_of(
+    st.sampled_from([
+        f"{SRC}:1:{CHAIN}", f"{SRC}:1024:{CHAIN}", f"{SRC}:1025:{CHAIN}", f"{SRC}:7", f"{SRC}:0:{CHAIN}",
+        f"{SRC}:07:{CHAIN}", f"{SRC}:{'9' * 18}:{CHAIN}", f"{SRC}:{'9' * 19}:{CHAIN}",
+        f"{SRC.upper()}:3:{CHAIN}", f"{SRC}:3:{CHAIN.upper()}", f"{SRC[:15]}:3:{CHAIN}",
+        f"{SRC}:3:{CHAIN[:15]}", f"{SRC}:3:{CHAIN}0", f"{SRC}:3:", f"{SRC}:3:{CHAIN}:", f"{SRC}::{CHAIN}",
+        f"{SRC}:٣:{CHAIN}", f"{SRC}:3 :{CHAIN}", f"abcdefabcdefabcd:2:{CHAIN}", f"{SRC}:+3:{CHAIN}",
+        "~r1", "~", "", "opaque-1", "x" * 128, "x" * 129, "a\x01b", "a\x00b", 5, None, [],
+    ]),
+    st.builds(lambda s, n, c: f"{s}:{n}:{c}", st.sampled_from([SRC, "0000000000000000"]),
+              st.integers(1, 5000), st.sampled_from([CHAIN, "0" * 16, "f" * 16])))
+_stamps = st.one_of(
+    st.sampled_from([
+        "2026-11-23T14:34:29.191Z", "2026-11-23T14:34:29Z", "2026-11-23T14:34:29.1Z",
+        "2026-11-23T14:34:29.123456789Z", "2026-11-23T14:34:29.1234567890Z", "2026-11-23T14:34:29.Z",
+        "2026-11-23T24:00:00.000Z", "2026-02-30T10:00:00.000Z", "2024-02-29T10:00:00.000Z",
+        "1969-12-31T23:59:59.999Z", "1970-01-01T00:00:00.000Z", "2026-11-23T14:34:60.000Z",
+        "2026-11-23T14:60:00.000Z", "2026-11-23T14:34:29.191z", "2026-11-23 14:34:29.191Z",
+        "2026-11-23T14:34:29.191+01:00", "2026-11-23T14:34:29.191", "2026-11-23", "2026/11/23",
+        "2026-11-23T14:34:2٩.191Z", "2026-11-23T14:34:29.19١Z", "2026-1١-23T14:34:29.191Z",
+        "", " 2026-11-23T14:34:29.191Z", "1764000000", "x", "9999-12-31T23:59:59.999Z",
+        "10000-01-01T00:00:00.000Z", "2026-13-01T00:00:00.000Z", "2026-00-10T00:00:00.000Z",
+    ]),
+    st.builds(lambda mi, s, ms: f"2026-11-23T14:{mi:02d}:{s:02d}.{ms:03d}Z",
+              st.integers(0, 61), st.integers(0, 61), st.integers(0, 999)),
+    st.integers(-5, 2 * 10**12), st.none(), st.booleans())
+
+
+@st.composite
+def _line(draw: st.DrawFn) -> bytes:
+    kind = draw(st.integers(0, 19))
+    if kind == 0:
+        return draw(st.sampled_from([b"", b"  ", b"\t", b"{", b"[]", b"null", b"1", b"\xff\xfe",
+                                     b'{"userId": "u\xff", "name": "add_revenue", "value": 1}',
+                                     b"[" * 300 + b"]" * 300, b'"\x00"', b"{}"]))
+    obj: dict = {}
+    order = draw(st.permutations(["userId", "name", "value", "eventId", "timestamp"]))
+    for key in order:
+        if key == "userId" and draw(st.integers(0, 19)):
+            obj[key] = draw(_users)
+        elif key == "name" and draw(st.integers(0, 19)):
+            obj[key] = draw(_names)
+        elif key == "value" and draw(st.integers(0, 19)):
+            obj[key] = draw(_values)
+        elif key == "eventId" and draw(st.booleans()):
+            obj[key] = draw(_event_ids)
+        elif key == "timestamp" and draw(st.integers(0, 3)):
+            obj[key] = draw(_stamps)
+    if draw(st.integers(0, 9)) == 0:  # another time field, an alias, an unknown key
+        extra = draw(st.sampled_from(["ts", "time", "eventTime", "created_at", "createdAt", "user_id",
+                                      "note"]))
+        obj[extra] = draw(st.one_of(_stamps, _users))
+    style = draw(st.integers(0, 3))
+    if style == 0:
+        return json.dumps(obj, separators=(",", ":")).encode()
+    if style == 1:
+        return json.dumps(obj).encode()  # spaces, \\u escapes
+    if style == 2:
+        return json.dumps(obj, ensure_ascii=False).encode()
+    # serve's shape: the client's bytes, then ,"eventId":...,"timestamp":... appended
+    stamped = {k: obj.pop(k) for k in ("eventId", "timestamp") if k in obj}
+    text = json.dumps(obj, ensure_ascii=False)
+    if stamped:
+        text = text[:-1] + ("," if obj else "") + json.dumps(stamped, separators=(",", ":"))[1:]
+    return text.encode()
+
+
+def _reference(data: bytes, strict: bool) -> parser.ParsedPart:
+    """What parse must give: every line through the full validator and identity.classify."""
+    out = parser.ParsedPart(0, len(data), strict=strict)
+    pos = 0
+    index = -1
+    for index, line in enumerate(data.split(b"\n")[:-1]):
+        start = pos
+        pos += len(line) + 1
+        line = line[:-1] if line.endswith(b"\r") else line
+        if not line.strip(b" \t\r\n\f\v"):
+            continue
+        try:
+            obj = events.parse_json(line)
+            ev = events.validate(obj, line, allow_reserved=True, strict=strict)
+            key = (ev.user_id, eventtime.minute_key(ev.time))
+        except InvalidEvent as exc:
+            out.rejects.append((start, index, line, exc.reason))
+            continue
+        is_add, value = ev.name == "add_revenue", ev.value
+        kind, m = identity.classify(ev.event_id)
+        if kind is identity.Kind.POSITION:
+            parser.add(out.fresh, key, is_add, value)
+        elif m is None:
+            digests = identity.event_digest(ev.event_id), identity.content_digest(key[0], is_add, value)
+            out.opaque.append((*digests, key, is_add, value, start, index))
+        else:
+            part = out.sources.setdefault(m[1], parser.SourcePart())
+            n = int(m[2])
+            cell = part.cells.setdefault(identity.cell_of(n), bytearray())
+            cell += identity.entry(n, identity.chain_of(m))
+            parser.add(part.sums, key, is_add, value)
+    out.lines = index + 1
+    out.finish()
+    return out
+
+
+def _facts(part: parser.ParsedPart) -> tuple:
+    return (part.fresh, {s: (p.cells, p.sums, p.repeats, p.count) for s, p in part.sources.items()},
+            part.opaque, part.rejects, part.lines, part.copy_rows, sorted(part.users), part.fresh_count)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=st.lists(_line(), max_size=40), crlf=st.lists(st.booleans(), max_size=40),
+       cut=st.integers(0, 40), strict=st.booleans())
+def test_parse_decides_every_line_as_the_full_validator(lines: list[bytes], crlf: list[bool], cut: int,
+                                                        strict: bool) -> None:
+    ends = [b"\r\n" if i < len(crlf) and crlf[i] else b"\n" for i in range(len(lines))]
+    pieces = [line + end for line, end in zip(lines, ends, strict=True)]
+    data = b"".join(pieces)
+    want = _reference(data, strict)
+    assert _facts(parser.parse(data, 0, strict=strict)) == _facts(want)
+    # in two calls, as parse_range feeds it pieces: the same part
+    head = b"".join(pieces[:cut])
+    out = parser.ParsedPart(0, len(data), strict=strict)
+    parser.parse(head, 0, out, close=False)
+    parser.parse(data[len(head):], len(head), out)
+    assert _facts(out) == _facts(want)
+
+
+def test_a_run_of_serve_lines_sums_per_user_minute_and_keeps_every_entry() -> None:
+    """A concrete run of the shape serve writes (the case the caches are for), with its figures."""
+    lines = []
+    for n in range(1, 3001):
+        stamp = f"2026-11-23T14:{34 + n // 1000:02d}:29.{n % 7:03d}Z"
+        lines.append(b'{"userId": "u%d", "name": "%s", "value": %d,"eventId":"%s:%d:%s","timestamp":"%s"}'
+                     % (n % 3, b"add_revenue" if n % 4 else b"subtract_revenue", n, SRC.encode(), n,
+                        CHAIN.encode(), stamp.encode()))
+    data = b"\n".join(lines) + b"\n"
+    got = parser.parse(data, 0)
+    assert _facts(got) == _facts(_reference(data, False))
+    part = got.sources[SRC]
+    assert part.count == 3000 and sorted(part.cells) == [0, 1, 2]
+    added = sum(s[1] for s in part.sums.values())
+    assert added == sum(n for n in range(1, 3001) if n % 4)
+    assert {k[1] for k in part.sums} == {"2026-11-23T14:34", "2026-11-23T14:35", "2026-11-23T14:36",
+                                         "2026-11-23T14:37"}
+
+
+def test_the_timestamp_cache_stays_bounded_and_remembers_only_valid_stamps() -> None:
+    """A worker parses millions of lines: what it remembers per stamp text has a cap."""
+    kept = eventtime._STAMPS_KEPT
+    for i in range(kept + 10):
+        text = f"2026-11-23T{i // 60000 % 24:02d}:{i // 1000 % 60:02d}:{i // 10 % 60:02d}.{i % 10:03d}Z"
+        assert eventtime.fast_minute({"timestamp": text}) == text[:16]
+    assert 0 < len(eventtime.STAMP_MINUTE) <= kept
+    assert eventtime.fast_minute({"timestamp": "2026-11-23T24:00:00.000Z"}) is None
+    assert "2026-11-23T24:00:00.000Z" not in eventtime.STAMP_MINUTE
