@@ -145,7 +145,7 @@ class Intake:
         strict, mapping = self.strict, self.mapping
         fast = mapping is None  # the inlined path below is for the plain shape: never under a mapping
         max_value, max_user, max_id = events.MAX_INT, events.MAX_USER_ID, events.MAX_EVENT_ID
-        reserved, fast_minute = events.RECEIVER_ID_PREFIX, eventtime.fast_minute
+        reserved, fast_minute, plain_keys = events.RECEIVER_ID_PREFIX, eventtime.fast_minute, _PLAIN_KEYS
         if b"\r" in body:  # a CR in valid NDJSON is whitespace; only a line-ending one is dropped
             body = body.replace(b"\r\n", b"\n")
             if body.endswith(b"\r"):
@@ -154,7 +154,7 @@ class Intake:
         append = out.append
         has_time = eventtime.has_time
         received: str | None = None
-        stamp = b""  # `,"timestamp":"<received>"`, made once per request
+        stamp = stamp_end = b""  # `,"timestamp":"<received>"`, made once per request (and with a `}`)
         n = 0
         for lineno, raw in enumerate(body.split(b"\n"), 1):
             if not raw or raw.isspace():
@@ -169,7 +169,7 @@ class Intake:
                 obj = loads(raw)
             except orjson.JSONDecodeError:
                 obj = None
-            if fast and type(obj) is dict and len(raw) <= deep_len and obj.keys() <= _PLAIN_KEYS:
+            if fast and type(obj) is dict and len(raw) <= deep_len and obj.keys() <= plain_keys:
                 user, value, name = obj.get("userId"), obj.get("value"), obj.get("name")
                 event_id = obj.get("eventId", uncommon)  # absent: uncommon; null: the general path
                 if (type(value) is int and 0 <= value < max_value and type(user) is str
@@ -182,11 +182,12 @@ class Intake:
                         if not stamp:
                             received = self.clock()
                             stamp = b',"' + eventtime.STAMP_FIELD.encode() + b'":' + orjson.dumps(received)
+                            stamp_end = stamp + b"}"
                         if event_id is uncommon:
                             made = _key_id(key, n) if key is not None else self.fresh_id()
-                            append(raw.rstrip()[:-1] + b',"eventId":' + orjson.dumps(made) + stamp + b"}")
+                            append(raw.rstrip()[:-1] + b',"eventId":' + orjson.dumps(made) + stamp_end)
                         else:
-                            append(raw.rstrip()[:-1] + stamp + b"}")
+                            append(raw.rstrip()[:-1] + stamp_end)
                         continue
                     if fast_minute(obj) is not None:  # a canonical time
                         if event_id is uncommon:
