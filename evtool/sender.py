@@ -1,7 +1,8 @@
 """The sender: stream a JSONL file to `evtool serve` (or any compatible receiver), exactly once.
 
 Design sections 3 and 8. The file is read line by line (never whole), each line is checked with
-the shared validator, events without an `eventId` get the deterministic id
+the shared validator (or, sent to `evtool serve`, by the receiver: see `_Run.trusts_receiver`
+and `_Run.recheck`), events without an `eventId` get the deterministic id
 `<source>:<line>:<chain>` (see `identity`: the same bytes up to a line give the same id wherever
 the file lives; inserted textually, so the client's number text is kept), and bulks are POSTed
 over a few keep-alive connections. Delivery is at-least-once; the ids make it exactly-once.
