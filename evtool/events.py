@@ -33,7 +33,8 @@ MAX_USER_ID = 256
 MAX_EVENT_ID = 128
 MAX_SCALE = 18  # digits after the decimal point that are kept exactly
 MAX_ABS = Decimal(10) ** 20
-_MAX_INT = 10**20
+MAX_INT = 10**20  # an integer value must be below this (MAX_ABS as an int: no Decimal compare)
+_MAX_INT = MAX_INT
 # Arrays and objects nested in an event, the event itself counted: below orjson's writing limit
 # (254), as the receiver re-serialises some events.
 MAX_DEPTH = 200

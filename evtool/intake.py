@@ -25,6 +25,9 @@ from . import events, eventtime
 from .errors import InvalidEvent, MalformedJSON
 from .mapping import Mapping
 
+# The keys of an event as `evtool send` writes it (eventtime's plain keys): no alias, no other
+# time field, so the common shape's remaining checks are a few type and range tests.
+_PLAIN_KEYS = frozenset({"userId", "name", "value", "eventId", eventtime.STAMP_FIELD})
 _ORJSON_POS = re.compile(r": line 1 column (\d+) \(char \d+\)$")
 
 
@@ -140,6 +143,9 @@ class Intake:
         validate, event_id_of = events.validate, events.event_id_of
         common_id, uncommon = events.common_event_id, events.UNCOMMON
         strict, mapping = self.strict, self.mapping
+        fast = mapping is None  # the inlined path below is for the plain shape: never under a mapping
+        max_value, max_user, max_id = events.MAX_INT, events.MAX_USER_ID, events.MAX_EVENT_ID
+        reserved, fast_minute, plain_keys = events.RECEIVER_ID_PREFIX, eventtime.fast_minute, _PLAIN_KEYS
         if b"\r" in body:  # a CR in valid NDJSON is whitespace; only a line-ending one is dropped
             body = body.replace(b"\r\n", b"\n")
             if body.endswith(b"\r"):
@@ -148,7 +154,7 @@ class Intake:
         append = out.append
         has_time = eventtime.has_time
         received: str | None = None
-        stamp = b""  # `,"timestamp":"<received>"`, made once per request
+        stamp = stamp_end = b""  # `,"timestamp":"<received>"`, made once per request (and with a `}`)
         n = 0
         for lineno, raw in enumerate(body.split(b"\n"), 1):
             if not raw or raw.isspace():
@@ -156,13 +162,45 @@ class Intake:
             if len(raw) > max_line:
                 raise BodyTooLong(f"line {lineno} is longer than the limit of {max_line} bytes")
             n += 1
+            # The sender's shape, inlined (it runs once per event): only the plain keys, an
+            # integer value, a plain userId and id, no time or a canonical one. A strict subset
+            # of events.common_shape: anything else takes the general path below.
+            try:
+                obj = loads(raw)
+            except orjson.JSONDecodeError:
+                obj = None
+            if fast and type(obj) is dict and len(raw) <= deep_len and obj.keys() <= plain_keys:
+                user, value, name = obj.get("userId"), obj.get("value"), obj.get("name")
+                event_id = obj.get("eventId", uncommon)  # absent: uncommon; null: the general path
+                if (type(value) is int and 0 <= value < max_value and type(user) is str
+                        and 0 < len(user) <= max_user and "\x00" not in user
+                        and (name == "add_revenue" or name == "subtract_revenue")
+                        and (event_id is uncommon or (
+                            type(event_id) is str and 0 < len(event_id) <= max_id
+                            and event_id[0] != reserved and event_id.isprintable()))):
+                    if "timestamp" not in obj:
+                        if not stamp:
+                            received = self.clock()
+                            stamp = b',"' + eventtime.STAMP_FIELD.encode() + b'":' + orjson.dumps(received)
+                            stamp_end = stamp + b"}"
+                        if event_id is uncommon:
+                            made = _key_id(key, n) if key is not None else self.fresh_id()
+                            append(raw.rstrip()[:-1] + b',"eventId":' + orjson.dumps(made) + stamp_end)
+                        else:
+                            append(raw.rstrip()[:-1] + stamp_end)
+                        continue
+                    if fast_minute(obj) is not None:  # a canonical time
+                        if event_id is uncommon:
+                            made = _key_id(key, n) if key is not None else self.fresh_id()
+                            append(raw.rstrip()[:-1] + b',"eventId":' + orjson.dumps(made) + b"}")
+                        else:
+                            append(raw)  # the client's bytes, unchanged
+                        continue
             try:
                 # Validate once, build nothing: a line of the common shape (events.common_shape,
                 # the form nearly every client sends) is checked on orjson's dict and goes out as
                 # the client's bytes, with at most an id and the receive time appended as text.
-                try:
-                    obj = loads(raw)
-                except orjson.JSONDecodeError:
+                if obj is None:  # not JSON (or `null`): parse says what is wrong
                     obj = parse(raw)  # raises MalformedJSON with the shared wording
                 if len(raw) > deep_len:
                     parse(raw)  # the depth rule, for the few lines long enough to break it

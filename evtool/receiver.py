@@ -29,6 +29,7 @@ per header field, 32 KiB for all headers).
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import ipaddress
 import logging
@@ -681,6 +682,11 @@ async def _serve(s: ServeSettings, on_ready: Callable[[str], None] | None) -> No
                                 idle_timeout=s.request_timeout, access_log=s.access_log,
                                 head_timeout=min(s.head_timeout, s.request_timeout), max_connections=cap,
                                 reuse_port=s.reuse_port)
+    # What startup made (modules, the app) lives as long as the process: out of the collector's
+    # sight, so a full collection no longer walks it while requests wait (one took 108 ms under
+    # load on the bench machine, against 28 ms for the whole collection frozen).
+    gc.collect()
+    gc.freeze()
     appender = app[APPENDER_KEY]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -173,3 +173,23 @@ def test_the_common_shape_is_validated_once_without_building_an_event(monkeypatc
     assert intake().json(common[0]).count == 1 and calls == []
     intake().ndjson(VARIANTS[-4])  # a string value: only validate reads it
     assert calls
+
+
+def test_the_senders_shape_is_checked_inline(monkeypatch):
+    """Issue 11: lines of the plain shape (the keys `send` writes, an integer value) are checked
+    in the loop itself, not through the general common-shape function; the journal lines are
+    the same as the general path makes (see the equivalence test above)."""
+    from evtool import events
+    from evtool import intake as intake_module
+
+    calls = []
+    real = events.common_event_id
+    monkeypatch.setattr(intake_module.events, "common_event_id",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    plain = [event_line(f"u{i}", str(i), f"s:{i}" if i % 2 else None,
+                        time="2026-11-23T08:00:00.000Z" if i % 3 else None) for i in range(300)]
+    lines = intake().ndjson(b"\n".join(plain))
+    assert lines.count == 300 and calls == []
+    assert lines.data.count(b'"timestamp"') == 300 and lines.data.count(b'"eventId"') == 300
+    intake().ndjson(event_line("u", "1.5"))  # a decimal value: the general path
+    assert calls
