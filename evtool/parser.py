@@ -12,6 +12,7 @@ import itertools
 import os
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 
 import orjson
@@ -49,9 +50,15 @@ class SourcePart:
     sums: Sums = field(default_factory=dict)
     repeats: bool = False  # an entry occurs twice in the chunk (a retry within the batch)
     count: int = 0  # events
+    # `sums` as COPY rows and the hash() of each of its users, rendered by the worker (see
+    # ParsedPart.slim): what the committing process needs when the source's lines are all new.
+    rows: bytes = b""
+    users: array[int] = field(default_factory=lambda: array("q"))
 
     def close(self) -> None:
-        """Sort each cell's entries; note repeats."""
+        """Sort each cell's entries; note repeats; render the rows."""
+        self.rows = store.copy_rows(self.sums)
+        self.users = user_hashes(self.sums)
         count = 0
         for cell, packed in self.cells.items():
             got = identity.entries(bytes(packed))
@@ -77,16 +84,19 @@ class ParsedPart:
     opaque: list[tuple[bytes, bytes, Key, bool, events.Value, int, int]] = field(default_factory=list)
     rejects: list[tuple[int, int, bytes, str]] = field(default_factory=list)  # offset, index, raw, why
     lines: int = 0
-    # The totals' COPY rows if every event with an id turns out to be new (the common case),
-    # rendered by the worker so the committing process only sends them.
-    copy_rows: bytes | None = None
-    users: list[str] = field(default_factory=list)
     # The opaque events' batch_digests COPY rows (see store.claim_digest_rows), rendered by the
     # worker; the worker then ships only these and their count, not the events (`shipped`).
     opaque_rows: bytes = b""
     opaque_count: int = 0
     opaque_sums: Sums = field(default_factory=dict)  # the opaque events' sums, as if all new
     opaque_repeats: bool = False  # an opaque id occurs twice in the part (a client's retry)
+    # Each group's sums (`fresh`, `opaque_sums`; each source has its own, see SourcePart) as
+    # COPY rows and the hash() of each of its users: rendered by the worker, so the committing
+    # process only sends them (see `slim`).
+    fresh_rows: bytes = b""
+    fresh_users: array[int] = field(default_factory=lambda: array("q"))
+    opaque_sum_rows: bytes = b""
+    opaque_users: array[int] = field(default_factory=lambda: array("q"))
     strict: bool = False  # parsed without normalization (events.validate's strict)
     mapping: Mapping | None = None  # the declared mapping lines were read under (see mapping)
     cut: bool = False  # ended before the planned end: MAX_USERS_PER_PART was reached
@@ -95,7 +105,7 @@ class ParsedPart:
     digest: bytes = b""  # of the bytes parsed: checked against the file before the commit
 
     def finish(self) -> None:
-        """Close the sources, count, and render the optimistic COPY rows."""
+        """Close the sources, count, and render each group's COPY rows and user hashes."""
         for part in self.sources.values():
             part.close()
         self.fresh_count = count(self.fresh)
@@ -109,15 +119,24 @@ class ParsedPart:
             self.opaque_rows = "".join(
                 f"\\\\x{d.hex()}\t\\\\x{c.hex()}\t{start}\t{i}\n" for d, c, _, _, _, _, i in self.opaque
             ).encode()
-        groups = [g for g in [self.fresh, opaque, *(p.sums for p in self.sources.values())] if g]
-        if len(groups) == 1:
-            total = groups[0]
-        else:
-            total = {}
-            for g in groups:
-                merge(total, g)
-        self.copy_rows = store.copy_rows(total)
-        self.users = list({k[0] for k in total})
+        self.fresh_rows = store.copy_rows(self.fresh)
+        self.fresh_users = user_hashes(self.fresh)
+        self.opaque_sum_rows = store.copy_rows(opaque)
+        self.opaque_users = user_hashes(opaque)
+
+    @property
+    def users(self) -> set[int]:
+        """hash() of each distinct user the part's sums hold (opaque ids as if all new)."""
+        return {*self.fresh_users, *self.opaque_users, *(u for p in self.sources.values() for u in p.users)}
+
+    def slim(self) -> None:
+        """Drop the sums once rendered (finish): a worker's part crosses to the committing
+        process as bytes and counts, never as a dict per user beside its rows. The committing
+        process re-derives a group's sums from the journal when some of its lines were seen."""
+        self.fresh = {}
+        self.opaque_sums = {}
+        for part in self.sources.values():
+            part.sums = {}
 
     def shipped(self) -> ParsedPart:
         """What a worker sends back: the opaque events stay behind (their COPY rows go) unless
@@ -191,6 +210,12 @@ class Batch:
     @classmethod
     def empty(cls, offset: int) -> Batch:
         return cls([ParsedPart(offset, offset)])
+
+
+def user_hashes(sums: Sums) -> array[int]:
+    """hash() of each distinct user of `sums`: 8 bytes a user where the ids would be up to 256
+    characters. The workers are forked, so they hash as the committing process does."""
+    return array("q", {hash(k[0]) for k in sums})
 
 
 def count(sums: Sums) -> int:
@@ -318,6 +343,7 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
     out.digest = h.digest()
     out.held = held(out)
     out.finish()
+    out.slim()
     return out.shipped()
 
 

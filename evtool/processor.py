@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -80,7 +80,7 @@ class Outcome:
     applied: int = 0
     duplicates: int = 0
     rejects: list[tuple[int, int, bytes, str]] = field(default_factory=list)  # offset, index, raw, why
-    users: list[str] = field(default_factory=list)
+    users: list[Iterable[int]] = field(default_factory=list)  # hash() of the users it added to
 
 
 class ParsePool:
@@ -404,7 +404,8 @@ class Processor:
         report.offset = b.end
         room = MAX_REJECT_SAMPLES - len(report.reject_samples)
         report.reject_samples.extend((first_line + index, why) for _, index, _, why in rejects[:room])
-        self._users.update(map(hash, outcome.users))
+        for hashes in outcome.users:
+            self._users.update(hashes)
         return _COMMITTED
 
     # -- many journals -----------------------------------------------------------------
@@ -447,17 +448,19 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
     other content is returned in `rejects` (offset, index in batch, raw, reason).
     """
     out = Outcome(applied=sum(p.fresh_count for p in b.parts))
-    groups: list[parser.Sums] = [p.fresh for p in b.parts]
+    # The parts' COPY rows, group by group (PostgreSQL sums a user's rows): the workers'
+    # rendering wherever the lines are all new, sums made here only for what was re-decided.
+    rows: list[bytes] = [p.fresh_rows for p in b.parts]
+    users: list[Iterable[int]] = [p.fresh_users for p in b.parts]
     claim = identity.Claim(store, {s: lines.cells.keys() for s, lines in b.sources.items()})
     data: bytes | None = None
-    all_new = True
     for source, lines in b.sources.items():
         if not lines.repeats and claim.cells(source, lines.cells):
-            groups.extend(part.sums for part in lines.parts)  # the common case: all new
+            rows.extend(part.rows for part in lines.parts)  # the common case: all new
+            users.extend(part.users for part in lines.parts)
             out.applied += sum(part.count for part in lines.parts)
             continue
         # Some lines were applied before, or repeat within the batch: decide line by line.
-        all_new = False
         data = reread() if data is None else data
         sums: parser.Sums = {}
         for line, chain, key, is_add, value in parser.source_events(data, source, b.strict, b.mapping):
@@ -466,19 +469,19 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
                 out.applied += 1
             else:
                 out.duplicates += 1
-        groups.append(sums)
+        rows.append(copy_rows(sums))
+        users.append(parser.user_hashes(sums))
 
     if b.opaque_count:
         # The common case is decided by a count: every opaque id is new and none repeats, so
         # the workers' optimistic sums stand. Otherwise decide event by event, from the
         # events themselves (parsed here again when the workers kept them).
-        rows = b"".join(p.opaque_rows for p in b.parts)
+        digest_rows = b"".join(p.opaque_rows for p in b.parts)
         # an id twice in a part: no point trying the all-new insert
         hopeful = not any(p.opaque_repeats for p in b.parts)
-        recorded = store.claim_digest_rows(rows, b.opaque_count, fingerprint, first_line, b.part_lines,
+        recorded = store.claim_digest_rows(digest_rows, b.opaque_count, fingerprint, first_line, b.part_lines,
                                            hopeful)
         if recorded is not None:
-            all_new = False
             data = reread() if data is None else data
             if len(b.opaque) != b.opaque_count:  # parsed again, once: a retry reuses it
                 b.opaque = parser.parse(data, b.offset, close=False, strict=b.strict,
@@ -497,20 +500,15 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
                     out.rejects.append((offset, index, raw, why))
                 else:
                     out.duplicates += 1
-            groups.append(sums)
+            rows.append(copy_rows(sums))
+            users.append(parser.user_hashes(sums))
         else:
-            groups.extend(p.opaque_sums for p in b.parts)
+            rows.extend(p.opaque_sum_rows for p in b.parts)  # the workers' rendering
+            users.extend(p.opaque_users for p in b.parts)
             out.applied += b.opaque_count
 
-    if all_new and all(p.copy_rows is not None for p in b.parts):
-        store.add_to_totals(b"".join(p.copy_rows or b"" for p in b.parts))  # from the workers
-        out.users = [u for p in b.parts for u in p.users]
-    else:
-        total: parser.Sums = {}
-        for g in groups:
-            parser.merge(total, g)
-        store.add_to_totals(copy_rows(total))
-        out.users = list({k[0] for k in total})
+    store.add_to_totals(b"".join(rows))
+    out.users = users
     claim.record()
     return out
 

@@ -28,6 +28,7 @@ from .events import format_value
 SQL_DIR = resources.files("evtool") / "sql"
 T = TypeVar("T")
 FETCH_ROWS = 5000  # rows per round trip of a server-side cursor
+MAX_WORK_MEM_MB = 256  # what one batch's statement may ask for each sort or hash (add_to_totals)
 
 # SQLSTATE classes worth retrying: connection exceptions, serialization failure, deadlock,
 # admin shutdown / crash recovery, too many connections.
@@ -563,6 +564,10 @@ class Store:
             return
         self._ensure_temp()
         with self.conn.cursor() as cur:
+            # The batch's sorts and aggregates in memory, not spilled at the default 4 MB: about
+            # four times the rows' text, within bounds (SET LOCAL: this transaction only).
+            work_mem = min(MAX_WORK_MEM_MB, max(4, len(rows) * 4 >> 20))
+            cur.execute(f"SET LOCAL work_mem = '{work_mem}MB'")
             with cur.copy("COPY batch_minute_sums FROM STDIN") as copy:
                 copy.write(rows)
             cur.execute(

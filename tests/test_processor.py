@@ -225,3 +225,19 @@ def test_opaque_ids_parsed_by_workers_keep_their_lines_repeats_and_conflicts(dsn
         want[f"u{n % 11}"] = want.get(f"u{n % 11}", 0) + n
     want["u3"] += 5
     assert totals(dsn) == want
+
+
+def test_the_tables_updated_in_place_leave_room_for_hot_updates(dsn, tmp_path):
+    """Issue 11: every batch updates a user's minutes in place; with full pages each update adds
+    an entry to both of revenue_by_minute's indexes, with room on the page it adds none (HOT)."""
+    path = tmp_path / "server-events.jsonl"
+    path.write_bytes(b"".join(b'{"userId":"u%d","name":"add_revenue","value":1}\n' % (i % 300)
+                              for i in range(3000)))
+    # many small batches: each one updates the 300 users' rows written by the first
+    report = process(dsn, [path], batch_bytes=16 << 10, workers=0)
+    assert report.applied == 3000 and report.files[0].batches > 5
+    with psycopg.connect(dsn) as conn:
+        opts = dict(conn.execute("SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%s)",
+                                 (["users_revenue", "revenue_by_minute"],)).fetchall())
+    assert opts == {"users_revenue": ["fillfactor=70"], "revenue_by_minute": ["fillfactor=70"]}
+    assert totals(dsn) == {f"u{i}": 10 for i in range(300)}
