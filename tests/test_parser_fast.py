@@ -132,8 +132,11 @@ def _reference(data: bytes, strict: bool) -> parser.ParsedPart:
 
 
 def _facts(part: parser.ParsedPart) -> tuple:
-    return (part.fresh, {s: (p.cells, p.sums, p.repeats, p.count) for s, p in part.sources.items()},
-            part.opaque, part.rejects, part.lines, part.copy_rows, sorted(part.users), part.fresh_count)
+    return (part.fresh, {s: (p.cells, p.sums, p.repeats, p.count, p.rows, sorted(p.users))
+                         for s, p in part.sources.items()},
+            part.opaque, part.rejects, part.lines, part.fresh_rows, sorted(part.fresh_users),
+            part.opaque_rows, part.opaque_sum_rows, part.opaque_count, part.opaque_repeats,
+            sorted(part.users), part.fresh_count)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
