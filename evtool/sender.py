@@ -373,24 +373,16 @@ class _Run:
                 if trusting and text[-1:] == b"}" and BACKSLASH not in text and text.find(b'"eventId"') < 0:
                     # No eventId member can hide in a text without that key or an escape: the id
                     # is appended unchecked, the receiver validates (see trusts_receiver, recheck).
-                    lines.append(b'%b%b%d:%b"}' % (text[:-1], prefix, lineno, chain.hex().encode()))
-                    linenos.append(lineno)
-                    if len(lines) >= batch_size:
-                        if report.stopped is not None:
-                            return
-                        done = _position_after(raw, offset, lineno, chain, before)
-                        await queue.put(_Batch(seq, lines, linenos, done))
-                        seq += 1
-                        lines, linenos = [], []
-                    continue
-                try:
-                    if view is None:
-                        event_id = event_id_of(parse_json(text), text, strict=strict)
-                    else:  # the mapped id field, if the line has one, is its eventId
-                        event_id = event_id_of(view(parse_json(text), text, strict), strict=strict)
-                except InvalidEvent as exc:
-                    self.skip(lineno, exc.reason)
-                    continue
+                    event_id = None
+                else:
+                    try:
+                        if view is None:
+                            event_id = event_id_of(parse_json(text), text, strict=strict)
+                        else:  # the mapped id field, if the line has one, is its eventId
+                            event_id = event_id_of(view(parse_json(text), text, strict), strict=strict)
+                    except InvalidEvent as exc:
+                        self.skip(lineno, exc.reason)
+                        continue
                 if event_id is None:
                     text = b'%b%b%d:%b"}' % (text[:-1], prefix, lineno, chain.hex().encode())
                 lines.append(text)

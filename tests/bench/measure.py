@@ -335,6 +335,15 @@ class Bench:
                          "so its cost is in both; serve with --fsync on")
         return fig
 
+    def _record_single(self, rate: Figure, p99: Figure, base: dict, ours: dict) -> None:
+        """One run of a one-event-per-request figure: sink (base) and serve (ours)."""
+        rate.baseline.append(base["requests_per_second"])
+        rate.evtool.append(ours["requests_per_second"])
+        p99.baseline.append(base["p99_ms"])
+        p99.evtool.append(ours["p99_ms"])
+        self.log(f"  sink {base['requests_per_second']:.0f} req/s p99 {base['p99_ms']} ms, "
+                 f"serve {ours['requests_per_second']:.0f} req/s p99 {ours['p99_ms']} ms")
+
     def serve_single(self, connections: int = 64) -> list[Figure]:
         """Issue 11: one event per request at 64 connections: >= 0.8x the sink's req/s, p99 <= 10 ms."""
         w = self.cache.plain(self.sizes.single, 1000, 5)
@@ -344,12 +353,7 @@ class Bench:
         for _ in range(self.repeat):
             base = self._raw_run(w, 1, connections)
             ours = self._raw_run(w, 1, connections, to="serve")
-            rate.baseline.append(base["requests_per_second"])
-            rate.evtool.append(ours["requests_per_second"])
-            p99.baseline.append(base["p99_ms"])
-            p99.evtool.append(ours["p99_ms"])
-            self.log(f"  sink {base['requests_per_second']:.0f} req/s p99 {base['p99_ms']} ms, "
-                     f"serve {ours['requests_per_second']:.0f} req/s p99 {ours['p99_ms']} ms")
+            self._record_single(rate, p99, base, ours)
         rate.notes.append("closed loop: each connection posts its next event when the last is answered; "
                           "req/s from the client's own clock; latency per request, client side")
         return [rate, p99]
@@ -452,12 +456,7 @@ class Bench:
             return [rate, p99]
         for _ in range(self.repeat):
             base, ours = self._wrk_run("sink"), self._wrk_run("serve")
-            rate.baseline.append(base["requests_per_second"])
-            rate.evtool.append(ours["requests_per_second"])
-            p99.baseline.append(base["p99_ms"])
-            p99.evtool.append(ours["p99_ms"])
-            self.log(f"  sink {base['requests_per_second']:.0f} req/s p99 {base['p99_ms']} ms, "
-                     f"serve {ours['requests_per_second']:.0f} req/s p99 {ours['p99_ms']} ms")
+            self._record_single(rate, p99, base, ours)
         rate.notes.append(f"wrk, one thread, 64 connections, {self._wrk_seconds:g} s per run, the same "
                           "one-event body on both sides; fsync and group commit on both sides")
         return [rate, p99]
