@@ -556,15 +556,16 @@ class Store:
         """Add per-(user, minute) sums, as COPY rows (see copy_rows), to the totals, the
         per-minute figures (event time) and the revenue log, in the caller's transaction.
 
-        A user may have several rows (one per minute, per part of a batch); they are summed
-        here. Totals and minutes are upserted in user order, so concurrent processors never
-        deadlock. The minute "" (no event time) is kept as -infinity.
+        A user may have several rows (one per minute, per part of a batch): they are summed
+        per user for the totals and the log, and appended as they are to revenue_by_minute,
+        whose readers sum (migration 013). Totals are upserted in user order, so concurrent
+        processors never deadlock. The minute "" (no event time) is kept as -infinity.
         """
         if not rows:
             return
         self._ensure_temp()
         with self.conn.cursor() as cur:
-            # The batch's sorts and aggregates in memory, not spilled at the default 4 MB: about
+            # The batch's aggregate and sort in memory, not spilled at the default 4 MB: about
             # four times the rows' text, within bounds (SET LOCAL: this transaction only).
             work_mem = min(MAX_WORK_MEM_MB, max(4, len(rows) * 4 >> 20))
             cur.execute(f"SET LOCAL work_mem = '{work_mem}MB'")
@@ -572,24 +573,16 @@ class Store:
                 copy.write(rows)
             cur.execute(
                 """
-                WITH m AS MATERIALIZED (
-                    SELECT user_id, minute, sum(adds) AS adds, sum(added) AS added,
-                           sum(subtracts) AS subtracts, sum(subtracted) AS subtracted
-                    FROM batch_minute_sums GROUP BY user_id, minute
-                ), s AS MATERIALIZED (
+                WITH s AS MATERIALIZED (
                     SELECT user_id, sum(adds) AS adds, sum(added) AS added,
                            sum(subtracts) AS subtracts, sum(subtracted) AS subtracted
-                    FROM m GROUP BY user_id
+                    FROM batch_minute_sums GROUP BY user_id
                 ), minutes AS (
-                    INSERT INTO revenue_by_minute AS r (user_id, minute, adds, added, subtracts, subtracted)
+                    INSERT INTO revenue_by_minute (user_id, minute, adds, added, subtracts, subtracted)
                     SELECT user_id, CASE WHEN minute = '' THEN '-infinity'::timestamptz
                                          ELSE (minute || ':00Z')::timestamptz END,
                            adds, added, subtracts, subtracted
-                    FROM m ORDER BY user_id, minute
-                    ON CONFLICT (user_id, minute) DO UPDATE
-                    SET adds = r.adds + excluded.adds, added = r.added + excluded.added,
-                        subtracts = r.subtracts + excluded.subtracts,
-                        subtracted = r.subtracted + excluded.subtracted
+                    FROM batch_minute_sums
                 ), totals AS (
                     -- now() in the inserted row, not in DO UPDATE SET: Citus refuses a
                     -- non-IMMUTABLE function there.
@@ -603,6 +596,37 @@ class Store:
                 SELECT user_id, adds, added, subtracts, subtracted FROM s
                 """
             )
+
+    def compact_minutes(self, before: datetime) -> tuple[int, int]:
+        """Fold the revenue_by_minute rows of each (user, minute) before `before` into one row,
+        in one transaction; return (rows removed, rows written).
+
+        Batches append their minutes (migration 013) and readers sum, so folding changes no
+        figure. Only what this statement's snapshot sees is folded: rows a processor appends
+        meanwhile stay as they are, and a second compaction running at the same time skips the
+        rows this one deleted (it sums only the rows its own DELETE returned).
+        """
+        with self.transaction():
+            removed, written = self.conn.execute(
+                """
+                WITH dup AS (
+                    SELECT user_id, minute FROM revenue_by_minute WHERE minute < %s
+                    GROUP BY user_id, minute HAVING count(*) > 1
+                ), gone AS (
+                    DELETE FROM revenue_by_minute r USING dup
+                    WHERE r.user_id = dup.user_id AND r.minute = dup.minute
+                    RETURNING r.user_id, r.minute, r.adds, r.added, r.subtracts, r.subtracted
+                ), folded AS (
+                    INSERT INTO revenue_by_minute (user_id, minute, adds, added, subtracts, subtracted)
+                    SELECT user_id, minute, sum(adds), sum(added), sum(subtracts), sum(subtracted)
+                    FROM gone GROUP BY user_id, minute
+                    RETURNING 1
+                )
+                SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM folded)
+                """,
+                (before,),
+            ).fetchone()
+        return removed, written
 
     def record_rejects(self, rows: Iterable[tuple[bytes, int, int, str, bytes, str]]) -> None:
         """Record (fingerprint, offset, line_no, path, raw, reason) rows, each once."""

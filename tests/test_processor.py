@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -227,17 +228,83 @@ def test_opaque_ids_parsed_by_workers_keep_their_lines_repeats_and_conflicts(dsn
     assert totals(dsn) == want
 
 
-def test_the_tables_updated_in_place_leave_room_for_hot_updates(dsn, tmp_path):
-    """Issue 11: every batch updates a user's minutes in place; with full pages each update adds
-    an entry to both of revenue_by_minute's indexes, with room on the page it adds none (HOT)."""
+def minute_sums(dsn: str) -> dict[str, Decimal]:
+    """Every user's revenue summed over revenue_by_minute (what reports by event time read)."""
+    with psycopg.connect(dsn) as conn:
+        return dict(conn.execute("SELECT user_id, sum(added - subtracted) FROM revenue_by_minute"
+                                 " GROUP BY user_id").fetchall())
+
+
+def test_totals_are_updated_in_place_and_minutes_appended_then_compacted(dsn, tmp_path):
+    """Issue 11: every batch updates a user's total in place (fillfactor 70 leaves room for HOT
+    updates) and appends its per-minute rows (no per-user probe); reports sum the rows, and
+    `evtool db compact` folds them to one per (user, minute) without changing a figure."""
     path = tmp_path / "server-events.jsonl"
-    path.write_bytes(b"".join(b'{"userId":"u%d","name":"add_revenue","value":1}\n' % (i % 300)
+    path.write_bytes(b"".join(b'{"userId":"u%d","name":"add_revenue","value":1,'
+                              b'"timestamp":"2026-11-2%dT10:0%d:00Z"}\n' % (i % 300, i // 300 % 2, i // 600 % 3)
                               for i in range(3000)))
-    # many small batches: each one updates the 300 users' rows written by the first
+    # many small batches: each one adds to the 300 users written by the first
     report = process(dsn, [path], batch_bytes=16 << 10, workers=0)
     assert report.applied == 3000 and report.files[0].batches > 5
     with psycopg.connect(dsn) as conn:
         opts = dict(conn.execute("SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%s)",
                                  (["users_revenue", "revenue_by_minute"],)).fetchall())
-    assert opts == {"users_revenue": ["fillfactor=70"], "revenue_by_minute": ["fillfactor=70"]}
-    assert totals(dsn) == {f"u{i}": 10 for i in range(300)}
+        appended = conn.execute("SELECT count(*) FROM revenue_by_minute").fetchone()[0]
+    assert opts == {"users_revenue": ["fillfactor=70"], "revenue_by_minute": None}
+    want = {f"u{i}": 10 for i in range(300)}
+    assert totals(dsn) == want and minute_sums(dsn) == want
+    assert appended > 300 * 6  # 6 distinct (day, minute) per user, and more than one row for some
+    by_day = json.loads(evtool("report", "--by", "day", "--json", check=True).stdout)
+
+    done = evtool("db", "compact", "--before", "2026-11-21T10:01Z", check=True)
+    assert done.stdout.startswith("folded ") and "minutes before 2026-11-21T10:01:00+00:00" in done.stdout
+    out = json.loads(evtool("db", "compact", "--before", "2100-01-01", "--json", check=True).stdout)
+    with psycopg.connect(dsn) as conn:
+        left, groups = conn.execute("SELECT count(*), count(DISTINCT (user_id, minute))"
+                                    " FROM revenue_by_minute").fetchone()
+    assert left == groups == 300 * 6 and out["rows_written"] > 0
+    assert totals(dsn) == want and minute_sums(dsn) == want
+    assert json.loads(evtool("report", "--by", "day", "--json", check=True).stdout) == by_day
+    assert json.loads(evtool("db", "compact", "--json", check=True).stdout)["rows_removed"] == 0
+
+
+def test_compaction_racing_processors_and_itself_changes_no_figure(dsn, tmp_path):
+    """Two compactions folding everything in a loop while a processor appends batch after batch:
+    each folds only the rows its own statement deleted, so no row is counted twice or lost."""
+    import threading
+
+    from evtool.store import Store
+
+    path = tmp_path / "server-events.jsonl"
+    path.write_bytes(b"".join(b'{"userId":"u%d","name":"add_revenue","value":%d}\n' % (i % 50, i % 7)
+                              for i in range(6000)))
+    want: dict[str, Decimal] = {}
+    for i in range(6000):
+        want[f"u{i % 50}"] = want.get(f"u{i % 50}", Decimal(0)) + i % 7
+    with Store.connect(dsn) as store:
+        store.migrate()
+    stop = threading.Event()
+    folds: list[int] = []
+    errors: list[BaseException] = []
+
+    def compact_loop() -> None:
+        try:
+            with Store.connect(dsn) as store:
+                while not stop.is_set():
+                    folds.append(store.compact_minutes(datetime(2100, 1, 1, tzinfo=UTC))[0])
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=compact_loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        report = process(dsn, [path], batch_bytes=4 << 10, workers=0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert report.applied == 6000 and report.files[0].batches > 20
+    assert sum(folds) > 0, "no compaction overlapped the batches: the test proves nothing"
+    assert totals(dsn) == want and minute_sums(dsn) == want

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import click
 
 from ..output import print_json
 from .base import cli, dsn_option
+from .report import EventTime
 
 # -- db --------------------------------------------------------------------------------
 
@@ -38,6 +41,32 @@ def db_migrate(dsn: str | None, check: bool) -> None:
         have, _ = store.schema_versions()
     click.echo(f"applied {', '.join(done)}; schema at version {have}" if done
                else f"schema up to date (version {have})")
+
+
+@db.command("compact")
+@dsn_option
+@click.option("--before", type=EventTime(), default=None,
+              help="Fold the minutes of event time before this (default: an hour ago, so the "
+                   "minutes batches still add to are left alone).")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+def db_compact(dsn: str | None, before: datetime | None, as_json: bool) -> None:
+    """Fold the per-minute figures to one row per user and minute (figures unchanged).
+
+    Each batch appends its users' minutes (fast at many users); reports sum them. Run it from
+    cron (daily, say) to keep the table near one row per user per minute.
+    """
+    from .. import config
+    from ..store import Store
+
+    if before is None:
+        before = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
+    with Store.connect(config.resolve_dsn(dsn)) as store:
+        store.check_schema()
+        removed, written = store.compact_minutes(before)
+    if as_json:
+        print_json({"before": before.isoformat(), "rows_removed": removed, "rows_written": written})
+        return
+    click.echo(f"folded {removed} per-minute rows into {written} (minutes before {before.isoformat()})")
 
 
 @db.command("status")
