@@ -240,9 +240,9 @@ def test_totals_are_updated_in_place_and_minutes_appended_then_compacted(dsn, tm
     updates) and appends its per-minute rows (no per-user probe); reports sum the rows, and
     `evtool db compact` folds them to one per (user, minute) without changing a figure."""
     path = tmp_path / "server-events.jsonl"
-    path.write_bytes(b"".join(b'{"userId":"u%d","name":"add_revenue","value":1,'
-                              b'"timestamp":"2026-11-2%dT10:0%d:00Z"}\n' % (i % 300, i // 300 % 2, i // 600 % 3)
-                              for i in range(3000)))
+    stamp = b'"timestamp":"2026-11-2%dT10:0%d:00Z"}\n'
+    path.write_bytes(b"".join(b'{"userId":"u%d","name":"add_revenue","value":1,' % (i % 300)
+                              + stamp % (i // 300 % 2, i // 600 % 3) for i in range(3000)))
     # many small batches: each one adds to the 300 users written by the first
     report = process(dsn, [path], batch_bytes=16 << 10, workers=0)
     assert report.applied == 3000 and report.files[0].batches > 5
