@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from click.testing import CliRunner
 
@@ -63,7 +64,9 @@ def run(dsn: str, tmp: Path) -> dict[str, Any]:
     a, b = journals(tmp)
     out: dict[str, Any] = {}
     out["process_a"] = json.loads(cli_run(dsn, "process", str(a), "--strict", "--json"))
-    out["process_b"] = json.loads(cli_run(dsn, "process", str(b), "--json"))
+    # b's batch appends its per-minute rows, as a big batch does (readers sum both tables)
+    with mock.patch("evtool.store.PENDING_MINUTE_ROWS", 1):
+        out["process_b"] = json.loads(cli_run(dsn, "process", str(b), "--json"))
     status = json.loads(cli_run(dsn, "status", str(a), str(b), "--json", "--url", "http://127.0.0.1:9"))
     out["status"] = [{k: j[k] for k in ("path", "state", "offset", "applied", "duplicates", "rejected",
                                         "rejects_pending")} for j in status["journals"]]
@@ -78,10 +81,10 @@ def run(dsn: str, tmp: Path) -> dict[str, Any]:
     out["reapply"] = {k: reapply[k] for k in ("applied", "duplicates", "still_invalid", "users")}
     out["process_again"] = json.loads(cli_run(dsn, "process", str(a), str(b), "--json"))
     out["after"] = json.loads(cli_run(dsn, "report", "--json", "--top", "0"))
-    # Fold the per-minute rows the batches appended; the figures by event time stay the same.
+    # Fold the per-minute rows b's batch appended; the figures by event time stay the same.
     by_day = json.loads(cli_run(dsn, "report", "--json", "--by", "day"))
-    compact = json.loads(cli_run(dsn, "db", "compact", "--before", "2100-01-01", "--json"))
-    out["compact"] = {k: compact[k] for k in ("rows_removed", "rows_written")}
+    out["compact"] = json.loads(cli_run(dsn, "db", "compact", "--json"))
+    assert out["compact"]["rows_folded"] > 0
     assert json.loads(cli_run(dsn, "report", "--json", "--by", "day")) == by_day
     # The audit trail: ids repeated across journals, re-applied lines, rejects.
     for user in ("o", "u1", "f", "h", "x"):

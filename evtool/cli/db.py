@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import click
 
 from ..output import print_json
 from .base import cli, dsn_option
-from .report import EventTime
 
 # -- db --------------------------------------------------------------------------------
 
@@ -45,28 +42,22 @@ def db_migrate(dsn: str | None, check: bool) -> None:
 
 @db.command("compact")
 @dsn_option
-@click.option("--before", type=EventTime(), default=None,
-              help="Fold the minutes of event time before this (default: an hour ago, so the "
-                   "minutes batches still add to are left alone).")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
-def db_compact(dsn: str | None, before: datetime | None, as_json: bool) -> None:
-    """Fold the per-minute figures to one row per user and minute (figures unchanged).
+def db_compact(dsn: str | None, as_json: bool) -> None:
+    """Fold the per-minute rows big batches appended into the per-minute figures (figures unchanged).
 
-    Each batch appends its users' minutes (fast at many users); reports sum them. Run it from
-    cron (daily, say) to keep the table near one row per user per minute.
+    `process --follow` does it itself when idle; after big one-shot runs, run it from cron.
     """
     from .. import config
     from ..store import Store
 
-    if before is None:
-        before = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1)
     with Store.connect(config.resolve_dsn(dsn)) as store:
         store.check_schema()
-        removed, written = store.compact_minutes(before)
+        folded, written = store.fold_minutes()
     if as_json:
-        print_json({"before": before.isoformat(), "rows_removed": removed, "rows_written": written})
+        print_json({"rows_folded": folded, "rows_written": written})
         return
-    click.echo(f"folded {removed} per-minute rows into {written} (minutes before {before.isoformat()})")
+    click.echo(f"folded {folded} pending per-minute rows into {written} rows of revenue_by_minute")
 
 
 @db.command("status")
