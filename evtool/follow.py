@@ -126,6 +126,9 @@ def follow(
                     busy |= _round(processor, w, report, files, hooks)
                     if should_stop():
                         break
+                if not busy and processor.minutes_pending and not should_stop():
+                    # idle: fold what big batches appended, so the table readers scan stays small
+                    processor.fold_minutes()
             except DatabaseUnavailable as exc:
                 if not keep_retrying:
                     raise

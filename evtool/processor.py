@@ -81,6 +81,7 @@ class Outcome:
     duplicates: int = 0
     rejects: list[tuple[int, int, bytes, str]] = field(default_factory=list)  # offset, index, raw, why
     users: list[Iterable[int]] = field(default_factory=list)  # hash() of the users it added to
+    pending_minutes: bool = False  # its per-minute rows went to revenue_minutes_pending
 
 
 class ParsePool:
@@ -218,6 +219,10 @@ class Processor:
         # the last part that was cut; None while no part was. Batches are planned to fit, so a
         # journal with many distinct users gets smaller batches instead of parses thrown away.
         self.part_bytes: int | None = None
+        # Per-minute rows may wait in revenue_minutes_pending (store.MINUTES): appended by a big
+        # batch of this run, or left by an earlier run. A follower folds them when it finds
+        # nothing new to apply (fold_minutes), at once after it starts, then after big batches.
+        self.minutes_pending = True
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -406,7 +411,15 @@ class Processor:
         report.reject_samples.extend((first_line + index, why) for _, index, _, why in rejects[:room])
         for hashes in outcome.users:
             self._users.update(hashes)
+        self.minutes_pending |= outcome.pending_minutes
         return _COMMITTED
+
+    def fold_minutes(self) -> tuple[int, int]:
+        """Fold the pending per-minute rows into revenue_by_minute (store.fold_minutes), with
+        the same retries as a batch; returns (rows folded, rows written)."""
+        done = self._with_retry(lambda s: s.fold_minutes())
+        self.minutes_pending = False
+        return done  # type: ignore[return-value]
 
     # -- many journals -----------------------------------------------------------------
 
@@ -507,7 +520,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
             users.extend(p.opaque_users for p in b.parts)
             out.applied += b.opaque_count
 
-    store.add_to_totals(b"".join(rows))
+    out.pending_minutes = store.add_to_totals(b"".join(rows))
     out.users = users
     claim.record()
     return out

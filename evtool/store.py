@@ -29,6 +29,13 @@ SQL_DIR = resources.files("evtool") / "sql"
 T = TypeVar("T")
 FETCH_ROWS = 5000  # rows per round trip of a server-side cursor
 MAX_WORK_MEM_MB = 256  # what one batch's statement may ask for each sort or hash (add_to_totals)
+# A batch with at least this many per-minute rows appends them to revenue_minutes_pending
+# instead of upserting them into revenue_by_minute (migration 013): many users, one probe each.
+PENDING_MINUTE_ROWS = 50_000
+# What readers of the per-minute figures read: both tables, in one statement, so one snapshot.
+MINUTES = ("(SELECT user_id, minute, adds, added, subtracts, subtracted FROM revenue_by_minute"
+           " UNION ALL SELECT user_id, minute, adds, added, subtracts, subtracted"
+           " FROM revenue_minutes_pending) AS minutes")
 
 # SQLSTATE classes worth retrying: connection exceptions, serialization failure, deadlock,
 # admin shutdown / crash recovery, too many connections.
@@ -274,10 +281,10 @@ class Store:
         """(adds, added, subtracts, subtracted, revenue, users, best, worst); see reports.report.
 
         [since, until) is applied time (revenue_log), or event time with `event_time`
-        (revenue_by_minute, which has the same columns).
+        (revenue_by_minute and the pending minutes, which have the same columns).
         """
         windowed = since is not None or until is not None
-        table = "revenue_by_minute" if event_time else "revenue_log"
+        table = MINUTES if event_time else "revenue_log"
         where, params = _filters(prefix, since, until, "minute" if event_time else "applied_at")
         if event_time and windowed:  # events without a time are in no event-time window
             where += " AND minute > '-infinity'"
@@ -323,7 +330,7 @@ class Store:
                 f" ELSE to_char(date_trunc('{by}', minute AT TIME ZONE 'UTC'),"
                 f" '{PERIOD_FORMATS[by]}') END AS p,"
                 " sum(adds), sum(added), sum(subtracts), sum(subtracted), count(DISTINCT user_id)"
-                f" FROM revenue_by_minute{where} GROUP BY 1 ORDER BY 1 NULLS FIRST", params
+                f" FROM {MINUTES}{where} GROUP BY 1 ORDER BY 1 NULLS FIRST", params
             ).fetchall()
 
     def window(self, since: datetime, until: datetime) -> tuple[list[tuple], int]:
@@ -332,11 +339,11 @@ class Store:
         with translated():
             rows = self.conn.execute(
                 "SELECT to_char(minute AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI\"Z\"'),"
-                " sum(adds + subtracts), sum(added) - sum(subtracted), count(*)"
-                " FROM revenue_by_minute WHERE minute >= %s AND minute < %s GROUP BY minute ORDER BY minute",
+                " sum(adds + subtracts), sum(added) - sum(subtracted), count(DISTINCT user_id)"
+                f" FROM {MINUTES} WHERE minute >= %s AND minute < %s GROUP BY minute ORDER BY minute",
                 (since, until)).fetchall()
             users = self.conn.execute(
-                "SELECT count(DISTINCT user_id) FROM revenue_by_minute WHERE minute >= %s AND minute < %s",
+                f"SELECT count(DISTINCT user_id) FROM {MINUTES} WHERE minute >= %s AND minute < %s",
                 (since, until)).fetchone()
         return rows, int(users[0]) if users else 0
 
@@ -552,17 +559,35 @@ class Store:
                 out[bytes(d)] = (bytes(c) if c is not None else None, f"{p} line {n}" if p else None)
             return out
 
-    def add_to_totals(self, rows: bytes) -> None:
+    def add_to_totals(self, rows: bytes) -> bool:
         """Add per-(user, minute) sums, as COPY rows (see copy_rows), to the totals, the
         per-minute figures (event time) and the revenue log, in the caller's transaction.
 
         A user may have several rows (one per minute, per part of a batch); they are summed
-        here. Totals and minutes are upserted in user order, so concurrent processors never
-        deadlock. The minute "" (no event time) is kept as -infinity.
+        here. Totals are upserted in user order, so concurrent processors never deadlock. The
+        per-minute rows are upserted the same way, or, from PENDING_MINUTE_ROWS rows, appended
+        to revenue_minutes_pending as they are (readers sum both, see MINUTES); the return
+        value says they were appended. The minute "" (no event time) is kept as -infinity.
         """
         if not rows:
-            return
+            return False
         self._ensure_temp()
+        pending = rows.count(b"\n") >= PENDING_MINUTE_ROWS
+        minute = ("CASE WHEN minute = '' THEN '-infinity'::timestamptz"
+                  " ELSE (minute || ':00Z')::timestamptz END")
+        if pending:
+            minutes = f"""
+                    INSERT INTO revenue_minutes_pending (user_id, minute, adds, added, subtracts, subtracted)
+                    SELECT user_id, {minute}, adds, added, subtracts, subtracted FROM batch_minute_sums"""
+        else:
+            minutes = f"""
+                    INSERT INTO revenue_by_minute AS r (user_id, minute, adds, added, subtracts, subtracted)
+                    SELECT user_id, {minute}, sum(adds), sum(added), sum(subtracts), sum(subtracted)
+                    FROM batch_minute_sums GROUP BY user_id, minute ORDER BY user_id, minute
+                    ON CONFLICT (user_id, minute) DO UPDATE
+                    SET adds = r.adds + excluded.adds, added = r.added + excluded.added,
+                        subtracts = r.subtracts + excluded.subtracts,
+                        subtracted = r.subtracted + excluded.subtracted"""
         with self.conn.cursor() as cur:
             # The batch's sorts and aggregates in memory, not spilled at the default 4 MB: about
             # four times the rows' text, within bounds (SET LOCAL: this transaction only).
@@ -571,25 +596,12 @@ class Store:
             with cur.copy("COPY batch_minute_sums FROM STDIN") as copy:
                 copy.write(rows)
             cur.execute(
-                """
-                WITH m AS MATERIALIZED (
-                    SELECT user_id, minute, sum(adds) AS adds, sum(added) AS added,
-                           sum(subtracts) AS subtracts, sum(subtracted) AS subtracted
-                    FROM batch_minute_sums GROUP BY user_id, minute
-                ), s AS MATERIALIZED (
+                f"""
+                WITH s AS MATERIALIZED (
                     SELECT user_id, sum(adds) AS adds, sum(added) AS added,
                            sum(subtracts) AS subtracts, sum(subtracted) AS subtracted
-                    FROM m GROUP BY user_id
-                ), minutes AS (
-                    INSERT INTO revenue_by_minute AS r (user_id, minute, adds, added, subtracts, subtracted)
-                    SELECT user_id, CASE WHEN minute = '' THEN '-infinity'::timestamptz
-                                         ELSE (minute || ':00Z')::timestamptz END,
-                           adds, added, subtracts, subtracted
-                    FROM m ORDER BY user_id, minute
-                    ON CONFLICT (user_id, minute) DO UPDATE
-                    SET adds = r.adds + excluded.adds, added = r.added + excluded.added,
-                        subtracts = r.subtracts + excluded.subtracts,
-                        subtracted = r.subtracted + excluded.subtracted
+                    FROM batch_minute_sums GROUP BY user_id
+                ), minutes AS ({minutes}
                 ), totals AS (
                     -- now() in the inserted row, not in DO UPDATE SET: Citus refuses a
                     -- non-IMMUTABLE function there.
@@ -603,6 +615,41 @@ class Store:
                 SELECT user_id, adds, added, subtracts, subtracted FROM s
                 """
             )
+        return pending
+
+    def fold_minutes(self) -> tuple[int, int]:
+        """Move the pending per-minute rows into revenue_by_minute, summed per (user, minute),
+        in one transaction; return (pending rows folded, revenue_by_minute rows written).
+
+        No figure changes: readers sum both tables in one snapshot. Each pending row is folded
+        once: a fold running at the same time waits for this one's rows, then finds them gone,
+        and rows a processor appends meanwhile wait for the next fold. Upserts go in user
+        order, like the processors', so neither deadlocks the other.
+        """
+        with self.transaction():
+            self.conn.execute(f"SET LOCAL work_mem = '{MAX_WORK_MEM_MB}MB'")
+            folded, written = self.conn.execute(
+                """
+                WITH gone AS (
+                    DELETE FROM revenue_minutes_pending
+                    RETURNING user_id, minute, adds, added, subtracts, subtracted
+                ), m AS (
+                    SELECT user_id, minute, sum(adds) AS adds, sum(added) AS added,
+                           sum(subtracts) AS subtracts, sum(subtracted) AS subtracted
+                    FROM gone GROUP BY user_id, minute
+                ), written AS (
+                    INSERT INTO revenue_by_minute AS r (user_id, minute, adds, added, subtracts, subtracted)
+                    SELECT user_id, minute, adds, added, subtracts, subtracted FROM m ORDER BY user_id, minute
+                    ON CONFLICT (user_id, minute) DO UPDATE
+                    SET adds = r.adds + excluded.adds, added = r.added + excluded.added,
+                        subtracts = r.subtracts + excluded.subtracts,
+                        subtracted = r.subtracted + excluded.subtracted
+                    RETURNING 1
+                )
+                SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM written)
+                """
+            ).fetchone()
+        return folded, written
 
     def record_rejects(self, rows: Iterable[tuple[bytes, int, int, str, bytes, str]]) -> None:
         """Record (fingerprint, offset, line_no, path, raw, reason) rows, each once."""

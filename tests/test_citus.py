@@ -111,9 +111,11 @@ def test_the_tables_are_distributed_and_co_located(cdsn):
         nodes = conn.execute("SELECT count(DISTINCT nodeport) FROM citus_shards").fetchone()[0]
         local = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename"
                              " NOT IN (SELECT table_name::text FROM citus_tables)").fetchone()[0]
-    assert set(rows) == {"users_revenue", "revenue_log", "revenue_by_minute", "applied_lines",
-                         "journal_files", "rejected_lines", "applied_events", "journal_mappings"}
-    assert rows["revenue_log"] == rows["users_revenue"] == rows["revenue_by_minute"]
+    assert set(rows) == {"users_revenue", "revenue_log", "revenue_by_minute", "revenue_minutes_pending",
+                         "applied_lines", "journal_files", "rejected_lines", "applied_events",
+                         "journal_mappings"}
+    assert (rows["revenue_log"] == rows["users_revenue"] == rows["revenue_by_minute"]
+            == rows["revenue_minutes_pending"])
     assert rows["rejected_lines"] == rows["journal_files"] == rows["applied_events"]
     assert rows["journal_mappings"] == rows["journal_files"]
     assert nodes == 2  # the shards are on the two workers

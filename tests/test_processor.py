@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import psycopg
+import pytest
 from click.testing import CliRunner
 
 from evtool.cli import cli
@@ -241,3 +243,140 @@ def test_the_tables_updated_in_place_leave_room_for_hot_updates(dsn, tmp_path):
                                  (["users_revenue", "revenue_by_minute"],)).fetchall())
     assert opts == {"users_revenue": ["fillfactor=70"], "revenue_by_minute": ["fillfactor=70"]}
     assert totals(dsn) == {f"u{i}": 10 for i in range(300)}
+
+
+def minute_sums(dsn: str) -> dict[str, Decimal]:
+    """Every user's revenue summed over the per-minute figures, both tables (store.MINUTES)."""
+    from evtool.store import MINUTES
+
+    with psycopg.connect(dsn) as conn:
+        return dict(conn.execute(f"SELECT user_id, sum(added - subtracted) FROM {MINUTES} GROUP BY user_id"
+                                 ).fetchall())
+
+
+def minute_rows(dsn: str) -> tuple[int, int, int]:
+    """(revenue_by_minute rows, its distinct (user, minute), pending rows)."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*), count(DISTINCT (user_id, minute)),"
+                            " (SELECT count(*) FROM revenue_minutes_pending)"
+                            " FROM revenue_by_minute").fetchone()
+
+
+def test_big_batches_append_their_minutes_and_a_fold_moves_them(dsn, tmp_path, monkeypatch):
+    """Issue 11: a batch with many per-minute rows appends them (no per-user probe); reports,
+    the rolling window and `evtool db compact` (the fold) see the same figures throughout."""
+    from evtool.store import Store
+
+    path = tmp_path / "server-events.jsonl"
+    stamp = b'"timestamp":"2026-11-2%dT10:0%d:00Z"}\n'
+    path.write_bytes(b"".join(b'{"userId":"u%d","name":"add_revenue","value":1,' % (i % 300)
+                              + stamp % (i // 300 % 2, i // 600 % 3) for i in range(3000)))
+    want = {f"u{i}": 10 for i in range(300)}
+    monkeypatch.setattr("evtool.store.PENDING_MINUTE_ROWS", 1)  # every batch is "big"
+    report = process(dsn, [path], batch_bytes=16 << 10, workers=0)
+    assert report.applied == 3000 and report.files[0].batches > 5
+    folded, distinct, pending = minute_rows(dsn)
+    assert folded == 0 and pending > 300 * 6  # more rows than (user, minute) pairs: not summed yet
+    assert totals(dsn) == want and minute_sums(dsn) == want
+    by_day = json.loads(evtool("report", "--by", "day", "--json", check=True).stdout)
+    assert sum(Decimal(p["revenue"]) for p in by_day["periods"]) == 3000
+    span = datetime(2026, 11, 20, tzinfo=UTC), datetime(2026, 11, 23, tzinfo=UTC)
+    with Store.connect(dsn) as store:
+        window = store.window(*span)
+    # per minute: each of the 300 users once or twice (in two batches: two rows), counted once
+    assert [(r[1], r[3]) for r in window[0]] == [(600, 300), (600, 300), (300, 300)] * 2
+    assert window[1] == 300
+
+    out = json.loads(evtool("db", "compact", "--json", check=True).stdout)
+    assert out == {"rows_folded": pending, "rows_written": 300 * 6}
+    assert minute_rows(dsn) == (300 * 6, 300 * 6, 0)
+    assert totals(dsn) == want and minute_sums(dsn) == want
+    assert json.loads(evtool("report", "--by", "day", "--json", check=True).stdout) == by_day
+    with Store.connect(dsn) as store:
+        assert store.window(*span) == window
+    assert "folded 0 pending" in evtool("db", "compact", check=True).stdout
+
+    # small batches upsert into the folded rows
+    monkeypatch.setattr("evtool.store.PENDING_MINUTE_ROWS", 10**9)
+    with path.open("ab") as f:
+        f.write(b'{"userId":"u1","name":"add_revenue","value":5,"timestamp":"2026-11-20T10:00:30Z"}\n')
+    process(dsn, [path], workers=0)
+    assert minute_rows(dsn) == (300 * 6, 300 * 6, 0) and minute_sums(dsn)["u1"] == 15
+
+
+def test_folds_racing_a_processor_and_each_other_change_no_figure(dsn, tmp_path, monkeypatch):
+    """Two folds in a loop while a processor appends batch after batch: each folds only the
+    rows its own DELETE took, so no row is counted twice or lost."""
+    import threading
+
+    from evtool.store import Store
+
+    monkeypatch.setattr("evtool.store.PENDING_MINUTE_ROWS", 1)
+    path = tmp_path / "server-events.jsonl"
+    path.write_bytes(b"".join(b'{"userId":"u%d","name":"add_revenue","value":%d}\n' % (i % 50, i % 7)
+                              for i in range(6000)))
+    want: dict[str, Decimal] = {}
+    for i in range(6000):
+        want[f"u{i % 50}"] = want.get(f"u{i % 50}", Decimal(0)) + i % 7
+    with Store.connect(dsn) as store:
+        store.migrate()
+    stop = threading.Event()
+    folds: list[int] = []
+    errors: list[BaseException] = []
+
+    def fold_loop() -> None:
+        try:
+            with Store.connect(dsn) as store:
+                while not stop.is_set():
+                    folds.append(store.fold_minutes()[0])
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fold_loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        report = process(dsn, [path], batch_bytes=4 << 10, workers=0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert report.applied == 6000 and report.files[0].batches > 20
+    assert sum(folds) > 0, "no fold overlapped the batches: the test proves nothing"
+    assert totals(dsn) == want and minute_sums(dsn) == want
+    with Store.connect(dsn) as store:
+        store.fold_minutes()
+    assert minute_rows(dsn) == (50, 50, 0) and minute_sums(dsn) == want
+
+
+@pytest.mark.parametrize("left_by_earlier_run", [True, False])
+def test_an_idle_follower_folds_the_pending_minutes(dsn, tmp_path, monkeypatch, left_by_earlier_run):
+    """`process --follow` folds what big batches appended once it finds nothing new, and what
+    an earlier one-shot run left, so the table readers scan stays near a row per minute."""
+    from evtool.follow import follow
+    from evtool.processor import Processor
+    from evtool.store import Store
+
+    with Store.connect(dsn) as store:
+        store.migrate()
+
+    monkeypatch.setattr("evtool.store.PENDING_MINUTE_ROWS", 1)
+    path = tmp_path / "server-events.jsonl"
+    path.write_bytes(b"".join(b'{"userId":"u%d","name":"add_revenue","value":2}\n' % (i % 40)
+                              for i in range(2000)))
+    if left_by_earlier_run:
+        process(dsn, [path], batch_bytes=4 << 10, workers=0)
+        assert minute_rows(dsn)[2] > 40
+    proc = Processor(dsn, batch_bytes=4 << 10, workers=0)
+    polls = iter(range(10_000))
+
+    def should_stop() -> bool:  # bounded by polls, not by time
+        return next(polls) >= 10_000 or (minute_rows(dsn)[2] == 0 and minute_rows(dsn)[0] > 0)
+
+    try:
+        follow(proc, [path], should_stop, poll=0.01)
+    finally:
+        proc.close()
+    assert minute_rows(dsn) == (40, 40, 0)
+    assert totals(dsn) == minute_sums(dsn) == {f"u{i}": 100 for i in range(40)}

@@ -21,14 +21,21 @@ from .test_receiver import serving
 READ = {"Authorization": "Bearer look-only", "Content-Type": "application/json"}
 WRITE = {"Authorization": "Bearer secret", "Content-Type": "application/json"}
 # 0.1 + 0.2 prints 0.30000000000000004 as a float; 19 significant digits do not survive a double.
-NOW = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")  # b's event time: in the rolling window
-WORKLOAD = [ev("a", "0.1"), ev("a", "0.2"), ev("b", "1234567890.123456789", time=NOW),
+def workload(now: str) -> list[bytes]:
+    """b's event time is `now`, taken when the test runs: in the rolling window however long
+    the tests before it took."""
+    return [ev("a", "0.1"), ev("a", "0.2"), ev("b", "1234567890.123456789", time=now),
             ev("c", "5.5", name="subtract_revenue"), b'{"userId": "d", "name": "add_revenue"}']
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 def test_api_answers_what_the_cli_prints_with_exact_money(dsn, tmp_path):
     journal = tmp_path / "server-events.jsonl"
-    journal.write_bytes(b"\n".join(WORKLOAD) + b"\n")
+    now = utc_now()
+    journal.write_bytes(b"\n".join(workload(now)) + b"\n")
     process(dsn, [journal])
     cli_report = evtool("report", "--json", check=True).stdout.strip().encode()
 
@@ -48,7 +55,7 @@ def test_api_answers_what_the_cli_prints_with_exact_money(dsn, tmp_path):
             async with client.get("/api/periods?by=day", headers=READ) as resp:
                 periods = json.loads(await resp.read(), parse_float=Decimal)
             assert periods["time"] == "event"  # as `report --by day`: events without a time first
-            assert [p["period"] for p in periods["periods"]] == ["no time", NOW[:10]]
+            assert [p["period"] for p in periods["periods"]] == ["no time", now[:10]]
             assert sum(p["revenue"] for p in periods["periods"]) == Decimal("1234567884.923456789")
             async with client.get("/api/window?minutes=15", headers=READ) as resp:
                 window = json.loads(await resp.read(), parse_float=Decimal)
@@ -71,7 +78,7 @@ def test_api_answers_what_the_cli_prints_with_exact_money(dsn, tmp_path):
             # the read token cannot add events; the token can
             async with client.post("/liveEvent", data=ev("e", "1"), headers=READ) as resp:
                 assert resp.status == 403
-            assert journal.read_bytes().count(b"\n") == len(WORKLOAD)
+            assert journal.read_bytes().count(b"\n") == len(workload(utc_now()))
             async with client.post("/liveEvent", data=ev("e", "1"), headers=WRITE) as resp:
                 assert resp.status == 200
 

@@ -40,6 +40,26 @@ def db_migrate(dsn: str | None, check: bool) -> None:
                else f"schema up to date (version {have})")
 
 
+@db.command("compact")
+@dsn_option
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+def db_compact(dsn: str | None, as_json: bool) -> None:
+    """Fold the per-minute rows big batches appended into the per-minute figures (figures unchanged).
+
+    `process --follow` does it itself when idle; after big one-shot runs, run it from cron.
+    """
+    from .. import config
+    from ..store import Store
+
+    with Store.connect(config.resolve_dsn(dsn)) as store:
+        store.check_schema()
+        folded, written = store.fold_minutes()
+    if as_json:
+        print_json({"rows_folded": folded, "rows_written": written})
+        return
+    click.echo(f"folded {folded} pending per-minute rows into {written} rows of revenue_by_minute")
+
+
 @db.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def db_status(as_json: bool) -> None:

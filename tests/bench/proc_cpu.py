@@ -1,0 +1,70 @@
+"""One `process` run with its CPU split: the processor's (self + workers) and PostgreSQL's.
+
+    python -m tests.bench.proc_cpu --server DSN --pgdata DIR JOURNAL [--evtool SRC_DIR]
+
+Creates (or recreates) the database `evtool_proc_cpu` on the server DSN points at, applies
+JOURNAL with `evtool.processor.process` (from SRC_DIR when given, to compare two checkouts on
+the same journal, alternating), and prints events/s, wall seconds, the processor's CPU-s and
+the server's CPU-s (the postmaster's reaped children plus the live ones: DIR is its data
+directory, for postmaster.pid), then the totals. CPU-s hold on a shared machine where wall time
+does not; run it on a server nothing else uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server", required=True, help="a DSN of the server (any database on it)")
+    ap.add_argument("--pgdata", required=True, type=Path)
+    ap.add_argument("--evtool", help="import evtool from this source directory")
+    ap.add_argument("journal", type=Path)
+    a = ap.parse_args()
+    if a.evtool:
+        sys.path.insert(0, a.evtool)
+    import psutil
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from evtool import processor
+
+    pm = psutil.Process(int((a.pgdata / "postmaster.pid").read_text().split()[0]))
+
+    def server_cpu() -> float:
+        t = pm.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for c in pm.children():
+            try:
+                ct = c.cpu_times()
+            except psutil.Error:
+                continue
+            total += ct.user + ct.system
+        return total
+
+    def own_cpu() -> float:
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    with psycopg.connect(a.server, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS evtool_proc_cpu")
+        conn.execute("CREATE DATABASE evtool_proc_cpu")
+    dsn = make_conninfo(a.server, dbname="evtool_proc_cpu")
+    p0, m0, t0 = server_cpu(), own_cpu(), time.perf_counter()
+    report = processor.process(dsn, [a.journal])
+    wall = time.perf_counter() - t0
+    p1, m1 = server_cpu(), own_cpu()
+    with psycopg.connect(dsn) as conn:
+        users, total = conn.execute("SELECT count(*), sum(revenue) FROM users_revenue").fetchone()
+    print(f"{report.applied / wall:,.0f} events/s, {wall:.1f} s; evtool {m1 - m0:.1f} CPU-s, "
+          f"PostgreSQL {p1 - p0:.1f} CPU-s; {report.files[0].batches} batches; "
+          f"{users} users, total {total}")
+
+
+if __name__ == "__main__":
+    main()
