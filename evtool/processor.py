@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -97,8 +98,11 @@ class ParsePool:
         self.submitted_bytes = 0  # what the workers were asked to parse: the file once, ideally
         self._pool: ProcessPoolExecutor | None = None
 
-    def submit(self, f: BinaryIO, path: str, start: int, end: int) -> list[Future]:
-        """Parse [start, end) of the open journal `f` (at `path`), its parts at the same time."""
+    def submit(self, f: BinaryIO, path: str, start: int, end: int) -> tuple[list[Future], list[BinaryIO]]:
+        """Parse [start, end) of the open journal `f` (at `path`), its parts at the same time.
+
+        Also returns each part's spill file (see parser.parse_range), when parts can reach them.
+        """
         if self._pool is None:
             # fork: workers start at once and share the loaded modules. They never touch the
             # inherited database socket, and leave with os._exit, which sends nothing on it.
@@ -112,11 +116,18 @@ class ParsePool:
         if not os.path.exists(opener):
             opener = None
         self.submitted_bytes += end - start
-        return [
-            self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes, self.strict,
-                              opener, self.max_users, self.mapping)
-            for lo, hi in journal.split(f, start, end, self.workers)
-        ]
+        futures, spills = [], []
+        for lo, hi in journal.split(f, start, end, self.workers):
+            spill = None
+            if opener is not None:
+                # Unlinked (O_TMPFILE where the system has it): nothing is left behind, even
+                # after a kill -9; the worker writes it through our descriptor under /proc.
+                spills.append(tempfile.TemporaryFile(prefix="evtool-cells-"))
+                sst = os.fstat(spills[-1].fileno())
+                spill = (f"/proc/{os.getpid()}/fd/{spills[-1].fileno()}", sst.st_dev, sst.st_ino)
+            futures.append(self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes,
+                                             self.strict, opener, self.max_users, self.mapping, spill))
+        return futures, spills
 
     def close(self) -> None:
         """Stop the workers at once, whatever they are doing (busy, stuck or stopped).
@@ -149,6 +160,7 @@ class _Planned:
     start: int
     end: int
     parsed: list[Future | ParsedPart]
+    spills: list[BinaryIO] = field(default_factory=list)  # the parts' spill files, in order
     _batch: Batch | None = None
 
     def batch(self, waiting: list[bool] | None = None) -> Batch:
@@ -164,7 +176,10 @@ class _Planned:
                     waiting[0] = False
                     raise Interrupted
             try:
-                self._batch = Batch([p.result() if isinstance(p, Future) else p for p in self.parsed])
+                parts = [p.result() if isinstance(p, Future) else p for p in self.parsed]
+                for part, spill in zip(parts, self.spills, strict=False):  # none for a part parsed here
+                    part.spill_fd = spill.fileno()
+                self._batch = Batch(parts)
             except BrokenProcessPool:
                 raise EvtoolError("a parsing worker process died (killed, or out of memory); "
                                   "nothing of the batch was applied: run the command again") from None
@@ -175,9 +190,21 @@ class _Planned:
         return self._batch
 
     def cancel(self) -> None:
-        for p in self.parsed:
-            if isinstance(p, Future):
-                p.cancel()
+        for i, p in enumerate(self.parsed):
+            if isinstance(p, Future) and not p.cancel() and not p.done() and i < len(self.spills):
+                # A worker may be about to open this spill file by its number: keep the number
+                # taken until it is done (it checks the file's identity as well).
+                spill = self.spills[i]
+                self.spills[i] = None  # type: ignore[call-overload]
+                p.add_done_callback(lambda _, s=spill: s.close())
+        self.close()
+
+    def close(self) -> None:
+        """Close the spill files (a worker still writing one keeps its own descriptor)."""
+        for spill in self.spills:
+            if spill is not None:
+                spill.close()
+        self.spills = []
 
 
 ProgressFn = Callable[[int], None]
@@ -261,7 +288,7 @@ class Processor:
             h.update(data)
             part.digest = h.digest()
             return _Planned(start, end, [part])
-        return _Planned(start, end, self.pool.submit(f, path, start, end))
+        return _Planned(start, end, *self.pool.submit(f, path, start, end))
 
     def close(self) -> None:
         self.pool.close()
@@ -324,7 +351,7 @@ class Processor:
                 planned.clear()
                 offset = report.offset
                 continue
-            planned.popleft()
+            planned.popleft().close()
             offset = current.end
             self._learn(current)
             if planned and planned[0].start != offset:  # the batch was cut short (parser.held)
@@ -465,10 +492,10 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
     # rendering wherever the lines are all new, sums made here only for what was re-decided.
     rows: list[bytes] = [p.fresh_rows for p in b.parts]
     users: list[Iterable[int]] = [p.fresh_users for p in b.parts]
-    claim = identity.Claim(store, {s: lines.cells.keys() for s, lines in b.sources.items()})
+    claim = identity.Claim(store, {s: lines.cell_ids() for s, lines in b.sources.items()})
     data: bytes | None = None
     for source, lines in b.sources.items():
-        if not lines.repeats and claim.cells(source, lines.cells):
+        if not lines.repeats and claim.cells(source, lines):
             rows.extend(part.rows for part in lines.parts)  # the common case: all new
             users.extend(part.users for part in lines.parts)
             out.applied += sum(part.count for part in lines.parts)
