@@ -76,8 +76,14 @@ class DistinctUsers:
             self._registers = bytearray(1 << self._BITS)
         registers, shift = self._registers, 64 - self._BITS
         low = (1 << shift) - 1
+        # a hash whose rank is at most every register's changes nothing: most of them, once
+        # the registers have filled, told apart by one mask (its top `floor` low bits)
+        floor = min(registers)
+        beaten = low ^ (low >> floor)
         for h in hashes:
             x = h & 0xFFFF_FFFF_FFFF_FFFF
+            if x & beaten:
+                continue
             rank = shift + 1 - (x & low).bit_length()  # leading zeros of the low bits, plus one
             if rank > registers[x >> shift]:
                 registers[x >> shift] = rank
