@@ -378,7 +378,8 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
     """
     out = ParsedPart(start, end, strict=strict, mapping=mapping)
     h = journal.range_digest()
-    with open(opener or path, "rb") as f, open(spill[0], "wb") if spill else nullcontext() as sf:
+    # r+b, not wb: nothing is truncated before the file is known to be the one given
+    with open(opener or path, "rb") as f, open(spill[0], "r+b") if spill else nullcontext() as sf:
         if sf is not None and spill is not None:
             sst = os.fstat(sf.fileno())
             if (sst.st_dev, sst.st_ino) != spill[1:]:  # never expected: the caller keeps it open

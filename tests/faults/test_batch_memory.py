@@ -7,6 +7,8 @@ import pickle
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
 from evtool import identity, output, parser, processor, store
 
 from ..conftest import totals
@@ -191,3 +193,25 @@ def test_the_count_of_users_touched_is_exact_then_bounded(dsn, tmp_path: Path, m
     report = processor.process(dsn, [path], workers=0)
     assert not report.users.exact and abs(len(report.users) - 3000) < 3000 * 0.05
     assert output.process_dict(report)["users_exact"] is False
+
+
+def test_a_worker_writes_only_to_the_spill_file_it_was_given(tmp_path: Path):
+    """A spill file is named by a descriptor number of the committing process; were the number
+    taken by another file meanwhile (it never is while a worker may open it), the worker refuses
+    it by inode before writing or truncating anything."""
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(_sender_lines(range(1, 3001)))
+    st = path.stat()
+    other = tmp_path / "not-the-spill-file"
+    other.write_bytes(b"keep me")
+    ost = other.stat()
+    with pytest.raises(OSError, match="not the spill file"):
+        parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size,
+                           spill=(str(other), ost.st_dev, ost.st_ino + 1))
+    assert other.read_bytes() == b"keep me"
+    # given the right one, the part crosses with its records, not its entries
+    part = parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size, piece=4096,
+                              spill=(str(other), ost.st_dev, ost.st_ino))
+    source = part.sources["00000000000000aa"]
+    assert source.cells == {} and source.count == 3000 and len(source.spilled) % 3 == 0
+    assert other.stat().st_size == 3000 * identity.ENTRY
