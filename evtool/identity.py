@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from .events import RECEIVER_ID_PREFIX, Value, format_value
 
 if TYPE_CHECKING:
+    from .parser import SourceLines
     from .store import Store
 
 SOURCE_ID = re.compile(r"([0-9a-f]{16}):([1-9][0-9]{0,17})(?::([0-9a-f]{16}))?")
@@ -152,8 +153,9 @@ class Claim:
     Made, it locks the applied_lines rows of the cells the batch touches (source by source in
     source order, cells in order, so processors sharing sources wait instead of deadlocking).
     Then each sender cell (whole), or line, and each digest is claimed: True means never
-    applied, and it is now taken (a repeat later in the batch is a duplicate). `record()`
-    writes the touched cells back; the caller commits them with the effects. The work is
+    applied, and it is now taken (a repeat later in the batch is a duplicate). Cells claimed
+    whole are written as they are claimed, cells claimed line by line by `record()`; the caller
+    commits them with the effects. The work is
     bounded by the cells of the batch, never by the history of a source.
     """
 
@@ -161,27 +163,43 @@ class Claim:
         self.store = store
         self.stored: dict[Cell, bytes] = store.lock_cells({s: sorted(set(c)) for s, c in cells.items()})
         self._sets: dict[Cell, set[bytes]] = {}  # cells claimed line by line: stored + claimed
-        self._whole: dict[Cell, bytes] = {}  # cells whose new value is known, packed
+        self._whole: set[Cell] = set()  # cells claimed whole, and already written
         self.conflicts: dict[bytes, str | None] = {}  # digest -> where it was first seen
 
-    def cells(self, source: str, cells: dict[int, bytes]) -> bool:
-        """Claim whole cells of a source at once (packed, sorted, without repeats): only if
-        none of their lines was applied before (the common case); else nothing is claimed and
-        the caller goes line by line."""
-        merged = {}
-        for cell, packed in cells.items():
+    def cells(self, source: str, lines: SourceLines) -> bool:
+        """Claim every cell of a source in the batch at once: only if none of their lines was
+        applied before (the common case) and none repeats; else nothing is claimed and the
+        caller goes line by line. Claimed cells are written at once, in statements of about
+        store.CELL_WRITE_BYTES, each cell's entries read from where the batch keeps them
+        (parser.SourceLines): what this holds is a statement's worth, not the batch's entries."""
+        from .store import CELL_WRITE_BYTES
+
+        ids = sorted(lines.cell_ids())
+        for cell in ids:  # first decide, reading only the cells that could hold a repeat
             key = (source, cell)
-            have = self.stored.get(key, b"")
             if key in self._sets or key in self._whole:
                 return False
-            if have:
-                old = set(entries(have))
-                new = entries(packed)
-                if any(e in old for e in new):
+            have = self.stored.get(key, b"")
+            if have or lines.records(cell) > 1:
+                packed, repeats = lines.entries(cell)
+                if repeats or (have and not set(entries(have)).isdisjoint(entries(packed))):
                     return False
-                packed = b"".join(sorted(old.union(new)))
-            merged[key] = packed
-        self._whole.update(merged)
+        chunk: dict[Cell, bytes] = {}
+        size = 0
+        for cell in ids:
+            key = (source, cell)
+            packed, _ = lines.entries(cell)
+            have = self.stored.get(key, b"")
+            if have:
+                packed = b"".join(sorted(set(entries(have)).union(entries(packed))))
+            chunk[key] = packed
+            size += len(packed)
+            self._whole.add(key)
+            if size >= CELL_WRITE_BYTES:
+                self.store.write_cells(chunk)
+                chunk, size = {}, 0
+        if chunk:
+            self.store.write_cells(chunk)
         return True
 
     def line(self, source: str, n: int, chain: bytes) -> bool:
@@ -189,7 +207,7 @@ class Claim:
         key = (source, cell_of(n))
         seen = self._sets.get(key)
         if seen is None:
-            seen = self._sets[key] = set(entries(self._whole.pop(key, None) or self.stored.get(key, b"")))
+            seen = self._sets[key] = set(entries(self.stored.get(key, b"")))
         e = entry(n, chain)
         if e in seen:
             return False
@@ -233,7 +251,6 @@ class Claim:
         return out
 
     def record(self) -> None:
-        """Write every touched cell back."""
-        changed = dict(self._whole)
-        changed.update((key, b"".join(sorted(s))) for key, s in self._sets.items())
+        """Write back the cells claimed line by line (cells claimed whole are written already)."""
+        changed = {key: b"".join(sorted(s)) for key, s in self._sets.items()}
         self.store.write_cells({k: v for k, v in changed.items() if v != self.stored.get(k, b"")})

@@ -134,9 +134,10 @@ def process_summary(console: Any, report, *, samples: bool = True) -> None:
         if f.rejected > len(f.reject_samples):
             more = f.rejected - len(f.reject_samples)
             console.print(f"{f.path}: ... and {more} more rejected", style="yellow")
+    users = f"{'' if report.users.exact else 'about '}{len(report.users)}"
     console.print(
         f"applied {report.applied} events, skipped {report.duplicates} duplicates, "
-        f"rejected {report.rejected} lines, {len(report.users)} users touched, "
+        f"rejected {report.rejected} lines, {users} users touched, "
         f"{report.seconds:.2f} s, {report.events_per_second:,.0f} events/s"
     )
 
@@ -158,6 +159,7 @@ def process_dict(report) -> dict[str, Any]:
         "duplicates": report.duplicates,
         "rejected": report.rejected,
         "users": len(report.users),
+        "users_exact": report.users.exact,  # False: an estimate (over 100,000 users), ~1% off
         "seconds": round(report.seconds, 3),
         "events_per_second": round(report.events_per_second, 1),
         "retries": report.retries,

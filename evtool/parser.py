@@ -13,7 +13,9 @@ import os
 import threading
 import time
 from array import array
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import orjson
 
@@ -50,6 +52,10 @@ class SourcePart:
     sums: Sums = field(default_factory=dict)
     repeats: bool = False  # an entry occurs twice in the chunk (a retry within the batch)
     count: int = 0  # events
+    # Cells written to the committing process's spill file (see `spill`): flat (cell, offset,
+    # length) triples, a cell's entries sorted and each once within a record; a cell may have
+    # several records (its lines came back after it was spilled). 24 bytes a record, not 10 an event.
+    spilled: array[int] = field(default_factory=lambda: array("q"))
     # `sums` as COPY rows and the hash() of each of its users, rendered by the worker (see
     # ParsedPart.slim): what the committing process needs when the source's lines are all new.
     rows: bytes = b""
@@ -59,14 +65,25 @@ class SourcePart:
         """Sort each cell's entries; note repeats; render the rows."""
         self.rows = store.copy_rows(self.sums)
         self.users = user_hashes(self.sums)
-        count = 0
         for cell, packed in self.cells.items():
-            got = identity.entries(bytes(packed))
-            count += len(got)
-            unique = sorted(set(got))
-            self.repeats = self.repeats or len(unique) != len(got)
-            self.cells[cell] = b"".join(unique)
-        self.count = count
+            self.cells[cell] = self._sorted(packed)
+
+    def _sorted(self, packed: bytes | bytearray) -> bytes:
+        """A cell's entries sorted, each once (counted; a repeat noted)."""
+        got = identity.entries(bytes(packed))
+        self.count += len(got)
+        unique = sorted(set(got))
+        self.repeats = self.repeats or len(unique) != len(got)
+        return b"".join(unique)
+
+    def spill(self, f: BinaryIO, keep: int | None = None) -> None:
+        """Write every cell but `keep` (the one lines are still arriving in) to `f`, sorted, and
+        forget it: the entries go to the committing process through a file, not through memory
+        (a 128 MiB batch of sender ids holds ~9 MB of them)."""
+        for cell in [c for c in self.cells if c != keep]:
+            data = self._sorted(self.cells.pop(cell))
+            self.spilled.extend((cell, f.tell(), len(data)))
+            f.write(data)
 
 
 @dataclass
@@ -99,6 +116,7 @@ class ParsedPart:
     opaque_users: array[int] = field(default_factory=lambda: array("q"))
     strict: bool = False  # parsed without normalization (events.validate's strict)
     mapping: Mapping | None = None  # the declared mapping lines were read under (see mapping)
+    spill_fd: int = -1  # in the committing process: the file its sources' `spilled` records are in
     cut: bool = False  # ended before the planned end: MAX_USERS_PER_PART was reached
     held: int = 0  # what it held at the end (see `held`), for the processor to size batches
     fresh_count: int = 0  # events in `fresh`
@@ -149,11 +167,39 @@ class ParsedPart:
 
 @dataclass
 class SourceLines:
-    """One sender source across the parts of a batch: its cells' entries, packed and sorted."""
+    """One sender source across the parts of a batch: its cells' entries, packed and sorted,
+    held here (parts parsed in this process) or in the parts' spill files (read when needed)."""
 
     cells: dict[int, bytes]
     repeats: bool
     parts: list[SourcePart]
+    # cell -> its records in the parts' spill files: (fd, offset, length)
+    spilled: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+
+    def cell_ids(self) -> set[int]:
+        return self.cells.keys() | self.spilled.keys()
+
+    def records(self, cell: int) -> int:
+        """In how many pieces the batch holds a cell's entries (more than one: they may repeat)."""
+        return len(self.spilled.get(cell, ())) + (cell in self.cells)
+
+    def entries(self, cell: int) -> tuple[bytes, bool]:
+        """A cell's entries in the batch, sorted, each once; and whether one occurred twice."""
+        records = [_read(fd, offset, length) for fd, offset, length in self.spilled.get(cell, ())]
+        if cell in self.cells:
+            records.append(self.cells[cell])
+        if len(records) == 1:
+            return records[0], False
+        got = [e for r in records for e in identity.entries(r)]
+        unique = sorted(set(got))
+        return b"".join(unique), len(unique) != len(got)
+
+
+def _read(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:  # the spill file is this process's own, unlinked: never expected
+        raise OSError(f"spill file: read {len(data)} of {length} bytes at {offset}")
+    return data
 
 
 class Batch:
@@ -181,9 +227,11 @@ class Batch:
             for source, part in p.sources.items():
                 have = self.sources.get(source)
                 if have is None:
-                    self.sources[source] = SourceLines(dict(part.cells), part.repeats, [part])
+                    have = self.sources[source] = SourceLines(dict(part.cells), part.repeats, [part])
+                    _index_spilled(have, part, p.spill_fd)
                     continue
                 have.repeats = have.repeats or part.repeats
+                _index_spilled(have, part, p.spill_fd)
                 for cell, packed in part.cells.items():
                     before = have.cells.get(cell)
                     if before is None:
@@ -210,6 +258,14 @@ class Batch:
     @classmethod
     def empty(cls, offset: int) -> Batch:
         return cls([ParsedPart(offset, offset)])
+
+
+def _index_spilled(lines: SourceLines, part: SourcePart, fd: int) -> None:
+    if part.spilled and fd < 0:
+        raise ValueError("a part with spilled cells but no spill file")
+    s = part.spilled
+    for i in range(0, len(s), 3):
+        lines.spilled.setdefault(s[i], []).append((fd, s[i + 1], s[i + 2]))
 
 
 def user_hashes(sums: Sums) -> array[int]:
@@ -308,7 +364,8 @@ def held(part: ParsedPart) -> int:
 
 def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
                     piece: int = PIECE_BYTES, strict: bool = False, opener: str | None = None,
-                    max_users: int = MAX_USERS_PER_PART, mapping: Mapping | None = None) -> ParsedPart:
+                    max_users: int = MAX_USERS_PER_PART, mapping: Mapping | None = None,
+                    spill: tuple[str, int, int] | None = None) -> ParsedPart:
     """Parse bytes [start, end) of a journal (both at line boundaries), `piece` bytes at a time.
 
     Runs in a worker process, which opens the file itself: `opener` (the caller's descriptor
@@ -316,10 +373,17 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
     `identity` (st_dev, st_ino) makes sure it reads the same file the caller holds open. Ends
     early (`cut`, `end` moved back to the last line parsed) once the part holds more than
     `max_users` (see `held`). `digest` covers exactly the bytes parsed, [start, end).
+    `spill`: a file of the committing process (its descriptor under /proc, st_dev, st_ino) that
+    the sender cells go to piece by piece (SourcePart.spill), so no process holds a part's entries.
     """
     out = ParsedPart(start, end, strict=strict, mapping=mapping)
     h = journal.range_digest()
-    with open(opener or path, "rb") as f:
+    # r+b, not wb: nothing is truncated before the file is known to be the one given
+    with open(opener or path, "rb") as f, open(spill[0], "r+b") if spill else nullcontext() as sf:
+        if sf is not None and spill is not None:
+            sst = os.fstat(sf.fileno())
+            if (sst.st_dev, sst.st_ino) != spill[1:]:  # never expected: the caller keeps it open
+                raise OSError(f"{spill[0]} is not the spill file this part was given")
         st = os.fstat(f.fileno())
         if (st.st_dev, st.st_ino) != identity:
             raise JournalChanged(f"{path} was replaced while a batch of it was being processed. "
@@ -337,9 +401,15 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
             h.update(data[:cut])  # exactly the bytes parsed, so a part cut early digests its own range
             parse(data[:cut], pos - len(data), out, close=False)
             rest = data[cut:]
+            if sf is not None:
+                for part in out.sources.values():
+                    part.spill(sf, max(part.cells, default=None))
             if pos - len(rest) < end and held(out) > max_users:
                 out.end, out.cut = pos - len(rest), True
                 break
+        if sf is not None:
+            for part in out.sources.values():
+                part.spill(sf)
     out.digest = h.digest()
     out.held = held(out)
     out.finish()

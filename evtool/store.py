@@ -28,6 +28,7 @@ from .events import format_value
 SQL_DIR = resources.files("evtool") / "sql"
 T = TypeVar("T")
 FETCH_ROWS = 5000  # rows per round trip of a server-side cursor
+CELL_WRITE_BYTES = 1 << 20  # applied_lines entries written per statement (write_cells)
 MAX_WORK_MEM_MB = 256  # what one batch's statement may ask for each sort or hash (add_to_totals)
 # A batch with at least this many per-minute rows appends them to revenue_minutes_pending
 # instead of upserting them into revenue_by_minute (migration 013): many users, one probe each.
@@ -463,12 +464,23 @@ class Store:
             by_source.setdefault(source, []).append((cell, packed))
         for source in sorted(by_source):
             rows = sorted(by_source[source])
-            self.conn.execute(
-                "UPDATE applied_lines a SET entries = n.entries"
-                " FROM unnest(%s::int8[], %s::bytea[]) AS n(cell, entries)"
-                " WHERE a.source = %s::text AND a.cell = n.cell",
-                ([c for c, _ in rows], [e for _, e in rows], source),
-            )
+            # In statements of about CELL_WRITE_BYTES, the entries in binary: as one text
+            # parameter a batch's entries (10 bytes an event) were escaped to four times their
+            # size in Python, then copied again into libpq's buffer.
+            at = 0
+            while at < len(rows):
+                size, end = 0, at
+                while end < len(rows) and (end == at or size + len(rows[end][1]) <= CELL_WRITE_BYTES):
+                    size += len(rows[end][1])
+                    end += 1
+                chunk = rows[at:end]
+                at = end
+                self.conn.execute(
+                    "UPDATE applied_lines a SET entries = n.entries"
+                    " FROM unnest(%s::int8[], %b::bytea[]) AS n(cell, entries)"
+                    " WHERE a.source = %s::text AND a.cell = n.cell",
+                    ([c for c, _ in chunk], [e for _, e in chunk], source),
+                )
 
     def claim_digests(self, digests: list[bytes], contents: list[bytes],
                       origins: list[tuple[bytes, int, str]] | None = None
