@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import socket
 import time
 import urllib.error
@@ -536,20 +535,20 @@ class _Run:
         return n
 
 
-_LEADING_SPACE = re.compile(rb"(?:^|\n)[ \t\x0b\x0c]")
 
 
 def _id_lines(segment: list[bytes], lineno: int, chain: bytes, member: bytes,
               ) -> tuple[list[bytes], bytes, bytes] | None:
     """The lines of `segment` (raw, from a file, none its first line) with their sender ids
     appended, as the reader's per-line loop writes them when it trusts the receiver; with the
-    chain after the last line and the one before it. None unless every line is plain: ends with
-    `}` right before its newline, no CR, no backslash, no `"eventId"`, no leading whitespace
-    (so the line is its own stripped text and bare line). `lineno`, `chain`: before the segment.
+    chain after the last line and the one before it. None unless every line is plain: `{` first,
+    `}` right before its newline (so the line is its own stripped text and bare line), no CR, no
+    backslash, no `"eventId"`. `lineno`, `chain`: before the segment.
     """
     text = b"".join(segment)
-    if (text[-1:] != b"\n" or text.count(b"}\n") != len(segment) or b"\r" in text or BACKSLASH in text
-            or b'"eventId"' in text or _LEADING_SPACE.search(text) is not None):
+    n = len(segment)
+    if (text[:1] != b"{" or text[-1:] != b"\n" or text.count(b"}\n") != n or text.count(b"\n{") != n - 1
+            or b"\r" in text or BACKSLASH in text or b'"eventId"' in text):
         return None
     bare = text.split(b"\n")
     bare.pop()  # the empty text after the last newline
