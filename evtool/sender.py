@@ -29,6 +29,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from binascii import hexlify
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -556,12 +557,13 @@ def _id_lines(segment: list[bytes], lineno: int, chain: bytes, member: bytes,
     out: list[bytes] = []
     append = out.append
     before = chain
+    form = b"%b" + member + b'%d:%b"}'
     for line in bare:  # identity.chain_next and the per-line loop's format, inlined
         h = copy()
         h.update(chain + line)
         before, chain = chain, h.digest()
         lineno += 1
-        append(b'%b%b%d:%b"}' % (line[:-1], member, lineno, chain.hex().encode()))
+        append(form % (line[:-1], lineno, hexlify(chain)))
     return out, chain, before
 
 
