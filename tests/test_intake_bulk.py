@@ -20,10 +20,10 @@ from evtool.intake import BodyRefused, Intake, ReceiverIds
 NOW = "2026-11-23T09:00:00.000Z"
 
 
-def pair(max_line: int = 1 << 20, plain_ids: bool = False) -> tuple[Intake, Intake]:
+def pair(max_line: int = 1 << 20, plain_ids: bool = False, strict: bool = False) -> tuple[Intake, Intake]:
     """The same rules twice, with the same (deterministic) ids and clock: whole-body and per-line."""
     def make(bulk: bool, ids: Callable[[], str]) -> Intake:
-        return Intake(max_line=max_line, strict=False, fresh_id=ids, clock=lambda: NOW, bulk=bulk)
+        return Intake(max_line=max_line, strict=strict, fresh_id=ids, clock=lambda: NOW, bulk=bulk)
     if plain_ids:  # a maker without `members`: the whole-body path calls it once per line
         counters = itertools.count(1), itertools.count(1)
         return make(True, lambda: f"~t-{next(counters[0])}"), make(False, lambda: f"~t-{next(counters[1])}")
@@ -38,8 +38,9 @@ def outcome(intake: Intake, body: bytes, key: str | None) -> tuple:
     return lines.data, lines.count, lines.event_id
 
 
-def same(body: bytes, key: str | None = None, max_line: int = 1 << 20, plain_ids: bool = False) -> tuple:
-    fast, slow = pair(max_line, plain_ids)
+def same(body: bytes, key: str | None = None, max_line: int = 1 << 20, plain_ids: bool = False,
+         strict: bool = False) -> tuple:
+    fast, slow = pair(max_line, plain_ids, strict)
     got, want = outcome(fast, body, key), outcome(slow, body, key)
     assert got == want, body[:300]
     return got
@@ -135,6 +136,7 @@ def test_an_odd_line_anywhere_in_a_sender_body_gets_the_per_line_answer(odd, whe
     for key in (None, "k"):
         same(b"\n".join(lines) + b"\n", key)
         same(b"\n".join(lines), key)
+        same(b"\n".join(lines) + b"\n", key, strict=True)
     plain = sender_body(3, False, random.Random(2)).split(b"\n")[:3]
     plain.insert(where, odd)
     same(b"\n".join(plain) + b"\n")
