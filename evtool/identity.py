@@ -81,13 +81,14 @@ def chain_start(source: str) -> bytes:
     return bytes.fromhex(source)
 
 
-_CHAIN = blake2b(digest_size=8)  # copied per line: cheaper than parsing blake2b's keywords each time
+# Copied per line: cheaper than parsing blake2b's keywords each time (the sender inlines it).
+CHAIN_SEED = blake2b(digest_size=8)
 
 
 def chain_next(chain: bytes, line: bytes) -> bytes:
     """The chain value through `line` (bare), given the value before it:
     blake2b(chain + line, digest_size=8)."""
-    h = _CHAIN.copy()
+    h = CHAIN_SEED.copy()
     h.update(chain + line)
     return h.digest()
 

@@ -93,3 +93,44 @@ def test_strict_sends_check_every_line_here(tmp_path, parses):
         report = send(SendSettings(path=src, url=serve.url, strict=True, state_dir=tmp_path / "home"))
     assert (report.sent, report.skipped_invalid) == (20, 0)
     assert len(parses) == 20
+
+
+def _sent(tmp_path: Path, name: str, data: bytes, batch: int) -> tuple[list[bytes], object]:
+    """Send `data` (as file `name`) to a fresh serve; the journal's lines without the receive stamp."""
+    work = tmp_path / name
+    work.mkdir()
+    src = work / "e.jsonl"
+    src.write_bytes(data)
+    with Serve(work) as serve:
+        report = send(SendSettings(path=src, url=serve.url, batch=batch, state_dir=work / "home"))
+    stamp = b',"timestamp":"'
+    lines = [line[:line.rindex(stamp)] if stamp in line else line
+             for line in (work / "server-events.jsonl").read_bytes().splitlines()]
+    return lines, report
+
+
+def test_plain_runs_read_in_blocks_send_what_the_per_line_loop_sends(tmp_path, monkeypatch):
+    """Runs of plain lines are id'd in blocks (sender._id_lines); odd lines anywhere among them
+    (blank, CRLF, leading spaces, escapes, client ids, invalid, a BOM'd first line, no final
+    newline) send and report exactly what the per-line loop alone sends and reports."""
+    import random
+
+    from evtool import sender
+
+    rnd = random.Random(11)
+    odd = [b"", b"   ", ev("crlf") + b"\r", b"  " + ev("lead"), ev("tail") + b"  ", ev("esc\\u0041"),
+           ev("cid", eventId='"c-1"'), b'{"userId": "bad"}', b"not json", ev("x", "-1"), b"\t" + ev("tab")]
+    lines = [ev(f"u{rnd.randrange(50)}", str(rnd.randrange(1000))) for _ in range(700)]
+    for at in sorted(rnd.sample(range(1, 700), 25), reverse=True):
+        lines.insert(at, rnd.choice(odd))
+    data = b"\xef\xbb\xbf" + b"\n".join(lines)  # a BOM, and no final newline
+    blocks = []
+    real = sender._id_lines
+    monkeypatch.setattr(sender, "_id_lines", lambda *a: blocks.append(r := real(*a)) or r)
+    got, got_report = _sent(tmp_path, "blocks", data, 37)
+    assert sum(r is not None for r in blocks) >= 5  # the block path was taken, and between odd lines
+    monkeypatch.setattr(sender, "_id_lines", lambda *a: None)
+    want, want_report = _sent(tmp_path, "per-line", data, 37)
+    assert sorted(got) == sorted(want) and len(got) > 650  # four connections: any order
+    for field in ("sent", "skipped_invalid", "failed", "invalid_lines"):
+        assert getattr(got_report, field) == getattr(want_report, field), field

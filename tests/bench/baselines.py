@@ -14,6 +14,8 @@ r"""The baselines, each a minimal subprocess: `python -m tests.bench.baselines n
   in flight in a worker thread; the next group is written with one `os.write` and one
   `fdatasync`, then every waiter is answered. No parsing. GET /userEvents/<id> answers a
   constant JSON object (the HTTP floor for the lookup figure).
+  With `--workers N`, N such processes on the same port (SO_REUSEPORT, as `serve --workers`),
+  each appending to its own file (`<out>.<i>`): the ceiling a second worker can add here.
 - client: aiohttp, POSTs the file's lines in N-line bodies (NDJSON; one JSON object when N is 1)
   over C keep-alive connections; prints the line count, requests/s and latency percentiles.
 
@@ -108,7 +110,32 @@ def psql_binary() -> str:
     return found
 
 
-def sink(port: int, out: Path) -> None:
+def sink(port: int, out: Path, workers: int = 1) -> None:
+    import os
+    import signal
+
+    if workers == 1:
+        return _sink(port, out)
+    children = []
+    for i in range(workers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child serves until its parent is told to stop
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _sink(port, out.with_name(f"{out.name}.{i}"), reuse_port=True)
+            os._exit(0)
+        children.append(pid)
+
+    def stop(signum: int, frame: object) -> None:
+        for child in children:
+            os.kill(child, signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for child in children:
+        os.waitpid(child, 0)
+
+
+def _sink(port: int, out: Path, reuse_port: bool = False) -> None:
     import asyncio
     import os
 
@@ -153,7 +180,10 @@ def sink(port: int, out: Path) -> None:
     app.router.add_post("/liveEvent", live_event)
     app.router.add_get("/userEvents/{user_id}", user_events)
     app.router.add_get("/healthz", healthz)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    def ready(_: str) -> None:  # what the bench waits for, as with `serve --workers`
+        print(f"listening on http://127.0.0.1:{port}", file=sys.stderr, flush=True)
+
+    web.run_app(app, host="127.0.0.1", port=port, print=ready, access_log=None, reuse_port=reuse_port or None)
 
 
 def client(path: Path, url: str, lines_per_body: int, connections: int) -> None:
@@ -207,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("sink")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--workers", type=int, default=1)
     p = sub.add_parser("client")
     p.add_argument("file", type=Path)
     p.add_argument("--url", required=True)
@@ -218,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.cmd == "duckdb":
         duck(a.file)
     elif a.cmd == "sink":
-        sink(a.port, a.out)
+        sink(a.port, a.out, a.workers)
     else:
         client(a.file, a.url, a.lines, a.connections)
 
