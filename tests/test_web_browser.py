@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import Serve, evtool, http
-from .test_web import WORKLOAD
+from .test_web import utc_now, workload
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -34,10 +34,11 @@ def test_page_shows_exact_totals_and_updates(dsn, tmp_path: Path):
     if not Path(CHROMIUM).exists():
         _skip("the browser test needs Chromium at /usr/bin/chromium (apt-get install chromium)")
     with Serve(tmp_path, "--read-token", "look-only") as serve:
-        status, _, _ = http(f"{serve.url}/liveEvent", "POST", b"\n".join(WORKLOAD),
+        lines = workload(utc_now())
+        status, _, _ = http(f"{serve.url}/liveEvent", "POST", b"\n".join(lines),
                             {"Authorization": "secret", "Content-Type": "application/x-ndjson"})
         assert status == 422  # the line without a value refuses the whole bulk
-        status, _, _ = http(f"{serve.url}/liveEvent", "POST", b"\n".join(WORKLOAD[:4]),
+        status, _, _ = http(f"{serve.url}/liveEvent", "POST", b"\n".join(lines[:4]),
                             {"Authorization": "secret", "Content-Type": "application/x-ndjson"})
         assert status == 200
         evtool("process", cwd=tmp_path, check=True)
