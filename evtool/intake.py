@@ -201,7 +201,7 @@ class Intake:
         append = out.append
         has_time = eventtime.has_time
         received: str | None = None
-        stamp = stamp_end = b""  # `,"timestamp":"<received>"`, made once per request (and with a `}`)
+        stamp = b""  # `,"timestamp":"<received>"`, made once per request
         n = 0
         for lineno, raw in enumerate(body.split(b"\n"), 1):
             if not raw or raw.isspace():
@@ -209,13 +209,14 @@ class Intake:
             if len(raw) > max_line:
                 raise BodyTooLong(f"line {lineno} is longer than the limit of {max_line} bytes")
             n += 1
-            # The sender's shape, inlined (it runs once per event): only the plain keys, an
-            # integer value, a plain userId and id, no time or a canonical one. A strict subset
-            # of events.common_shape: anything else takes the general path below.
             try:
                 obj = loads(raw)
             except orjson.JSONDecodeError:
                 obj = None
+            # The sender's shape, inlined (it runs once per event): only the plain keys, an
+            # integer value, a plain userId and id, no time or a canonical one. A strict subset
+            # of events.common_shape; it goes out as the common shape does, below.
+            common = False
             if fast and type(obj) is dict and len(raw) <= deep_len and obj.keys() <= plain_keys:
                 user, value, name = obj.get("userId"), obj.get("value"), obj.get("name")
                 event_id = obj.get("eventId", uncommon)  # absent: uncommon; null: the general path
@@ -224,67 +225,54 @@ class Intake:
                         and (name == "add_revenue" or name == "subtract_revenue")
                         and (event_id is uncommon or (
                             type(event_id) is str and 0 < len(event_id) <= max_id
-                            and event_id[0] != reserved and event_id.isprintable()))):
-                    if "timestamp" not in obj:
-                        if not stamp:
-                            received = self.clock()
-                            stamp = b',"' + eventtime.STAMP_FIELD.encode() + b'":' + orjson.dumps(received)
-                            stamp_end = stamp + b"}"
-                        if event_id is uncommon:
-                            made = _key_id(key, n) if key is not None else self.fresh_id()
-                            append(raw.rstrip()[:-1] + b',"eventId":' + orjson.dumps(made) + stamp_end)
-                        else:
-                            append(raw.rstrip()[:-1] + stamp_end)
-                        continue
-                    if fast_minute(obj) is not None:  # a canonical time
-                        if event_id is uncommon:
-                            made = _key_id(key, n) if key is not None else self.fresh_id()
-                            append(raw.rstrip()[:-1] + b',"eventId":' + orjson.dumps(made) + b"}")
-                        else:
-                            append(raw)  # the client's bytes, unchanged
-                        continue
-            try:
-                # Validate once, build nothing: a line of the common shape (events.common_shape,
-                # the form nearly every client sends) is checked on orjson's dict and goes out as
-                # the client's bytes, with at most an id and the receive time appended as text.
-                if obj is None:  # not JSON (or `null`): parse says what is wrong
-                    obj = parse(raw)  # raises MalformedJSON with the shared wording
-                if len(raw) > deep_len:
-                    parse(raw)  # the depth rule, for the few lines long enough to break it
-                # under a mapping, the mapped fields decide: the common shape alone is not enough
-                event_id = common_id(obj, strict) if mapping is None else uncommon
-                if event_id is not uncommon and (event_id is not None or "eventId" not in obj):
-                    # common shape: its only possible time field is a canonical `timestamp`
-                    if "timestamp" in obj:
-                        if event_id is not None:
+                            and event_id[0] != reserved and event_id.isprintable()))
+                        and ("timestamp" not in obj or fast_minute(obj) is not None)):
+                    common, event_id = True, None if event_id is uncommon else event_id
+            if not common:
+                try:
+                    # Validate once, build nothing: a line of the common shape (events.common_shape,
+                    # the form nearly every client sends) is checked on orjson's dict and goes out as
+                    # the client's bytes, with at most an id and the receive time appended as text.
+                    if obj is None:  # not JSON (or `null`): parse says what is wrong
+                        obj = parse(raw)  # raises MalformedJSON with the shared wording
+                    if len(raw) > deep_len:
+                        parse(raw)  # the depth rule, for the few lines long enough to break it
+                    # under a mapping, the mapped fields decide: the common shape alone is not enough
+                    event_id = common_id(obj, strict) if mapping is None else uncommon
+                    common = event_id is not uncommon and (event_id is not None or "eventId" not in obj)
+                    if not common:
+                        view, text = (obj, raw) if mapping is None else (mapping.view(obj, raw, strict), None)
+                        have_id = event_id_of(view, text, strict=strict) is not None
+                        timed = has_time(view)
+                        if have_id and timed:
                             append(raw)  # the client's bytes, unchanged
                             continue
-                        tail = b"}"
-                    else:
-                        if not stamp:
-                            received = self.clock()
-                            stamp = b',"' + eventtime.STAMP_FIELD.encode() + b'":' + orjson.dumps(received)
-                        tail = stamp + b"}"
-                    if event_id is None:
-                        made = _key_id(key, n) if key is not None else self.fresh_id()
-                        tail = b',"eventId":' + orjson.dumps(made) + tail
-                    append(raw.rstrip()[:-1] + tail)
+                        event = validate(view, text, strict=strict)
+                except MalformedJSON as exc:
+                    raise BodyMalformed(f"line {lineno}: {_line_reason(exc)}") from None
+                except InvalidEvent as exc:
+                    raise BodyInvalid(f"line {lineno}: {exc.reason}") from None
+                if not common:
+                    event_id = None if have_id else _key_id(key, n) if key is not None else self.fresh_id()
+                    if not timed and received is None:
+                        received = self.clock()
+                    append(_with_id(raw, obj, event, event_id, None if timed else received, mapping, strict))
                     continue
-                view, text = (obj, raw) if mapping is None else (mapping.view(obj, raw, strict), None)
-                have_id = event_id_of(view, text, strict=strict) is not None
-                timed = has_time(view)
-                if have_id and timed:
+            # The common shape: its only possible time field is a canonical `timestamp`.
+            if "timestamp" in obj:
+                if event_id is not None:
                     append(raw)  # the client's bytes, unchanged
                     continue
-                event = validate(view, text, strict=strict)
-            except MalformedJSON as exc:
-                raise BodyMalformed(f"line {lineno}: {_line_reason(exc)}") from None
-            except InvalidEvent as exc:
-                raise BodyInvalid(f"line {lineno}: {exc.reason}") from None
-            event_id = None if have_id else _key_id(key, n) if key is not None else self.fresh_id()
-            if not timed and received is None:
-                received = self.clock()
-            append(_with_id(raw, obj, event, event_id, None if timed else received, mapping, strict))
+                tail = b"}"
+            else:
+                if not stamp:
+                    received = self.clock()
+                    stamp = b',"' + eventtime.STAMP_FIELD.encode() + b'":' + orjson.dumps(received)
+                tail = stamp + b"}"
+            if event_id is None:
+                made = _key_id(key, n) if key is not None else self.fresh_id()
+                tail = b',"eventId":' + orjson.dumps(made) + tail
+            append(raw.rstrip()[:-1] + tail)
         append(b"")
         return Lines(b"\n".join(out), n)
 
