@@ -34,7 +34,6 @@ MAX_EVENT_ID = 128
 MAX_SCALE = 18  # digits after the decimal point that are kept exactly
 MAX_ABS = Decimal(10) ** 20
 MAX_INT = 10**20  # an integer value must be below this (MAX_ABS as an int: no Decimal compare)
-_MAX_INT = MAX_INT
 # Arrays and objects nested in an event, the event itself counted: below orjson's writing limit
 # (254), as the receiver re-serialises some events.
 MAX_DEPTH = 200
@@ -257,7 +256,7 @@ def common_shape(obj: object, strict: bool = False) -> bool:
     user_id = obj.get("userId")
     name = obj.get("name")
     value = obj.get("value")
-    return (type(value) is int and 0 <= value < _MAX_INT and type(user_id) is str
+    return (type(value) is int and 0 <= value < MAX_INT and type(user_id) is str
             and 0 < len(user_id) <= MAX_USER_ID and "\x00" not in user_id
             and (name == "add_revenue" or name == "subtract_revenue")
             and (strict or USER_ID_ALIAS not in obj) and eventtime.fast_minute(obj) is not None)

@@ -39,7 +39,7 @@ PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
 MAX_USERS_PER_PART = 100_000
 SHORT_ID = 50
 _KEY_BYTES = 250  # a key's dict entry, tuple, sums list and ints, beside its id's characters
-_MAX_INT = 10**20
+_MAX_INT = events.MAX_INT
 _SLOTS = [slot.to_bytes(2, "big") for slot in range(identity.CELL_LINES)]  # identity.entry's first bytes
 
 

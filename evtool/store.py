@@ -33,6 +33,11 @@ MAX_WORK_MEM_MB = 256  # what one batch's statement may ask for each sort or has
 # A batch with at least this many per-minute rows appends them to revenue_minutes_pending
 # instead of upserting them into revenue_by_minute (migration 013): many users, one probe each.
 PENDING_MINUTE_ROWS = 50_000
+# Adds an upserted (user, minute) row of revenue_by_minute (aliased r) to the one it meets.
+_ADD_MINUTE = ("ON CONFLICT (user_id, minute) DO UPDATE"
+               " SET adds = r.adds + excluded.adds, added = r.added + excluded.added,"
+               " subtracts = r.subtracts + excluded.subtracts,"
+               " subtracted = r.subtracted + excluded.subtracted")
 # What readers of the per-minute figures read: both tables, in one statement, so one snapshot.
 MINUTES = ("(SELECT user_id, minute, adds, added, subtracts, subtracted FROM revenue_by_minute"
            " UNION ALL SELECT user_id, minute, adds, added, subtracts, subtracted"
@@ -596,10 +601,7 @@ class Store:
                     INSERT INTO revenue_by_minute AS r (user_id, minute, adds, added, subtracts, subtracted)
                     SELECT user_id, {minute}, sum(adds), sum(added), sum(subtracts), sum(subtracted)
                     FROM batch_minute_sums GROUP BY user_id, minute ORDER BY user_id, minute
-                    ON CONFLICT (user_id, minute) DO UPDATE
-                    SET adds = r.adds + excluded.adds, added = r.added + excluded.added,
-                        subtracts = r.subtracts + excluded.subtracts,
-                        subtracted = r.subtracted + excluded.subtracted"""
+                    {_ADD_MINUTE}"""
         with self.conn.cursor() as cur:
             # The batch's sorts and aggregates in memory, not spilled at the default 4 MB: about
             # four times the rows' text, within bounds (SET LOCAL: this transaction only).
@@ -641,7 +643,7 @@ class Store:
         with self.transaction():
             self.conn.execute(f"SET LOCAL work_mem = '{MAX_WORK_MEM_MB}MB'")
             folded, written = self.conn.execute(
-                """
+                f"""
                 WITH gone AS (
                     DELETE FROM revenue_minutes_pending
                     RETURNING user_id, minute, adds, added, subtracts, subtracted
@@ -652,10 +654,7 @@ class Store:
                 ), written AS (
                     INSERT INTO revenue_by_minute AS r (user_id, minute, adds, added, subtracts, subtracted)
                     SELECT user_id, minute, adds, added, subtracts, subtracted FROM m ORDER BY user_id, minute
-                    ON CONFLICT (user_id, minute) DO UPDATE
-                    SET adds = r.adds + excluded.adds, added = r.added + excluded.added,
-                        subtracts = r.subtracts + excluded.subtracts,
-                        subtracted = r.subtracted + excluded.subtracted
+                    {_ADD_MINUTE}
                     RETURNING 1
                 )
                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM written)
