@@ -189,12 +189,18 @@ class ParsePool:
         """
         if self._pool is not None:
             procs = list((getattr(self._pool, "_processes", None) or {}).values())
+            manager = getattr(self._pool, "_executor_manager_thread", None)
             self._pool.shutdown(wait=False, cancel_futures=True)
             for proc in procs:
                 if proc.is_alive():
                     proc.kill()
             for proc in procs:
                 proc.join(timeout=5)
+            # The pool's manager thread notices the dead workers and closes its wake-up pipe. Left
+            # running, it races the interpreter's exit hook, which writes to that pipe: Python 3.11
+            # then prints "OSError: Bad file descriptor" with a traceback after our own message.
+            if manager is not None:
+                manager.join(timeout=5)
             self._pool = None
 
 

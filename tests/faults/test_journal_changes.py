@@ -15,7 +15,9 @@ import resource
 import shutil
 import signal
 import subprocess
+import threading
 import time
+from concurrent.futures import process as cf_process
 from decimal import Decimal
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import psycopg
 import pytest
 
 from evtool import journal as journal_mod
+from evtool.processor import ParsePool
 
 from .helpers import Serve, db_totals, evtool_cmd, generate, http, session_members, start
 from .test_files import file_totals
@@ -173,6 +176,34 @@ def test_journal_overwritten_in_place_during_a_batch_applies_no_byte_of_the_wron
                            capture_output=True, text=True, timeout=HANG_GUARD)
     assert again.returncode == 0, again.stderr
     assert db_totals(dsn) == totals_of(tmp_path, a[:committed], b)
+
+
+def test_closing_the_parse_pool_leaves_no_thread_to_race_the_exit(tmp_path, big_files):
+    """Before: `process` ending on an error (a truncated journal, say) sometimes printed an
+    "OSError: Bad file descriptor" traceback after its message. The pool's manager thread was
+    still closing its wake-up pipe when Python's exit hook wrote to it (CI saw it once).
+
+    The race itself is a matter of microseconds, so the test checks its cause instead: once
+    the pool is closed, no pool manager thread of ours is left running.
+    """
+    a, _ = big_files
+    path = _write(tmp_path / "server-events.jsonl", a)
+    before = set(_pool_managers())
+    pool = ParsePool(2, 1 << 20, strict=False)
+    with open(path, "rb") as f:
+        futures, spills = pool.submit(f, str(path), 0, len(a))
+        assert futures and set(_pool_managers()) - before  # the workers are busy: a thread runs
+        pool.close()
+        left = set(_pool_managers()) - before
+    for spill in spills:
+        spill.close()
+    assert left == set()
+
+
+def _pool_managers() -> list[threading.Thread]:
+    # CPython's private class: the thread each ProcessPoolExecutor runs to manage its workers.
+    return [t for t in threading.enumerate()
+            if isinstance(t, cf_process._ExecutorManagerThread) and t.is_alive()]
 
 
 def _write(path: Path, data: bytes) -> Path:
