@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import threading
 import time
 from array import array
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Annotated, BinaryIO, Literal
 
+import msgspec
 import orjson
 
 from . import events, eventtime, identity, journal, store
@@ -40,7 +42,8 @@ MAX_USERS_PER_PART = 100_000
 SHORT_ID = 50
 _KEY_BYTES = 250  # a key's dict entry, tuple, sums list and ints, beside its id's characters
 _MAX_INT = events.MAX_INT
-_SLOTS = [slot.to_bytes(2, "big") for slot in range(identity.CELL_LINES)]  # identity.entry's first bytes
+_CELL_LINES, _ENTRY = identity.CELL_LINES, identity.ENTRY
+_SLOTS = [slot.to_bytes(2, "big") for slot in range(_CELL_LINES)]  # identity.entry's first bytes
 
 
 @dataclass
@@ -51,6 +54,9 @@ class SourcePart:
     cells: dict[int, bytes | bytearray] = field(default_factory=dict)
     sums: Sums = field(default_factory=dict)
     repeats: bool = False  # an entry occurs twice in the chunk (a retry within the batch)
+    # Cells whose entries all came in strictly increasing lines (a sender's run, see
+    # _SenderCells), so they are sorted and each once as they are; any other cell is sorted.
+    in_order: set[int] = field(default_factory=set)
     count: int = 0  # events
     # Cells written to the committing process's spill file (see `spill`): flat (cell, offset,
     # length) triples, a cell's entries sorted and each once within a record; a cell may have
@@ -66,10 +72,14 @@ class SourcePart:
         self.rows = store.copy_rows(self.sums)
         self.users = user_hashes(self.sums)
         for cell, packed in self.cells.items():
-            self.cells[cell] = self._sorted(packed)
+            self.cells[cell] = self._sorted(cell, packed)
 
-    def _sorted(self, packed: bytes | bytearray) -> bytes:
+    def _sorted(self, cell: int, packed: bytes | bytearray) -> bytes:
         """A cell's entries sorted, each once (counted; a repeat noted)."""
+        if cell in self.in_order:
+            self.in_order.discard(cell)
+            self.count += len(packed) // _ENTRY
+            return bytes(packed)
         got = identity.entries(bytes(packed))
         self.count += len(got)
         unique = sorted(set(got))
@@ -81,7 +91,7 @@ class SourcePart:
         forget it: the entries go to the committing process through a file, not through memory
         (a 128 MiB batch of sender ids holds ~9 MB of them)."""
         for cell in [c for c in self.cells if c != keep]:
-            data = self._sorted(self.cells.pop(cell))
+            data = self._sorted(cell, self.cells.pop(cell))
             self.spilled.extend((cell, f.tell(), len(data)))
             f.write(data)
 
@@ -418,27 +428,194 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
 
 
 def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: bool = True,
-              strict: bool = False, mapping: Mapping | None = None) -> ParsedPart:
+          strict: bool = False, mapping: Mapping | None = None) -> ParsedPart:
     """Parse complete lines `data` (starting at byte `offset` of the journal) into `out`.
 
-    `strict` and `mapping` apply only to a new part; a given `out` keeps its own. The loop
-    inlines the common case (an integer value, and no id or an id of the source seen last)
-    because it runs once per event; every other line takes `_event`, which ends in the shared
+    `strict` and `mapping` apply only to a new part; a given `out` keeps its own. A piece whose
+    every line has the plain shape (what `serve` and `send` write, see `_plain_lines`) is decoded
+    and checked whole by msgspec, then summed (`_sum_plain`); any other piece line by line
+    (`_sum_lines`). Both give the same part: a line either loop cannot finish takes `_line`.
+    """
+    out = ParsedPart(offset, offset + len(data), strict=strict, mapping=mapping) if out is None else out
+    plain = _plain_lines(data) if out.mapping is None else None
+    if plain is not None:
+        _sum_plain(plain, data, offset, out)
+    else:
+        _sum_lines(data, offset, out)
+    if close:
+        out.finish()
+    return out
+
+
+class _Plain(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A line in the plain shape: these members only, of these types and bounds (the common
+    shape's checks, events.common_shape, done by msgspec in C). Values stop at int64, far below
+    events.MAX_INT (msgspec reads any integer, orjson turns those past uint64 into floats); a
+    larger one, a decimal or any other member sends the piece line by line."""
+
+    userId: Annotated[str, msgspec.Meta(min_length=1, max_length=events.MAX_USER_ID)]
+    name: Literal["add_revenue", "subtract_revenue"]
+    value: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    eventId: str | msgspec.UnsetType = msgspec.UNSET
+    timestamp: str | msgspec.UnsetType = msgspec.UNSET  # eventtime.STAMP_FIELD
+
+
+_PLAIN_LINES = msgspec.json.Decoder(_Plain)
+
+
+def _plain_lines(data: bytes) -> list[_Plain] | None:
+    """Every line of `data` decoded as a _Plain, or None when one is not (or might not be).
+
+    ASCII without escapes, so each decoded string is the line's own text: no surrogate or NUL
+    (JSON has no raw control characters), nothing msgspec and orjson could read differently.
+    msgspec reads NDJSON as a stream of values, so each line must end its object (`}` before
+    the newline: in a flat object that closes it) and the count must match: one object a line.
+    """
+    if not data.isascii() or b"\\" in data or b"\r" in data:
+        return None
+    n = data.count(b"\n")
+    if data.count(b"}\n") != n:
+        return None
+    try:
+        plain = _PLAIN_LINES.decode_lines(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return plain if len(plain) == n else None
+
+
+def _sum_plain(plain: list[_Plain], data: bytes, offset: int, out: ParsedPart) -> None:
+    """Sum the lines of `data`, decoded as `plain` (see _plain_lines), into `out`."""
+    fresh, opaque = out.fresh, out.opaque
+    sender, sender_id = _SenderCells(out.sources).add, identity.SOURCE_ID.fullmatch
+    stamp_minutes, stamp_minute = eventtime.STAMP_MINUTE, eventtime.stamp_minute
+    max_eid, receiver, unset = events.MAX_EVENT_ID, events.RECEIVER_ID_PREFIX, msgspec.UNSET
+    event_digest, content_digest = identity.event_digest, identity.content_digest
+    base = out.lines
+    starts: list[int] = []  # each line's offset in `data`, made when one is needed
+    for index, e in enumerate(plain, base):
+        t = e.timestamp
+        if t is unset:
+            minute = ""
+        else:
+            minute = stamp_minutes.get(t)
+            if minute is None:
+                minute = stamp_minute(t)
+        eid = e.eventId
+        if minute is None:
+            sums = None
+        elif eid is unset:
+            sums = fresh
+        elif (m := sender_id(eid)) is not None:
+            sums = sender(m)
+        elif 0 < len(eid) <= max_eid and eid.isprintable():  # events.check_event_id, inlined
+            if eid[0] == receiver:
+                sums = fresh  # a receiver id: identity.Kind.POSITION
+            else:
+                starts = starts or _starts(data)
+                is_add = e.name == "add_revenue"
+                opaque.append((event_digest(eid), content_digest(e.userId, is_add, e.value),
+                               (e.userId, minute), is_add, e.value, offset + starts[index - base], index))
+                continue
+        else:
+            sums = None
+        if sums is None:
+            starts = starts or _starts(data)
+            i = index - base
+            _line(out, data[starts[i]:starts[i + 1] - 1], offset + starts[i], index)
+            continue
+        add(sums, (e.userId, minute), e.name == "add_revenue", e.value)
+    out.lines = base + len(plain)
+
+
+def _starts(data: bytes) -> list[int]:
+    """The offset of each line of `data` (complete lines), and len(data) after the last."""
+    return [0, *itertools.accumulate(len(line) + 1 for line in data.split(b"\n")[:-1])]
+
+
+class _SenderCells:
+    """Where a sender id's entry goes: the cell of its source's part (identity.entry). The
+    lines of a source come in runs, so its part and cell are kept from one id to the next."""
+
+    __slots__ = ("sources", "source", "n", "part", "cell")
+
+    def __init__(self, sources: dict[str, SourcePart]) -> None:
+        self.sources = sources
+        self.source: str | None = None
+        self.n = -1
+        self.part = SourcePart()
+        self.cell = bytearray()
+
+    def add(self, m: re.Match[str]) -> Sums:
+        """Note a sender id's entry (its match of identity.SOURCE_ID); return its source's sums."""
+        source, number, chain = m.groups()
+        n = int(number) - 1
+        if source != self.source:
+            part = self.sources.get(source)
+            if part is None:
+                part = self.sources[source] = SourcePart()
+            self.part, self.source, self.n = part, source, -1
+        if n // _CELL_LINES != self.n // _CELL_LINES:  # identity.cell_of
+            cell = self.part.cells.get(n // _CELL_LINES)
+            if cell is None:
+                cell = self.part.cells[n // _CELL_LINES] = bytearray()
+                self.part.in_order.add(n // _CELL_LINES)
+            elif cell[-_ENTRY:2 - _ENTRY] >= _SLOTS[n % _CELL_LINES]:  # back to a cell, below its last line
+                self.part.in_order.discard(n // _CELL_LINES)
+            self.cell = cell
+        elif n <= self.n:
+            self.part.in_order.discard(n // _CELL_LINES)
+        self.n = n
+        cell = self.cell
+        cell += _SLOTS[n % _CELL_LINES]
+        cell += bytes.fromhex(chain) if chain else identity.ZERO_CHAIN
+        return self.part.sums
+
+
+def _line(out: ParsedPart, line: bytes, start: int, index: int) -> None:
+    """One line that the loops' common cases do not cover: the shared validator decides."""
+    try:
+        key, is_add, value, eid = _event(line, out.strict, out.mapping)
+    except InvalidEvent as exc:
+        out.rejects.append((start, index, line, exc.reason))
+        return
+    kind, m = identity.classify(eid)
+    if kind is identity.Kind.POSITION:
+        add(out.fresh, key, is_add, value)
+    elif m is None:
+        # the content is what the event means (user, name, value), not its time: a retry
+        # that serve stamped with another receive time is the same event
+        out.opaque.append((identity.event_digest(eid), identity.content_digest(key[0], is_add, value),
+                           key, is_add, value, start, index))
+    else:
+        part = out.sources.get(m[1])
+        if part is None:
+            part = out.sources[m[1]] = SourcePart()
+        n = int(m[2])
+        cell = part.cells.get(identity.cell_of(n))
+        if cell is None:
+            cell = part.cells[identity.cell_of(n)] = bytearray()
+        cell += identity.entry(n, identity.chain_of(m))
+        part.in_order.discard(identity.cell_of(n))  # (no order is known here)
+        add(part.sums, key, is_add, value)
+
+
+def _sum_lines(data: bytes, offset: int, out: ParsedPart) -> None:
+    """Sum the lines of `data` into `out`, line by line.
+
+    The loop inlines the common case (an integer value, and no id or a sender or opaque id)
+    because it runs once per event; every other line takes `_line`, which ends in the shared
     validator. Under a mapping, each object is first turned into the common shape by the
     mapping's compiled accessor (None, for the slow path, when it needs the full view).
     """
-    out = ParsedPart(offset, offset + len(data), strict=strict, mapping=mapping) if out is None else out
     strict, mapping = out.strict, out.mapping
     mapped = None if mapping is None else mapping.accessor(strict)
-    fresh, sources, opaque, rejects = out.fresh, out.sources, out.opaque, out.rejects
+    fresh, opaque = out.fresh, out.opaque
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
     max_user = events.MAX_USER_ID
     deep_len, too_deep = events.DEEP_LEN, events.too_deep
-    classify, POSITION = identity.classify, identity.Kind.POSITION
     fast_minute = eventtime.fast_minute
     stamp_minutes, stamp_minute = eventtime.STAMP_MINUTE, eventtime.stamp_minute
-    sender_id, zero, cell_lines = identity.SOURCE_ID.fullmatch, identity.ZERO_CHAIN, identity.CELL_LINES
-    fromhex, slots = bytes.fromhex, _SLOTS
+    sender, sender_id = _SenderCells(out.sources).add, identity.SOURCE_ID.fullmatch
     max_eid, receiver = events.MAX_EVENT_ID, events.RECEIVER_ID_PREFIX
     event_digest, content_digest = identity.event_digest, identity.content_digest
     pos = offset
@@ -447,8 +624,6 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
     lines = data.split(b"\n")
     lines.pop()  # what follows the last newline: nothing, as `data` is complete lines
     crlf = b"\r" in data  # (most journals have none: no per-line test then)
-    # the source, line and cell of the last sender id: lines of a source come in runs
-    last_source, last_n, last_part, last_cell = None, -1, SourcePart(), bytearray()
     for index, line in enumerate(lines, base):
         start = pos
         pos += len(line) + 1
@@ -459,11 +634,11 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
         except decode_error:
             if not line or line.isspace():
                 continue
-            obj = None  # _event below says what is wrong
+            obj = None  # _line below says what is wrong
         if len(line) > deep_len and obj is not None and too_deep(line):
-            obj = None  # _event says it nests too deep
+            obj = None  # _line says it nests too deep
         if mapped is not None:
-            obj = mapped(obj)  # the common shape, or None: _event applies the full mapping
+            obj = mapped(obj)  # the common shape, or None: _line applies the full mapping
         # events.common_shape, inlined (it runs once per event); validate accepts a superset.
         if type(obj) is dict:
             user = obj.get("userId")
@@ -493,69 +668,22 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
                     if eid is None:
                         sums = fresh
                     elif type(eid) is str and (m := sender_id(eid)) is not None:
-                        source, number, chain = m.groups()
-                        n = int(number) - 1
-                        if source != last_source:
-                            last_part = sources.get(source)
-                            if last_part is None:
-                                last_part = sources[source] = SourcePart()
-                            last_source, last_n = source, -1
-                        if n // cell_lines != last_n // cell_lines:  # (identity.cell_of, entry)
-                            last_cell = last_part.cells.get(n // cell_lines)
-                            if last_cell is None:
-                                last_cell = last_part.cells[n // cell_lines] = bytearray()
-                        last_n = n
-                        last_cell += slots[n % cell_lines]
-                        last_cell += fromhex(chain) if chain else zero
-                        sums = last_part.sums
-                    elif (type(eid) is str and 0 < len(eid) <= max_eid and eid[0] != receiver
-                          and eid.isprintable()):  # an opaque id (events.check_event_id, inlined)
-                        is_add = name == "add_revenue"
-                        opaque.append((event_digest(eid), content_digest(user, is_add, value),
-                                       (user, minute), is_add, value, start, index))
-                        continue
+                        sums = sender(m)
+                    elif type(eid) is str and 0 < len(eid) <= max_eid and eid.isprintable():
+                        if eid[0] == receiver:
+                            sums = fresh  # a receiver id: identity.Kind.POSITION
+                        else:  # an opaque id (events.check_event_id, inlined)
+                            is_add = name == "add_revenue"
+                            opaque.append((event_digest(eid), content_digest(user, is_add, value),
+                                           (user, minute), is_add, value, start, index))
+                            continue
                     else:
                         sums = None
-                    if sums is not None:  # add(sums, key, is_add, value), inlined
-                        key = (user, minute)
-                        s = sums.get(key)
-                        if s is None:
-                            sums[key] = [1, value, 0, 0] if name == "add_revenue" else [0, 0, 1, value]
-                        elif name == "add_revenue":  # value is an int; the sum may be a Decimal
-                            s[0] += 1
-                            s[1] = s[1] + value if type(s[1]) is int else money_add(s[1], value)
-                        else:
-                            s[2] += 1
-                            s[3] = s[3] + value if type(s[3]) is int else money_add(s[3], value)
+                    if sums is not None:
+                        add(sums, (user, minute), name == "add_revenue", value)
                         continue
-        try:
-            key, is_add, value, eid = _event(line, strict, mapping)
-        except InvalidEvent as exc:
-            rejects.append((start, index, line, exc.reason))
-            continue
-        kind, m = classify(eid)
-        if kind is POSITION:
-            add(fresh, key, is_add, value)
-            continue
-        if m is None:
-            # the content is what the event means (user, name, value), not its time: a retry
-            # that serve stamped with another receive time is the same event
-            opaque.append((identity.event_digest(eid), identity.content_digest(key[0], is_add, value),
-                           key, is_add, value, start, index))
-            continue
-        part = sources.get(m[1])
-        if part is None:
-            part = sources[m[1]] = SourcePart()
-        n = int(m[2])
-        cell = part.cells.get(identity.cell_of(n))
-        if cell is None:
-            cell = part.cells[identity.cell_of(n)] = bytearray()
-        cell += identity.entry(n, identity.chain_of(m))
-        add(part.sums, key, is_add, value)
+        _line(out, line, start, index)
     out.lines = index + 1
-    if close:
-        out.finish()
-    return out
 
 
 def source_events(data: bytes, source: str, strict: bool = False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -185,3 +186,97 @@ def test_the_timestamp_cache_stays_bounded_and_remembers_only_valid_stamps() -> 
     assert 0 < len(eventtime.STAMP_MINUTE) <= kept
     assert eventtime.fast_minute({"timestamp": "2026-11-23T24:00:00.000Z"}) is None
     assert "2026-11-23T24:00:00.000Z" not in eventtime.STAMP_MINUTE
+
+
+# -- the plain path: a piece msgspec decodes and checks whole (parser._plain_lines) ---------------
+
+_ascii = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e, blacklist_characters='"\\'),
+                 max_size=8)
+_plain_ids = st.one_of(
+    _event_ids.filter(lambda e: not isinstance(e, str) or (e.isascii() and e.isprintable())),
+    st.uuids().map(str), st.sampled_from(["~r1", "~", "~" + "x" * 127, "~" + "x" * 128]),
+    st.builds(lambda n: f"~0a1b2c3d4e5f-{n}", st.integers(1, 3000)))
+_A = b'{"userId":"u1","name":"add_revenue","value":1}'
+_REFUSED = [  # what msgspec must refuse, or _plain_lines leave to the per-line loop
+    _A + _A, _A + b" " + _A, _A[:20] + b"\n" + _A[20:], _A[:15] + b"\n" + _A[15:], _A + b"  ", b"", b" ",
+    b"[]", b"{}",
+    b'{"userId":"u1","name":"add_revenue","value":3,"eventId":null}',
+    b'{"userId":"u1","name":"add_revenue","value":3,"timestamp":null}',
+    b'{"userId":"u1","name":"add_revenue","value":3,"note":"x"}',
+    b'{"userId":"u\\u00e9","name":"add_revenue","value":1}',
+    b'{"userId":"\xc3\xa9","name":"add_revenue","value":1}',
+    _A + b"\r",
+    *(b'{"userId":"u1","name":"add_revenue","value":%s}' % v
+      for v in (b"-1", b"1.5", b"1.0", b"1e2", b"true", b"18446744073709551616", b"99999999999999999999")),
+]
+_READ_ALIKE = [b"  " + _A, b'{"userId":"u1","userId":"u2","name":"add_revenue","value":2}']  # (last key wins)
+_OFF_SHAPE = _REFUSED + _READ_ALIKE
+
+
+@st.composite
+def _plain_line(draw: st.DrawFn) -> bytes:
+    """Mostly what serve writes (ASCII, no escapes, a flat object of the five members), with
+    what msgspec must refuse or leave to the per-line checks mixed in now and then."""
+    odd = draw(st.integers(0, 29))
+    if odd == 0:
+        return draw(st.sampled_from(_OFF_SHAPE))
+    users = st.one_of(st.sampled_from(["user24", "u", "x" * 256, "x" * 257, "", " "]), _ascii)
+    values = st.integers(0, 1000) if odd > 1 else st.sampled_from([0, 2**63 - 1, 2**64 - 1])
+    obj: dict = {"userId": draw(users),
+                 "name": draw(st.sampled_from(["add_revenue", "subtract_revenue"] * 9 + ["Add_revenue"])),
+                 "value": draw(values)}
+    if draw(st.integers(0, 3)):
+        obj["eventId"] = draw(_plain_ids)
+    if draw(st.integers(0, 3)):
+        obj["timestamp"] = draw(_stamps.filter(lambda t: isinstance(t, str) and t.isascii()))
+    keys = draw(st.permutations(list(obj)))
+    obj = {k: obj[k] for k in keys}
+    return json.dumps(obj, separators=(",", ":") if draw(st.booleans()) else None).encode()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=st.lists(_plain_line(), max_size=30), cut=st.integers(0, 30))
+def test_a_piece_read_whole_gives_what_the_full_validator_gives(lines: list[bytes], cut: int) -> None:
+    """The plain path's decisions (and its per-line fallbacks) against the reference, whole and
+    in two pieces; whether a piece is read whole or line by line must never show in the part."""
+    pieces = [line + b"\n" for line in lines]
+    data = b"".join(pieces)
+    want = _facts(_reference(data, False))
+    assert _facts(parser.parse(data, 0)) == want
+    head = b"".join(pieces[:cut])
+    out = parser.ParsedPart(0, len(data))
+    parser.parse(head, 0, out, close=False)
+    parser.parse(data[len(head):], len(head), out)
+    assert _facts(out) == want
+
+
+def test_only_a_piece_of_one_flat_object_a_line_is_read_whole() -> None:
+    """The fuzz above covers both paths only if _plain_lines takes the pieces it should."""
+    a = (b'{"userId":"u1","name":"add_revenue","value":1,"eventId":"%s:5:%s","timestamp":"%s"}'
+         % (SRC.encode(), CHAIN.encode(), b"2026-11-23T14:34:29.191Z"))
+    b = b'{"userId": "u2", "name": "subtract_revenue", "value": 7}'
+    plain = parser._plain_lines(a + b"\n" + b + b"\n")
+    assert plain is not None and [p.userId for p in plain] == ["u1", "u2"]
+    assert plain[1].eventId is msgspec.UNSET
+    for line in _OFF_SHAPE:
+        data = b + b"\n" + line + b"\n"
+        assert (parser._plain_lines(data) is None) == (line in _REFUSED), line
+        assert _facts(parser.parse(data, 0)) == _facts(_reference(data, False))
+
+
+def test_sender_ids_out_of_order_or_repeated_within_a_cell_are_sorted_and_counted_once() -> None:
+    """A cell whose lines came in order is kept as it is (SourcePart.in_order); one that saw a
+    line again, an earlier line, or a return below its last line after another cell is sorted."""
+    def line(n: int) -> bytes:
+        return (b'{"userId":"u","name":"add_revenue","value":1,"eventId":"%s:%d:%s"}\n'
+                % (SRC.encode(), n, CHAIN.encode()))
+    orders = ([1, 2, 3], [3, 2, 1], [1, 2, 2], [1, 1025, 2], [1, 1025, 1], [2, 1025, 3], [5, 1030, 1029, 4],
+              list(range(1, 2100)))
+    for order in orders:
+        data = b"".join(map(line, order))
+        got = parser.parse(data, 0)
+        assert _facts(got) == _facts(_reference(data, False)), order
+        part = got.sources[SRC]
+        assert part.count == len(order) and part.repeats == (len(set(order)) != len(order))
+        assert b"".join(part.cells.values()) == b"".join(
+            identity.entry(n, bytes.fromhex(CHAIN)) for n in sorted(set(order)))
