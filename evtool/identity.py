@@ -120,17 +120,28 @@ def chain_of(m: re.Match[str]) -> bytes:
     return bytes.fromhex(m[3]) if m[3] else ZERO_CHAIN
 
 
+# The digests' hashers, set up once: a copy and an update cost half of making one per event.
+_EVENT_HASH = blake2b(digest_size=16)
+_CONTENT_HASH = blake2b(digest_size=8, person=b"evtool-content")
+
+
 def event_digest(event_id: str) -> bytes:
     """The 16-byte dedup key of an event that has an id."""
-    return blake2b(event_id.encode(), digest_size=16).digest()
+    h = _EVENT_HASH.copy()
+    h.update(event_id.encode())
+    return h.digest()
 
 
 def content_digest(user: str, is_add: bool, value: Value) -> bytes:
     """8 bytes that tell two events with the same id apart: what they mean (user, name, exact
     value), not how they were written (key order, spacing, `1.50` vs `1.5`, other fields)."""
-    text = format_value(value if isinstance(value, int) else Decimal(value))
-    data = b"%s\0%c\0%s" % (user.encode("utf-8", "surrogatepass"), 43 if is_add else 45, text.encode())
-    return blake2b(data, digest_size=8, person=b"evtool-content").digest()
+    h = _CONTENT_HASH.copy()
+    if type(value) is int:  # %d is format_value's text of an int
+        h.update(b"%s\0%c\0%d" % (user.encode("utf-8", "surrogatepass"), 43 if is_add else 45, value))
+    else:
+        text = format_value(value if isinstance(value, int) else Decimal(value))
+        h.update(b"%s\0%c\0%s" % (user.encode("utf-8", "surrogatepass"), 43 if is_add else 45, text.encode()))
+    return h.digest()
 
 
 def position_digest(fingerprint: bytes, offset: int) -> bytes:
