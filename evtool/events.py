@@ -165,7 +165,7 @@ def exact_value(text: bytes | str, parsed: float) -> Decimal:
     return Decimal(number.decode())
 
 
-def _check_decimal(d: Decimal) -> Value:
+def check_decimal(d: Decimal) -> Value:
     """The value of a finite Decimal within the limits, exactly: an int when it is whole, else
     the Decimal without trailing zeros. Context-free: no step here can round."""
     if not d.is_finite():
@@ -339,7 +339,7 @@ def validate(obj: object, raw: bytes | str | None = None, *, allow_reserved: boo
             if raw is None:
                 raise InvalidEvent("value must be given as JSON text to be read exactly")
             value = exact_value(raw, value)
-        value = _check_decimal(value)
+        value = check_decimal(value)
     event_id = obj.get("eventId")
     if event_id is not None:
         check_event_id(event_id, allow_reserved=allow_reserved)

@@ -16,6 +16,7 @@ import time
 from array import array
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Annotated, BinaryIO, Literal
 
 import msgspec
@@ -449,13 +450,14 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
 
 class _Plain(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A line in the plain shape: these members only, of these types and bounds (the common
-    shape's checks, events.common_shape, done by msgspec in C). Values stop at int64, far below
-    events.MAX_INT (msgspec reads any integer, orjson turns those past uint64 into floats); a
-    larger one, a decimal or any other member sends the piece line by line."""
+    shape's checks, events.common_shape, done by msgspec in C). An integer value stops at
+    int64, far below events.MAX_INT (msgspec reads any integer, orjson turns those past uint64
+    into floats); a larger one or any other member sends the piece line by line. Any other
+    value is a Decimal of the number's very text (or of a string: see _sum_plain)."""
 
     userId: Annotated[str, msgspec.Meta(min_length=1, max_length=events.MAX_USER_ID)]
     name: Literal["add_revenue", "subtract_revenue"]
-    value: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    value: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | Decimal
     eventId: str | msgspec.UnsetType = msgspec.UNSET
     timestamp: str | msgspec.UnsetType = msgspec.UNSET  # eventtime.STAMP_FIELD
 
@@ -492,6 +494,8 @@ def _sum_plain(plain: list[_Plain], data: bytes, offset: int, out: ParsedPart) -
     event_digest, content_digest = identity.event_digest, identity.content_digest
     base = out.lines
     starts: list[int] = []  # each line's offset in `data`, made when one is needed
+    strings = _STRING_VALUE.search(data) is not None  # a string value somewhere (see _decimal)
+    decimals = _DECIMALS
     for index, e in enumerate(plain, base):
         t = e.timestamp
         if t is unset:
@@ -501,7 +505,15 @@ def _sum_plain(plain: list[_Plain], data: bytes, offset: int, out: ParsedPart) -
             if minute is None:
                 minute = stamp_minute(t)
         eid = e.eventId
-        if minute is None:
+        value = e.value
+        if type(value) is not int:  # a decimal: checked as events.validate checks a number's text
+            checked = None if strings else decimals.get(value)
+            if checked is None:
+                starts = starts or _starts(data)
+                i = index - base
+                checked = _decimal(value, data[starts[i]:starts[i + 1] - 1])
+            value = checked
+        if minute is None or value is None:
             sums = None
         elif eid is unset:
             sums = fresh
@@ -513,8 +525,8 @@ def _sum_plain(plain: list[_Plain], data: bytes, offset: int, out: ParsedPart) -
             else:
                 starts = starts or _starts(data)
                 is_add = e.name == "add_revenue"
-                opaque.append((event_digest(eid), content_digest(e.userId, is_add, e.value),
-                               (e.userId, minute), is_add, e.value, offset + starts[index - base], index))
+                opaque.append((event_digest(eid), content_digest(e.userId, is_add, value),
+                               (e.userId, minute), is_add, value, offset + starts[index - base], index))
                 continue
         else:
             sums = None
@@ -523,8 +535,32 @@ def _sum_plain(plain: list[_Plain], data: bytes, offset: int, out: ParsedPart) -
             i = index - base
             _line(out, data[starts[i]:starts[i + 1] - 1], offset + starts[i], index)
             continue
-        add(sums, (e.userId, minute), e.name == "add_revenue", e.value)
+        add(sums, (e.userId, minute), e.name == "add_revenue", value)
     out.lines = base + len(plain)
+
+
+_STRING_VALUE = re.compile(rb'"value"\s*:\s*"')
+# A Decimal -> its events.check_decimal, which depends on the number alone (not on how it is
+# written: 7.80 and 7.8 give the same), so a price seen before costs one lookup. Bounded.
+_DECIMALS: dict[Decimal, events.Value] = {}
+_DECIMALS_KEPT = 16_384
+
+
+def _decimal(value: Decimal, line: bytes) -> events.Value | None:
+    """The exact value of a line whose value msgspec read as a Decimal, as events.validate
+    gives it for a JSON number (events.check_decimal of its text); None when the validator must
+    decide: a string value (msgspec reads "1.5" as a number too; the validator has its own rules
+    for strings) or a value out of bounds (so that the reason is the validator's)."""
+    if _STRING_VALUE.search(line):
+        return None
+    try:
+        checked = events.check_decimal(value)
+    except InvalidEvent:
+        return None
+    if len(_DECIMALS) >= _DECIMALS_KEPT:
+        _DECIMALS.clear()
+    _DECIMALS[value] = checked
+    return checked
 
 
 def _starts(data: bytes) -> list[int]:

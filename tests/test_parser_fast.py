@@ -207,9 +207,15 @@ _REFUSED = [  # what msgspec must refuse, or _plain_lines leave to the per-line 
     b'{"userId":"\xc3\xa9","name":"add_revenue","value":1}',
     _A + b"\r",
     *(b'{"userId":"u1","name":"add_revenue","value":%s}' % v
-      for v in (b"-1", b"1.5", b"1.0", b"1e2", b"true", b"18446744073709551616", b"99999999999999999999")),
+      for v in (b"-1", b"true", b"null", b"18446744073709551616", b"99999999999999999999", b'"x"')),
+    b'{"userId":"u1","name":"add_revenue","value":"x","value":2.5}',  # (msgspec checks each)
 ]
-_READ_ALIKE = [b"  " + _A, b'{"userId":"u1","userId":"u2","name":"add_revenue","value":2}']  # (last key wins)
+_READ_ALIKE = [  # read whole; the same as line by line
+    b"  " + _A, b'{"userId":"u1","userId":"u2","name":"add_revenue","value":2}',  # (the last key wins)
+    *(b'{"userId":"u1","name":"add_revenue","value":%s}' % v
+      for v in (b"1.5", b"1.0", b"1e2", b'"1.5"', b'"0012"', b"1e400", b"-0.0", b"-0.5")),
+    b'{"userId":"u1","name":"add_revenue","value":"1.5","value":2.5}',
+]
 _OFF_SHAPE = _REFUSED + _READ_ALIKE
 
 
@@ -221,30 +227,40 @@ def _plain_line(draw: st.DrawFn) -> bytes:
     if odd == 0:
         return draw(st.sampled_from(_OFF_SHAPE))
     users = st.one_of(st.sampled_from(["user24", "u", "x" * 256, "x" * 257, "", " "]), _ascii)
-    values = st.integers(0, 1000) if odd > 1 else st.sampled_from([0, 2**63 - 1, 2**64 - 1])
+    values = st.integers(0, 1000).map(str) if odd > 3 else st.one_of(_DECIMALS, st.sampled_from(
+        ["0", str(2**63 - 1), str(2**64 - 1), '"1.5"', '"0012"', '"12.50"', '" 1"', '"1e2"', '"-1"']))
     obj: dict = {"userId": draw(users),
                  "name": draw(st.sampled_from(["add_revenue", "subtract_revenue"] * 9 + ["Add_revenue"])),
-                 "value": draw(values)}
+                 "value": _VALUE}
     if draw(st.integers(0, 3)):
         obj["eventId"] = draw(_plain_ids)
     if draw(st.integers(0, 3)):
         obj["timestamp"] = draw(_stamps.filter(lambda t: isinstance(t, str) and t.isascii()))
     keys = draw(st.permutations(list(obj)))
     obj = {k: obj[k] for k in keys}
-    return json.dumps(obj, separators=(",", ":") if draw(st.booleans()) else None).encode()
+    text = json.dumps(obj, separators=(",", ":") if draw(st.booleans()) else None)
+    return text.replace(json.dumps(_VALUE), draw(values)).encode()
+
+
+_VALUE = "\0value"  # where the value's own text goes
+_DECIMALS = st.one_of(  # numbers as JSON texts: exact decimals, exponents, limits, negatives
+    st.decimals(min_value=-1, max_value=10**21, allow_nan=False, allow_infinity=False, places=3).map(str),
+    st.sampled_from(["12.50", "0.1", "1e2", "1E-7", "1e-19", "-0.0", "0.000000000000000001",
+                     "0.0000000000000000001", "99999999999999999999.5", "1e20", "1e400", "1.0", "5E+0"]))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lines=st.lists(_plain_line(), max_size=30), cut=st.integers(0, 30))
-def test_a_piece_read_whole_gives_what_the_full_validator_gives(lines: list[bytes], cut: int) -> None:
+@given(lines=st.lists(_plain_line(), max_size=30), cut=st.integers(0, 30), strict=st.booleans())
+def test_a_piece_read_whole_gives_what_the_full_validator_gives(lines: list[bytes], cut: int,
+                                                                strict: bool) -> None:
     """The plain path's decisions (and its per-line fallbacks) against the reference, whole and
     in two pieces; whether a piece is read whole or line by line must never show in the part."""
     pieces = [line + b"\n" for line in lines]
     data = b"".join(pieces)
-    want = _facts(_reference(data, False))
-    assert _facts(parser.parse(data, 0)) == want
+    want = _facts(_reference(data, strict))
+    assert _facts(parser.parse(data, 0, strict=strict)) == want
     head = b"".join(pieces[:cut])
-    out = parser.ParsedPart(0, len(data))
+    out = parser.ParsedPart(0, len(data), strict=strict)
     parser.parse(head, 0, out, close=False)
     parser.parse(data[len(head):], len(head), out)
     assert _facts(out) == want
@@ -280,3 +296,18 @@ def test_sender_ids_out_of_order_or_repeated_within_a_cell_are_sorted_and_counte
         assert part.count == len(order) and part.repeats == (len(set(order)) != len(order))
         assert b"".join(part.cells.values()) == b"".join(
             identity.entry(n, bytes.fromhex(CHAIN)) for n in sorted(set(order)))
+
+
+def test_a_string_value_is_never_taken_for_the_number_it_spells() -> None:
+    """msgspec reads "12.50" as the Decimal 12.50, and the parser remembers checked decimals;
+    neither may let a string through where the validator refuses it (strict) or reads it by
+    its own rules (leading zeros), even right after the same number was seen."""
+    number = b'{"userId":"u1","name":"add_revenue","value":12.50}\n'
+    for string in (b'"12.50"', b'"012.5"', b'"12.5e0"'):
+        line = number.replace(b"12.50", string)
+        for strict in (False, True):
+            for data in (number + line, number * 3 + line + number):
+                parser.parse(number, 0)  # the number is known before the string comes
+                want = _facts(_reference(data, strict))
+                assert _facts(parser.parse(data, 0, strict=strict)) == want, (data, strict)
+                assert _facts(parser.parse(line, 0, strict=strict)) == _facts(_reference(line, strict))
