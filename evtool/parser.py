@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -533,7 +534,7 @@ def _sum_plain(plain: list[_Plain], data: bytes, offset: int, out: ParsedPart) -
         if sums is None:
             starts = starts or _starts(data)
             i = index - base
-            _line(out, data[starts[i]:starts[i + 1] - 1], offset + starts[i], index)
+            _line(out, data[starts[i]:starts[i + 1] - 1], offset + starts[i], index, sender)
             continue
         add(sums, (e.userId, minute), e.name == "add_revenue", value)
     out.lines = base + len(plain)
@@ -607,8 +608,10 @@ class _SenderCells:
         return self.part.sums
 
 
-def _line(out: ParsedPart, line: bytes, start: int, index: int) -> None:
-    """One line that the loops' common cases do not cover: the shared validator decides."""
+def _line(out: ParsedPart, line: bytes, start: int, index: int,
+          sender: Callable[[re.Match[str]], Sums]) -> None:
+    """One line that the loops' common cases do not cover: the shared validator decides.
+    `sender` is the loop's _SenderCells.add: one filer of entries, so its cells' order holds."""
     try:
         key, is_add, value, eid = _event(line, out.strict, out.mapping)
     except InvalidEvent as exc:
@@ -623,16 +626,7 @@ def _line(out: ParsedPart, line: bytes, start: int, index: int) -> None:
         out.opaque.append((identity.event_digest(eid), identity.content_digest(key[0], is_add, value),
                            key, is_add, value, start, index))
     else:
-        part = out.sources.get(m[1])
-        if part is None:
-            part = out.sources[m[1]] = SourcePart()
-        n = int(m[2])
-        cell = part.cells.get(identity.cell_of(n))
-        if cell is None:
-            cell = part.cells[identity.cell_of(n)] = bytearray()
-        cell += identity.entry(n, identity.chain_of(m))
-        part.in_order.discard(identity.cell_of(n))  # (no order is known here)
-        add(part.sums, key, is_add, value)
+        add(sender(m), key, is_add, value)
 
 
 def _sum_lines(data: bytes, offset: int, out: ParsedPart) -> None:
@@ -718,7 +712,7 @@ def _sum_lines(data: bytes, offset: int, out: ParsedPart) -> None:
                     if sums is not None:
                         add(sums, (user, minute), name == "add_revenue", value)
                         continue
-        _line(out, line, start, index)
+        _line(out, line, start, index, sender)
     out.lines = index + 1
 
 
