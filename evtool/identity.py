@@ -135,12 +135,12 @@ def event_digest(event_id: str) -> bytes:
 def content_digest(user: str, is_add: bool, value: Value) -> bytes:
     """8 bytes that tell two events with the same id apart: what they mean (user, name, exact
     value), not how they were written (key order, spacing, `1.50` vs `1.5`, other fields)."""
-    h = _CONTENT_HASH.copy()
-    if type(value) is int:  # %d is format_value's text of an int
-        h.update(b"%s\0%c\0%d" % (user.encode("utf-8", "surrogatepass"), 43 if is_add else 45, value))
+    if type(value) is int:
+        text = b"%d" % value  # format_value's text of an int
     else:
-        text = format_value(value if isinstance(value, int) else Decimal(value))
-        h.update(b"%s\0%c\0%s" % (user.encode("utf-8", "surrogatepass"), 43 if is_add else 45, text.encode()))
+        text = format_value(value if isinstance(value, int) else Decimal(value)).encode()
+    h = _CONTENT_HASH.copy()
+    h.update(b"%s\0%c\0%s" % (user.encode("utf-8", "surrogatepass"), 43 if is_add else 45, text))
     return h.digest()
 
 
