@@ -29,6 +29,7 @@ SQL_DIR = resources.files("evtool") / "sql"
 T = TypeVar("T")
 FETCH_ROWS = 5000  # rows per round trip of a server-side cursor
 CELL_WRITE_BYTES = 1 << 20  # applied_lines entries written per statement (write_cells)
+TEMP_BUFFERS_MB = 64  # a session's buffers for the batch tables (see _ensure_temp)
 MAX_WORK_MEM_MB = 256  # what one batch's statement may ask for each sort or hash (add_to_totals)
 # A batch with at least this many per-minute rows appends them to revenue_minutes_pending
 # instead of upserting them into revenue_by_minute (migration 013): many users, one probe each.
@@ -426,6 +427,10 @@ class Store:
 
     def _ensure_temp(self) -> None:
         if not self._temp_ready:
+            # The batch tables hold a batch's rows (~150k digests, ~11 MB): at the default 8 MB
+            # of local buffers they go to disk and back. Settable only before the session's
+            # first temporary table; memory is taken as rows arrive, not up front.
+            self.conn.execute(f"SET temp_buffers = '{TEMP_BUFFERS_MB}MB'")
             self.conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS batch_digests (digest bytea, content bytea, journal bytea,"
                 " line_no bigint, part bigint) ON COMMIT DELETE ROWS"
@@ -529,6 +534,9 @@ class Store:
                   " ORDER BY b.digest, p.base + b.line_no")
         params = (fingerprint, first_line, [s for s, _ in parts], [b for _, b in parts])
         with self.conn.cursor() as cur:
+            # The sort by digest in memory, not spilled at the default 4 MB: ~1.6 bytes a byte
+            # of row text (SET LOCAL: this transaction only).
+            cur.execute(f"SET LOCAL work_mem = '{min(MAX_WORK_MEM_MB, max(4, len(rows) * 2 >> 20))}MB'")
             with cur.copy("COPY batch_digests (digest, content, part, line_no) FROM STDIN") as copy:
                 copy.write(rows)
             # Optimistic: a plain insert costs about half an ON CONFLICT one. A digest recorded
