@@ -147,14 +147,11 @@ class ParsePool:
         self.strict = strict
         self.mapping = mapping
         self.max_users = max_users
-        self.submitted_bytes = 0  # what the workers were asked to parse: the file once, ideally
+        self.submitted_bytes = 0  # what the workers were asked to parse (a part cut short stops early)
         self._pool: ProcessPoolExecutor | None = None
 
-    def submit(self, f: BinaryIO, path: str, start: int, end: int) -> tuple[list[Future], list[BinaryIO]]:
-        """Parse [start, end) of the open journal `f` (at `path`), its parts at the same time.
-
-        Also returns each part's spill file (see parser.parse_range), when parts can reach them.
-        """
+    def submit(self, f: BinaryIO, path: str, start: int, end: int) -> _Planned:
+        """Parse [start, end) of the open journal `f` (at `path`), its parts at the same time."""
         if self._pool is None:
             # fork: workers start at once and share the loaded modules. They never touch the
             # inherited database socket, and leave with os._exit, which sends nothing on it.
@@ -169,7 +166,8 @@ class ParsePool:
             opener = None
         self.submitted_bytes += end - start
         futures, spills = [], []
-        for lo, hi in journal.split(f, start, end, self.workers):
+        ranges = journal.split(f, start, end, self.workers)
+        for lo, hi in ranges:
             spill = None
             if opener is not None:
                 # Unlinked (O_TMPFILE where the system has it): nothing is left behind, even
@@ -177,9 +175,10 @@ class ParsePool:
                 spills.append(tempfile.TemporaryFile(prefix="evtool-cells-"))
                 sst = os.fstat(spills[-1].fileno())
                 spill = (f"/proc/{os.getpid()}/fd/{spills[-1].fileno()}", sst.st_dev, sst.st_ino)
-            futures.append(self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes,
-                                             self.strict, opener, self.max_users, self.mapping, spill))
-        return futures, spills
+            future = self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes,
+                                       self.strict, opener, self.max_users, self.mapping, spill)
+            futures.append(future)
+        return _Planned(start, end, futures, spills, ranges)
 
     def close(self) -> None:
         """Stop the workers at once, whatever they are doing (busy, stuck or stopped).
@@ -219,7 +218,10 @@ class _Planned:
     end: int
     parsed: list[Future | ParsedPart]
     spills: list[BinaryIO] = field(default_factory=list)  # the parts' spill files, in order
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # each part's planned range
     _batch: Batch | None = None
+    _parts: list[ParsedPart] = field(default_factory=list)  # all of them, once parsed
+    parsed_bytes: int = 0  # what the workers parsed for it (parts handed over parsed not counted)
 
     def batch(self, waiting: list[bool] | None = None) -> Batch:
         """The parsed batch (waiting for the workers); made once, so a retry reuses it.
@@ -238,6 +240,9 @@ class _Planned:
                 for part, spill in zip(parts, self.spills, strict=False):  # none for a part parsed here
                     part.spill_fd = spill.fileno()
                 self._batch = Batch(parts)
+                self._parts = parts
+                self.parsed_bytes = sum(p.end - p.offset for p, f in zip(parts, self.parsed, strict=True)
+                                        if isinstance(f, Future))
             except BrokenProcessPool:
                 raise EvtoolError("a parsing worker process died (killed, or out of memory); "
                                   "nothing of the batch was applied: run the command again") from None
@@ -246,6 +251,23 @@ class _Planned:
                     waiting[0] = False
             self.parsed = []
         return self._batch
+
+    def split_cut(self) -> list[_Planned | _Range]:
+        """Once `batch()` ended early (a part was cut short, parser.held): this plan ends with
+        that batch, and what follows it is returned, in order: the rest of the cut part's range,
+        to parse again, and the parts after it as a plan of their own (parsed already, their
+        spill files moved to it). Nothing parsed is thrown away."""
+        b = self._batch
+        if b is None or b.end == self.end:
+            return []
+        k = len(b.parts)
+        follow: list[_Planned | _Range] = [_Range(b.end, self.ranges[k - 1][1])]
+        if k < len(self._parts):
+            follow.append(_Planned(self.ranges[k][0], self.end, list(self._parts[k:]), self.spills[k:],
+                                   self.ranges[k:]))
+        self.spills = self.spills[:k]
+        self.end, self.ranges, self._parts = b.end, self.ranges[:k], self._parts[:k]
+        return follow
 
     def cancel(self) -> None:
         for i, p in enumerate(self.parsed):
@@ -263,6 +285,21 @@ class _Planned:
             if spill is not None:
                 spill.close()
         self.spills = []
+
+
+@dataclass
+class _Range:
+    """Bytes of the journal to plan as batches when their turn comes: the rest of a part that
+    was cut short (see _Planned.split_cut)."""
+
+    start: int
+    end: int
+
+    def cancel(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 ProgressFn = Callable[[int], None]
@@ -304,6 +341,7 @@ class Processor:
         # the last part that was cut; None while no part was. Batches are planned to fit, so a
         # journal with many distinct users gets smaller batches instead of parses thrown away.
         self.part_bytes: int | None = None
+        self.parsed_bytes = 0  # journal bytes parsed (by the workers or here): each byte once, ideally
         # Per-minute rows may wait in revenue_minutes_pending (store.MINUTES): appended by a big
         # batch of this run, or left by an earlier run. A follower folds them when it finds
         # nothing new to apply (fold_minutes), at once after it starts, then after big batches.
@@ -330,12 +368,15 @@ class Processor:
 
         return retrying(lambda: fn(self._connected()), self.retry_for, retried)
 
-    def _plan(self, f: BinaryIO, path: str, start: int) -> _Planned | None:
-        """The next batch from `start`, handed to the workers (or parsed here when small)."""
+    def _plan(self, f: BinaryIO, path: str, start: int, limit: int | None = None) -> _Planned | None:
+        """The next batch from `start` (ending by `limit`, a line end, when given), handed to the
+        workers (or parsed here when small)."""
         size = self.batch_bytes
         if self.part_bytes is not None:
             size = min(size, self.part_bytes * max(1, self.workers))
         end = journal.batch_end(f, start, size)
+        if limit is not None:
+            end = min(end, limit)
         if end <= start:
             return None
         if self.workers <= 0 or end - start < self.inline_bytes:
@@ -345,8 +386,9 @@ class Processor:
             h = journal.range_digest()
             h.update(data)
             part.digest = h.digest()
+            self.parsed_bytes += end - start
             return _Planned(start, end, [part])
-        return _Planned(start, end, *self.pool.submit(f, path, start, end))
+        return self.pool.submit(f, path, start, end)
 
     def close(self) -> None:
         self.pool.close()
@@ -386,18 +428,44 @@ class Processor:
     def _run(self, f: BinaryIO, fp: bytes, resolved: str, offset: int, report: FileReport,
              on_progress: ProgressFn | None) -> None:
         """Commit batch after batch; the workers parse the next batches during each commit."""
-        planned: deque[_Planned] = deque()
+        planned: deque[_Planned | _Range] = deque()
 
         def plan(depth: int) -> None:
-            while len(planned) < depth:
-                nxt = self._plan(f, resolved, planned[-1].end if planned else offset)
-                if nxt is None:
-                    return
-                planned.append(nxt)
+            """Hand the first `depth` batches to the workers: new ones after the last planned,
+            or from a range that waits its turn (the rest of a cut part)."""
+            i = 0
+            while i < depth:
+                if i == len(planned):
+                    nxt = self._plan(f, resolved, planned[-1].end if planned else offset)
+                    if nxt is None:
+                        return
+                    planned.append(nxt)
+                elif isinstance(planned[i], _Range):
+                    rest = planned[i]
+                    nxt = self._plan(f, resolved, rest.start, rest.end)
+                    if nxt is None:  # never expected: the range held whole lines when it was parsed
+                        raise JournalChanged(f"{resolved} was truncated while it was being processed. "
+                                             "Nothing of the batch was applied")
+                    planned[i] = nxt
+                    if nxt.end < rest.end:
+                        planned.insert(i + 1, _Range(nxt.end, rest.end))
+                i += 1
 
         while True:
             plan(2)  # the batch to commit, and the next one, parsed while this one commits
-            current = planned[0].batch(self.waiting_for_parse) if planned else Batch.empty(offset)
+            if planned:
+                head = planned[0]
+                assert isinstance(head, _Planned)  # plan() planned it
+                current = head.batch(self.waiting_for_parse)
+                self.parsed_bytes += head.parsed_bytes
+                self._learn(current)
+                follow = head.split_cut()
+                if follow:  # cut short: the rest of its range is planned now, parsed during the commit
+                    planned.popleft()
+                    planned.extendleft(reversed([head, *follow]))
+                    plan(2)
+            else:
+                current = Batch.empty(offset)
             status = self._with_retry(
                 lambda s, b=current: self._transaction(s, f, fp, resolved, b, report)
             )
@@ -411,11 +479,6 @@ class Processor:
                 continue
             planned.popleft().close()
             offset = current.end
-            self._learn(current)
-            if planned and planned[0].start != offset:  # the batch was cut short (parser.held)
-                for p in planned:
-                    p.cancel()
-                planned.clear()
             if on_progress:
                 on_progress(offset)
 

@@ -191,12 +191,11 @@ def test_closing_the_parse_pool_leaves_no_thread_to_race_the_exit(tmp_path, big_
     before = set(_pool_managers())
     pool = ParsePool(2, 1 << 20, strict=False)
     with open(path, "rb") as f:
-        futures, spills = pool.submit(f, str(path), 0, len(a))
-        assert futures and set(_pool_managers()) - before  # the workers are busy: a thread runs
+        planned = pool.submit(f, str(path), 0, len(a))
+        assert planned.parsed and set(_pool_managers()) - before  # the workers are busy: a thread runs
         pool.close()
         left = set(_pool_managers()) - before
-    for spill in spills:
-        spill.close()
+    planned.close()
     assert left == set()
 
 
