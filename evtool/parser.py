@@ -113,7 +113,7 @@ class ParsedPart:
     opaque: list[tuple[bytes, bytes, Key, bool, events.Value, int, int]] = field(default_factory=list)
     rejects: list[tuple[int, int, bytes, str]] = field(default_factory=list)  # offset, index, raw, why
     lines: int = 0
-    # The opaque events' batch_digests COPY rows (see store.claim_digest_rows), rendered by the
+    # The opaque events' batch_digests binary COPY rows (store.DIGEST_ROW), rendered by the
     # worker; the worker then ships only these and their count, not the events (`shipped`).
     opaque_rows: bytes = b""
     opaque_count: int = 0
@@ -141,14 +141,13 @@ class ParsedPart:
         self.fresh_count = count(self.fresh)
         opaque = self.opaque_sums = {}
         if self.opaque:  # optimistic, as for sender ids: the sums if every opaque id is new
-            for _, _, key, is_add, value, _, _ in self.opaque:
+            pack, start, rows = store.DIGEST_ROW.pack, self.offset, []
+            for d, c, key, is_add, value, _, i in self.opaque:
                 add(opaque, key, is_add, value)
+                rows.append(pack(4, 16, d, 8, c, 8, start, 8, i))
             self.opaque_count = len(self.opaque)
             self.opaque_repeats = len({o[0] for o in self.opaque}) != self.opaque_count
-            start = self.offset
-            self.opaque_rows = "".join(
-                f"\\\\x{d.hex()}\t\\\\x{c.hex()}\t{start}\t{i}\n" for d, c, _, _, _, _, i in self.opaque
-            ).encode()
+            self.opaque_rows = b"".join(rows)
         self.fresh_rows = store.copy_rows(self.fresh)
         self.fresh_users = user_hashes(self.fresh)
         self.opaque_sum_rows = store.copy_rows(opaque)

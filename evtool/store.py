@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,14 @@ SQL_DIR = resources.files("evtool") / "sql"
 T = TypeVar("T")
 FETCH_ROWS = 5000  # rows per round trip of a server-side cursor
 CELL_WRITE_BYTES = 1 << 20  # applied_lines entries written per statement (write_cells)
+# One batch_digests row in COPY's binary format: 4 fields, digest (16 bytes), content digest
+# (8), part offset, line index in the part (int8 each). Fixed width: packed in one call, ~2x
+# cheaper for the workers than hex text, and nothing for the server to parse.
+DIGEST_ROW = struct.Struct(">hi16si8siqiq")
+_BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_BINARY_TRAILER = struct.pack(">h", -1)
+
+
 TEMP_BUFFERS_MB = 64  # a session's buffers for the batch tables (see _ensure_temp)
 MAX_WORK_MEM_MB = 256  # what one batch's statement may ask for each sort or hash (add_to_totals)
 # A batch with at least this many per-minute rows appends them to revenue_minutes_pending
@@ -516,9 +525,9 @@ class Store:
 
     def claim_digest_rows(self, rows: bytes, events: int, fingerprint: bytes, first_line: int,
                           parts: list[tuple[int, int]], hopeful: bool = True) -> set[bytes] | None:
-        """Claim opaque event digests from COPY rows the workers rendered (digest, content,
-        part offset, line index in the part; see parser.ParsedPart.finish): record the ones
-        never recorded, at line `first_line` + the lines before their part (`parts`: part
+        """Claim opaque event digests from binary COPY rows the workers rendered (DIGEST_ROW:
+        digest, content, part offset, line index in the part; see parser.ParsedPart.finish):
+        record the ones never recorded, at line `first_line` + the lines before their part (`parts`: part
         offset -> lines before it in the batch) + their index.
 
         None when all `events` were recorded now (every id new, none repeated: the common
@@ -534,11 +543,14 @@ class Store:
                   " ORDER BY b.digest, p.base + b.line_no")
         params = (fingerprint, first_line, [s for s, _ in parts], [b for _, b in parts])
         with self.conn.cursor() as cur:
-            # The sort by digest in memory, not spilled at the default 4 MB: ~1.6 bytes a byte
-            # of row text (SET LOCAL: this transaction only).
-            cur.execute(f"SET LOCAL work_mem = '{min(MAX_WORK_MEM_MB, max(4, len(rows) * 2 >> 20))}MB'")
-            with cur.copy("COPY batch_digests (digest, content, part, line_no) FROM STDIN") as copy:
+            # The sort by digest in memory, not spilled at the default 4 MB: ~2 bytes a byte of
+            # binary row (SET LOCAL: this transaction only).
+            cur.execute(f"SET LOCAL work_mem = '{min(MAX_WORK_MEM_MB, max(4, len(rows) * 5 >> 21))}MB'")
+            with cur.copy("COPY batch_digests (digest, content, part, line_no) FROM STDIN (FORMAT binary)"
+                          ) as copy:
+                copy.write(_BINARY_HEADER)
                 copy.write(rows)
+                copy.write(_BINARY_TRAILER)
             # Optimistic: a plain insert costs about half an ON CONFLICT one. A digest recorded
             # before (or by a concurrent processor, once it commits), or twice in the batch,
             # fails it; then the savepoint undoes it and the careful insert says what is new.

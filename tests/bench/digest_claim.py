@@ -23,7 +23,7 @@ import sys
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from evtool.store import Store
+from evtool.store import DIGEST_ROW, Store
 
 N = 200_000
 _HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -53,7 +53,7 @@ def main() -> None:
         return [(os.urandom(16), os.urandom(8), i) for i in range(N)]
 
     def claim(ds: list[tuple[bytes, bytes, int]]) -> float:
-        rows = "".join(f"\\\\x{d.hex()}\t\\\\x{c.hex()}\t0\t{i}\n" for d, c, i in ds).encode()
+        rows = b"".join(DIGEST_ROW.pack(4, 16, d, 8, c, 8, 0, 8, i) for d, c, i in ds)
         t = backend_cpu()
         with store.transaction():
             assert store.claim_digest_rows(rows, N, fingerprint, first_line, [(0, 0)]) is None
