@@ -254,17 +254,29 @@ class _Planned:
 
     def split_cut(self) -> list[_Planned | _Range]:
         """Once `batch()` ended early (a part was cut short, parser.held): this plan ends with
-        that batch, and what follows it is returned, in order: the rest of the cut part's range,
-        to parse again, and the parts after it as a plan of their own (parsed already, their
-        spill files moved to it). Nothing parsed is thrown away."""
+        that batch, and what follows it is returned in journal order: the rest of each cut
+        part's range, to parse again, and the parts after it, parsed already, as plans of their
+        own (their spill files moved to them), each ending with a part cut short. Nothing
+        parsed is thrown away."""
         b = self._batch
         if b is None or b.end == self.end:
             return []
         k = len(b.parts)
-        follow: list[_Planned | _Range] = [_Range(b.end, self.ranges[k - 1][1])]
-        if k < len(self._parts):
-            follow.append(_Planned(self.ranges[k][0], self.end, list(self._parts[k:]), self.spills[k:],
-                                   self.ranges[k:]))
+        follow: list[_Planned | _Range] = []
+        while True:
+            follow.append(_Range(self._parts[k - 1].end, self.ranges[k - 1][1]))  # the cut part's rest
+            if k == len(self._parts):
+                break
+            j = k
+            while j < len(self._parts) and not self._parts[j].cut:
+                j += 1
+            j = min(j + 1, len(self._parts))  # up to and with the next part cut short, if any
+            follow.append(_Planned(self.ranges[k][0], self._parts[j - 1].end, self._parts[k:j],
+                                   self.spills[k:j], self.ranges[k:j]))
+            if not self._parts[j - 1].cut:
+                break
+            k = j
+        k = len(b.parts)
         self.spills = self.spills[:k]
         self.end, self.ranges, self._parts = b.end, self.ranges[:k], self._parts[:k]
         return follow
@@ -451,8 +463,13 @@ class Processor:
                         planned.insert(i + 1, _Range(nxt.end, rest.end))
                 i += 1
 
+        # The batch to commit, and the next one, parsed while this one commits. Until a batch of
+        # the run has been parsed, only that one: its parts fill the workers anyway, and what they
+        # held sizes the batches after it, so that the rest of a part cut short is parsed next,
+        # not after a batch planned blind.
+        depth = 1 if self.part_bytes is None else 2
         while True:
-            plan(2)  # the batch to commit, and the next one, parsed while this one commits
+            plan(depth)
             if planned:
                 head = planned[0]
                 assert isinstance(head, _Planned)  # plan() planned it
@@ -463,7 +480,8 @@ class Processor:
                 if follow:  # cut short: the rest of its range is planned now, parsed during the commit
                     planned.popleft()
                     planned.extendleft(reversed([head, *follow]))
-                    plan(2)
+                depth = 2
+                plan(depth)
             else:
                 current = Batch.empty(offset)
             status = self._with_retry(

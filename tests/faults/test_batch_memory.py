@@ -59,14 +59,20 @@ def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path
         for i in range(n):
             f.write(b'{"userId":"u%d","name":"add_revenue","value":%d%s}\n' % (i, i % 7 + 1, eid(i)))
     size = path.stat().st_size
-    proc = processor.Processor(dsn, batch_bytes=64 << 20, workers=2, inline_bytes=0, piece_bytes=16 << 10,
+    # batches of a third of the file: the first one planned blind is followed by others
+    proc = processor.Processor(dsn, batch_bytes=size // 3, workers=2, inline_bytes=0, piece_bytes=16 << 10,
                                max_users=cap)
+    starts: list[int] = []  # where each range handed to the workers starts, in order
+    submit = proc.pool.submit
+    proc.pool.submit = lambda f, p, start, end: starts.append(start) or submit(f, p, start, end)
     try:
         report = proc.process([path])
     finally:
         proc.close()
     assert report.applied == n and report.rejected == 0
     assert report.files[0].batches >= n // (2 * cap)  # bounded by users, as above
+    # handed over in journal order: the rest of a cut part is never queued behind later bytes
+    assert len(starts) > 2 and starts == sorted(set(starts)), starts
     # every byte parsed once: a cut keeps the parts after it, and only the rest of the cut
     # part's own range is parsed again
     assert proc.parsed_bytes == size, (proc.parsed_bytes, size)
