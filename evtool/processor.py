@@ -222,6 +222,9 @@ class _Planned:
     _batch: Batch | None = None
     _parts: list[ParsedPart] = field(default_factory=list)  # all of them, once parsed
     parsed_bytes: int = 0  # what the workers parsed for it (parts handed over parsed not counted)
+    # planned shorter than its size, to end where a range to plan ends (the rest of a cut
+    # part): what its parts hold says nothing about what a part of full size holds
+    short: bool = False
 
     def batch(self, waiting: list[bool] | None = None) -> Batch:
         """The parsed batch (waiting for the workers); made once, so a retry reuses it.
@@ -387,8 +390,9 @@ class Processor:
         if self.part_bytes is not None:
             size = min(size, self.part_bytes * max(1, self.workers))
         end = journal.batch_end(f, start, size)
-        if limit is not None:
-            end = min(end, limit)
+        short = limit is not None and limit < end
+        if short:
+            end = limit
         if end <= start:
             return None
         if self.workers <= 0 or end - start < self.inline_bytes:
@@ -399,8 +403,10 @@ class Processor:
             h.update(data)
             part.digest = h.digest()
             self.parsed_bytes += end - start
-            return _Planned(start, end, [part])
-        return self.pool.submit(f, path, start, end)
+            return _Planned(start, end, [part], short=short)
+        planned = self.pool.submit(f, path, start, end)
+        planned.short = short
+        return planned
 
     def close(self) -> None:
         self.pool.close()
@@ -475,7 +481,8 @@ class Processor:
                 assert isinstance(head, _Planned)  # plan() planned it
                 current = head.batch(self.waiting_for_parse)
                 self.parsed_bytes += head.parsed_bytes
-                self._learn(current)
+                if not head.short:
+                    self._learn(current)
                 follow = head.split_cut()
                 if follow:  # cut short: the rest of its range is planned now, parsed during the commit
                     planned.popleft()

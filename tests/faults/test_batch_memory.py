@@ -46,7 +46,7 @@ def test_a_part_is_cut_after_the_piece_that_passes_the_cap(tmp_path: Path):
 
 
 @pytest.mark.parametrize("ids", ["none", "sender", "opaque"])
-def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path, ids: str):
+def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path, ids: str, monkeypatch):
     """A journal whose parts keep reaching the users cap gets smaller batches planned to fit,
     instead of every cut throwing away the other parts and the batch parsed ahead (the work
     then grew with the number of cuts: 1M events of 100k users ran 4x slower). Nor is the
@@ -63,6 +63,15 @@ def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path
     proc = processor.Processor(dsn, batch_bytes=size // 3, workers=2, inline_bytes=0, piece_bytes=16 << 10,
                                max_users=cap)
     starts: list[int] = []  # where each range handed to the workers starts, in order
+    cut: set[int] = set()  # where each part that had to end early starts
+    batch = processor._Planned.batch
+
+    def noting_cuts(planned: processor._Planned, *args: object) -> parser.Batch:
+        b = batch(planned, *args)
+        cut.update(p.offset for p in planned._parts if p.cut)
+        return b
+
+    monkeypatch.setattr(processor._Planned, "batch", noting_cuts)
     submit = proc.pool.submit
     proc.pool.submit = lambda f, p, start, end: starts.append(start) or submit(f, p, start, end)
     try:
@@ -73,6 +82,9 @@ def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path
     assert report.files[0].batches >= n // (2 * cap)  # bounded by users, as above
     # handed over in journal order: the rest of a cut part is never queued behind later bytes
     assert len(starts) > 2 and starts == sorted(set(starts)), starts
+    # once the first batch showed how dense the journal is, batches are planned to fit: only
+    # its parts were cut (the short batches that end a cut part's rest do not undo that)
+    assert 0 < len(cut) <= 2, sorted(cut)
     # every byte parsed once: a cut keeps the parts after it, and only the rest of the cut
     # part's own range is parsed again
     assert proc.parsed_bytes == size, (proc.parsed_bytes, size)
@@ -83,6 +95,32 @@ def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path
         again = processor.process(dsn, [copy], batch_bytes=64 << 20, workers=2, inline_bytes=0,
                                   piece_bytes=16 << 10, max_users=cap)
         assert (again.applied, again.duplicates) == (1, n)
+
+
+def test_the_short_batch_that_ends_a_cut_parts_rest_does_not_resize_the_batches_after_it(dsn, tmp_path: Path,
+                                                                                        monkeypatch):
+    """The rest of a part cut short is planned in batches sized to fit, the last one shorter
+    (it ends where the rest ends). That one holds few users because it is short, not because
+    the journal thinned out: batches after it stay sized to fit, and are not cut again."""
+    n, cap = 40_000, 2_000
+    path = tmp_path / "server-events.jsonl"
+    with open(path, "wb") as f:
+        for i in range(n):
+            f.write(b'{"userId":"u%d","name":"add_revenue","value":1}\n' % i)
+    size = path.stat().st_size
+    cut: set[int] = set()
+    batch = processor._Planned.batch
+
+    def noting_cuts(planned: processor._Planned, *args: object) -> parser.Batch:
+        b = batch(planned, *args)
+        cut.update(p.offset for p in planned._parts if p.cut)
+        return b
+
+    monkeypatch.setattr(processor._Planned, "batch", noting_cuts)
+    report = processor.process(dsn, [path], batch_bytes=size // 3, workers=1, inline_bytes=0,
+                               piece_bytes=16 << 10, max_users=cap)
+    assert report.applied == n and sum(totals(dsn).values()) == n
+    assert report.files[0].batches > 3 and cut == {0}, (report.files[0].batches, sorted(cut))
 
 
 def test_a_worker_part_crosses_as_rows_and_counts_not_as_sums_and_user_ids(tmp_path: Path):
