@@ -36,8 +36,6 @@ CELL_WRITE_BYTES = 1 << 20  # applied_lines entries written per statement (write
 DIGEST_ROW = struct.Struct(">hi16si8siqiq")
 _BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _BINARY_TRAILER = struct.pack(">h", -1)
-
-
 TEMP_BUFFERS_MB = 64  # a session's buffers for the batch tables (see _ensure_temp)
 MAX_WORK_MEM_MB = 256  # what one batch's statement may ask for each sort or hash (add_to_totals)
 # A batch with at least this many per-minute rows appends them to revenue_minutes_pending
@@ -407,8 +405,14 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with translated(), self.conn.transaction():
-            yield
+        try:
+            with translated(), self.conn.transaction():
+                yield
+        except BaseException:
+            # Batch tables first made in this transaction are gone with it: make them again
+            # (IF NOT EXISTS) in the next one, instead of failing on every later batch.
+            self._temp_ready = False
+            raise
 
     def lock_progress(self, fingerprint: bytes, path: str) -> FileProgress:
         """Lock a journal's progress row for this transaction, creating it the first time."""
@@ -527,8 +531,8 @@ class Store:
                           parts: list[tuple[int, int]], hopeful: bool = True) -> set[bytes] | None:
         """Claim opaque event digests from binary COPY rows the workers rendered (DIGEST_ROW:
         digest, content, part offset, line index in the part; see parser.ParsedPart.finish):
-        record the ones never recorded, at line `first_line` + the lines before their part (`parts`: part
-        offset -> lines before it in the batch) + their index.
+        record the ones never recorded, at line `first_line` + the lines before their part
+        (`parts`: part offset -> lines before it in the batch) + their index.
 
         None when all `events` were recorded now (every id new, none repeated: the common
         case, decided by a count, with nothing sent back); else the digests recorded now, for

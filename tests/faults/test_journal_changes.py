@@ -454,3 +454,37 @@ def test_journal_renamed_during_a_plain_run_is_still_processed(dsn, tmp_path, bi
     assert rc == 0 and "Traceback" not in out, out
     assert db_totals(dsn) == totals_of(tmp_path, a)
     assert progress(dsn, fingerprint_of(a)) == len(a)
+
+
+def test_a_batch_rolled_back_leaves_the_next_one_its_batch_tables(dsn, tmp_path, monkeypatch):
+    """Before: the batch tables (temporary, per connection) were marked made in the transaction
+    that first made them; when that transaction rolled back (the journal changed under its
+    batch, say) they were gone but still marked made, and every later batch of the same
+    connection - a follower's - failed with "relation batch_digests does not exist"."""
+    from evtool import processor
+    from evtool.errors import JournalChanged
+
+    path = tmp_path / "server-events.jsonl"
+    with open(path, "wb") as f:
+        for i in range(2000):
+            f.write(b'{"userId":"u%d","name":"add_revenue","value":%d,"eventId":"order-%d"}\n'
+                    % (i % 50, i % 7 + 1, i))
+    check = journal_mod.check_range
+    calls = []
+
+    def changed_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise JournalChanged("changed under the batch (simulated)")
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(journal_mod, "check_range", changed_once)
+    proc = processor.Processor(dsn, workers=0)  # one connection for both runs, as a follower
+    try:
+        with pytest.raises(JournalChanged):
+            proc.process([path])
+        report = proc.process([path])
+    finally:
+        proc.close()
+    assert (report.applied, report.duplicates, report.rejected) == (2000, 0, 0)
+    assert sum(db_totals(dsn).values()) == sum(i % 7 + 1 for i in range(2000))
