@@ -3,7 +3,10 @@ by `--batch-mb`: a worker part ends once it holds MAX_USERS_PER_PART users, and 
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -121,6 +124,33 @@ def test_the_short_batch_that_ends_a_cut_parts_rest_does_not_resize_the_batches_
                                piece_bytes=16 << 10, max_users=cap)
     assert report.applied == n and sum(totals(dsn).values()) == n
     assert report.files[0].batches > 3 and cut == {0}, (report.files[0].batches, sorted(cut))
+
+
+def test_two_processors_on_one_journal_with_cut_parts_apply_each_event_once(dsn, tmp_path: Path):
+    """Parts cut short, kept for later batches and ranges planned again, while another processor
+    commits batches of the same journal: the plans of a processor that finds its offset moved are
+    dropped (kept parts, ranges and all), and the two apply each event exactly once."""
+    n, cap = 60_000, 2_000
+    path = tmp_path / "server-events.jsonl"
+    with open(path, "wb") as f:
+        for i in range(n):
+            eid = b"00000000000000ab:%d" % (i + 1) if i % 2 else b"order-%d" % i
+            f.write(b'{"userId":"u%d","name":"add_revenue","value":%d,"eventId":"%s"}\n'
+                    % (i, i % 7 + 1, eid))
+    size = path.stat().st_size
+    script = ("import json, sys; from pathlib import Path; from evtool import processor; "
+              f"r = processor.process(sys.argv[1], [Path(sys.argv[2])], batch_bytes={size // 4}, workers=2, "
+              f"inline_bytes=0, piece_bytes=16 << 10, max_users={cap}); "
+              "print(json.dumps([r.applied, r.duplicates, r.rejected]))")
+    procs = [subprocess.Popen([sys.executable, "-c", script, dsn, str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    counts = [json.loads(out) for out, _ in outs]
+    assert sum(c[0] for c in counts) == n and all(c[2] == 0 for c in counts), counts
+    got = totals(dsn)
+    assert len(got) == n and sum(got.values()) == sum(i % 7 + 1 for i in range(n))
 
 
 def test_a_worker_part_crosses_as_rows_and_counts_not_as_sums_and_user_ids(tmp_path: Path):
