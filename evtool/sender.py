@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from binascii import hexlify
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -114,7 +114,7 @@ class _Batch:
     pos: Position  # the resume point once this batch and all before it are delivered
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: a bulk's tried set holds them
 class _Receiver:
     url: URL  # its /liveEvent
     down_until: float = 0.0  # monotonic time before which it gets no new bulk
@@ -133,20 +133,22 @@ class _Receivers:
         self.all = [_Receiver(URL(u + "/liveEvent")) for u in base_urls]
         self.next = 0
 
-    def pick(self) -> _Receiver:
-        """The next receiver in turn that is not set aside, else the one back soonest."""
+    def pick(self, tried: Collection[_Receiver] = ()) -> _Receiver:
+        """The next receiver in turn that is not set aside nor in `tried`, else the one back
+        soonest."""
         now = time.monotonic()
         n = len(self.all)
         for i in range(n):
             r = self.all[(self.next + i) % n]
-            if r.down_until <= now:
+            if r.down_until <= now and r not in tried:
                 self.next = (self.next + i + 1) % n
                 return r
         return min(self.all, key=lambda r: r.down_until)
 
-    def any_up(self) -> bool:
+    def any_up(self, tried: Collection[_Receiver] = ()) -> bool:
+        """Whether a receiver not set aside nor in `tried` is left."""
         now = time.monotonic()
-        return any(r.down_until <= now for r in self.all)
+        return any(r.down_until <= now and r not in tried for r in self.all)
 
     def failed(self, r: _Receiver, retry_after: str | None) -> None:
         r.failures += 1
@@ -444,13 +446,16 @@ class _Run:
         report = self.report
         body = lines[0] if self.single else b"\n".join(lines) + b"\n"
         attempt = 0
-        failovers = 0  # since the last counted attempt
+        # The receivers that failed this bulk since the last counted attempt. Each other one
+        # gets it at most once in between, even if a concurrent success puts one that failed
+        # it back in turn meanwhile (counting failovers instead let the bulk go back to it).
+        tried: set[_Receiver] = set()
         while True:
             if report.stopped is not None:
                 report.failed += n
                 return n
             retry_after = None
-            receiver = self.receivers.pick()
+            receiver = self.receivers.pick(tried)
             try:
                 async with self.session.post(receiver.url, data=body) as resp:
                     status = resp.status
@@ -473,13 +478,13 @@ class _Run:
                 transient = True
             if transient:
                 self.receivers.failed(receiver, retry_after)
-                if failovers < len(self.receivers.all) - 1 and self.receivers.any_up():
+                tried.add(receiver)
+                if self.receivers.any_up(tried):
                     # Fail over at once to a receiver that is not set aside: not counted against
                     # --max-retries, but at most once per other receiver between counted attempts.
-                    failovers += 1
                     report.retried += 1
                     continue
-                failovers = 0
+                tried.clear()
                 if attempt >= self.s.max_retries:
                     if status is None and self.unreachable is None:
                         self.unreachable = reason

@@ -52,6 +52,32 @@ def test_a_receiver_that_does_not_answer_is_failed_over(two_sinks, tmp_path):
     assert len(ids) == 300 and set(ids.values()) == {1}
 
 
+def test_a_bulk_fails_over_to_a_receiver_it_has_not_tried_even_when_one_it_tried_is_back():
+    """Why the test above once failed (CI, a slow run): a bulk failed on the dead receiver, then
+    on b (503); meanwhile another bulk succeeded on b, which put b back in turn, and the bulk's
+    last failover went to b again instead of a: one more 503 and, with --max-retries 0, the run
+    stopped. A bulk now fails over only to receivers it has not tried since its last counted
+    attempt. The interleaving is replayed here step by step, without timing."""
+    from evtool.sender import _Receivers
+
+    rs = _Receivers(("http://dead:1", "http://a:2", "http://b:3"))
+    dead, a, b = rs.all
+    rs.next = 0
+    tried = set()
+    assert rs.pick(tried) is dead
+    rs.failed(dead, None)
+    tried.add(dead)
+    rs.next = 2  # other bulks took a in the meantime
+    assert rs.any_up(tried) and rs.pick(tried) is b
+    rs.failed(b, "0")
+    tried.add(b)
+    rs.succeeded(b)  # another bulk got through to b: it is back in turn
+    rs.next = 2
+    assert rs.any_up(tried) and rs.pick(tried) is a  # not b again
+    tried.add(a)
+    assert not rs.any_up(tried)  # every receiver tried: the next attempt is a counted one
+
+
 def test_resume_state_stays_per_source_across_receiver_sets(two_sinks, tmp_path):
     a, b = two_sinks
     home = tmp_path / "home"
