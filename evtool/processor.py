@@ -10,6 +10,7 @@ one of bytes the file no longer holds (`journal.check_range`, just before the co
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ from .mapping import Mapping
 from .parser import Batch, ParsedPart
 from .store import Store, copy_rows, path_text, retrying
 
+log = logging.getLogger(__name__)
 DEFAULT_BATCH_BYTES = 128 * 1024 * 1024  # one transaction: its cost is one upsert per user
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
 MAX_REJECT_SAMPLES = 20
@@ -476,6 +478,7 @@ class Processor:
         depth = 1 if self.part_bytes is None else 2
         while True:
             plan(depth)
+            waited = time.perf_counter()
             if planned:
                 head = planned[0]
                 assert isinstance(head, _Planned)  # plan() planned it
@@ -491,9 +494,18 @@ class Processor:
                 plan(depth)
             else:
                 current = Batch.empty(offset)
+            started = time.perf_counter()
             status = self._with_retry(
                 lambda s, b=current: self._transaction(s, f, fp, resolved, b, report)
             )
+            if status == _COMMITTED:
+                # What bounds a run, batch by batch: the parse (a wait here) or the database.
+                wait, commit = started - waited, time.perf_counter() - started
+                log.debug("%s: bytes %d-%d, %d lines: waited %.3f s for the parse, committed in %.3f s",
+                          resolved, current.offset, current.end, current.lines, wait, commit,
+                          extra={"journal": resolved, "offset": current.offset, "end": current.end,
+                                 "lines": current.lines, "parse_wait_s": round(wait, 4),
+                                 "commit_s": round(commit, 4)})
             if status == _DONE:
                 return
             if status == _MOVED:  # another processor committed meanwhile: go on from there

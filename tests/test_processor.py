@@ -380,3 +380,24 @@ def test_an_idle_follower_folds_the_pending_minutes(dsn, tmp_path, monkeypatch, 
         proc.close()
     assert minute_rows(dsn) == (40, 40, 0)
     assert totals(dsn) == minute_sums(dsn) == {f"u{i}": 100 for i in range(40)}
+
+
+def test_debug_log_says_per_batch_whether_the_parse_or_the_database_took_the_time(dsn, tmp_path):
+    """`--log-level debug`: one record per committed batch, with its range, its lines, the time
+    spent waiting for the parse and the time its transaction took (what bounds a run)."""
+    journal = tmp_path / "j.jsonl"
+    subprocess.run([sys.executable, str(GEN_EVENTS), str(journal), "20000", "--users", "300"],
+                   check=True, capture_output=True)
+    out = evtool("--log-level", "debug", "--log-format", "json", "process", "--batch-mb", "1", "--json",
+                 str(journal), env={"EVTOOL_DSN": dsn}, check=True)
+    assert json.loads(out.stdout)["applied"] == 20000
+    records = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    batches = [r for r in records if "commit_s" in r]
+    assert len(batches) >= 2 and batches[0]["offset"] == 0  # the journal is over 1 MB
+    assert sum(r["lines"] for r in batches) == 20000
+    assert [r["offset"] for r in batches[1:]] == [r["end"] for r in batches[:-1]]  # in order, no gap
+    assert batches[-1]["end"] == journal.stat().st_size
+    assert all(r["level"] == "debug" and r["parse_wait_s"] >= 0 and r["commit_s"] >= 0 for r in batches)
+    # and nothing at the default level
+    quiet = evtool("--log-format", "json", "process", str(journal), env={"EVTOOL_DSN": dsn}, check=True)
+    assert not any("commit_s" in line for line in quiet.stderr.splitlines())
