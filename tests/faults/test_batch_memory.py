@@ -48,6 +48,20 @@ def test_a_part_is_cut_after_the_piece_that_passes_the_cap(tmp_path: Path):
     assert not whole.cut and whole.end == st.st_size and len(whole.users) == 1000
 
 
+def _note_cuts(monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """The offsets where parts that had to end early (parser.held) start, as batches are made."""
+    cut: set[int] = set()
+    batch = processor._Planned.batch
+
+    def noting_cuts(planned: processor._Planned, *args: object) -> parser.Batch:
+        b = batch(planned, *args)
+        cut.update(p.offset for p in planned._parts if p.cut)
+        return b
+
+    monkeypatch.setattr(processor._Planned, "batch", noting_cuts)
+    return cut
+
+
 @pytest.mark.parametrize("ids", ["none", "sender", "opaque"])
 def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path, ids: str, monkeypatch):
     """A journal whose parts keep reaching the users cap gets smaller batches planned to fit,
@@ -66,15 +80,7 @@ def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path
     proc = processor.Processor(dsn, batch_bytes=size // 3, workers=2, inline_bytes=0, piece_bytes=16 << 10,
                                max_users=cap)
     starts: list[int] = []  # where each range handed to the workers starts, in order
-    cut: set[int] = set()  # where each part that had to end early starts
-    batch = processor._Planned.batch
-
-    def noting_cuts(planned: processor._Planned, *args: object) -> parser.Batch:
-        b = batch(planned, *args)
-        cut.update(p.offset for p in planned._parts if p.cut)
-        return b
-
-    monkeypatch.setattr(processor._Planned, "batch", noting_cuts)
+    cut = _note_cuts(monkeypatch)
     submit = proc.pool.submit
     proc.pool.submit = lambda f, p, start, end: starts.append(start) or submit(f, p, start, end)
     try:
@@ -111,15 +117,7 @@ def test_the_short_batch_that_ends_a_cut_parts_rest_does_not_resize_the_batches_
         for i in range(n):
             f.write(b'{"userId":"u%d","name":"add_revenue","value":1}\n' % i)
     size = path.stat().st_size
-    cut: set[int] = set()
-    batch = processor._Planned.batch
-
-    def noting_cuts(planned: processor._Planned, *args: object) -> parser.Batch:
-        b = batch(planned, *args)
-        cut.update(p.offset for p in planned._parts if p.cut)
-        return b
-
-    monkeypatch.setattr(processor._Planned, "batch", noting_cuts)
+    cut = _note_cuts(monkeypatch)
     report = processor.process(dsn, [path], batch_bytes=size // 3, workers=1, inline_bytes=0,
                                piece_bytes=16 << 10, max_users=cap)
     assert report.applied == n and sum(totals(dsn).values()) == n
