@@ -480,8 +480,9 @@ def _sum_native(data: bytes, offset: int, out: ParsedPart) -> None:
     the piece goes to the Python loops whole. Each loop gives any line the same result (the
     tests pin them to the shared validator), so the part is the same as theirs."""
     pos, size, stops = 0, len(data), 0
+    fresh, sources, opaque = out.fresh, out.sources, out.opaque
     while True:
-        pos, out.lines = _fastlines.sum_lines(data, pos, offset, out.lines, out.fresh, out.sources, out.opaque)
+        pos, out.lines = _fastlines.sum_lines(data, pos, offset, out.lines, fresh, sources, opaque)
         if pos >= size:
             return
         if stops == _NATIVE_STOPS:

@@ -10,8 +10,10 @@ the same reasons, and give the same sums, identity entries and opaque rows.
 from __future__ import annotations
 
 import json
+import shutil
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +21,18 @@ from evtool import events, eventtime, identity, parser
 from evtool.errors import InvalidEvent
 
 SRC = "1cf54481b2d1479b"
+
+
+@pytest.fixture(autouse=True, scope="module", params=["c-loop", "python-loops"])
+def loop(request: pytest.FixtureRequest):
+    """Every test here runs twice: with the C loop (evtool/_fastlines.c) taking the lines it
+    takes, and with the Python loops alone (as where it could not be built)."""
+    native = parser._fastlines
+    if request.param == "c-loop" and native is None:
+        pytest.skip("evtool._fastlines is not built (no C compiler here); the Python loops are tested")
+    parser._fastlines = native if request.param == "c-loop" else None
+    yield request.param
+    parser._fastlines = native
 CHAIN = "2b7b1de2052eb1ca"
 
 _users = st.one_of(
@@ -311,3 +325,64 @@ def test_a_string_value_is_never_taken_for_the_number_it_spells() -> None:
                 want = _facts(_reference(data, strict))
                 assert _facts(parser.parse(data, 0, strict=strict)) == want, (data, strict)
                 assert _facts(parser.parse(line, 0, strict=strict)) == _facts(_reference(line, strict))
+
+
+# -- the C loop (evtool/_fastlines.c): what it takes, and what it leaves to the Python loops --------
+
+def test_the_c_loop_is_built_where_a_compiler_is() -> None:
+    """make test installs the package with its C loop; only a machine without a compiler may lack
+    it (the install goes on without it, and the Python loops give the same results)."""
+    from evtool import _fastlines  # noqa: F401 (ImportError where it was not built)
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+
+
+_C_TAKES = [  # every line of these the C loop must take whole (else the fuzz tests only Python)
+    _A, b'{"userId": "user24", "name": "subtract_revenue", "value": 783,"eventId":"%s:1:%s",'
+        b'"timestamp":"2026-11-23T14:34:29.191Z"}' % (SRC.encode(), CHAIN.encode()),
+    b'\t{ "value" :\t0 , "name":"add_revenue","userId":"x"}',
+    b'{"userId":"u","name":"add_revenue","value":%s}' % (b"9" * 18),
+    b'{"userId":"u","name":"add_revenue","value":1,"eventId":"~"}',
+    b'{"userId":"u","name":"add_revenue","value":1,"eventId":"%s"}' % (b"x" * 128),
+    b'{"userId":"u","name":"add_revenue","value":1,"eventId":"%s:%s"}' % (SRC.encode(), b"9" * 18),
+    b'{"userId":"%s","name":"add_revenue","value":1}' % (b"u" * 256), b"  " + _A,
+]
+_C_LEAVES = [  # and each of these it must leave, at its start, to the Python loops
+    *_REFUSED, *(line for line in _READ_ALIKE if line != b"  " + _A),
+    b'{"userId":"u","name":"add_revenue","value":%s}' % (b"9" * 19),
+    b'{"userId":"u","name":"add_revenue","value":01}', b'{"userId":"u","name":"add_revenue","value":-0}',
+    b'{"userId":"u","name":"add_revenue","value":1,"eventId":""}',
+    b'{"userId":"u","name":"add_revenue","value":1,"eventId":"%s"}' % (b"x" * 129),
+    b'{"userId":"%s","name":"add_revenue","value":1}' % (b"u" * 257), b'{"userId":"u","name":"add_revenue"}',
+    b'{"userId":"u","name":"add_revenue","value":1,"timestamp":"2026-11-23T24:00:00.000Z"}',
+    b'{"userId":"u","name":"add_revenue","value":1,"timestamp":""}', b'{"userId":"u","name":"add","value":1}',
+    b'{"userId":"u","name":"add_revenue","value":1,"value":1}',
+    b'{"userId":"u\\u0041","name":"add_revenue","value":1}',
+    b'{"userId":"u","name":"add_revenue","value":1} ', b'{"userId":"u","name":"add_revenue","value":1,}',
+    b'{"userId":"u" "name":"add_revenue","value":1}', b'{"userId":"u","name":"add_revenue","value":1\x0b}',
+]
+
+
+def test_the_c_loop_takes_the_plain_shape_and_stops_at_the_first_line_it_leaves(loop: str) -> None:
+    if loop != "c-loop":
+        pytest.skip("the C loop's own test")
+    for line in _C_TAKES:
+        data = (line + b"\n") * 3
+        out = parser.ParsedPart(0, len(data))
+        got = parser._fastlines.sum_lines(data, 0, 0, 0, out.fresh, out.sources, out.opaque)
+        assert got == (len(data), 3), line
+    for line in _C_LEAVES:
+        data = _A + b"\n" + line + b"\n" + _A + b"\n"
+        out = parser.ParsedPart(0, len(data))
+        got = parser._fastlines.sum_lines(data, 0, 0, 0, out.fresh, out.sources, out.opaque)
+        assert got == (len(_A) + 1, 1), line
+        assert out.fresh == {("u1", ""): [1, 1, 0, 0]}, line  # nothing of the line it left
+        assert _facts(parser.parse(data, 0)) == _facts(_reference(data, False)), line
+
+
+def test_a_piece_of_lines_the_c_loop_leaves_is_summed_as_the_python_loops_sum_it() -> None:
+    """Past parser._NATIVE_STOPS lines left in one piece, the rest goes to the Python loops whole."""
+    odd = [b'{"userId":"u%d","name":"add_revenue","value":%d.5}' % (i % 3, i) for i in range(40)]
+    data = b"\n".join(line for pair in zip(odd, [_A] * 40, strict=True) for line in pair) + b"\n"
+    assert _facts(parser.parse(data, 0)) == _facts(_reference(data, False))
