@@ -485,11 +485,11 @@ def _sum_native(data: bytes, offset: int, out: ParsedPart) -> None:
         pos, out.lines = _fastlines.sum_lines(data, pos, offset, out.lines, fresh, sources, opaque)
         if pos >= size:
             return
-        if stops == _NATIVE_STOPS:
+        end = data.find(b"\n", pos) + 1
+        if stops == _NATIVE_STOPS or not end:  # (no newline: a range the file no longer ends in one)
             _sum_python(data[pos:], offset + pos, out)
             return
         stops += 1
-        end = data.index(b"\n", pos) + 1
         _sum_lines(data[pos:end], offset + pos, out)
         pos = end
 

@@ -381,6 +381,12 @@ def test_the_c_loop_takes_the_plain_shape_and_stops_at_the_first_line_it_leaves(
         assert _facts(parser.parse(data, 0)) == _facts(_reference(data, False)), line
 
 
+def test_bytes_after_the_last_newline_are_left_as_the_python_loops_leave_them() -> None:
+    """A range whose file was overwritten under the parse may end mid-line: never an error."""
+    data = _A + b"\n" + _A[:20]
+    assert _facts(parser.parse(data, 0)) == _facts(parser.parse(_A + b"\n", 0))
+
+
 def test_a_piece_of_lines_the_c_loop_leaves_is_summed_as_the_python_loops_sum_it() -> None:
     """Past parser._NATIVE_STOPS lines left in one piece, the rest goes to the Python loops whole."""
     odd = [b'{"userId":"u%d","name":"add_revenue","value":%d.5}' % (i % 3, i) for i in range(40)]
