@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-from hashlib import blake2b
+from hashlib import blake2b, sha256
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import JournalChanged, JournalError
 
@@ -87,9 +87,11 @@ def split(f: BinaryIO, start: int, end: int, parts: int) -> list[tuple[int, int]
     return list(zip(cuts, cuts[1:], strict=False))
 
 
-def range_digest() -> blake2b:
-    """The hash that a parse of a byte range returns with it (see `check_range`)."""
-    return blake2b(digest_size=16, person=b"evtool-range")
+def range_digest() -> Any:
+    """The hash that a parse of a byte range returns with it (see `check_range`). SHA-256, for
+    speed: CPUs with SHA extensions hash twice as fast as blake2b, and the committing process
+    hashes each batch once more, serially, before it commits. The digest never leaves the run."""
+    return sha256()
 
 
 def check_range(f: BinaryIO, fp: bytes, parts: list[tuple[int, int, bytes]], path: str) -> None:
