@@ -56,28 +56,25 @@ static inline const char *skip_ws(const char *p, const char *e)
 }
 
 /* A string of printable ASCII without escapes, p at its opening quote: the byte after the
- * closing quote, or NULL. */
+ * closing quote, or NULL. (An escaped quote ends the search early, but its backslash fails it.) */
 static inline const char *string_at(const char *p, const char *e, span *out)
 {
     if (p >= e || *p != '"')
         return NULL;
-    const char *s = ++p;
-    for (; p < e; p++) {
-        unsigned char c = (unsigned char)*p;
-        if (c == '"') {
-            out->p = s;
-            out->n = p - s;
-            return p + 1;
-        }
-        if (c < 0x20 || c > 0x7e || c == '\\')
-            return NULL;
-    }
-    return NULL;
+    const char *s = p + 1, *q = memchr(s, '"', e - s);
+    if (q == NULL)
+        return NULL;
+    unsigned bad = 0;
+    for (const unsigned char *c = (const unsigned char *)s; c < (const unsigned char *)q; c++)
+        bad |= (*c < 0x20) | (*c > 0x7e) | (*c == '\\');
+    if (bad)
+        return NULL;
+    out->p = s;
+    out->n = q - s;
+    return q + 1;
 }
 
 static inline int is_digit(char c) { return c >= '0' && c <= '9'; }
-static inline int is_hex(char c) { return is_digit(c) || (c >= 'a' && c <= 'f'); }
-static inline int hex_value(char c) { return c <= '9' ? c - '0' : c - 'a' + 10; }
 
 static int span_is(span s, const char *lit)
 {
@@ -103,17 +100,15 @@ static int read_line(const char *p, const char *nl, line_t *L)
         if (p >= nl || *p != ':')
             return 0;
         p = skip_ws(p + 1, nl);
-        if (span_is(k, "userId"))
-            bit = K_USER;
-        else if (span_is(k, "name"))
-            bit = K_NAME;
-        else if (span_is(k, "value"))
-            bit = K_VALUE;
-        else if (span_is(k, "eventId"))
-            bit = K_EID;
-        else if (span_is(k, "timestamp"))
-            bit = K_TS;
-        else
+        switch (k.n) { /* the member's name, by its length first */
+        case 6: bit = memcmp(k.p, "userId", 6) == 0 ? K_USER : 0; break;
+        case 4: bit = memcmp(k.p, "name", 4) == 0 ? K_NAME : 0; break;
+        case 5: bit = memcmp(k.p, "value", 5) == 0 ? K_VALUE : 0; break;
+        case 7: bit = memcmp(k.p, "eventId", 7) == 0 ? K_EID : 0; break;
+        case 9: bit = memcmp(k.p, "timestamp", 9) == 0 ? K_TS : 0; break;
+        default: bit = 0;
+        }
+        if (bit == 0)
             return 0;
         if (L->has & bit)
             return 0; /* a member twice: the Python loops decide */
@@ -169,59 +164,56 @@ static int read_line(const char *p, const char *nl, line_t *L)
     return 1;
 }
 
-/* identity.SOURCE_ID.fullmatch: ([0-9a-f]{16}):([1-9][0-9]{0,17})(?::([0-9a-f]{16}))? */
-static int sender_id(span e, long long *number, const char **chain)
+/* Lowercase hex digits' values; 0xff for any other byte (identity.SOURCE_ID takes [0-9a-f]). */
+static unsigned char HEX[256];
+
+static void init_hex(void)
 {
+    memset(HEX, 0xff, sizeof HEX);
+    for (int c = 0; c < 10; c++)
+        HEX['0' + c] = (unsigned char)c;
+    for (int c = 0; c < 6; c++)
+        HEX['a' + c] = (unsigned char)(10 + c);
+}
+
+/* identity.SOURCE_ID.fullmatch: ([0-9a-f]{16}):([1-9][0-9]{0,17})(?::([0-9a-f]{16}))?
+ * On a match, the line number and the chain's 8 bytes (zeros for an old id without one). */
+static int sender_id(span e, long long *number, unsigned char chain[8])
+{
+    const unsigned char *u = (const unsigned char *)e.p;
     Py_ssize_t i;
     long long v = 0;
+    unsigned bad = 0;
     if (e.n < 18)
         return 0;
     for (i = 0; i < 16; i++)
-        if (!is_hex(e.p[i]))
-            return 0;
-    if (e.p[16] != ':' || e.p[17] < '1' || e.p[17] > '9')
+        bad |= HEX[u[i]];
+    if ((bad & 0xf0) || u[16] != ':' || u[17] < '1' || u[17] > '9')
         return 0;
-    for (i = 17; i < e.n && is_digit(e.p[i]); i++) {
+    for (i = 17; i < e.n && is_digit(u[i]); i++) {
         if (i - 17 == MAX_DIGITS)
             return 0;
-        v = v * 10 + (e.p[i] - '0');
+        v = v * 10 + (u[i] - '0');
     }
     *number = v;
     if (i == e.n) {
-        *chain = NULL;
+        memset(chain, 0, 8);
         return 1;
     }
-    if (e.p[i] != ':' || e.n - i - 1 != 16)
+    if (u[i] != ':' || e.n - i - 1 != 16)
         return 0;
-    for (Py_ssize_t j = i + 1; j < e.n; j++)
-        if (!is_hex(e.p[j]))
-            return 0;
-    *chain = e.p + i + 1;
-    return 1;
+    u += i + 1;
+    for (int j = 0; j < 8; j++) {
+        unsigned hi = HEX[u[2 * j]], lo = HEX[u[2 * j + 1]];
+        bad |= hi | lo;
+        chain[j] = (unsigned char)(hi << 4 | lo);
+    }
+    return (bad & 0xf0) == 0;
 }
 
-/* parser.add: count one event into `sums` (money_add unless both are ints). */
-static int add(PyObject *sums, PyObject *key, int is_add, PyObject *value)
+/* Count one event into a sums list [adds, added, subtracts, subtracted] (parser.add's update). */
+static int bump(PyObject *s, int is_add, PyObject *value)
 {
-    PyObject *s = PyDict_GetItemWithError(sums, key);
-    if (s == NULL) {
-        if (PyErr_Occurred())
-            return -1;
-        s = PyList_New(4);
-        if (s == NULL)
-            return -1;
-        PyObject *items[4] = {ONE, value, ZERO, ZERO};
-        if (!is_add) {
-            items[0] = ZERO, items[1] = ZERO, items[2] = ONE, items[3] = value;
-        }
-        for (int i = 0; i < 4; i++) {
-            Py_INCREF(items[i]);
-            PyList_SET_ITEM(s, i, items[i]);
-        }
-        int r = PyDict_SetItem(sums, key, s);
-        Py_DECREF(s);
-        return r;
-    }
     if (!PyList_CheckExact(s) || PyList_GET_SIZE(s) != 4) {
         PyErr_SetString(PyExc_TypeError, "sums hold lists of four");
         return -1;
@@ -239,6 +231,68 @@ static int add(PyObject *sums, PyObject *key, int is_add, PyObject *value)
         return -1;
     PyList_SetItem(s, i + 1, total);
     return 0;
+}
+
+/* parser.add: count one event into `sums` under `key`; the key's list (borrowed), or NULL. */
+static PyObject *add(PyObject *sums, PyObject *key, int is_add, PyObject *value)
+{
+    PyObject *s = PyDict_GetItemWithError(sums, key);
+    if (s == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        s = PyList_New(4);
+        if (s == NULL)
+            return NULL;
+        PyObject *items[4] = {ONE, value, ZERO, ZERO};
+        if (!is_add) {
+            items[0] = ZERO, items[1] = ZERO, items[2] = ONE, items[3] = value;
+        }
+        for (int i = 0; i < 4; i++) {
+            Py_INCREF(items[i]);
+            PyList_SET_ITEM(s, i, items[i]);
+        }
+        int r = PyDict_SetItem(sums, key, s);
+        Py_DECREF(s); /* the dict holds it */
+        return r < 0 ? NULL : s;
+    }
+    return bump(s, is_add, value) < 0 ? NULL : s;
+}
+
+/* The sums lists one call has touched, by (sums dict, user's text, minute object): a line whose
+ * key came before in the same call updates its list in place, with no str, tuple or dict lookup.
+ * The pointers are borrowed: within a call nothing but this loop changes the dicts, and a list,
+ * once in its dict, is only ever updated in place. A minute text seen as two str objects (the
+ * stamp cache was cleared) only misses; a slot holds a reference to its minute. */
+#define CACHE_SLOTS 4096
+#define CACHE_PROBES 8
+
+typedef struct {
+    PyObject *sums, *minute, *list;
+    const char *user;
+    Py_ssize_t n;
+} slot_t;
+
+static inline size_t slot_of(PyObject *sums, PyObject *minute, span user)
+{
+    uint64_t h = 1469598103934665603ULL ^ (uint64_t)(uintptr_t)sums ^ ((uint64_t)(uintptr_t)minute << 7);
+    for (Py_ssize_t i = 0; i < user.n; i++)
+        h = (h ^ (unsigned char)user.p[i]) * 1099511628211ULL;
+    return (size_t)(h ^ h >> 29);
+}
+
+/* The slot of (sums, minute, user): its own when .list is set, else an empty one to fill (or
+ * NULL when the probes found neither). */
+static slot_t *cache_find(slot_t *cache, PyObject *sums, PyObject *minute, span user)
+{
+    size_t at = slot_of(sums, minute, user);
+    for (int i = 0; i < CACHE_PROBES; i++) {
+        slot_t *c = &cache[(at + i) & (CACHE_SLOTS - 1)];
+        if (c->list == NULL)
+            return c;
+        if (c->sums == sums && c->minute == minute && c->n == user.n && memcmp(c->user, user.p, user.n) == 0)
+            return c;
+    }
+    return NULL;
 }
 
 /* parser._SenderCells, for the span of one call. */
@@ -264,7 +318,7 @@ static inline long long cell_of(long long n) { return n < 0 ? -1 : n / CELL_LINE
 /* _SenderCells.add: file the entry of line `number` (chain: 16 hex digits or NULL) of `source`;
  * its source's sums (borrowed from S), or NULL on an error. */
 static PyObject *sender_add(senders_t *S, PyObject *sources, const char *source, long long number,
-                            const char *chain)
+                            const unsigned char chain[8])
 {
     long long n = number - 1;
     if (!S->have || memcmp(S->source, source, 16) != 0) {
@@ -353,8 +407,7 @@ static PyObject *sender_add(senders_t *S, PyObject *sources, const char *source,
     unsigned char *e = (unsigned char *)PyByteArray_AS_STRING(S->cell) + len;
     e[0] = (unsigned char)(slot >> 8);
     e[1] = (unsigned char)(slot & 0xff);
-    for (int i = 0; i < 8; i++)
-        e[2 + i] = chain ? (unsigned char)(hex_value(chain[2 * i]) << 4 | hex_value(chain[2 * i + 1])) : 0;
+    memcpy(e + 2, chain, 8);
     return S->sums;
 }
 
@@ -377,6 +430,11 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
     span ts_prev = {NULL, -1};
     PyObject *minute_prev = NULL; /* owned: the minute of ts_prev */
     int failed = 0;
+    slot_t *cache = PyMem_Calloc(CACHE_SLOTS, sizeof(slot_t));
+    if (cache == NULL) {
+        PyBuffer_Release(&buf);
+        return PyErr_NoMemory();
+    }
 
     while (p < end) {
         const char *nl = memchr(p, '\n', end - p);
@@ -418,11 +476,11 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
         }
         /* where the event goes; decided before anything is changed for it */
         long long number = 0;
-        const char *chain = NULL;
+        unsigned char chain[8];
         enum { FRESH, SENDER, OPAQUE } kind;
         if (!(L.has & K_EID))
             kind = FRESH;
-        else if (sender_id(L.eid, &number, &chain))
+        else if (sender_id(L.eid, &number, chain))
             kind = SENDER;
         else if (L.eid.n > 0 && L.eid.n <= MAX_EVENT_ID)
             kind = L.eid.p[0] == '~' ? FRESH : OPAQUE; /* events.RECEIVER_ID_PREFIX: a receiver id */
@@ -431,19 +489,17 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
             break;
         }
         int is_add = L.name.n == 11; /* add_revenue (read_line checked it is one of the two) */
-        PyObject *user = PyUnicode_FromStringAndSize(L.user.p, L.user.n);
         PyObject *value = PyLong_FromLongLong(L.value);
-        PyObject *key = user && value ? PyTuple_Pack(2, user, minute) : NULL;
-        Py_DECREF(minute);
-        if (key == NULL) {
-            Py_XDECREF(user);
-            Py_XDECREF(value);
+        if (value == NULL) {
+            Py_DECREF(minute);
             failed = 1;
             break;
         }
         int r = 0;
         if (kind == OPAQUE) {
-            PyObject *eid = PyUnicode_FromStringAndSize(L.eid.p, L.eid.n);
+            PyObject *user = PyUnicode_FromStringAndSize(L.user.p, L.user.n);
+            PyObject *key = user ? PyTuple_Pack(2, user, minute) : NULL;
+            PyObject *eid = key ? PyUnicode_FromStringAndSize(L.eid.p, L.eid.n) : NULL;
             PyObject *flag = PyBool_FromLong(is_add);
             PyObject *d = eid ? PyObject_CallOneArg(event_digest, eid) : NULL;
             PyObject *c = d ? PyObject_CallFunctionObjArgs(content_digest, user, flag, value, NULL) : NULL;
@@ -455,13 +511,31 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
             Py_XDECREF(d);
             Py_DECREF(flag);
             Py_XDECREF(eid);
+            Py_XDECREF(key);
+            Py_XDECREF(user);
         } else {
             PyObject *sums = kind == FRESH ? fresh : sender_add(&S, sources, L.eid.p, number, chain);
-            r = sums == NULL ? -1 : add(sums, key, is_add, value);
+            slot_t *c = sums == NULL ? NULL : cache_find(cache, sums, minute, L.user);
+            if (sums == NULL) {
+                r = -1;
+            } else if (c != NULL && c->list != NULL) {
+                r = bump(c->list, is_add, value);
+            } else {
+                PyObject *user = PyUnicode_FromStringAndSize(L.user.p, L.user.n);
+                PyObject *key = user ? PyTuple_Pack(2, user, minute) : NULL;
+                PyObject *list = key ? add(sums, key, is_add, value) : NULL;
+                r = list == NULL ? -1 : 0;
+                if (list != NULL && c != NULL) {
+                    /* the slot holds its minute: a freed one's address could come back as another */
+                    Py_INCREF(minute);
+                    c->sums = sums, c->minute = minute, c->list = list, c->user = L.user.p, c->n = L.user.n;
+                }
+                Py_XDECREF(key);
+                Py_XDECREF(user);
+            }
         }
-        Py_DECREF(key);
-        Py_DECREF(user);
         Py_DECREF(value);
+        Py_DECREF(minute);
         if (r < 0) {
             failed = 1;
             break;
@@ -470,6 +544,9 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
         p = nl + 1;
     }
     senders_clear(&S);
+    for (int i = 0; i < CACHE_SLOTS; i++)
+        Py_XDECREF(cache[i].minute);
+    PyMem_Free(cache);
     Py_XDECREF(minute_prev);
     PyBuffer_Release(&buf);
     if (failed)
@@ -504,6 +581,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastlines", "The pl
 
 PyMODINIT_FUNC PyInit__fastlines(void)
 {
+    init_hex();
     ZERO = PyLong_FromLong(0);
     ONE = PyLong_FromLong(1);
     EMPTY = PyUnicode_FromStringAndSize(NULL, 0);
