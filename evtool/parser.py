@@ -409,8 +409,9 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
             data = rest + block
             pos += len(block)
             cut = data.rfind(b"\n") + 1 if pos < end else len(data)
-            h.update(data[:cut])  # exactly the bytes parsed, so a part cut early digests its own range
-            parse(data[:cut], pos - len(data), out, close=False)
+            chunk = data[:cut]
+            h.update(chunk)  # exactly the bytes parsed, so a part cut early digests its own range
+            parse(chunk, pos - len(data), out, close=False)
             rest = data[cut:]
             if sf is not None:
                 for part in out.sources.values():
