@@ -270,7 +270,55 @@ typedef struct {
     PyObject *sums, *minute, *list;
     const char *user;
     Py_ssize_t n;
+    /* events counted since the list was last written: [adds, subtracts], and their amounts
+     * (integers below 10**18 each, so an unsigned 128-bit sum cannot overflow in any call) */
+    long long count[2];
+    unsigned __int128 amount[2];
 } slot_t;
+
+static PyObject *long_from_u128(unsigned __int128 v)
+{
+    if (v <= (unsigned __int128)0xffffffffffffffffULL)
+        return PyLong_FromUnsignedLongLong((unsigned long long)v);
+    PyObject *hi = PyLong_FromUnsignedLongLong((unsigned long long)(v >> 64));
+    PyObject *lo = PyLong_FromUnsignedLongLong((unsigned long long)v);
+    PyObject *shift = PyLong_FromLong(64);
+    PyObject *up = hi && shift ? PyNumber_Lshift(hi, shift) : NULL;
+    PyObject *r = up && lo ? PyNumber_Or(up, lo) : NULL;
+    Py_XDECREF(hi);
+    Py_XDECREF(lo);
+    Py_XDECREF(shift);
+    Py_XDECREF(up);
+    return r;
+}
+
+/* Write a slot's counted events into its list, as parser.add would have one by one (the sums
+ * are exact, so their order does not matter). */
+static int flush(slot_t *c)
+{
+    for (int k = 0; k < 2; k++) {
+        if (c->count[k] == 0)
+            continue;
+        PyObject *n = PyLong_FromLongLong(c->count[k]);
+        PyObject *a = n ? long_from_u128(c->amount[k]) : NULL;
+        PyObject *count = a ? PyNumber_Add(PyList_GET_ITEM(c->list, 2 * k), n) : NULL;
+        PyObject *m = PyList_GET_ITEM(c->list, 2 * k + 1);
+        PyObject *total = count == NULL ? NULL
+                          : PyLong_CheckExact(m) ? PyNumber_Add(m, a)
+                                                 : PyObject_CallFunctionObjArgs(money_add, m, a, NULL);
+        Py_XDECREF(n);
+        Py_XDECREF(a);
+        if (total == NULL) {
+            Py_XDECREF(count);
+            return -1;
+        }
+        PyList_SetItem(c->list, 2 * k, count);
+        PyList_SetItem(c->list, 2 * k + 1, total);
+        c->count[k] = 0;
+        c->amount[k] = 0;
+    }
+    return 0;
+}
 
 static inline size_t slot_of(PyObject *sums, PyObject *minute, span user)
 {
@@ -489,15 +537,11 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
             break;
         }
         int is_add = L.name.n == 11; /* add_revenue (read_line checked it is one of the two) */
-        PyObject *value = PyLong_FromLongLong(L.value);
-        if (value == NULL) {
-            Py_DECREF(minute);
-            failed = 1;
-            break;
-        }
+        PyObject *value = NULL; /* made only where an object is needed: not for a key seen before */
         int r = 0;
         if (kind == OPAQUE) {
-            PyObject *user = PyUnicode_FromStringAndSize(L.user.p, L.user.n);
+            value = PyLong_FromLongLong(L.value);
+            PyObject *user = value ? PyUnicode_FromStringAndSize(L.user.p, L.user.n) : NULL;
             PyObject *key = user ? PyTuple_Pack(2, user, minute) : NULL;
             PyObject *eid = key ? PyUnicode_FromStringAndSize(L.eid.p, L.eid.n) : NULL;
             PyObject *flag = PyBool_FromLong(is_add);
@@ -519,9 +563,11 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
             if (sums == NULL) {
                 r = -1;
             } else if (c != NULL && c->list != NULL) {
-                r = bump(c->list, is_add, value);
+                c->count[!is_add]++;
+                c->amount[!is_add] += (unsigned long long)L.value;
             } else {
-                PyObject *user = PyUnicode_FromStringAndSize(L.user.p, L.user.n);
+                value = PyLong_FromLongLong(L.value);
+                PyObject *user = value ? PyUnicode_FromStringAndSize(L.user.p, L.user.n) : NULL;
                 PyObject *key = user ? PyTuple_Pack(2, user, minute) : NULL;
                 PyObject *list = key ? add(sums, key, is_add, value) : NULL;
                 r = list == NULL ? -1 : 0;
@@ -534,8 +580,10 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
                 Py_XDECREF(user);
             }
         }
-        Py_DECREF(value);
+        Py_XDECREF(value);
         Py_DECREF(minute);
+        if (value == NULL && r == 0 && PyErr_Occurred())
+            r = -1;
         if (r < 0) {
             failed = 1;
             break;
@@ -544,8 +592,11 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
         p = nl + 1;
     }
     senders_clear(&S);
-    for (int i = 0; i < CACHE_SLOTS; i++)
+    for (int i = 0; i < CACHE_SLOTS; i++) {
+        if (cache[i].list != NULL && !failed && flush(&cache[i]) < 0)
+            failed = 1;
         Py_XDECREF(cache[i].minute);
+    }
     PyMem_Free(cache);
     Py_XDECREF(minute_prev);
     PyBuffer_Release(&buf);

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-from hashlib import blake2b, sha256
+from hashlib import blake2b
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import xxhash
 
 from .errors import JournalChanged, JournalError
 
@@ -88,10 +90,13 @@ def split(f: BinaryIO, start: int, end: int, parts: int) -> list[tuple[int, int]
 
 
 def range_digest() -> Any:
-    """The hash that a parse of a byte range returns with it (see `check_range`). SHA-256, for
-    speed: CPUs with SHA extensions hash twice as fast as blake2b, and the committing process
-    hashes each batch once more, serially, before it commits. The digest never leaves the run."""
-    return sha256()
+    """The hash that a parse of a byte range returns with it (see `check_range`): XXH3-128,
+    ten times SHA-256's speed (0.06 against 0.67 CPU-s per GB here). The committing process
+    hashes each batch once more, serially, before it commits, so this is on every batch's path.
+    It tells the bytes parsed from bytes put in their place by accident (a copy, a rotation, a
+    truncation), not from a forgery, which an operator who can write the journal does not need;
+    the digest never leaves the run."""
+    return xxhash.xxh3_128()
 
 
 def check_range(f: BinaryIO, fp: bytes, parts: list[tuple[int, int, bytes]], path: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from decimal import Decimal
 
 import msgspec
 import pytest
@@ -392,3 +393,13 @@ def test_a_piece_of_lines_the_c_loop_leaves_is_summed_as_the_python_loops_sum_it
     odd = [b'{"userId":"u%d","name":"add_revenue","value":%d.5}' % (i % 3, i) for i in range(40)]
     data = b"\n".join(line for pair in zip(odd, [_A] * 40, strict=True) for line in pair) + b"\n"
     assert _facts(parser.parse(data, 0)) == _facts(_reference(data, False))
+
+
+def test_sums_past_64_bits_and_after_a_decimal_stay_exact() -> None:
+    """The C loop counts a key's events in 128-bit integers and writes them at the end of a piece:
+    sums past 2**64, and sums that a decimal line (the Python loops') made a Decimal, stay exact."""
+    big = b'{"userId":"u","name":"add_revenue","value":999999999999999999}\n'
+    data = big * 40 + b'{"userId":"u","name":"add_revenue","value":0.5}\n' + big * 3
+    got = parser.parse(data, 0)
+    assert got.fresh[("u", "")][:2] == [44, events.MONEY.add(43 * (10**18 - 1), Decimal("0.5"))]
+    assert _facts(got) == _facts(_reference(data, False))
