@@ -69,9 +69,14 @@ def last_line_end(f: BinaryIO, start: int, end: int) -> int:
 
 
 def batch_end(f: BinaryIO, start: int, max_bytes: int) -> int:
-    """End of a batch from `start`: whole lines, about `max_bytes` (more if one line is longer)."""
+    """End of a batch from `start`: whole lines, about `max_bytes` (more if one line is longer).
+
+    What would be left after it, when under a quarter of `max_bytes`, goes with it: a runt
+    last batch costs a transaction of its own and, with many users, an upsert of most of them
+    again (1M events over 100k users: 154 MB in batches of 128 + 26 MB upserted ~190k user
+    rows where one batch upserts 100k)."""
     size_now = size(f)
-    if start + max_bytes < size_now:
+    if start + max_bytes + max_bytes // 4 < size_now:
         end = line_end(f, start + max_bytes - 1, size_now)
         if end is not None:
             return end

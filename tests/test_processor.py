@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
+from evtool import journal
 from evtool.cli import cli
 from evtool.processor import process
 
@@ -386,18 +387,35 @@ def test_debug_log_says_per_batch_whether_the_parse_or_the_database_took_the_tim
     """`--log-level debug`: one record per committed batch, with its range, its lines, the time
     spent waiting for the parse and the time its transaction took (what bounds a run)."""
     journal = tmp_path / "j.jsonl"
-    subprocess.run([sys.executable, str(GEN_EVENTS), str(journal), "20000", "--users", "300"],
+    subprocess.run([sys.executable, str(GEN_EVENTS), str(journal), "40000", "--users", "300"],
                    check=True, capture_output=True)
     out = evtool("--log-level", "debug", "--log-format", "json", "process", "--batch-mb", "1", "--json",
                  str(journal), env={"EVTOOL_DSN": dsn}, check=True)
-    assert json.loads(out.stdout)["applied"] == 20000
+    assert json.loads(out.stdout)["applied"] == 40000
     records = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
     batches = [r for r in records if "commit_s" in r]
-    assert len(batches) >= 2 and batches[0]["offset"] == 0  # the journal is over 1 MB
-    assert sum(r["lines"] for r in batches) == 20000
+    assert len(batches) >= 2 and batches[0]["offset"] == 0  # the journal is over 2 MB
+    assert sum(r["lines"] for r in batches) == 40000
     assert [r["offset"] for r in batches[1:]] == [r["end"] for r in batches[:-1]]  # in order, no gap
     assert batches[-1]["end"] == journal.stat().st_size
     assert all(r["level"] == "debug" and r["parse_wait_s"] >= 0 and r["commit_s"] >= 0 for r in batches)
     # and nothing at the default level
     quiet = evtool("--log-format", "json", "process", str(journal), env={"EVTOOL_DSN": dsn}, check=True)
     assert not any("commit_s" in line for line in quiet.stderr.splitlines())
+
+
+def test_a_batch_takes_what_would_be_left_after_it_when_that_is_under_a_quarter_batch(tmp_path):
+    """No runt last batch: it would cost a transaction, and with many users an upsert of most of
+    them again. A quarter of a batch or more left is a batch of its own (batches of 80 lines here)."""
+    line = b'{"userId":"u1","name":"add_revenue","value":1}\n'
+    n = len(line)
+    for lines, want in ((100, [100]), (101, [80, 101]), (250, [80, 160, 250])):
+        path = tmp_path / f"j{lines}.jsonl"
+        path.write_bytes(line * lines)
+        ends = [0]
+        with open(path, "rb") as f:
+            for _ in range(10):  # (bounded: a bug here must fail, not hang)
+                if ends[-1] == lines * n:
+                    break
+                ends.append(journal.batch_end(f, ends[-1], 80 * n))
+        assert [end // n for end in ends[1:]] == want, lines
