@@ -96,6 +96,12 @@ def test_wheel_installed_elsewhere_processes_and_answers_revenue(installed: Path
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(installed.parent), where.stdout
     assert not Path(where.stdout.strip()).is_relative_to(ROOT)
+    # The wheel carries the C line loop (built where a compiler is, as here), not only the source.
+    if shutil.which("cc") or shutil.which("gcc"):
+        show = "from evtool import parser; print(parser._fastlines)"
+        native = _run([str(installed / "python"), "-c", show], cwd=elsewhere, env=env)
+        assert native.returncode == 0 and "_fastlines" in native.stdout, native.stdout + native.stderr
+        assert not Path(native.stdout.split("from '")[-1].rstrip("'>\n")).is_relative_to(ROOT), native.stdout
 
     journal = elsewhere / "server-events.jsonl"
     journal.write_text(
