@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -419,3 +420,19 @@ def test_a_batch_takes_what_would_be_left_after_it_when_that_is_under_a_quarter_
                     break
                 ends.append(journal.batch_end(f, ends[-1], 80 * n))
         assert [end // n for end in ends[1:]] == want, lines
+
+
+def test_evtool_pure_python_processes_the_same_without_the_c_loop(dsn, tmp_path):
+    """EVTOOL_PURE_PYTHON=1 (what an install without a compiler runs): the Python loops alone,
+    the same totals as the C loop gives in the test beside it (test_parser_fast pins the parts)."""
+    journal_path = tmp_path / "j.jsonl"
+    subprocess.run([sys.executable, str(GEN_EVENTS), str(journal_path), "3000", "--users", "40"],
+                   check=True, capture_output=True)
+    want = json.loads(Path(str(journal_path) + ".expected.json").read_text())
+    env = {"EVTOOL_DSN": dsn, "EVTOOL_PURE_PYTHON": "1"}
+    show = subprocess.run([sys.executable, "-c", "from evtool import parser; print(parser._fastlines)"],
+                          env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    assert show.stdout.strip() == "None"
+    out = evtool("process", "--json", str(journal_path), env=env, check=True)
+    assert json.loads(out.stdout)["applied"] == 3000
+    assert totals(dsn) == {user: Decimal(total) for user, total in want["per_user"].items()}
