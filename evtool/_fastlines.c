@@ -22,7 +22,10 @@
  * The sender cells follow parser._SenderCells.add step for step; the sums parser.add.
  */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE /* memmem */
 #include <Python.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #define MAX_USER_ID 256
@@ -605,6 +608,182 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
     return Py_BuildValue("nn", (Py_ssize_t)(p - data), index);
 }
 
+/* -- the sender's id loop (sender._id_lines) ------------------------------------------------------ */
+
+/* BLAKE2b (RFC 7693) with an 8-byte digest, no key: identity.chain_next's hash, written here so
+ * that a line's chain costs no Python object. tests/test_sender.py pins it to hashlib's. */
+static const uint64_t B2_IV[8] = {
+    0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,
+    0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL, 0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL,
+};
+static const unsigned char B2_SIGMA[12][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4}, {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13}, {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11}, {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5}, {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+};
+
+static inline uint64_t rotr64(uint64_t x, int n) { return (x >> n) | (x << (64 - n)); }
+
+static inline uint64_t load64(const unsigned char *p) /* little endian, as BLAKE2b reads words */
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+#else
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+#endif
+}
+
+#define B2_G(a, b, c, d, x, y)                                                                           \
+    do {                                                                                                 \
+        a = a + b + (x);                                                                                 \
+        d = rotr64(d ^ a, 32);                                                                           \
+        c = c + d;                                                                                       \
+        b = rotr64(b ^ c, 24);                                                                           \
+        a = a + b + (y);                                                                                 \
+        d = rotr64(d ^ a, 16);                                                                           \
+        c = c + d;                                                                                       \
+        b = rotr64(b ^ c, 63);                                                                           \
+    } while (0)
+
+static void b2_compress(uint64_t h[8], const unsigned char block[128], uint64_t t, int last)
+{
+    uint64_t m[16], v[16];
+    for (int i = 0; i < 16; i++)
+        m[i] = load64(block + 8 * i);
+    for (int i = 0; i < 8; i++) {
+        v[i] = h[i];
+        v[i + 8] = B2_IV[i];
+    }
+    v[12] ^= t;
+    if (last)
+        v[14] = ~v[14];
+    for (int r = 0; r < 12; r++) {
+        const unsigned char *s = B2_SIGMA[r];
+        B2_G(v[0], v[4], v[8], v[12], m[s[0]], m[s[1]]);
+        B2_G(v[1], v[5], v[9], v[13], m[s[2]], m[s[3]]);
+        B2_G(v[2], v[6], v[10], v[14], m[s[4]], m[s[5]]);
+        B2_G(v[3], v[7], v[11], v[15], m[s[6]], m[s[7]]);
+        B2_G(v[0], v[5], v[10], v[15], m[s[8]], m[s[9]]);
+        B2_G(v[1], v[6], v[11], v[12], m[s[10]], m[s[11]]);
+        B2_G(v[2], v[7], v[8], v[13], m[s[12]], m[s[13]]);
+        B2_G(v[3], v[4], v[9], v[14], m[s[14]], m[s[15]]);
+    }
+    for (int i = 0; i < 8; i++)
+        h[i] ^= v[i] ^ v[i + 8];
+}
+
+/* blake2b(a + b, digest_size=8) into out[8]: `a` the 8-byte chain, `b` the line. */
+static void chain_next(const unsigned char a[8], const unsigned char *b, Py_ssize_t n, unsigned char out[8])
+{
+    uint64_t h[8];
+    unsigned char block[128];
+    memcpy(h, B2_IV, sizeof h);
+    h[0] ^= 0x01010000ULL ^ 8; /* depth 1, fanout 1, no key, an 8-byte digest */
+    uint64_t total = 8 + (uint64_t)n, done = 0;
+    Py_ssize_t fill = 8, at = 0; /* bytes in `block`; bytes of b taken */
+    memcpy(block, a, 8);
+    for (;;) {
+        Py_ssize_t take = n - at < 128 - fill ? n - at : 128 - fill;
+        memcpy(block + fill, b + at, take);
+        fill += take;
+        at += take;
+        if (at == n) { /* the last block, zero-padded (total > 0: it holds the chain at least) */
+            memset(block + fill, 0, 128 - fill);
+            b2_compress(h, block, total, 1);
+            break;
+        }
+        done += 128;
+        b2_compress(h, block, done, 0);
+        fill = 0;
+    }
+    for (int i = 0; i < 8; i++)
+        out[i] = (unsigned char)(h[0] >> (8 * i));
+}
+
+/* A raw line of the sender's plain shape (sender._id_lines): `{` first, `}` right before its
+ * newline, no CR, no backslash, no "eventId" (so no eventId member can hide in it). */
+static int plain_raw(const char *t, Py_ssize_t n)
+{
+    static const char eid[] = "\"eventId\"";
+    if (n < 3 || t[0] != '{' || t[n - 1] != '\n' || t[n - 2] != '}')
+        return 0;
+    if (memchr(t, '\r', n) != NULL || memchr(t, '\\', n) != NULL || memchr(t, '\n', n - 1) != NULL)
+        return 0;
+    return memmem(t, n, eid, sizeof eid - 1) == NULL;
+}
+
+/* id_lines(segment, lineno, chain, member) -> (ided, chain, before), or None unless every line of
+ * `segment` (raw, from a file, none its first line) is of the plain shape: sender._id_lines.
+ * Each line gets its id appended (the bare line without its `}`, member, then b"%d:%s\"}" of the
+ * line number and the chain's hex), its chain being blake2b(chain + bare line, digest_size=8)
+ * (identity.chain_next). */
+static PyObject *id_lines(PyObject *self, PyObject *args)
+{
+    PyObject *lines;
+    long long lineno;
+    const char *chain0, *member;
+    Py_ssize_t chain_n, member_n;
+    if (!PyArg_ParseTuple(args, "O!Ly#y#:id_lines", &PyList_Type, &lines, &lineno, &chain0, &chain_n, &member,
+                          &member_n))
+        return NULL;
+    if (chain_n != 8) {
+        PyErr_SetString(PyExc_ValueError, "a chain value is 8 bytes");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(lines);
+    for (Py_ssize_t i = 0; i < count; i++) { /* all or nothing: decided before any id is made */
+        PyObject *line = PyList_GET_ITEM(lines, i);
+        if (!PyBytes_Check(line))
+            Py_RETURN_NONE;
+        if (!plain_raw(PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line)))
+            Py_RETURN_NONE;
+    }
+    if (count == 0)
+        Py_RETURN_NONE;
+    static const char hex[] = "0123456789abcdef";
+    unsigned char chain[8], before[8];
+    memcpy(chain, chain0, 8);
+    memcpy(before, chain0, 8);
+    PyObject *out = PyList_New(count);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *line = PyList_GET_ITEM(lines, i);
+        const unsigned char *text = (const unsigned char *)PyBytes_AS_STRING(line);
+        Py_ssize_t n = PyBytes_GET_SIZE(line) - 1; /* the bare line: without its newline */
+        memcpy(before, chain, 8);
+        chain_next(before, text, n, chain);
+        lineno++;
+        char tail[64];
+        int t = snprintf(tail, sizeof tail, "%lld:", lineno);
+        for (int j = 0; j < 8; j++) {
+            tail[t++] = hex[chain[j] >> 4];
+            tail[t++] = hex[chain[j] & 15];
+        }
+        tail[t++] = '"';
+        tail[t++] = '}';
+        PyObject *ided = PyBytes_FromStringAndSize(NULL, n - 1 + member_n + t);
+        if (ided == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        char *w = PyBytes_AS_STRING(ided);
+        memcpy(w, text, n - 1); /* without its `}` */
+        memcpy(w + n - 1, member, member_n);
+        memcpy(w + n - 1 + member_n, tail, t);
+        PyList_SET_ITEM(out, i, ided);
+    }
+    return Py_BuildValue("(Ny#y#)", out, (const char *)chain, (Py_ssize_t)8, (const char *)before, (Py_ssize_t)8);
+}
+
 static PyObject *configure(PyObject *self, PyObject *args)
 {
     PyObject *a[6];
@@ -622,6 +801,8 @@ static PyMethodDef methods[] = {
     {"sum_lines", sum_lines, METH_VARARGS,
      "sum_lines(data, pos, offset, index, fresh, sources, opaque) -> (pos, index): sum the lines this "
      "loop takes from byte pos; stop at the first it does not."},
+    {"id_lines", id_lines, METH_VARARGS,
+     "id_lines(segment, lineno, chain, member) -> (ided, chain, before) or None: the sender's ids."},
     {"configure", configure, METH_VARARGS,
      "configure(SourcePart, STAMP_MINUTE, stamp_minute, money_add, event_digest, content_digest)"},
     {NULL, NULL, 0, NULL},

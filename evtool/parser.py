@@ -23,7 +23,7 @@ from typing import Annotated, BinaryIO, Literal
 import msgspec
 import orjson
 
-from . import events, eventtime, identity, journal, store
+from . import events, eventtime, identity, journal, native, store
 from .errors import InvalidEvent, JournalChanged
 from .events import money_add
 from .mapping import Mapping
@@ -461,12 +461,7 @@ def _sum_python(data: bytes, offset: int, out: ParsedPart) -> None:
 
 # The plain-shape loop in C (evtool/_fastlines.c), built with the package where a compiler is;
 # EVTOOL_PURE_PYTHON=1 turns it off (the tests compare the two). Same results either way.
-try:
-    from . import _fastlines
-except ImportError:  # built without a compiler: the Python loops do it all
-    _fastlines = None
-if os.environ.get("EVTOOL_PURE_PYTHON"):
-    _fastlines = None
+_fastlines = native.loops
 if _fastlines is not None:
     _fastlines.configure(SourcePart, eventtime.STAMP_MINUTE, eventtime.stamp_minute, money_add,
                          identity.event_digest, identity.content_digest)

@@ -109,13 +109,19 @@ def _sent(tmp_path: Path, name: str, data: bytes, batch: int) -> tuple[list[byte
     return lines, report
 
 
-def test_plain_runs_read_in_blocks_send_what_the_per_line_loop_sends(tmp_path, monkeypatch):
-    """Runs of plain lines are id'd in blocks (sender._id_lines); odd lines anywhere among them
-    (blank, CRLF, leading spaces, escapes, client ids, invalid, a BOM'd first line, no final
-    newline) send and report exactly what the per-line loop alone sends and reports."""
+@pytest.mark.parametrize("loop", ["c-loop", "python-loop"])
+def test_plain_runs_read_in_blocks_send_what_the_per_line_loop_sends(tmp_path, monkeypatch, loop):
+    """Runs of plain lines are id'd in blocks (sender._id_lines, in C or in Python); odd lines
+    anywhere among them (blank, CRLF, leading spaces, escapes, client ids, invalid, a BOM'd first
+    line, no final newline) send and report exactly what the per-line loop alone sends and reports."""
     import random
 
     from evtool import sender
+
+    if loop == "python-loop":
+        monkeypatch.setattr(sender, "_fastlines", None)
+    elif sender._fastlines is None:
+        pytest.skip("evtool._fastlines is not built (no C compiler here)")
 
     rnd = random.Random(11)
     odd = [b"", b"   ", ev("crlf") + b"\r", b"  " + ev("lead"), ev("tail") + b"  ", ev("esc\\u0041"),
@@ -134,3 +140,31 @@ def test_plain_runs_read_in_blocks_send_what_the_per_line_loop_sends(tmp_path, m
     assert sorted(got) == sorted(want) and len(got) > 650  # four connections: any order
     for field in ("sent", "skipped_invalid", "failed", "invalid_lines"):
         assert getattr(got_report, field) == getattr(want_report, field), field
+
+
+def test_the_c_id_loop_makes_the_python_loops_ids_and_chains(monkeypatch):
+    """sender._id_lines in C (BLAKE2b written there) against the Python loop: the same ids, chains
+    and refusals, for lines across BLAKE2b's 128-byte block boundaries (the chain plus the line)."""
+    from evtool import sender
+
+    if sender._fastlines is None:
+        pytest.skip("evtool._fastlines is not built (no C compiler here)")
+    member = b',"eventId":"0123456789abcdef:'
+    lengths = [*range(8, 140), *range(240, 260), 1000, 5000]
+    lines = [b'{"userId":"u","x":"' + b"a" * max(0, n - 22) + b'"}\n' for n in lengths]
+    for size in (1, 7, len(lines)):
+        for at in range(0, len(lines), size):
+            segment = lines[at:at + size]
+            c = sender._id_lines(segment, at, bytes(range(8)), member)
+            monkeypatch.setattr(sender, "_fastlines", None)
+            py = sender._id_lines(segment, at, bytes(range(8)), member)
+            monkeypatch.undo()
+            assert c == py and c is not None
+    chain = bytes(8)
+    for line in lines[:3]:
+        chain = chain_next(chain, line[:-1])
+    assert sender._id_lines(lines[:3], 0, bytes(8), member)[1] == chain
+    refused = [b' {"a":1}\n', b'{"a":1}', b'{"a":1}\r\n', b'{"a":"\\\\"}\n', b'{"eventId":"x"}\n',
+               b'{"a":1} \n', b'}\n', b'{\n']
+    for line in refused:
+        assert sender._id_lines([lines[0], line], 0, bytes(8), member) is None, line
