@@ -1,5 +1,9 @@
-/* The processor's per-line loop for the plain shape, in C (issue 11): what parser._sum_plain does
- * for a line, without the interpreter's cost per line.
+/* The hot line loops in C (issue 11), each a faster twin of a Python loop that stays the contract
+ * (evtool/native.py says whether this module is there; the tests run both):
+ *
+ * - sum_lines: the processor's per-line loop for the plain shape, parser._sum_plain's work for a
+ *   line without the interpreter's cost per line (below);
+ * - id_lines: the sender's block of plain lines, sender._id_lines (at the end of this file).
  *
  * sum_lines(data, pos, offset, index, fresh, sources, opaque) sums the lines of `data` from byte
  * `pos` into a ParsedPart's `fresh`, `sources` and `opaque`, exactly as parser._sum_plain would,
