@@ -73,7 +73,7 @@ def batch_end(f: BinaryIO, start: int, max_bytes: int) -> int:
 
     What would be left after it, when under a quarter of `max_bytes`, goes with it: a runt
     last batch costs a transaction of its own and, with many users, an upsert of most of them
-    again (1M events over 100k users: 154 MB in batches of 128 + 26 MB upserted ~190k user
+    again (1M events over 100k users: 154 MB in batches of 128 + 26 MB upserted ~170k user
     rows where one batch upserts 100k)."""
     size_now = size(f)
     if start + max_bytes + max_bytes // 4 < size_now:

@@ -433,10 +433,12 @@ def parse(data: bytes, offset: int, out: ParsedPart | None = None, *, close: boo
           strict: bool = False, mapping: Mapping | None = None) -> ParsedPart:
     """Parse complete lines `data` (starting at byte `offset` of the journal) into `out`.
 
-    `strict` and `mapping` apply only to a new part; a given `out` keeps its own. A piece whose
-    every line has the plain shape (what `serve` and `send` write, see `_plain_lines`) is decoded
-    and checked whole by msgspec, then summed (`_sum_plain`); any other piece line by line
-    (`_sum_lines`). Both give the same part: a line either loop cannot finish takes `_line`.
+    `strict` and `mapping` apply only to a new part; a given `out` keeps its own. Where the C
+    loop is built, it sums the lines it takes and leaves the others to the Python loops
+    (`_sum_native`). Else a piece whose every line has the plain shape (what `serve` and `send`
+    write, see `_plain_lines`) is decoded and checked whole by msgspec, then summed
+    (`_sum_plain`); any other piece line by line (`_sum_lines`), as is every piece under a
+    mapping. All give the same part: a line no loop can finish takes `_line`.
     """
     out = ParsedPart(offset, offset + len(data), strict=strict, mapping=mapping) if out is None else out
     if out.mapping is not None:

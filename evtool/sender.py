@@ -45,8 +45,9 @@ from .identity import CHAIN_LEN, CHAIN_SEED, RECEIVER_HEADER, bare_line, chain_n
 from .mapping import Mapping
 from .sendstate import BOM, ConfirmedPrefix, Position, StateStore, first_line, resume
 
-MAX_INVALID_KEPT = 100
 _fastlines = native.loops  # the id loop in C (_id_lines), where it was built
+
+MAX_INVALID_KEPT = 100
 MAX_ERRORS_KEPT = 20
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 5.0
@@ -552,7 +553,7 @@ def _id_lines(segment: list[bytes], lineno: int, chain: bytes, member: bytes,
     `}` right before its newline (so the line is its own stripped text and bare line), no CR, no
     backslash, no `"eventId"`. `lineno`, `chain`: before the segment.
     """
-    if _fastlines is not None:  # the same checks and loop in C (BLAKE2b there too), ~3x faster
+    if _fastlines is not None:  # the same checks and loop in C (BLAKE2b there too), 2.3x faster
         return _fastlines.id_lines(segment, lineno, chain, member)
     text = b"".join(segment)
     n = len(segment)
