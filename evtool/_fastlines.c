@@ -3,7 +3,8 @@
  *
  * - sum_lines: the processor's per-line loop for the plain shape, parser._sum_plain's work for a
  *   line without the interpreter's cost per line (below);
- * - id_lines: the sender's block of plain lines, sender._id_lines (at the end of this file).
+ * - id_lines: the sender's block of plain lines, sender._id_lines;
+ * - plain_body: the receiver's check of a whole body, intake.Intake._bulk (at the end).
  *
  * sum_lines(data, pos, offset, index, fresh, sources, opaque) sums the lines of `data` from byte
  * `pos` into a ParsedPart's `fresh`, `sources` and `opaque`, exactly as parser._sum_plain would,
@@ -89,8 +90,9 @@ static int span_is(span s, const char *lit)
     return (size_t)s.n == n && memcmp(s.p, lit, n) == 0;
 }
 
-/* The line [p, nl) (nl at its newline) read into L; 0 when this loop does not take it. */
-static int read_line(const char *p, const char *nl, line_t *L)
+/* The line [p, nl) (nl at its newline) read into L; 0 when this loop does not take it (or it has
+ * a member outside `allowed`, K_* bits). */
+static int read_line(const char *p, const char *nl, line_t *L, int allowed)
 {
     L->has = 0;
     p = skip_ws(p, nl);
@@ -115,7 +117,7 @@ static int read_line(const char *p, const char *nl, line_t *L)
         case 9: bit = memcmp(k.p, "timestamp", 9) == 0 ? K_TS : 0; break;
         default: bit = 0;
         }
-        if (bit == 0)
+        if (!(bit & allowed))
             return 0;
         if (L->has & bit)
             return 0; /* a member twice: the Python loops decide */
@@ -494,7 +496,7 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
     while (p < end) {
         const char *nl = memchr(p, '\n', end - p);
         line_t L;
-        if (nl == NULL || !read_line(p, nl, &L))
+        if (nl == NULL || !read_line(p, nl, &L, K_USER | K_NAME | K_VALUE | K_EID | K_TS))
             break;
         /* the minute, as eventtime.STAMP_MINUTE / stamp_minute give it (the same text as the
          * line before: the same minute, serve stamps many lines alike) */
@@ -788,6 +790,46 @@ static PyObject *id_lines(PyObject *self, PyObject *args)
     return Py_BuildValue("(Ny#y#)", out, (const char *)chain, (Py_ssize_t)8, (const char *)before, (Py_ssize_t)8);
 }
 
+/* -- the receiver's whole-body check (intake.Intake._bulk) ---------------------------------------- */
+
+/* plain_body(body, max_line) -> (lines, with_ids) or None: whether every line of `body` (which
+ * ends with a newline) is the sender's shape as _bulk takes it: read_line's shape with the
+ * members userId, name, value and eventId only (no time: each line gets the receive stamp),
+ * lines of at most max_line bytes, an eventId of 1 to MAX_EVENT_ID characters not starting with
+ * the receiver's `~`, and either every line with an eventId or none. None sends the body to the
+ * per-line path, which decides every body the same way (it accepts a superset). */
+static PyObject *plain_body(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    Py_ssize_t max_line;
+    if (!PyArg_ParseTuple(args, "y*n:plain_body", &buf, &max_line))
+        return NULL;
+    const char *p = buf.buf, *end = p + buf.len;
+    Py_ssize_t lines = 0;
+    int ids = -1; /* unknown until the first line */
+    int plain = buf.len > 0 && end[-1] == '\n';
+    while (plain && p < end) {
+        const char *nl = memchr(p, '\n', end - p);
+        line_t L;
+        if (nl - p > max_line || !read_line(p, nl, &L, K_USER | K_NAME | K_VALUE | K_EID)) {
+            plain = 0;
+            break;
+        }
+        int has = (L.has & K_EID) != 0;
+        if (has && (L.eid.n < 1 || L.eid.n > MAX_EVENT_ID || L.eid.p[0] == '~'))
+            plain = 0;
+        if (ids >= 0 && has != ids)
+            plain = 0;
+        ids = has;
+        lines++;
+        p = nl + 1;
+    }
+    PyBuffer_Release(&buf);
+    if (!plain)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(nO)", lines, ids ? Py_True : Py_False);
+}
+
 static PyObject *configure(PyObject *self, PyObject *args)
 {
     PyObject *a[6];
@@ -807,6 +849,8 @@ static PyMethodDef methods[] = {
      "loop takes from byte pos; stop at the first it does not."},
     {"id_lines", id_lines, METH_VARARGS,
      "id_lines(segment, lineno, chain, member) -> (ided, chain, before) or None: the sender's ids."},
+    {"plain_body", plain_body, METH_VARARGS,
+     "plain_body(body, max_line) -> (lines, with_ids) or None: the receiver's whole-body check."},
     {"configure", configure, METH_VARARGS,
      "configure(SourcePart, STAMP_MINUTE, stamp_minute, money_add, event_digest, content_digest)"},
     {NULL, NULL, 0, NULL},
