@@ -16,9 +16,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -212,3 +214,20 @@ class Serve:
                 self.stop()
             else:
                 self.kill()
+
+
+# The C loops (evtool/_fastlines.c) have Python twins; the tests of each run both ways.
+C_OR_PYTHON = ["c", "python"]
+
+
+def c_or_python(request: pytest.FixtureRequest, module: types.ModuleType) -> Iterator[str]:
+    """The body of a module-scoped fixture with params C_OR_PYTHON: `module._fastlines` is the C
+    module for "c" (skipped where it was not built), None for "python" (what an install without a
+    compiler runs); restored after."""
+    native = module._fastlines
+    if request.param == "c" and native is None:
+        pytest.skip("evtool._fastlines is not built (no C compiler here); the Python code is tested")
+    module._fastlines = native if request.param == "c" else None
+    yield request.param
+    module._fastlines = native
+

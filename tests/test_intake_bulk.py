@@ -18,19 +18,16 @@ from hypothesis import strategies as st
 from evtool import intake
 from evtool.intake import BodyRefused, Intake, ReceiverIds
 
+from .conftest import C_OR_PYTHON, c_or_python
+
 NOW = "2026-11-23T09:00:00.000Z"
 
 
-@pytest.fixture(autouse=True, scope="module", params=["c-check", "python-check"])
+@pytest.fixture(autouse=True, scope="module", params=C_OR_PYTHON)
 def check(request: pytest.FixtureRequest):
     """Every test here runs twice: with _bulk's checks in C (evtool/_fastlines.c, plain_body) and
     with the Python ones alone (as where the C module could not be built)."""
-    native = intake._fastlines
-    if request.param == "c-check" and native is None:
-        pytest.skip("evtool._fastlines is not built (no C compiler here); the Python checks are tested")
-    intake._fastlines = native if request.param == "c-check" else None
-    yield request.param
-    intake._fastlines = native
+    yield from c_or_python(request, intake)
 
 
 def pair(max_line: int = 1 << 20, plain_ids: bool = False, strict: bool = False) -> tuple[Intake, Intake]:

@@ -21,19 +21,18 @@ from hypothesis import strategies as st
 from evtool import events, eventtime, identity, parser
 from evtool.errors import InvalidEvent
 
+from .conftest import C_OR_PYTHON, c_or_python
+
 SRC = "1cf54481b2d1479b"
 
 
-@pytest.fixture(autouse=True, scope="module", params=["c-loop", "python-loops"])
+@pytest.fixture(autouse=True, scope="module", params=C_OR_PYTHON)
 def loop(request: pytest.FixtureRequest):
     """Every test here runs twice: with the C loop (evtool/_fastlines.c) taking the lines it
     takes, and with the Python loops alone (as where it could not be built)."""
-    native = parser._fastlines
-    if request.param == "c-loop" and native is None:
-        pytest.skip("evtool._fastlines is not built (no C compiler here); the Python loops are tested")
-    parser._fastlines = native if request.param == "c-loop" else None
-    yield request.param
-    parser._fastlines = native
+    yield from c_or_python(request, parser)
+
+
 CHAIN = "2b7b1de2052eb1ca"
 
 _users = st.one_of(
@@ -366,7 +365,7 @@ _C_LEAVES = [  # and each of these it must leave, at its start, to the Python lo
 
 
 def test_the_c_loop_takes_the_plain_shape_and_stops_at_the_first_line_it_leaves(loop: str) -> None:
-    if loop != "c-loop":
+    if loop != "c":
         pytest.skip("the C loop's own test")
     for line in _C_TAKES:
         data = (line + b"\n") * 3

@@ -16,7 +16,7 @@ from evtool import events
 from evtool.identity import bare_line, chain_next, chain_start, source_id
 from evtool.sender import SendSettings, send
 
-from .conftest import Serve
+from .conftest import C_OR_PYTHON, Serve
 
 
 def ev(user: str, value: str = "1", **extra: str) -> bytes:
@@ -109,7 +109,7 @@ def _sent(tmp_path: Path, name: str, data: bytes, batch: int) -> tuple[list[byte
     return lines, report
 
 
-@pytest.mark.parametrize("loop", ["c-loop", "python-loop"])
+@pytest.mark.parametrize("loop", C_OR_PYTHON)
 def test_plain_runs_read_in_blocks_send_what_the_per_line_loop_sends(tmp_path, monkeypatch, loop):
     """Runs of plain lines are id'd in blocks (sender._id_lines, in C or in Python); odd lines
     anywhere among them (blank, CRLF, leading spaces, escapes, client ids, invalid, a BOM'd first
@@ -118,7 +118,7 @@ def test_plain_runs_read_in_blocks_send_what_the_per_line_loop_sends(tmp_path, m
 
     from evtool import sender
 
-    if loop == "python-loop":
+    if loop == "python":
         monkeypatch.setattr(sender, "_fastlines", None)
     elif sender._fastlines is None:
         pytest.skip("evtool._fastlines is not built (no C compiler here)")
