@@ -291,17 +291,10 @@ class Intake:
             return None
         if body[-1:] != b"\n":
             body += b"\n"
-        if _fastlines is not None:  # the same checks in C, in one pass (a stricter subset)
-            shape = _fastlines.plain_body(body, self.max_line)
-            if shape is None:
-                return None
-            n, with_ids = shape
-            missing = 0 if with_ids else n
-        else:
-            checked = self._plain_shape(body)
-            if checked is None:
-                return None
-            n, missing = checked
+        shape = self._shape(body)
+        if shape is None:
+            return None
+        n, missing = shape
         if missing == n and key is not None:
             try:
                 _key_id(key, n)  # the longest: when it is too long, the per-line path says for which line
@@ -323,6 +316,18 @@ class Intake:
         out[0::2] = parts[:n]
         out[1::2] = tails
         return Lines(b"".join(out), n)
+
+    def _shape(self, body: bytes) -> tuple[int, int] | None:
+        """(lines, lines without an eventId) of a body (ending with a newline) whose every line
+        is the sender's shape as `_bulk` takes it, else None: in C where it was built (one pass,
+        a stricter subset of `_plain_shape`'s checks), else in Python."""
+        if _fastlines is None:
+            return self._plain_shape(body)
+        shape = _fastlines.plain_body(body, self.max_line)
+        if shape is None:
+            return None
+        n, with_ids = shape
+        return n, 0 if with_ids else n
 
     def _plain_shape(self, body: bytes) -> tuple[int, int] | None:
         """_bulk's checks in Python (where the C ones were not built): (lines, lines without an
@@ -353,6 +358,10 @@ class Intake:
 
     def json(self, body: bytes, key: str | None = None) -> Lines:
         """Validate an application/json body: one object, or an array of objects (a bulk)."""
+        if self.mapping is None and self.bulk and body[:1] == b"{" and body[-1:] == b"}":
+            lines = self._plain_one(body, key)
+            if lines is not None:
+                return lines
         try:
             obj = events.parse_json(body, check_depth=False)  # checked per event below
         except MalformedJSON as exc:
@@ -405,6 +414,21 @@ class Intake:
             out.append(line)
         out.append(b"")
         return Lines(b"\n".join(out), len(obj))
+
+    def _plain_one(self, body: bytes, key: str | None) -> Lines | None:
+        """One object of the sender's shape, on one line (what the original clients post), checked
+        as `_bulk` checks a line; None for anything else (then `_single` decides). Writes exactly
+        what `_single` writes: the client's bytes, its id (else the key, else a receiver id) and
+        the receive time appended as text."""
+        shape = self._shape(body + b"\n")
+        if shape is None:
+            return None
+        received = b',"' + eventtime.STAMP_FIELD.encode() + b'":' + orjson.dumps(self.clock()) + b"}\n"
+        if shape[1] == 0:  # it has an eventId: the client's, in the answer
+            event_id = orjson.loads(body)["eventId"]
+            return Lines(body[:-1] + received, 1, event_id)
+        event_id = key or self.fresh_id()
+        return Lines(body[:-1] + b',"eventId":' + orjson.dumps(event_id) + received, 1, event_id)
 
     def _mapped(self, body: bytes, el: object, i: int, spans: list) -> tuple[events.Event, bool]:
         """A bulk element under the mapping: its event, and whether it carries a time."""

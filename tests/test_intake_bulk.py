@@ -178,3 +178,54 @@ def test_fuzzed_bodies_get_the_same_answer(noise, key):
     for piece in noise:  # the noise spliced into an otherwise valid line
         cut = len(piece) % len(template)
         same(b"\n".join([*base, template[:cut] + piece + template[cut:]]), key)
+
+
+# -- one JSON object (the original clients' request): Intake._plain_one against Intake._single
+
+def outcome_json(intake: Intake, body: bytes, key: str | None) -> tuple:
+    try:
+        lines = intake.json(body, key)
+    except BodyRefused as exc:
+        return type(exc).__name__, exc.message
+    return lines.data, lines.count, lines.event_id
+
+
+def same_json(body: bytes, key: str | None = None, max_line: int = 1 << 20, strict: bool = False) -> tuple:
+    fast, slow = pair(max_line, strict=strict)
+    got, want = outcome_json(fast, body, key), outcome_json(slow, body, key)
+    assert got == want, body[:300]
+    return got
+
+
+@pytest.mark.parametrize("key", [None, "req-7"])
+def test_one_sender_shaped_object_takes_the_fast_path_and_writes_what_single_writes(key):
+    fast, _ = pair()
+    plain = b'{"userId": "user1", "name": "add_revenue", "value": 5}'
+    with_id = b'{"userId":"u9","name":"subtract_revenue","value":70,"eventId":"order-17"}'
+    for body in (plain, with_id):
+        assert fast._plain_one(body, key) is not None  # taken, not silently skipped
+    data, count, event_id = same_json(plain, key)
+    assert count == 1 and data == plain[:-1] + b',"eventId":"%s","timestamp":"%s"}\n' % (
+        (key or "~t-1").encode(), NOW.encode()) and event_id == (key or "~t-1")
+    data, count, event_id = same_json(with_id, key)
+    assert event_id == "order-17" and data == with_id[:-1] + b',"timestamp":"%s"}\n' % NOW.encode()
+    for max_line in (len(plain) - 1, len(plain)):  # the limit, either side
+        same_json(plain, key, max_line=max_line)
+
+
+@pytest.mark.parametrize("odd", ODD_LINES, ids=range(len(ODD_LINES)))
+def test_odd_single_objects_get_the_answer_single_gives(odd):
+    for key in (None, "k"):
+        same_json(odd, key)
+        same_json(odd, key, strict=True)
+        same_json(odd.replace(b",", b",\n  "), key)  # pretty-printed
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_piece, max_size=16).map(b"".join), st.sampled_from([None, "k"]), st.booleans())
+def test_fuzzed_single_objects_get_the_same_answer(piece, key, with_id):
+    template = (b'{"userId":"u","name":"add_revenue","value":1,"eventId":"e"}' if with_id
+                else b'{"userId":"u","name":"add_revenue","value":1}')
+    cut = len(piece) % len(template)
+    same_json(template[:cut] + piece + template[cut:], key)
+    same_json(piece, key)

@@ -57,6 +57,57 @@ async def get(client, path: str, headers: dict | None = None) -> tuple[int, byte
         return resp.status, await resp.read()
 
 
+# --- POST /liveEvent past the router (_Receiver.direct) ---------------------------------------
+
+
+def test_events_past_the_router_get_the_answers_the_middlewares_give(tmp_path):
+    """`POST /liveEvent` goes straight to _Receiver.post_event; `/liveEvent?via=router` takes the
+    router and the middlewares. Every answer (status, body, headers that matter), the journal and
+    the metrics must be the same either way."""
+    cases = [
+        (ORIGINAL, JSON),
+        (b'{"userId":"u2","name":"subtract_revenue","value":3,"eventId":"client-1"}', JSON),
+        (b'[{"userId":"u3","name":"add_revenue","value":1}]', JSON),
+        (b'{"userId":"u4","name":"add_revenue","value":1}\n', NDJSON),
+        (ORIGINAL, {"Content-Type": "application/json"}),  # no token: 401
+        (ORIGINAL, {"Content-Type": "application/json", "Authorization": "wrong"}),
+        (ORIGINAL, {"Content-Type": "application/json", "Authorization": "reader"}),  # read token: 403
+        (ORIGINAL, {"Content-Type": "text/plain", **AUTH}),  # 415
+        (b'{"userId": "u5"', JSON),  # malformed: 400
+        (b'{"userId": "u5", "name": "add_revenue", "value": -1}', JSON),  # invalid: 422
+        (b"x" * 2000, JSON),  # over max_body: 413 from aiohttp, as a JSON sentence
+    ]
+
+    async def main():
+        answers = {}
+        for via in ("/liveEvent", "/liveEvent?via=router"):
+            (tmp_path / via[-6:]).mkdir()
+            async with serving(tmp_path / via[-6:], read_token="reader", max_body=1000) as (client, journal):
+                got = []
+                for body, headers in cases:
+                    async with client.post(via, data=body, headers=headers) as resp:
+                        answer = orjson.loads(await resp.read())
+                        answer.pop("eventId", None)  # a receiver id: another prefix per server
+                        got.append((resp.status, answer, resp.headers.get("WWW-Authenticate"),
+                                    resp.content_type))
+                async with client.get("/metrics", headers=AUTH) as resp:
+                    text = (await resp.text()).replace("?via=router", "")
+                counts = sorted(line for line in text.splitlines() if line.startswith(
+                    ("evtool_http_requests_total", "evtool_events_")))
+                stored = [orjson.loads(line) for line in lines(journal)]
+                for event in stored:
+                    event.pop("eventId" if event["eventId"].startswith("~") else "-", None)
+                    event.pop("timestamp")
+                answers[via] = got, counts, stored
+        direct, routed = answers["/liveEvent"], answers["/liveEvent?via=router"]
+        assert direct == routed
+        assert [status for status, *_ in direct[0]] == [200, 200, 200, 200, 401, 401, 403, 415, 400, 422, 413]
+        assert len(direct[2]) == 4
+        assert any('route="/liveEvent",status="401"} 2' in line for line in direct[1])
+
+    asyncio.run(main())
+
+
 # --- POST /liveEvent: single objects ----------------------------------------------------------
 
 
