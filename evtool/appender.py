@@ -146,17 +146,21 @@ class JournalAppender:
 
         Raises JournalWriteError when the write or fsync failed; then none of `data` is in the file.
         """
+        if data:
+            # A cancelled waiter does not stop the write: the group is written for the others anyway.
+            await self.submit(data)
+
+    def submit(self, data: bytes) -> asyncio.Future[None]:
+        """`append` without its coroutine (the receiver's hot path awaits the future itself):
+        queue `data` for the next group; the future is done once it is durable."""
         if self._closed:
             raise JournalWriteError(f"journal {self.path} is closed")
-        if not data:
-            return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._queue.append((data, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
-        # A cancelled waiter does not stop the write: the group is written for the others anyway.
-        await fut
+        return fut
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()

@@ -377,7 +377,12 @@ class _Receiver:
     # -- POST /liveEvent ----------------------------------------------------------------------
 
     async def live_event(self, request: web.Request) -> web.Response:
-        if "Content-Type" in request.headers:
+        raw_type = request.headers.get("Content-Type")
+        if raw_type is None:
+            ndjson = False  # original clients may send no content type: treat as JSON
+        elif raw_type in JSON_TYPES:  # as clients nearly always send it: nothing to parse
+            ndjson = False
+        else:
             ctype = request.content_type
             if ctype in NDJSON_TYPES:
                 ndjson = True
@@ -386,19 +391,18 @@ class _Receiver:
             else:
                 raise _Refused(415, f"unsupported content type {ctype[:100]!r}: send application/json "
                                "(one event or an array) or application/x-ndjson (one event per line)")
-        else:
-            ndjson = False  # original clients may send no content type: treat as JSON
         key = request.headers.get("Idempotency-Key")
         if key is not None:
             check_key(key)
-        body = await self._read_body(request)
+        # All of a small body arrives with the head: read it without _read_body's timer (and frame)
+        body = await (request.read() if request.content.is_eof() else self._read_body(request))
         lines = self.intake.ndjson(body, key) if ndjson else self.intake.json(body, key)
         claimed = None
         if key is not None:
             claimed = self.keys.claim(key, (b"n" if ndjson else b"j") + body)
         if lines.count:
             try:
-                await self.app[APPENDER_KEY].append(lines.data)
+                await self.app[APPENDER_KEY].submit(lines.data)
             except JournalWriteError as exc:
                 if claimed is not None:
                     self.keys.forget(key, claimed)  # type: ignore[arg-type]
@@ -410,8 +414,6 @@ class _Receiver:
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, within request_timeout; cut short when the server stops."""
-        if request.content.is_eof():  # all of it arrived with the head (most small requests): no timer
-            return await request.read()
         if self._stopping:
             raise _Refused(503, "the server is shutting down; retry")
         self._reading.add(request.content)
@@ -583,7 +585,8 @@ class _JSONErrorProtocol(RequestHandler):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._messages or self._request_in_progress:  # a head is complete
-            self._disarm_head_timer()
+            if self._head_timer is not None:
+                self._disarm_head_timer()
         else:
             self._arm_head_timer()
 
