@@ -1,13 +1,16 @@
 """One `process` run with its CPU split: the processor's (self + workers) and PostgreSQL's.
 
     python -m tests.bench.proc_cpu --server DSN --pgdata DIR JOURNAL [--evtool SRC_DIR]
+        [--batch-mb MB] [--max-users N]
 
 Creates (or recreates) the database `evtool_proc_cpu` on the server DSN points at, applies
 JOURNAL with `evtool.processor.process` (from SRC_DIR when given, to compare two checkouts on
 the same journal, alternating), and prints events/s, wall seconds, the processor's CPU-s and
 the server's CPU-s (the postmaster's reaped children plus the live ones: DIR is its data
 directory, for postmaster.pid), then the totals. CPU-s hold on a shared machine where wall time
-does not; run it on a server nothing else uses.
+does not; run it on a server nothing else uses. --batch-mb and --max-users set the batch size
+and a worker part's users cap (`parser.MAX_USERS_PER_PART`): to measure what other batch sizes
+would cost (a cap far above the default lets a part's memory grow with its users).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ def main() -> None:
     ap.add_argument("--server", required=True, help="a DSN of the server (any database on it)")
     ap.add_argument("--pgdata", required=True, type=Path)
     ap.add_argument("--evtool", help="import evtool from this source directory")
+    ap.add_argument("--batch-mb", type=int, help="batch size (default: evtool's)")
+    ap.add_argument("--max-users", type=int, help="a worker part's users cap (default: evtool's)")
     ap.add_argument("journal", type=Path)
     a = ap.parse_args()
     if a.evtool:
@@ -56,13 +61,17 @@ def main() -> None:
         conn.execute("CREATE DATABASE evtool_proc_cpu")
     dsn = make_conninfo(a.server, dbname="evtool_proc_cpu")
     p0, m0, t0 = server_cpu(), own_cpu(), time.perf_counter()
-    report = processor.process(dsn, [a.journal])
+    tuning = {"max_users": a.max_users} if a.max_users else {}
+    if a.batch_mb:
+        tuning["batch_bytes"] = a.batch_mb << 20
+    report = processor.process(dsn, [a.journal], **tuning)
     wall = time.perf_counter() - t0
     p1, m1 = server_cpu(), own_cpu()
     with psycopg.connect(dsn) as conn:
         users, total = conn.execute("SELECT count(*), sum(revenue) FROM users_revenue").fetchone()
     print(f"{report.applied / wall:,.0f} events/s, {wall:.1f} s; evtool {m1 - m0:.1f} CPU-s, "
-          f"PostgreSQL {p1 - p0:.1f} CPU-s; {report.files[0].batches} batches; "
+          f"PostgreSQL {p1 - p0:.1f} CPU-s; {report.files[0].batches} batches; children's peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10} MiB; "
           f"{users} users, total {total}")
 
 
