@@ -108,6 +108,31 @@ def test_events_past_the_router_get_the_answers_the_middlewares_give(tmp_path):
     asyncio.run(main())
 
 
+def test_a_client_that_waits_for_100_continue_gets_it(tmp_path):
+    """curl sends `Expect: 100-continue` before a body over 1 KB and waits (a second) for the
+    interim answer: aiohttp's routing gives it, so such requests must not skip the router."""
+    body = b"\n".join(ev(f"u{i}", "1") for i in range(40)) + b"\n"
+    assert len(body) > 1024
+
+    async def main():
+        async with serving(tmp_path) as (client, journal):
+            reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+            writer.write(b"POST /liveEvent HTTP/1.1\r\nHost: x\r\nAuthorization: secret\r\n"
+                         b"Content-Type: application/x-ndjson\r\nExpect: 100-continue\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body))
+            await writer.drain()
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+            writer.write(body)
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            writer.close()
+            assert len(lines(journal)) == 40
+
+    asyncio.run(main())
+
+
 # --- POST /liveEvent: single objects ----------------------------------------------------------
 
 
