@@ -171,8 +171,8 @@ class Intake:
     # A declared mapping: events are checked as what they stand for under it (mapping.view);
     # the journal still gets the client's text, with only eventId / the receive time added.
     mapping: Mapping | None = None
-    # Whole bodies of the sender's shape are checked at once (`_bulk`); False: line by line only
-    # (the tests compare the two).
+    # Whole bodies of the sender's shape are checked at once (`_bulk`, and `_plain_one` for one
+    # JSON object); False: line by line and object by object only (the tests compare the two).
     bulk: bool = True
 
     def ndjson(self, body: bytes, key: str | None = None) -> Lines:

@@ -369,7 +369,9 @@ class _Receiver:
         """`POST /liveEvent` as the middlewares would handle it: auth, errors, metrics."""
         started = time.perf_counter()
         try:
-            resp = self.denied(request) or await self.live_event(request)
+            resp = self.denied(request)
+            if resp is None:
+                resp = await self.live_event(request)
         except Exception as exc:
             resp = await self.refusal(request, exc)
         self.metrics.request("POST", "/liveEvent", resp.status, time.perf_counter() - started)
