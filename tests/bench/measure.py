@@ -357,6 +357,12 @@ class Bench:
             self._record_single(rate, p99, base, ours)
         rate.notes.append("closed loop: each connection posts its next event when the last is answered; "
                           "req/s from the client's own clock; latency per request, client side")
+        # The Python client is the bottleneck here (the sink is no faster under it): its rate
+        # bounds the latency of any server it drives (Little's law, as in serve_single_c).
+        floor = connections / statistics.median(rate.baseline) * 1000
+        p99.notes.append(f"ceiling: at the rate this client drives even the sink, {connections} connections "
+                         f"wait {floor:.1f} ms on average (Little's law), so no server under it has a p99 "
+                         "below that; serve_single_c measures the server with a C load generator")
         return [rate, p99]
 
     def serve_workers(self) -> list[Figure]:
