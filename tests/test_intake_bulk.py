@@ -40,18 +40,19 @@ def pair(max_line: int = 1 << 20, plain_ids: bool = False, strict: bool = False)
     return make(True, ReceiverIds("t")), make(False, ReceiverIds("t"))
 
 
-def outcome(intake: Intake, body: bytes, key: str | None) -> tuple:
+def outcome(read: Callable[[bytes, str | None], intake.Lines], body: bytes, key: str | None) -> tuple:
     try:
-        lines = intake.ndjson(body, key)
+        lines = read(body, key)
     except BodyRefused as exc:
         return type(exc).__name__, exc.message
     return lines.data, lines.count, lines.event_id
 
 
 def same(body: bytes, key: str | None = None, max_line: int = 1 << 20, plain_ids: bool = False,
-         strict: bool = False) -> tuple:
+         strict: bool = False, kind: str = "ndjson") -> tuple:
+    """The answer to `body` (`kind`: Intake.ndjson or Intake.json) with the fast paths and without."""
     fast, slow = pair(max_line, plain_ids, strict)
-    got, want = outcome(fast, body, key), outcome(slow, body, key)
+    got, want = outcome(getattr(fast, kind), body, key), outcome(getattr(slow, kind), body, key)
     assert got == want, body[:300]
     return got
 
@@ -182,19 +183,8 @@ def test_fuzzed_bodies_get_the_same_answer(noise, key):
 
 # -- one JSON object (the original clients' request): Intake._plain_one against Intake._single
 
-def outcome_json(intake: Intake, body: bytes, key: str | None) -> tuple:
-    try:
-        lines = intake.json(body, key)
-    except BodyRefused as exc:
-        return type(exc).__name__, exc.message
-    return lines.data, lines.count, lines.event_id
-
-
 def same_json(body: bytes, key: str | None = None, max_line: int = 1 << 20, strict: bool = False) -> tuple:
-    fast, slow = pair(max_line, strict=strict)
-    got, want = outcome_json(fast, body, key), outcome_json(slow, body, key)
-    assert got == want, body[:300]
-    return got
+    return same(body, key, max_line, strict=strict, kind="json")
 
 
 @pytest.mark.parametrize("key", [None, "req-7"])
