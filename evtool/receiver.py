@@ -288,12 +288,14 @@ class _Receiver:
         started = time.perf_counter()
         resp = await handler(request)
         resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "other"
-        metrics = request.app[METRICS_KEY]
-        metrics.request(request.method, route, resp.status, time.perf_counter() - started)
-        if route == "/liveEvent" and resp.status in _REJECT_REASONS:
-            metrics.rejected(_REJECT_REASONS[resp.status])
+        self._count(request.method, resource.canonical if resource is not None else "other", resp, started)
         return resp
+
+    def _count(self, method: str, route: str, resp: web.StreamResponse, started: float) -> None:
+        """One answer in the metrics (and a refused event body by its reason)."""
+        self.metrics.request(method, route, resp.status, time.perf_counter() - started)
+        if route == "/liveEvent" and resp.status in _REJECT_REASONS:
+            self.metrics.rejected(_REJECT_REASONS[resp.status])
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -374,9 +376,7 @@ class _Receiver:
                 resp = await self.live_event(request)
         except Exception as exc:
             resp = await self.refusal(request, exc)
-        self.metrics.request("POST", "/liveEvent", resp.status, time.perf_counter() - started)
-        if resp.status in _REJECT_REASONS:
-            self.metrics.rejected(_REJECT_REASONS[resp.status])
+        self._count("POST", "/liveEvent", resp, started)
         return resp
 
     # -- POST /liveEvent ----------------------------------------------------------------------
