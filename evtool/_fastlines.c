@@ -7,7 +7,7 @@
  * - plain_body: the receiver's check of a whole body, intake.Intake._bulk (at the end).
  *
  * sum_lines(data, pos, offset, index, fresh, sources, opaque) sums the lines of `data` from byte
- * `pos` into a ParsedPart's `fresh`, `sources` and `opaque`, exactly as parser._sum_plain would,
+ * `pos` into a ParsedPart's `fresh_table`, `sources` and `opaque`, as parser._sum_plain would,
  * and stops at the first line it does not take, before touching anything for it: it returns
  * (pos, index) of that line (len(data) when it took them all). The caller hands that line to the
  * Python loops, whose rules are the contract; this loop takes only lines it can decide with
@@ -24,7 +24,9 @@
  *   events.MAX_EVENT_ID characters (an opaque id: its digests come from identity's functions).
  *
  * Anything else (a decimal or string value, escapes, other members, a bad stamp...) stops it.
- * The sender cells follow parser._SenderCells.add step for step; the sums parser.add.
+ * The sender cells follow parser._SenderCells.add step for step. The sums go to a Table (below),
+ * the part's `fresh_table` or the source part's `table`, not to the dicts of the Python loops:
+ * the part renders both (parser.rows), and PostgreSQL sums a key's rows.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE /* memmem */
@@ -41,7 +43,7 @@
 
 /* Set once by configure(): the Python side of the contract. */
 static PyObject *SourcePart, *stamp_minutes, *stamp_minute, *money_add, *event_digest, *content_digest;
-static PyObject *ZERO, *ONE, *EMPTY, *s_cells, *s_in_order, *s_sums;
+static PyObject *ZERO, *EMPTY, *s_cells, *s_in_order, *s_table;
 
 typedef struct {
     const char *p;
@@ -220,143 +222,422 @@ static int sender_id(span e, long long *number, unsigned char chain[8])
     return (bad & 0xf0) == 0;
 }
 
-/* Count one event into a sums list [adds, added, subtracts, subtracted] (parser.add's update). */
-static int bump(PyObject *s, int is_add, PyObject *value)
+/* -- sums held in C: parser.Sums for the lines this loop takes ------------------------------------
+ *
+ * A Table holds a summing group's sums per (user, minute) in flat arrays: about 40 bytes a key,
+ * 16 of index and the user's bytes, where a dict of (str, str) -> [int, int, int, int] costs
+ * ~800. A worker part can then hold several times the users in the same memory (parser.held),
+ * so batches of a journal with many distinct users are larger and upsert each user less often.
+ * The Python side reads it whole: rows() (the COPY rows store.copy_rows would write), users()
+ * (hash() of each distinct user), count, nbytes, and to_dict() for the tests. */
+
+typedef struct {
+    uint32_t user;      /* offset of the user's bytes in the arena */
+    uint16_t n;         /* their length: 1 to MAX_USER_ID */
+    uint16_t spare;
+    uint32_t minute;    /* index in the table's minutes */
+    uint32_t count[2];  /* adds, subtracts */
+    uint64_t amount[2]; /* added, subtracted: integers below 10**18 each */
+} entry_t;
+
+typedef struct {
+    PyObject_HEAD
+    entry_t *entries;
+    Py_ssize_t used, cap;
+    uint64_t *slots; /* (hash's high half << 32) | (entry index + 1); 0: empty */
+    size_t mask;     /* slots - 1 (a power of two less one), or 0 before the first key */
+    char *arena;
+    size_t arena_used, arena_cap;
+    PyObject *minutes;    /* list of str, by index */
+    PyObject *minute_ids; /* dict str -> index */
+    PyObject *last;       /* the minute object looked up last (borrowed: `minutes` holds it) */
+    uint32_t last_id;
+    /* sums moved out of an entry before an add would overflow its 32-bit count or 64-bit
+     * amount: (user, minute) -> [adds, added, subtracts, subtracted], exact Python ints */
+    PyObject *extra;
+    long long events;
+} Table;
+
+static PyTypeObject TableType;
+
+static PyObject *table_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    if (!PyList_CheckExact(s) || PyList_GET_SIZE(s) != 4) {
-        PyErr_SetString(PyExc_TypeError, "sums hold lists of four");
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "Table() takes no arguments");
+        return NULL;
+    }
+    Table *T = (Table *)type->tp_alloc(type, 0);
+    if (T == NULL)
+        return NULL;
+    T->minutes = PyList_New(0);
+    T->minute_ids = PyDict_New();
+    T->extra = PyDict_New();
+    if (!T->minutes || !T->minute_ids || !T->extra) {
+        Py_DECREF(T);
+        return NULL;
+    }
+    return (PyObject *)T;
+}
+
+static void table_dealloc(Table *T)
+{
+    PyMem_Free(T->entries);
+    PyMem_Free(T->slots);
+    PyMem_Free(T->arena);
+    Py_XDECREF(T->minutes);
+    Py_XDECREF(T->minute_ids);
+    Py_XDECREF(T->extra);
+    Py_TYPE(T)->tp_free((PyObject *)T);
+}
+
+static inline uint64_t key_hash(const char *user, Py_ssize_t n, uint32_t minute)
+{
+    uint64_t h = 1469598103934665603ULL ^ ((uint64_t)minute * 0x9E3779B97F4A7C15ULL);
+    for (Py_ssize_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)user[i]) * 1099511628211ULL;
+    return h ^ (h >> 31);
+}
+
+/* The index of a minute (a str) in T->minutes, added when new; -1 on an error. */
+static long long table_minute(Table *T, PyObject *minute)
+{
+    if (minute == T->last)
+        return T->last_id;
+    PyObject *id = PyDict_GetItemWithError(T->minute_ids, minute);
+    long long i;
+    if (id != NULL) {
+        i = PyLong_AsLongLong(id);
+    } else {
+        if (PyErr_Occurred())
+            return -1;
+        i = PyList_GET_SIZE(T->minutes);
+        if (i >= UINT32_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "a sums table holds at most 2**32 minutes");
+            return -1;
+        }
+        PyObject *v = PyLong_FromLongLong(i);
+        int r = v == NULL ? -1 : PyDict_SetItem(T->minute_ids, minute, v);
+        Py_XDECREF(v);
+        if (r < 0 || PyList_Append(T->minutes, minute) < 0)
+            return -1;
+    }
+    if (i < 0)
+        return -1;
+    /* the list's object, alive as long as the table: a freed str's address never matches */
+    T->last = PyList_GET_ITEM(T->minutes, i);
+    T->last_id = (uint32_t)i;
+    return i;
+}
+
+static int table_grow_slots(Table *T)
+{
+    size_t size = T->mask ? (T->mask + 1) * 2 : 1024;
+    uint64_t *slots = PyMem_Calloc(size, sizeof(uint64_t));
+    if (slots == NULL) {
+        PyErr_NoMemory();
         return -1;
     }
-    int i = is_add ? 0 : 2;
-    PyObject *n = PyNumber_Add(PyList_GET_ITEM(s, i), ONE);
-    if (n == NULL)
-        return -1;
-    PyList_SetItem(s, i, n);
-    PyObject *m = PyList_GET_ITEM(s, i + 1);
-    PyObject *total = PyLong_CheckExact(m) && PyLong_CheckExact(value)
-                          ? PyNumber_Add(m, value)
-                          : PyObject_CallFunctionObjArgs(money_add, m, value, NULL);
-    if (total == NULL)
-        return -1;
-    PyList_SetItem(s, i + 1, total);
+    for (Py_ssize_t k = 0; k < T->used; k++) {
+        entry_t *e = &T->entries[k];
+        uint64_t h = key_hash(T->arena + e->user, e->n, e->minute);
+        size_t i = (size_t)h & (size - 1);
+        while (slots[i])
+            i = (i + 1) & (size - 1);
+        slots[i] = (h >> 32 << 32) | (uint64_t)(k + 1);
+    }
+    PyMem_Free(T->slots);
+    T->slots = slots;
+    T->mask = size - 1;
     return 0;
 }
 
-/* parser.add: count one event into `sums` under `key`; the key's list (borrowed), or NULL. */
-static PyObject *add(PyObject *sums, PyObject *key, int is_add, PyObject *value)
+/* Move an entry's sums to T->extra (added to what is there), leaving it at zero. */
+static int table_spill(Table *T, entry_t *e)
 {
-    PyObject *s = PyDict_GetItemWithError(sums, key);
+    PyObject *user = PyUnicode_FromStringAndSize(T->arena + e->user, e->n);
+    PyObject *key = user ? PyTuple_Pack(2, user, PyList_GET_ITEM(T->minutes, e->minute)) : NULL;
+    Py_XDECREF(user);
+    if (key == NULL)
+        return -1;
+    PyObject *s = PyDict_GetItemWithError(T->extra, key);
+    int r = 0;
     if (s == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        s = PyList_New(4);
-        if (s == NULL)
-            return NULL;
-        PyObject *items[4] = {ONE, value, ZERO, ZERO};
-        if (!is_add) {
-            items[0] = ZERO, items[1] = ZERO, items[2] = ONE, items[3] = value;
+        s = PyErr_Occurred() ? NULL : PyList_New(4);
+        if (s == NULL) {
+            Py_DECREF(key);
+            return -1;
         }
         for (int i = 0; i < 4; i++) {
-            Py_INCREF(items[i]);
-            PyList_SET_ITEM(s, i, items[i]);
+            Py_INCREF(ZERO);
+            PyList_SET_ITEM(s, i, ZERO);
         }
-        int r = PyDict_SetItem(sums, key, s);
+        r = PyDict_SetItem(T->extra, key, s);
         Py_DECREF(s); /* the dict holds it */
-        return r < 0 ? NULL : s;
     }
-    return bump(s, is_add, value) < 0 ? NULL : s;
-}
-
-/* The sums lists one call has touched, by (sums dict, user's text, minute object): a line whose
- * key came before in the same call updates its list in place, with no str, tuple or dict lookup.
- * The pointers are borrowed: within a call nothing but this loop changes the dicts, and a list,
- * once in its dict, is only ever updated in place. A minute text seen as two str objects (the
- * stamp cache was cleared) only misses; a slot holds a reference to its minute. */
-#define CACHE_SLOTS 4096
-#define CACHE_PROBES 8
-
-typedef struct {
-    PyObject *sums, *minute, *list;
-    const char *user;
-    Py_ssize_t n;
-    /* events counted since the list was last written: [adds, subtracts], and their amounts
-     * (integers below 10**18 each, so an unsigned 128-bit sum cannot overflow in any call) */
-    long long count[2];
-    unsigned __int128 amount[2];
-} slot_t;
-
-static PyObject *long_from_u128(unsigned __int128 v)
-{
-    if (v <= (unsigned __int128)0xffffffffffffffffULL)
-        return PyLong_FromUnsignedLongLong((unsigned long long)v);
-    PyObject *hi = PyLong_FromUnsignedLongLong((unsigned long long)(v >> 64));
-    PyObject *lo = PyLong_FromUnsignedLongLong((unsigned long long)v);
-    PyObject *shift = PyLong_FromLong(64);
-    PyObject *up = hi && shift ? PyNumber_Lshift(hi, shift) : NULL;
-    PyObject *r = up && lo ? PyNumber_Or(up, lo) : NULL;
-    Py_XDECREF(hi);
-    Py_XDECREF(lo);
-    Py_XDECREF(shift);
-    Py_XDECREF(up);
+    Py_DECREF(key);
+    for (int i = 0; i < 4 && r == 0; i++) {
+        PyObject *v = i % 2 == 0 ? PyLong_FromUnsignedLong(e->count[i / 2])
+                                 : PyLong_FromUnsignedLongLong(e->amount[i / 2]);
+        PyObject *sum = v ? PyNumber_Add(PyList_GET_ITEM(s, i), v) : NULL;
+        Py_XDECREF(v);
+        r = sum == NULL ? -1 : PyList_SetItem(s, i, sum);
+    }
+    if (r == 0) {
+        e->count[0] = e->count[1] = 0;
+        e->amount[0] = e->amount[1] = 0;
+    }
     return r;
 }
 
-/* Write a slot's counted events into its list, as parser.add would have one by one (the sums
- * are exact, so their order does not matter). */
-static int flush(slot_t *c)
+/* parser.add for a line this loop took: count one event of `value` under (user, minute). */
+static int table_add(Table *T, const char *user, Py_ssize_t n, uint32_t minute, int is_add, uint64_t value)
 {
-    for (int k = 0; k < 2; k++) {
-        if (c->count[k] == 0)
+    int k = !is_add;
+    uint64_t h = key_hash(user, n, minute);
+    if (T->mask == 0 && table_grow_slots(T) < 0)
+        return -1;
+    size_t i = (size_t)h & T->mask;
+    uint64_t tag = h >> 32 << 32;
+    for (;; i = (i + 1) & T->mask) {
+        uint64_t s = T->slots[i];
+        if (s == 0)
+            break;
+        if ((s & 0xffffffff00000000ULL) != tag)
             continue;
-        PyObject *n = PyLong_FromLongLong(c->count[k]);
-        PyObject *a = n ? long_from_u128(c->amount[k]) : NULL;
-        PyObject *count = a ? PyNumber_Add(PyList_GET_ITEM(c->list, 2 * k), n) : NULL;
-        PyObject *m = PyList_GET_ITEM(c->list, 2 * k + 1);
-        PyObject *total = count == NULL ? NULL
-                          : PyLong_CheckExact(m) ? PyNumber_Add(m, a)
-                                                 : PyObject_CallFunctionObjArgs(money_add, m, a, NULL);
-        Py_XDECREF(n);
-        Py_XDECREF(a);
-        if (total == NULL) {
-            Py_XDECREF(count);
+        entry_t *e = &T->entries[(s & 0xffffffffULL) - 1];
+        if (e->minute != minute || e->n != n || memcmp(T->arena + e->user, user, n) != 0)
+            continue;
+        if ((e->count[k] == UINT32_MAX || e->amount[k] + value < e->amount[k]) && table_spill(T, e) < 0)
+            return -1;
+        e->count[k]++;
+        e->amount[k] += value;
+        T->events++;
+        return 0;
+    }
+    /* a new key */
+    if (T->used == T->cap) { /* a quarter more at a time: little reserved beyond the keys */
+        Py_ssize_t cap = T->cap ? T->cap + T->cap / 4 : 512;
+        entry_t *grown = PyMem_Realloc(T->entries, cap * sizeof(entry_t));
+        if (grown == NULL) {
+            PyErr_NoMemory();
             return -1;
         }
-        PyList_SetItem(c->list, 2 * k, count);
-        PyList_SetItem(c->list, 2 * k + 1, total);
-        c->count[k] = 0;
-        c->amount[k] = 0;
+        T->entries = grown, T->cap = cap;
     }
+    if (T->arena_used + n > T->arena_cap) {
+        size_t cap = T->arena_cap ? T->arena_cap + T->arena_cap / 4 : 8192;
+        if (cap < T->arena_used + n)
+            cap = T->arena_used + n;
+        if (cap > UINT32_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "a sums table holds at most 4 GiB of user ids");
+            return -1;
+        }
+        char *grown = PyMem_Realloc(T->arena, cap);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        T->arena = grown, T->arena_cap = cap;
+    }
+    entry_t *e = &T->entries[T->used];
+    e->user = (uint32_t)T->arena_used;
+    e->n = (uint16_t)n;
+    e->spare = 0;
+    e->minute = minute;
+    e->count[k] = 1, e->count[!k] = 0;
+    e->amount[k] = value, e->amount[!k] = 0;
+    memcpy(T->arena + T->arena_used, user, n);
+    T->arena_used += n;
+    T->slots[i] = tag | (uint64_t)(T->used + 1);
+    T->used++;
+    T->events++;
+    if ((size_t)T->used * 4 > (T->mask + 1) * 3) /* at most 3/4 full: short probes */
+        return table_grow_slots(T);
     return 0;
 }
 
-static inline size_t slot_of(PyObject *sums, PyObject *minute, span user)
+/* Table.rows(): the entries as COPY rows `user \t minute \t adds \t added \t subtracts \t
+ * subtracted`, as store.copy_rows writes them (the users need no escape: printable ASCII without
+ * a backslash). The extra sums are the caller's to add (store.copy_rows of `extra`). */
+static PyObject *table_rows(Table *T, PyObject *unused)
 {
-    uint64_t h = 1469598103934665603ULL ^ (uint64_t)(uintptr_t)sums ^ ((uint64_t)(uintptr_t)minute << 7);
-    for (Py_ssize_t i = 0; i < user.n; i++)
-        h = (h ^ (unsigned char)user.p[i]) * 1099511628211ULL;
-    return (size_t)(h ^ h >> 29);
+    Py_ssize_t nm = PyList_GET_SIZE(T->minutes);
+    const char **mtext = PyMem_Calloc(nm ? nm : 1, sizeof(char *));
+    Py_ssize_t *mlen = PyMem_Calloc(nm ? nm : 1, sizeof(Py_ssize_t));
+    if (mtext == NULL || mlen == NULL) {
+        PyMem_Free(mtext);
+        PyMem_Free(mlen);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t bound = 0;
+    for (Py_ssize_t m = 0; m < nm; m++) {
+        mtext[m] = PyUnicode_AsUTF8AndSize(PyList_GET_ITEM(T->minutes, m), &mlen[m]);
+        if (mtext[m] == NULL) {
+            PyMem_Free(mtext);
+            PyMem_Free(mlen);
+            return NULL;
+        }
+    }
+    for (Py_ssize_t k = 0; k < T->used; k++)
+        bound += T->entries[k].n + mlen[T->entries[k].minute] + 2 * 10 + 2 * 20 + 5;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, bound);
+    if (out == NULL) {
+        PyMem_Free(mtext);
+        PyMem_Free(mlen);
+        return NULL;
+    }
+    char *w = PyBytes_AS_STRING(out);
+    for (Py_ssize_t k = 0; k < T->used; k++) {
+        entry_t *e = &T->entries[k];
+        if (e->count[0] == 0 && e->count[1] == 0)
+            continue; /* all of it in extra */
+        memcpy(w, T->arena + e->user, e->n);
+        w += e->n;
+        *w++ = '\t';
+        memcpy(w, mtext[e->minute], mlen[e->minute]);
+        w += mlen[e->minute];
+        w += sprintf(w, "\t%u\t%llu\t%u\t%llu\n", e->count[0], (unsigned long long)e->amount[0], e->count[1],
+                     (unsigned long long)e->amount[1]);
+    }
+    PyMem_Free(mtext);
+    PyMem_Free(mlen);
+    if (_PyBytes_Resize(&out, w - PyBytes_AS_STRING(out)) < 0)
+        return NULL;
+    return out;
 }
 
-/* The slot of (sums, minute, user): its own when .list is set, else an empty one to fill (or
- * NULL when the probes found neither). */
-static slot_t *cache_find(slot_t *cache, PyObject *sums, PyObject *minute, span user)
+/* Table.users(): hash() of each distinct user, as the bytes of int64s (array("q")): the same
+ * as hash(str) of its id (ASCII: a str hashes its bytes), without making the str. */
+static PyObject *table_users(Table *T, PyObject *unused)
 {
-    size_t at = slot_of(sums, minute, user);
-    for (int i = 0; i < CACHE_PROBES; i++) {
-        slot_t *c = &cache[(at + i) & (CACHE_SLOTS - 1)];
-        if (c->list == NULL)
-            return c;
-        if (c->sums == sums && c->minute == minute && c->n == user.n && memcmp(c->user, user.p, user.n) == 0)
-            return c;
+    size_t size = 16;
+    while (size < (size_t)T->used * 2)
+        size *= 2;
+    int64_t *seen = PyMem_Calloc(size, sizeof(int64_t));
+    char *zero = PyMem_Calloc(size, 1); /* a slot holding the hash 0 */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, T->used * (Py_ssize_t)sizeof(int64_t));
+    if (seen == NULL || zero == NULL || out == NULL) {
+        PyMem_Free(seen);
+        PyMem_Free(zero);
+        Py_XDECREF(out);
+        return PyErr_NoMemory();
     }
-    return NULL;
+    int64_t *w = (int64_t *)PyBytes_AS_STRING(out);
+    Py_ssize_t got = 0;
+    for (Py_ssize_t k = 0; k < T->used; k++) {
+        entry_t *e = &T->entries[k];
+        int64_t h = (int64_t)_Py_HashBytes(T->arena + e->user, e->n);
+        size_t i = (size_t)((uint64_t)h * 0x9E3779B97F4A7C15ULL >> 17) & (size - 1);
+        while ((seen[i] != 0 || zero[i]) && seen[i] != h)
+            i = (i + 1) & (size - 1);
+        if (seen[i] == h && (h != 0 || zero[i]))
+            continue;
+        seen[i] = h;
+        zero[i] = h == 0;
+        w[got++] = h;
+    }
+    PyMem_Free(seen);
+    PyMem_Free(zero);
+    if (_PyBytes_Resize(&out, got * (Py_ssize_t)sizeof(int64_t)) < 0)
+        return NULL;
+    return out;
 }
+
+/* Table.to_dict(): every key's sums as parser.Sums (with the extra sums added): for the tests. */
+static PyObject *table_to_dict(Table *T, PyObject *unused)
+{
+    PyObject *d = PyDict_New();
+    for (Py_ssize_t k = 0; d != NULL && k < T->used; k++) {
+        entry_t *e = &T->entries[k];
+        PyObject *user = PyUnicode_FromStringAndSize(T->arena + e->user, e->n);
+        PyObject *key = user ? PyTuple_Pack(2, user, PyList_GET_ITEM(T->minutes, e->minute)) : NULL;
+        PyObject *s = key ? Py_BuildValue("[kKkK]", (unsigned long)e->count[0], (unsigned long long)e->amount[0],
+                                          (unsigned long)e->count[1], (unsigned long long)e->amount[1])
+                          : NULL;
+        if (s == NULL || PyDict_SetItem(d, key, s) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(s);
+        Py_XDECREF(key);
+        Py_XDECREF(user);
+    }
+    PyObject *key, *more;
+    Py_ssize_t pos = 0;
+    while (d != NULL && PyDict_Next(T->extra, &pos, &key, &more)) {
+        PyObject *s = PyDict_GetItemWithError(d, key);
+        if (s == NULL) {
+            if (PyErr_Occurred() || (s = PyList_GetSlice(more, 0, 4)) == NULL || PyDict_SetItem(d, key, s) < 0)
+                Py_CLEAR(d);
+            Py_XDECREF(s);
+            continue;
+        }
+        for (int i = 0; i < 4; i++) {
+            PyObject *sum = PyNumber_Add(PyList_GET_ITEM(s, i), PyList_GET_ITEM(more, i));
+            if (sum == NULL || PyList_SetItem(s, i, sum) < 0) {
+                Py_CLEAR(d);
+                break;
+            }
+        }
+    }
+    return d;
+}
+
+static PyObject *table_count(Table *T, void *unused) { return PyLong_FromLongLong(T->events); }
+
+/* Table.held: the bytes its keys take, growing smoothly with them (what parser.held bounds): an
+ * entry, 16 bytes of index (between 3/8 and 3/4 full) and the id's bytes each. What it reserves
+ * (nbytes) is at most about a quarter more, and the index's doubling. */
+static PyObject *table_held(Table *T, void *unused)
+{
+    return PyLong_FromSize_t((size_t)T->used * (sizeof(entry_t) + 16) + T->arena_used +
+                             (size_t)PyList_GET_SIZE(T->minutes) * 120);
+}
+
+static PyObject *table_nbytes(Table *T, void *unused)
+{
+    return PyLong_FromSize_t(sizeof(Table) + (size_t)T->cap * sizeof(entry_t) +
+                             (T->mask ? (T->mask + 1) * sizeof(uint64_t) : 0) + T->arena_cap +
+                             (size_t)PyList_GET_SIZE(T->minutes) * 120);
+}
+
+static PyObject *table_extra(Table *T, void *unused) { return Py_NewRef(T->extra); }
+
+static Py_ssize_t table_len(Table *T) { return T->used; }
+
+static PyMethodDef table_methods[] = {
+    {"rows", (PyCFunction)table_rows, METH_NOARGS, "rows() -> bytes: the COPY rows (store.copy_rows)."},
+    {"users", (PyCFunction)table_users, METH_NOARGS, "users() -> bytes: hash() of each distinct user, int64s."},
+    {"to_dict", (PyCFunction)table_to_dict, METH_NOARGS, "to_dict() -> parser.Sums of every key."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef table_getset[] = {
+    {"count", (getter)table_count, NULL, "events summed", NULL},
+    {"nbytes", (getter)table_nbytes, NULL, "bytes of memory reserved", NULL},
+    {"held", (getter)table_held, NULL, "bytes its keys take (growing smoothly with them)", NULL},
+    {"extra", (getter)table_extra, NULL, "sums moved out before they overflowed (parser.Sums)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods table_seq = {.sq_length = (lenfunc)table_len};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "evtool._fastlines.Table",
+    .tp_basicsize = sizeof(Table),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Sums per (user, minute) of the lines sum_lines took, held in C.",
+    .tp_new = table_new,
+    .tp_dealloc = (destructor)table_dealloc,
+    .tp_methods = table_methods,
+    .tp_getset = table_getset,
+    .tp_as_sequence = &table_seq,
+};
+
 
 /* parser._SenderCells, for the span of one call. */
 typedef struct {
     char source[16];
     int have;
-    PyObject *part, *cells, *in_order, *sums; /* owned */
+    PyObject *part, *cells, *in_order, *table; /* owned */
     long long n;
     PyObject *cell; /* owned */
 } senders_t;
@@ -366,15 +647,15 @@ static void senders_clear(senders_t *S)
     Py_CLEAR(S->part);
     Py_CLEAR(S->cells);
     Py_CLEAR(S->in_order);
-    Py_CLEAR(S->sums);
+    Py_CLEAR(S->table);
     Py_CLEAR(S->cell);
 }
 
 static inline long long cell_of(long long n) { return n < 0 ? -1 : n / CELL_LINES; }
 
 /* _SenderCells.add: file the entry of line `number` (chain: 16 hex digits or NULL) of `source`;
- * its source's sums (borrowed from S), or NULL on an error. */
-static PyObject *sender_add(senders_t *S, PyObject *sources, const char *source, long long number,
+ * its source's sums table (borrowed from S), or NULL on an error. */
+static Table *sender_add(senders_t *S, PyObject *sources, const char *source, long long number,
                             const unsigned char chain[8])
 {
     long long n = number - 1;
@@ -401,11 +682,11 @@ static PyObject *sender_add(senders_t *S, PyObject *sources, const char *source,
         S->part = part;
         S->cells = PyObject_GetAttr(part, s_cells);
         S->in_order = PyObject_GetAttr(part, s_in_order);
-        S->sums = PyObject_GetAttr(part, s_sums);
-        if (S->cells == NULL || S->in_order == NULL || S->sums == NULL)
+        S->table = PyObject_GetAttr(part, s_table);
+        if (S->cells == NULL || S->in_order == NULL || S->table == NULL)
             return NULL;
-        if (!PyDict_Check(S->cells) || !PySet_Check(S->in_order)) {
-            PyErr_SetString(PyExc_TypeError, "a SourcePart's cells is a dict, its in_order a set");
+        if (!PyDict_Check(S->cells) || !PySet_Check(S->in_order) || !Py_IS_TYPE(S->table, &TableType)) {
+            PyErr_SetString(PyExc_TypeError, "a SourcePart's cells is a dict, its in_order a set, its table a Table");
             return NULL;
         }
         memcpy(S->source, source, 16);
@@ -465,7 +746,7 @@ static PyObject *sender_add(senders_t *S, PyObject *sources, const char *source,
     e[0] = (unsigned char)(slot >> 8);
     e[1] = (unsigned char)(slot & 0xff);
     memcpy(e + 2, chain, 8);
-    return S->sums;
+    return (Table *)S->table;
 }
 
 static PyObject *sum_lines(PyObject *self, PyObject *args)
@@ -473,7 +754,7 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
     Py_buffer buf;
     Py_ssize_t pos, offset, index;
     PyObject *fresh, *sources, *opaque;
-    if (!PyArg_ParseTuple(args, "y*nnnO!O!O!:sum_lines", &buf, &pos, &offset, &index, &PyDict_Type, &fresh,
+    if (!PyArg_ParseTuple(args, "y*nnnO!O!O!:sum_lines", &buf, &pos, &offset, &index, &TableType, &fresh,
                           &PyDict_Type, &sources, &PyList_Type, &opaque))
         return NULL;
     if (SourcePart == NULL) {
@@ -487,11 +768,6 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
     span ts_prev = {NULL, -1};
     PyObject *minute_prev = NULL; /* owned: the minute of ts_prev */
     int failed = 0;
-    slot_t *cache = PyMem_Calloc(CACHE_SLOTS, sizeof(slot_t));
-    if (cache == NULL) {
-        PyBuffer_Release(&buf);
-        return PyErr_NoMemory();
-    }
 
     while (p < end) {
         const char *nl = memchr(p, '\n', end - p);
@@ -567,27 +843,9 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
             Py_XDECREF(key);
             Py_XDECREF(user);
         } else {
-            PyObject *sums = kind == FRESH ? fresh : sender_add(&S, sources, L.eid.p, number, chain);
-            slot_t *c = sums == NULL ? NULL : cache_find(cache, sums, minute, L.user);
-            if (sums == NULL) {
-                r = -1;
-            } else if (c != NULL && c->list != NULL) {
-                c->count[!is_add]++;
-                c->amount[!is_add] += (unsigned long long)L.value;
-            } else {
-                value = PyLong_FromLongLong(L.value);
-                PyObject *user = value ? PyUnicode_FromStringAndSize(L.user.p, L.user.n) : NULL;
-                PyObject *key = user ? PyTuple_Pack(2, user, minute) : NULL;
-                PyObject *list = key ? add(sums, key, is_add, value) : NULL;
-                r = list == NULL ? -1 : 0;
-                if (list != NULL && c != NULL) {
-                    /* the slot holds its minute: a freed one's address could come back as another */
-                    Py_INCREF(minute);
-                    c->sums = sums, c->minute = minute, c->list = list, c->user = L.user.p, c->n = L.user.n;
-                }
-                Py_XDECREF(key);
-                Py_XDECREF(user);
-            }
+            Table *T = kind == FRESH ? (Table *)fresh : sender_add(&S, sources, L.eid.p, number, chain);
+            long long m = T == NULL ? -1 : table_minute(T, minute);
+            r = m < 0 ? -1 : table_add(T, L.user.p, L.user.n, (uint32_t)m, is_add, (uint64_t)L.value);
         }
         Py_XDECREF(value);
         Py_DECREF(minute);
@@ -601,12 +859,6 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
         p = nl + 1;
     }
     senders_clear(&S);
-    for (int i = 0; i < CACHE_SLOTS; i++) {
-        if (cache[i].list != NULL && !failed && flush(&cache[i]) < 0)
-            failed = 1;
-        Py_XDECREF(cache[i].minute);
-    }
-    PyMem_Free(cache);
     Py_XDECREF(minute_prev);
     PyBuffer_Release(&buf);
     if (failed)
@@ -863,12 +1115,14 @@ PyMODINIT_FUNC PyInit__fastlines(void)
 {
     init_hex();
     ZERO = PyLong_FromLong(0);
-    ONE = PyLong_FromLong(1);
     EMPTY = PyUnicode_FromStringAndSize(NULL, 0);
     s_cells = PyUnicode_InternFromString("cells");
     s_in_order = PyUnicode_InternFromString("in_order");
-    s_sums = PyUnicode_InternFromString("sums");
-    if (!ZERO || !ONE || !EMPTY || !s_cells || !s_in_order || !s_sums)
+    s_table = PyUnicode_InternFromString("table");
+    if (!ZERO || !EMPTY || !s_cells || !s_in_order || !s_table || PyType_Ready(&TableType) < 0)
         return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddObjectRef(m, "Table", (PyObject *)&TableType) < 0)
+        Py_CLEAR(m);
+    return m;
 }

@@ -34,18 +34,28 @@ from .mapping import Mapping
 Key = tuple[str, str]
 Sums = dict[Key, list]
 PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
-# What a worker part holds at most, in users of up to SHORT_ID characters (a longer id counts
-# for more, by its size: see `held`): its sums, COPY rows and pickle grow with distinct users
-# (and opaque-id events), not with the bytes, so a part (and with it the batch) ends at the
-# piece where they pass this. 100,000 short ids are about 30 MB in a worker; 256-character ids
-# count 1.7 each (about 59,000 of them, 35 MB). The processor sizes later batches to fit
-# (Processor._plan), so a cut part is rare and wastes little parsing.
-MAX_USERS_PER_PART = 100_000
-SHORT_ID = 50
-_KEY_BYTES = 250  # a key's dict entry, tuple, sums list and ints, beside its id's characters
+# What a worker part may hold, in bytes (see `held`): its sums, COPY rows and pickle grow with
+# distinct users (and opaque-id events), not with the journal's bytes, so a part (and with it
+# the batch) ends at the piece where they pass this. Sums the C loop took are held in C tables
+# (~60-100 bytes a short-id key, counted as they are); those of the Python loops in dicts, ~300
+# bytes a key plus its id's characters (an estimate, see `held`). The processor sizes later
+# batches to fit (Processor._learn), so a cut part is rare and wastes little parsing.
+MAX_HELD = 32 << 20
+_KEY_BYTES = 250  # a dict key's entry, tuple, sums list and ints, beside its id's characters
+_OPAQUE_BYTES = 400  # an opaque-id event's tuple, digests, key and value
 _MAX_INT = events.MAX_INT
 _CELL_LINES, _ENTRY = identity.CELL_LINES, identity.ENTRY
 _SLOTS = [slot.to_bytes(2, "big") for slot in range(_CELL_LINES)]  # identity.entry's first bytes
+
+# The plain-shape loop in C (evtool/_fastlines.c), built with the package where a compiler is;
+# EVTOOL_PURE_PYTHON=1 turns it off (the tests compare the two). Same results either way.
+_fastlines = native.loops
+
+
+def _new_table() -> object | None:
+    """A group's sums held in C (_fastlines.Table: ~40 bytes a key where a dict entry is ~800),
+    which the C loop adds to; the lines it leaves go to the group's dict. None without it."""
+    return None if _fastlines is None else _fastlines.Table()
 
 
 @dataclass
@@ -54,7 +64,8 @@ class SourcePart:
 
     # cell -> packed entries (see identity.entry): 10 bytes per event, unsorted until close.
     cells: dict[int, bytes | bytearray] = field(default_factory=dict)
-    sums: Sums = field(default_factory=dict)
+    sums: Sums = field(default_factory=dict)  # of the lines the Python loops summed
+    table: object | None = field(default_factory=_new_table)  # of those the C loop summed
     repeats: bool = False  # an entry occurs twice in the chunk (a retry within the batch)
     # Cells whose entries all came in strictly increasing lines (a sender's run, see
     # _SenderCells), so they are sorted and each once as they are; any other cell is sorted.
@@ -71,8 +82,8 @@ class SourcePart:
 
     def close(self) -> None:
         """Sort each cell's entries; note repeats; render the rows."""
-        self.rows = store.copy_rows(self.sums)
-        self.users = user_hashes(self.sums)
+        self.rows = rows(self.sums, self.table)
+        self.users = user_hashes(self.sums, self.table)
         for cell, packed in self.cells.items():
             self.cells[cell] = self._sorted(cell, packed)
 
@@ -108,6 +119,7 @@ class ParsedPart:
     offset: int = 0
     end: int = 0
     fresh: Sums = field(default_factory=dict)
+    fresh_table: object | None = field(default_factory=_new_table)  # see SourcePart.table
     sources: dict[str, SourcePart] = field(default_factory=dict)
     # digest, content digest, (user, minute), is_add, value, offset, index of the line
     opaque: list[tuple[bytes, bytes, Key, bool, events.Value, int, int]] = field(default_factory=list)
@@ -129,7 +141,7 @@ class ParsedPart:
     strict: bool = False  # parsed without normalization (events.validate's strict)
     mapping: Mapping | None = None  # the declared mapping lines were read under (see mapping)
     spill_fd: int = -1  # in the committing process: the file its sources' `spilled` records are in
-    cut: bool = False  # ended before the planned end: MAX_USERS_PER_PART was reached
+    cut: bool = False  # ended before the planned end: it held more than MAX_HELD
     held: int = 0  # what it held at the end (see `held`), for the processor to size batches
     fresh_count: int = 0  # events in `fresh`
     digest: bytes = b""  # of the bytes parsed: checked against the file before the commit
@@ -138,18 +150,18 @@ class ParsedPart:
         """Close the sources, count, and render each group's COPY rows and user hashes."""
         for part in self.sources.values():
             part.close()
-        self.fresh_count = count(self.fresh)
+        self.fresh_count = count(self.fresh, self.fresh_table)
         opaque = self.opaque_sums = {}
         if self.opaque:  # optimistic, as for sender ids: the sums if every opaque id is new
-            pack, start, rows = store.DIGEST_ROW.pack, self.offset, []
+            pack, start, digest_rows = store.DIGEST_ROW.pack, self.offset, []
             for d, c, key, is_add, value, _, i in self.opaque:
                 add(opaque, key, is_add, value)
-                rows.append(pack(4, 16, d, 8, c, 8, start, 8, i))
+                digest_rows.append(pack(4, 16, d, 8, c, 8, start, 8, i))
             self.opaque_count = len(self.opaque)
             self.opaque_repeats = len({o[0] for o in self.opaque}) != self.opaque_count
-            self.opaque_rows = b"".join(rows)
-        self.fresh_rows = store.copy_rows(self.fresh)
-        self.fresh_users = user_hashes(self.fresh)
+            self.opaque_rows = b"".join(digest_rows)
+        self.fresh_rows = rows(self.fresh, self.fresh_table)
+        self.fresh_users = user_hashes(self.fresh, self.fresh_table)
         self.opaque_sum_rows = store.copy_rows(opaque)
         self.opaque_users = user_hashes(opaque)
 
@@ -162,10 +174,10 @@ class ParsedPart:
         """Drop the sums once rendered (finish): a worker's part crosses to the committing
         process as bytes and counts, never as a dict per user beside its rows. The committing
         process re-derives a group's sums from the journal when some of its lines were seen."""
-        self.fresh = {}
+        self.fresh, self.fresh_table = {}, None
         self.opaque_sums = {}
         for part in self.sources.values():
-            part.sums = {}
+            part.sums, part.table = {}, None
 
     def shipped(self) -> ParsedPart:
         """What a worker sends back: the opaque events stay behind (their COPY rows go) unless
@@ -279,15 +291,37 @@ def _index_spilled(lines: SourceLines, part: SourcePart, fd: int) -> None:
         lines.spilled.setdefault(s[i], []).append((fd, s[i + 1], s[i + 2]))
 
 
-def user_hashes(sums: Sums) -> array[int]:
-    """hash() of each distinct user of `sums`: 8 bytes a user where the ids would be up to 256
-    characters. The workers are forked, so they hash as the committing process does."""
-    return array("q", {hash(k[0]) for k in sums})
+def user_hashes(sums: Sums, table: object | None = None) -> array[int]:
+    """hash() of each distinct user of `sums` (and of `table`, a _fastlines.Table: a user in
+    both is there twice, which the counts that read these ignore): 8 bytes a user where the ids
+    would be up to 256 characters. The workers are forked, so they hash as the committing
+    process does."""
+    out = array("q", {hash(k[0]) for k in sums})
+    if table is not None:
+        out.frombytes(table.users())  # type: ignore[attr-defined]
+        out.extend({hash(k[0]) for k in table.extra})  # type: ignore[attr-defined]
+    return out
 
 
-def count(sums: Sums) -> int:
-    """Events summed in `sums`."""
-    return sum(s[0] + s[2] for s in sums.values())
+def rows(sums: Sums, table: object | None = None) -> bytes:
+    """The COPY rows of `sums` and of `table` (a _fastlines.Table); a key in both has two rows,
+    which PostgreSQL sums like a user's rows from two parts."""
+    if table is None:
+        return store.copy_rows(sums)
+    return table.rows() + store.copy_rows(table.extra) + store.copy_rows(sums)  # type: ignore[attr-defined]
+
+
+def all_sums(sums: Sums, table: object | None = None) -> Sums:
+    """`sums` and `table`'s sums as one dict (for the tests and messages: a copy)."""
+    out = {k: list(s) for k, s in sums.items()}
+    if table is not None:
+        merge(out, table.to_dict(), take=True)  # type: ignore[attr-defined]
+    return out
+
+
+def count(sums: Sums, table: object | None = None) -> int:
+    """Events summed in `sums` (and `table`)."""
+    return sum(s[0] + s[2] for s in sums.values()) + (0 if table is None else table.count)  # type: ignore[attr-defined]
 
 
 def add(sums: Sums, key: Key, is_add: bool, value: events.Value) -> None:
@@ -358,24 +392,26 @@ def exit_with_parent(parent: int) -> None:
 
 
 def held(part: ParsedPart) -> int:
-    """Distinct (user, minute) keys (per identity kind) and opaque-id events a part holds, in
-    short-id units: what its memory grows with. Ids longer than SHORT_ID count by their size
-    (estimated from a sample of the keys, so the check stays cheap)."""
-    keys = len(part.fresh) + sum(len(p.sums) for p in part.sources.values()) + len(part.opaque)
+    """Bytes a part holds, what its memory grows with: the C tables' own count (Table.held: it
+    grows smoothly with the keys, so batches planned to fit do fit; the arrays reserve up to about
+    a third more), the dicts' keys and opaque-id events estimated (a key's id length from a
+    sample of the keys, so the check stays cheap)."""
+    tables = (part.fresh_table, *(p.table for p in part.sources.values()))
+    in_tables = sum(t.held for t in tables if t is not None)  # type: ignore[attr-defined]
+    keys = len(part.fresh) + sum(len(p.sums) for p in part.sources.values())
     sample = [k[0] for k in itertools.islice(part.fresh, 256)]
     if not sample:
         for p in part.sources.values():
             sample = [k[0] for k in itertools.islice(p.sums, 256)]
-            break
-    if not sample:
-        return keys
-    mean = sum(map(len, sample)) / len(sample)
-    return int(keys * max(1.0, (mean + _KEY_BYTES) / (SHORT_ID + _KEY_BYTES)))
+            if sample:
+                break
+    mean = sum(map(len, sample)) / len(sample) if sample else 0
+    return int(in_tables + keys * (mean + _KEY_BYTES) + len(part.opaque) * _OPAQUE_BYTES)
 
 
 def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
                     piece: int = PIECE_BYTES, strict: bool = False, opener: str | None = None,
-                    max_users: int = MAX_USERS_PER_PART, mapping: Mapping | None = None,
+                    max_held: int = MAX_HELD, mapping: Mapping | None = None,
                     spill: tuple[str, int, int] | None = None) -> ParsedPart:
     """Parse bytes [start, end) of a journal (both at line boundaries), `piece` bytes at a time.
 
@@ -383,7 +419,7 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
     under /proc, so a journal renamed or deleted meanwhile is still the one read), else `path`;
     `identity` (st_dev, st_ino) makes sure it reads the same file the caller holds open. Ends
     early (`cut`, `end` moved back to the last line parsed) once the part holds more than
-    `max_users` (see `held`). `digest` covers exactly the bytes parsed, [start, end).
+    `max_held` bytes (see `held`). `digest` covers exactly the bytes parsed, [start, end).
     `spill`: a file of the committing process (its descriptor under /proc, st_dev, st_ino) that
     the sender cells go to piece by piece (SourcePart.spill), so no process holds a part's entries.
     """
@@ -416,7 +452,7 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
             if sf is not None:
                 for part in out.sources.values():
                     part.spill(sf, max(part.cells, default=None))
-            if pos - len(rest) < end and held(out) > max_users:
+            if pos - len(rest) < end and held(out) > max_held:
                 out.end, out.cut = pos - len(rest), True
                 break
         if sf is not None:
@@ -461,9 +497,6 @@ def _sum_python(data: bytes, offset: int, out: ParsedPart) -> None:
         _sum_lines(data, offset, out)
 
 
-# The plain-shape loop in C (evtool/_fastlines.c), built with the package where a compiler is;
-# EVTOOL_PURE_PYTHON=1 turns it off (the tests compare the two). Same results either way.
-_fastlines = native.loops
 if _fastlines is not None:
     _fastlines.configure(SourcePart, eventtime.STAMP_MINUTE, eventtime.stamp_minute, money_add,
                          identity.event_digest, identity.content_digest)
@@ -478,7 +511,7 @@ def _sum_native(data: bytes, offset: int, out: ParsedPart) -> None:
     the piece goes to the Python loops whole. Each loop gives any line the same result (the
     tests pin them to the shared validator), so the part is the same as theirs."""
     pos, size, stops = 0, len(data), 0
-    fresh, sources, opaque = out.fresh, out.sources, out.opaque
+    fresh, sources, opaque = out.fresh_table, out.sources, out.opaque
     while True:
         pos, out.lines = _fastlines.sum_lines(data, pos, offset, out.lines, fresh, sources, opaque)
         if pos >= size:

@@ -143,12 +143,12 @@ class ParsePool:
     """The parsing worker processes: started on first use, each parses a part of a batch."""
 
     def __init__(self, workers: int, piece_bytes: int, strict: bool,
-                 max_users: int = parser.MAX_USERS_PER_PART, mapping: Mapping | None = None) -> None:
+                 max_held: int = parser.MAX_HELD, mapping: Mapping | None = None) -> None:
         self.workers = workers
         self.piece_bytes = piece_bytes
         self.strict = strict
         self.mapping = mapping
-        self.max_users = max_users
+        self.max_held = max_held
         self.submitted_bytes = 0  # what the workers were asked to parse (a part cut short stops early)
         self._pool: ProcessPoolExecutor | None = None
 
@@ -178,7 +178,7 @@ class ParsePool:
                 sst = os.fstat(spills[-1].fileno())
                 spill = (f"/proc/{os.getpid()}/fd/{spills[-1].fileno()}", sst.st_dev, sst.st_ino)
             future = self._pool.submit(parser.parse_range, path, file_id, lo, hi, self.piece_bytes,
-                                       self.strict, opener, self.max_users, self.mapping, spill)
+                                       self.strict, opener, self.max_held, self.mapping, spill)
             futures.append(future)
         return _Planned(start, end, futures, spills, ranges)
 
@@ -337,7 +337,7 @@ class Processor:
         inline_bytes: int = INLINE_BYTES,
         piece_bytes: int = parser.PIECE_BYTES,
         strict: bool = False,
-        max_users: int = parser.MAX_USERS_PER_PART,
+        max_held: int = parser.MAX_HELD,
         mapping: Mapping | None = None,
     ) -> None:
         self.dsn = dsn
@@ -349,12 +349,12 @@ class Processor:
         self.on_retry = on_retry
         self.workers = min(2, os.cpu_count() or 1) if workers is None else workers
         self.store: Store | None = None
-        self.pool = ParsePool(self.workers, piece_bytes, strict, max_users, mapping)
+        self.pool = ParsePool(self.workers, piece_bytes, strict, max_held, mapping)
         self.retries = 0
         self._users = DistinctUsers()  # the users whose totals this run changed
         # [waiting on the workers only (no transaction open), a stop was asked]: see _Planned.batch
         self.waiting_for_parse = [False, False]
-        # Bytes a worker part can hold before it reaches the users cap (parser.held), learnt from
+        # Journal bytes a worker part can take before it holds parser.MAX_HELD (parser.held), learnt from
         # the last part that was cut; None while no part was. Batches are planned to fit, so a
         # journal with many distinct users gets smaller batches instead of parses thrown away.
         self.part_bytes: int | None = None
@@ -521,8 +521,9 @@ class Processor:
 
     def _learn(self, b: Batch) -> None:
         """Size later batches by what the parts of this one held (see part_bytes): parts of
-        about 3/4 of the cap, by the bytes per user seen; back to --batch-mb when they hold few."""
-        cap = self.pool.max_users
+        about 3/4 of the cap, by the journal bytes per byte held; back to --batch-mb when they
+        hold little."""
+        cap = self.pool.max_held
         dense = [p for p in b.parts if p.held * 2 > cap and p.end > p.offset]
         if not dense:
             if self.part_bytes is not None:
@@ -530,8 +531,8 @@ class Processor:
                 if self.part_bytes * max(1, self.workers) >= self.batch_bytes:
                     self.part_bytes = None
             return
-        per_unit = min((p.end - p.offset) / p.held for p in dense)
-        self.part_bytes = max(64 << 10, int(per_unit * cap * 3 // 4))
+        per_held = min((p.end - p.offset) / p.held for p in dense)
+        self.part_bytes = max(64 << 10, int(per_held * cap * 3 // 4))
 
     def _start(self, store: Store, fp: bytes, resolved: str) -> int:
         """The journal's committed offset, once it is known not to be a second file (see below)."""

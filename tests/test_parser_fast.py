@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from array import array
 from decimal import Decimal
 
 import msgspec
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evtool import events, eventtime, identity, parser
+from evtool import events, eventtime, identity, parser, store
 from evtool.errors import InvalidEvent
 
 from .conftest import C_OR_PYTHON, c_or_python
@@ -146,10 +147,25 @@ def _reference(data: bytes, strict: bool) -> parser.ParsedPart:
     return out
 
 
+def _row_sums(rows: bytes) -> dict:
+    """COPY rows (store.copy_rows) summed per (user, minute), as PostgreSQL sums them."""
+    out: dict = {}
+    for row in rows.decode().split("\n")[:-1]:  # (escaped as COPY escapes them: the same both sides)
+        user, minute, *s = row.split("\t")
+        t = out.setdefault((user, minute), [0, 0, 0, 0])
+        for i, v in enumerate(s):
+            t[i] += Decimal(v)
+    return out
+
+
 def _facts(part: parser.ParsedPart) -> tuple:
-    return (part.fresh, {s: (p.cells, p.sums, p.repeats, p.count, p.rows, sorted(p.users))
-                         for s, p in part.sources.items()},
-            part.opaque, part.rejects, part.lines, part.fresh_rows, sorted(part.fresh_users),
+    """What a part means: its sums (C tables and dicts together), its COPY rows as summed, its
+    users, cells, opaque events, rejects and counts."""
+    return (parser.all_sums(part.fresh, part.fresh_table),
+            {s: (p.cells, parser.all_sums(p.sums, p.table), p.repeats, p.count, _row_sums(p.rows),
+                 sorted(set(p.users)))
+             for s, p in part.sources.items()},
+            part.opaque, part.rejects, part.lines, _row_sums(part.fresh_rows), sorted(set(part.fresh_users)),
             part.opaque_rows, part.opaque_sum_rows, part.opaque_count, part.opaque_repeats,
             sorted(part.users), part.fresh_count)
 
@@ -185,9 +201,10 @@ def test_a_run_of_serve_lines_sums_per_user_minute_and_keeps_every_entry() -> No
     assert _facts(got) == _facts(_reference(data, False))
     part = got.sources[SRC]
     assert part.count == 3000 and sorted(part.cells) == [0, 1, 2]
-    added = sum(s[1] for s in part.sums.values())
+    sums = parser.all_sums(part.sums, part.table)
+    added = sum(s[1] for s in sums.values())
     assert added == sum(n for n in range(1, 3001) if n % 4)
-    assert {k[1] for k in part.sums} == {"2026-11-23T14:34", "2026-11-23T14:35", "2026-11-23T14:36",
+    assert {k[1] for k in sums} == {"2026-11-23T14:34", "2026-11-23T14:35", "2026-11-23T14:36",
                                          "2026-11-23T14:37"}
 
 
@@ -370,14 +387,15 @@ def test_the_c_loop_takes_the_plain_shape_and_stops_at_the_first_line_it_leaves(
     for line in _C_TAKES:
         data = (line + b"\n") * 3
         out = parser.ParsedPart(0, len(data))
-        got = parser._fastlines.sum_lines(data, 0, 0, 0, out.fresh, out.sources, out.opaque)
+        got = parser._fastlines.sum_lines(data, 0, 0, 0, out.fresh_table, out.sources, out.opaque)
         assert got == (len(data), 3), line
     for line in _C_LEAVES:
         data = _A + b"\n" + line + b"\n" + _A + b"\n"
         out = parser.ParsedPart(0, len(data))
-        got = parser._fastlines.sum_lines(data, 0, 0, 0, out.fresh, out.sources, out.opaque)
+        got = parser._fastlines.sum_lines(data, 0, 0, 0, out.fresh_table, out.sources, out.opaque)
         assert got == (len(_A) + 1, 1), line
-        assert out.fresh == {("u1", ""): [1, 1, 0, 0]}, line  # nothing of the line it left
+        # nothing of the line it left
+        assert parser.all_sums(out.fresh, out.fresh_table) == {("u1", ""): [1, 1, 0, 0]}, line
         assert _facts(parser.parse(data, 0)) == _facts(_reference(data, False)), line
 
 
@@ -395,10 +413,30 @@ def test_a_piece_of_lines_the_c_loop_leaves_is_summed_as_the_python_loops_sum_it
 
 
 def test_sums_past_64_bits_and_after_a_decimal_stay_exact() -> None:
-    """The C loop counts a key's events in 128-bit integers and writes them at the end of a piece:
-    sums past 2**64, and sums that a decimal line (the Python loops') made a Decimal, stay exact."""
+    """The C loop's table counts a key's events in 64-bit sums and moves them to its exact Python
+    sums (Table.extra) before an add would overflow: sums past 2**64, and sums that a decimal line
+    (the Python loops', in the part's dict) made a Decimal, stay exact."""
     big = b'{"userId":"u","name":"add_revenue","value":999999999999999999}\n'
     data = big * 40 + b'{"userId":"u","name":"add_revenue","value":0.5}\n' + big * 3
     got = parser.parse(data, 0)
-    assert got.fresh[("u", "")][:2] == [44, events.MONEY.add(43 * (10**18 - 1), Decimal("0.5"))]
+    sums = parser.all_sums(got.fresh, got.fresh_table)
+    assert sums[("u", "")][:2] == [44, events.MONEY.add(43 * (10**18 - 1), Decimal("0.5"))]
     assert _facts(got) == _facts(_reference(data, False))
+
+
+def test_a_sums_table_renders_what_the_dicts_would(loop: str) -> None:
+    """parser's C table (Table.rows, users, count) gives the COPY rows, the hash() of each user
+    and the count that store.copy_rows and parser.user_hashes give for the same sums in a dict."""
+    if loop != "c":
+        pytest.skip("the C loop's own test")
+    lines = [b'{"userId":"user%d","name":"%s","value":%d,"timestamp":"2026-11-23T14:%02d:00Z"}'
+             % (i % 997, b"add_revenue" if i % 3 else b"subtract_revenue", i, i % 7) for i in range(20_000)]
+    data = b"\n".join(lines) + b"\n"
+    part = parser.parse(data, 0)
+    table = part.fresh_table
+    assert part.fresh == {} and len(table) == 997 * 7 and table.count == 20_000
+    sums = table.to_dict()
+    assert _row_sums(table.rows()) == _row_sums(store.copy_rows(sums))
+    assert sorted(array("q", table.users())) == sorted({hash(k[0]) for k in sums})
+    assert table.held <= table.nbytes < 2 * table.held  # what parser.held counts, and what is reserved
+    assert _facts(part) == _facts(_reference(data, False))

@@ -1,16 +1,16 @@
 """One `process` run with its CPU split: the processor's (self + workers) and PostgreSQL's.
 
     python -m tests.bench.proc_cpu --server DSN --pgdata DIR JOURNAL [--evtool SRC_DIR]
-        [--batch-mb MB] [--max-users N]
+        [--batch-mb MB] [--max-held-mb MB]
 
 Creates (or recreates) the database `evtool_proc_cpu` on the server DSN points at, applies
 JOURNAL with `evtool.processor.process` (from SRC_DIR when given, to compare two checkouts on
 the same journal, alternating), and prints events/s, wall seconds, the processor's CPU-s and
 the server's CPU-s (the postmaster's reaped children plus the live ones: DIR is its data
 directory, for postmaster.pid), then the totals. CPU-s hold on a shared machine where wall time
-does not; run it on a server nothing else uses. --batch-mb and --max-users set the batch size
-and a worker part's users cap (`parser.MAX_USERS_PER_PART`): to measure what other batch sizes
-would cost (a cap far above the default lets a part's memory grow with its users).
+does not; run it on a server nothing else uses. --batch-mb and --max-held-mb set the batch size
+and what a worker part may hold (`parser.MAX_HELD`): to measure what other batch sizes would cost
+(a cap far above the default lets a part's memory grow with its users).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--pgdata", required=True, type=Path)
     ap.add_argument("--evtool", help="import evtool from this source directory")
     ap.add_argument("--batch-mb", type=int, help="batch size (default: evtool's)")
-    ap.add_argument("--max-users", type=int, help="a worker part's users cap (default: evtool's)")
+    ap.add_argument("--max-held-mb", type=int, help="what a worker part may hold (default: evtool's)")
     ap.add_argument("journal", type=Path)
     a = ap.parse_args()
     if a.evtool:
@@ -61,7 +61,7 @@ def main() -> None:
         conn.execute("CREATE DATABASE evtool_proc_cpu")
     dsn = make_conninfo(a.server, dbname="evtool_proc_cpu")
     p0, m0, t0 = server_cpu(), own_cpu(), time.perf_counter()
-    tuning = {"max_users": a.max_users} if a.max_users else {}
+    tuning = {"max_held": a.max_held_mb << 20} if a.max_held_mb else {}
     if a.batch_mb:
         tuning["batch_bytes"] = a.batch_mb << 20
     report = processor.process(dsn, [a.journal], **tuning)

@@ -1,5 +1,9 @@
 """Issue 9 item 7 (second bullet): what a batch holds is bounded by distinct users too, not only
-by `--batch-mb`: a worker part ends once it holds MAX_USERS_PER_PART users, and the batch there."""
+by `--batch-mb`: a worker part ends once it holds parser.MAX_HELD bytes of sums, and the batch there.
+
+A sums table (parser's C loop) holds at least 40 bytes a (user, minute) key besides the id's
+bytes, and a dict more: so a part that passed its cap held at most `_users(cap, id_len)` users
+before the piece that passed it."""
 
 from __future__ import annotations
 
@@ -17,22 +21,27 @@ from evtool import identity, output, parser, processor, store
 from ..conftest import totals
 
 
+def _users(cap: int, id_len: int) -> int:
+    """The most users of `id_len` characters a part holds without passing `cap` bytes."""
+    return cap // (40 + id_len)
+
+
 def test_a_batch_ends_where_a_part_holds_too_many_distinct_users(dsn, tmp_path: Path):
-    n, cap = 60_000, 5_000
+    n, cap = 60_000, 1_500_000
     path = tmp_path / "server-events.jsonl"
     with open(path, "wb") as f:
         for i in range(n):
             user = f"{i:08d}" + "x" * 248  # 256 characters, all distinct
             f.write(b'{"userId":"%s","name":"add_revenue","value":%d}\n' % (user.encode(), i % 7 + 1))
     report = processor.process(dsn, [path], batch_bytes=64 << 20, workers=2, inline_bytes=0,
-                               piece_bytes=64 << 10, max_users=cap)
+                               piece_bytes=64 << 10, max_held=cap)
     assert report.applied == n and report.rejected == 0
     # each batch held at most workers * (cap + one piece) users: many batches, not one
-    assert report.files[0].batches >= n // (2 * (cap + 300)), report.files[0].batches
+    assert report.files[0].batches >= n // (2 * (_users(cap, 256) + 300)), report.files[0].batches
     got = totals(dsn)
     assert len(got) == n and sum(got.values()) == sum(i % 7 + 1 for i in range(n))
     # and a rerun finds nothing left: every cut batch ended on a line boundary, nothing twice
-    again = processor.process(dsn, [path], batch_bytes=64 << 20, workers=2, inline_bytes=0, max_users=cap)
+    again = processor.process(dsn, [path], batch_bytes=64 << 20, workers=2, inline_bytes=0, max_held=cap)
     assert again.applied == 0 and again.duplicates == 0
 
 
@@ -41,8 +50,11 @@ def test_a_part_is_cut_after_the_piece_that_passes_the_cap(tmp_path: Path):
     lines = [b'{"userId":"u%d","name":"add_revenue","value":1}\n' % i for i in range(1000)]
     path.write_bytes(b"".join(lines))
     st = path.stat()
-    part = parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size, piece=4096, max_users=100)
-    assert part.cut and 100 < len(part.users) < 200 and part.end < st.st_size
+    cap = 30_000
+    part = parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size, piece=4096, max_held=cap)
+    assert part.cut and part.held > cap and len(part.users) < 1000 and part.end < st.st_size
+    # within the cap until its last piece (at most 4096 / 45 lines): not far past it
+    assert len(part.users) <= _users(cap, 2) + 100, len(part.users)
     assert part.end == sum(len(x) for x in lines[:part.lines])  # on a line boundary
     whole = parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size, piece=4096)
     assert not whole.cut and whole.end == st.st_size and len(whole.users) == 1000
@@ -68,7 +80,8 @@ def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path
     instead of every cut throwing away the other parts and the batch parsed ahead (the work
     then grew with the number of cuts: 1M events of 100k users ran 4x slower). Nor is the
     first cut's work thrown away, before the run has learnt the journal's density."""
-    n, cap = 80_000, 2_000
+    # an opaque-id event is held as ~400 bytes (parser._OPAQUE_BYTES): the cap is some pieces' worth
+    n, cap = 80_000, (800 << 10 if ids == "opaque" else 128 << 10)
     path = tmp_path / "server-events.jsonl"
     eid = {"none": lambda i: b"", "sender": lambda i: b',"eventId":"00000000000000ab:%d"' % (i + 1),
            "opaque": lambda i: b',"eventId":"order-%d"' % i}[ids]
@@ -78,7 +91,7 @@ def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path
     size = path.stat().st_size
     # batches of a third of the file: the first one planned blind is followed by others
     proc = processor.Processor(dsn, batch_bytes=size // 3, workers=2, inline_bytes=0, piece_bytes=16 << 10,
-                               max_users=cap)
+                               max_held=cap)
     starts: list[int] = []  # where each range handed to the workers starts, in order
     cut = _note_cuts(monkeypatch)
     submit = proc.pool.submit
@@ -88,7 +101,7 @@ def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path
     finally:
         proc.close()
     assert report.applied == n and report.rejected == 0
-    assert report.files[0].batches >= n // (2 * cap)  # bounded by users, as above
+    assert report.files[0].batches >= n // (2 * (_users(cap, 6) + 400))  # bounded, as above
     # handed over in journal order: the rest of a cut part is never queued behind later bytes
     assert len(starts) > 2 and starts == sorted(set(starts)), starts
     # once the first batch showed how dense the journal is, batches are planned to fit: only
@@ -102,7 +115,7 @@ def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path
         copy = tmp_path / "copy.jsonl"
         copy.write_bytes(b'{"userId":"other","name":"add_revenue","value":1}\n' + path.read_bytes())
         again = processor.process(dsn, [copy], batch_bytes=64 << 20, workers=2, inline_bytes=0,
-                                  piece_bytes=16 << 10, max_users=cap)
+                                  piece_bytes=16 << 10, max_held=cap)
         assert (again.applied, again.duplicates) == (1, n)
 
 
@@ -111,7 +124,7 @@ def test_the_short_batch_that_ends_a_cut_parts_rest_does_not_resize_the_batches_
     """The rest of a part cut short is planned in batches sized to fit, the last one shorter
     (it ends where the rest ends). That one holds few users because it is short, not because
     the journal thinned out: batches after it stay sized to fit, and are not cut again."""
-    n, cap = 40_000, 2_000
+    n, cap = 40_000, 128 << 10
     path = tmp_path / "server-events.jsonl"
     with open(path, "wb") as f:
         for i in range(n):
@@ -119,7 +132,7 @@ def test_the_short_batch_that_ends_a_cut_parts_rest_does_not_resize_the_batches_
     size = path.stat().st_size
     cut = _note_cuts(monkeypatch)
     report = processor.process(dsn, [path], batch_bytes=size // 3, workers=1, inline_bytes=0,
-                               piece_bytes=16 << 10, max_users=cap)
+                               piece_bytes=16 << 10, max_held=cap)
     assert report.applied == n and sum(totals(dsn).values()) == n
     assert report.files[0].batches > 3 and cut == {0}, (report.files[0].batches, sorted(cut))
 
@@ -128,7 +141,7 @@ def test_two_processors_on_one_journal_with_cut_parts_apply_each_event_once(dsn,
     """Parts cut short, kept for later batches and ranges planned again, while another processor
     commits batches of the same journal: the plans of a processor that finds its offset moved are
     dropped (kept parts, ranges and all), and the two apply each event exactly once."""
-    n, cap = 60_000, 2_000
+    n, cap = 60_000, 128 << 10
     path = tmp_path / "server-events.jsonl"
     with open(path, "wb") as f:
         for i in range(n):
@@ -138,7 +151,7 @@ def test_two_processors_on_one_journal_with_cut_parts_apply_each_event_once(dsn,
     size = path.stat().st_size
     script = ("import json, sys; from pathlib import Path; from evtool import processor; "
               f"r = processor.process(sys.argv[1], [Path(sys.argv[2])], batch_bytes={size // 4}, workers=2, "
-              f"inline_bytes=0, piece_bytes=16 << 10, max_users={cap}); "
+              f"inline_bytes=0, piece_bytes=16 << 10, max_held={cap}); "
               "print(json.dumps([r.applied, r.duplicates, r.rejected]))")
     procs = [subprocess.Popen([sys.executable, "-c", script, dsn, str(path)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
