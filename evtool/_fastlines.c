@@ -456,11 +456,16 @@ static int table_add(Table *T, const char *user, Py_ssize_t n, uint32_t minute, 
     return 0;
 }
 
-/* Table.rows(): the entries as COPY rows `user \t minute \t adds \t added \t subtracts \t
+/* Table.rows(start=0, stop=len): entries [start, stop) as COPY rows `user \t minute \t adds \t added \t subtracts \t
  * subtracted`, as store.copy_rows writes them (the users need no escape: printable ASCII without
  * a backslash). The extra sums are the caller's to add (store.copy_rows of `extra`). */
-static PyObject *table_rows(Table *T, PyObject *unused)
+static PyObject *table_rows(Table *T, PyObject *args)
 {
+    Py_ssize_t start = 0, stop = PY_SSIZE_T_MAX;
+    if (!PyArg_ParseTuple(args, "|nn:rows", &start, &stop))
+        return NULL;
+    start = start < 0 ? 0 : start > T->used ? T->used : start;
+    stop = stop < start ? start : stop > T->used ? T->used : stop;
     Py_ssize_t nm = PyList_GET_SIZE(T->minutes);
     const char **mtext = PyMem_Calloc(nm ? nm : 1, sizeof(char *));
     Py_ssize_t *mlen = PyMem_Calloc(nm ? nm : 1, sizeof(Py_ssize_t));
@@ -478,7 +483,7 @@ static PyObject *table_rows(Table *T, PyObject *unused)
             return NULL;
         }
     }
-    for (Py_ssize_t k = 0; k < T->used; k++)
+    for (Py_ssize_t k = start; k < stop; k++)
         bound += T->entries[k].n + mlen[T->entries[k].minute] + 2 * 10 + 2 * 20 + 5;
     PyObject *out = PyBytes_FromStringAndSize(NULL, bound);
     if (out == NULL) {
@@ -487,7 +492,7 @@ static PyObject *table_rows(Table *T, PyObject *unused)
         return NULL;
     }
     char *w = PyBytes_AS_STRING(out);
-    for (Py_ssize_t k = 0; k < T->used; k++) {
+    for (Py_ssize_t k = start; k < stop; k++) {
         entry_t *e = &T->entries[k];
         if (e->count[0] == 0 && e->count[1] == 0)
             continue; /* all of it in extra */
@@ -604,7 +609,8 @@ static PyObject *table_extra(Table *T, void *unused) { return Py_NewRef(T->extra
 static Py_ssize_t table_len(Table *T) { return T->used; }
 
 static PyMethodDef table_methods[] = {
-    {"rows", (PyCFunction)table_rows, METH_NOARGS, "rows() -> bytes: the COPY rows (store.copy_rows)."},
+    {"rows", (PyCFunction)table_rows, METH_VARARGS,
+     "rows(start=0, stop=len) -> bytes: those entries' COPY rows (store.copy_rows)."},
     {"users", (PyCFunction)table_users, METH_NOARGS, "users() -> bytes: hash() of each distinct user, int64s."},
     {"to_dict", (PyCFunction)table_to_dict, METH_NOARGS, "to_dict() -> parser.Sums of every key."},
     {NULL, NULL, 0, NULL},

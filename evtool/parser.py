@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -58,6 +58,60 @@ def _new_table() -> object | None:
     return None if _fastlines is None else _fastlines.Table()
 
 
+ROW_CHUNK = 65_536  # a table's keys rendered at a time when rows go to a file (see render)
+
+
+@dataclass
+class Rows:
+    """One summing group's COPY rows (store.copy_rows): here in `data`, or a span of the spill
+    file of the worker that rendered them, so that neither process holds a large batch's rows
+    whole (the committing process streams them to COPY, see `chunks`)."""
+
+    data: bytes = b""
+    count: int = 0  # rows
+    offset: int = -1  # where they start in the spill file, or -1: they are in `data`
+    length: int = 0
+    fd: int = -1  # that file's descriptor in the committing process (set by Batch)
+
+    @property
+    def size(self) -> int:
+        return len(self.data) if self.offset < 0 else self.length
+
+    def chunks(self, size: int = 4 << 20) -> Iterator[bytes]:
+        """The rows, a few MiB at a time."""
+        if self.offset < 0:
+            if self.data:
+                yield self.data
+            return
+        end = self.offset + self.length
+        for at in range(self.offset, end, size):
+            yield _read(self.fd, at, min(size, end - at))
+
+
+def render(sums: Sums, table: object | None = None, f: BinaryIO | None = None) -> Rows:
+    """The COPY rows of a group's `sums` and `table` (a _fastlines.Table); a key in both has
+    two rows, which PostgreSQL sums like a user's rows from two parts. With a file `f` (the
+    worker's spill file) they are written there, ROW_CHUNK keys at a time, not held."""
+    chunks = _row_chunks(sums, table)
+    if f is None:
+        data = b"".join(chunks)
+        return Rows(data, data.count(b"\n"))
+    out = Rows(offset=f.tell())
+    for chunk in chunks:
+        out.count += chunk.count(b"\n")
+        out.length += len(chunk)
+        f.write(chunk)
+    return out
+
+
+def _row_chunks(sums: Sums, table: object | None) -> Iterator[bytes]:
+    if table is not None:
+        for start in range(0, len(table), ROW_CHUNK):  # type: ignore[arg-type]
+            yield table.rows(start, start + ROW_CHUNK)  # type: ignore[attr-defined]
+        yield store.copy_rows(table.extra)  # type: ignore[attr-defined]
+    yield store.copy_rows(sums)
+
+
 @dataclass
 class SourcePart:
     """The events of one sender source in a chunk: their (line, chain) entries by cell, and sums."""
@@ -77,12 +131,12 @@ class SourcePart:
     spilled: array[int] = field(default_factory=lambda: array("q"))
     # `sums` as COPY rows and the hash() of each of its users, rendered by the worker (see
     # ParsedPart.slim): what the committing process needs when the source's lines are all new.
-    rows: bytes = b""
+    rows: Rows = field(default_factory=Rows)
     users: array[int] = field(default_factory=lambda: array("q"))
 
-    def close(self) -> None:
-        """Sort each cell's entries; note repeats; render the rows."""
-        self.rows = rows(self.sums, self.table)
+    def close(self, f: BinaryIO | None = None) -> None:
+        """Sort each cell's entries; note repeats; render the rows (to `f`, see render)."""
+        self.rows = render(self.sums, self.table, f)
         self.users = user_hashes(self.sums, self.table)
         for cell, packed in self.cells.items():
             self.cells[cell] = self._sorted(cell, packed)
@@ -134,9 +188,9 @@ class ParsedPart:
     # Each group's sums (`fresh`, `opaque_sums`; each source has its own, see SourcePart) as
     # COPY rows and the hash() of each of its users: rendered by the worker, so the committing
     # process only sends them (see `slim`).
-    fresh_rows: bytes = b""
+    fresh_rows: Rows = field(default_factory=Rows)
     fresh_users: array[int] = field(default_factory=lambda: array("q"))
-    opaque_sum_rows: bytes = b""
+    opaque_sum_rows: Rows = field(default_factory=Rows)
     opaque_users: array[int] = field(default_factory=lambda: array("q"))
     strict: bool = False  # parsed without normalization (events.validate's strict)
     mapping: Mapping | None = None  # the declared mapping lines were read under (see mapping)
@@ -146,10 +200,11 @@ class ParsedPart:
     fresh_count: int = 0  # events in `fresh`
     digest: bytes = b""  # of the bytes parsed: checked against the file before the commit
 
-    def finish(self) -> None:
-        """Close the sources, count, and render each group's COPY rows and user hashes."""
+    def finish(self, f: BinaryIO | None = None) -> None:
+        """Close the sources, count, and render each group's COPY rows (to `f`, a worker's
+        spill file, when given: see render) and user hashes."""
         for part in self.sources.values():
-            part.close()
+            part.close(f)
         self.fresh_count = count(self.fresh, self.fresh_table)
         opaque = self.opaque_sums = {}
         if self.opaque:  # optimistic, as for sender ids: the sums if every opaque id is new
@@ -160,9 +215,9 @@ class ParsedPart:
             self.opaque_count = len(self.opaque)
             self.opaque_repeats = len({o[0] for o in self.opaque}) != self.opaque_count
             self.opaque_rows = b"".join(digest_rows)
-        self.fresh_rows = rows(self.fresh, self.fresh_table)
+        self.fresh_rows = render(self.fresh, self.fresh_table, f)
         self.fresh_users = user_hashes(self.fresh, self.fresh_table)
-        self.opaque_sum_rows = store.copy_rows(opaque)
+        self.opaque_sum_rows = render(opaque, None, f)
         self.opaque_users = user_hashes(opaque)
 
     @property
@@ -238,6 +293,9 @@ class Batch:
                 parts = parts[:i + 1]
                 break
         self.parts = parts
+        for p in parts:  # rows a worker wrote to its spill file are read through this process's
+            for r in (p.fresh_rows, p.opaque_sum_rows, *(s.rows for s in p.sources.values())):
+                r.fd = p.spill_fd
         self.offset = parts[0].offset
         self.end = parts[-1].end
         self.lines = sum(p.lines for p in parts)
@@ -301,14 +359,6 @@ def user_hashes(sums: Sums, table: object | None = None) -> array[int]:
         out.frombytes(table.users())  # type: ignore[attr-defined]
         out.extend({hash(k[0]) for k in table.extra})  # type: ignore[attr-defined]
     return out
-
-
-def rows(sums: Sums, table: object | None = None) -> bytes:
-    """The COPY rows of `sums` and of `table` (a _fastlines.Table); a key in both has two rows,
-    which PostgreSQL sums like a user's rows from two parts."""
-    if table is None:
-        return store.copy_rows(sums)
-    return table.rows() + store.copy_rows(table.extra) + store.copy_rows(sums)  # type: ignore[attr-defined]
 
 
 def all_sums(sums: Sums, table: object | None = None) -> Sums:
@@ -458,9 +508,9 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
         if sf is not None:
             for part in out.sources.values():
                 part.spill(sf)
+        out.held = held(out)
+        out.finish(sf)  # the rows go to the spill file, where there is one
     out.digest = h.digest()
-    out.held = held(out)
-    out.finish()
     out.slim()
     return out.shipped()
 

@@ -28,7 +28,7 @@ from . import identity, journal, parser
 from .errors import EvtoolError, JournalChanged, JournalError, SourceError
 from .mapping import Mapping
 from .parser import Batch, ParsedPart
-from .store import Store, copy_rows, path_text, retrying
+from .store import Store, path_text, retrying
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_BYTES = 128 * 1024 * 1024  # one transaction: its cost is one upsert per user
@@ -649,7 +649,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
     out = Outcome(applied=sum(p.fresh_count for p in b.parts))
     # The parts' COPY rows, group by group (PostgreSQL sums a user's rows): the workers'
     # rendering wherever the lines are all new, sums made here only for what was re-decided.
-    rows: list[bytes] = [p.fresh_rows for p in b.parts]
+    rows: list[parser.Rows] = [p.fresh_rows for p in b.parts]
     users: list[Iterable[int]] = [p.fresh_users for p in b.parts]
     claim = identity.Claim(store, {s: lines.cell_ids() for s, lines in b.sources.items()})
     data: bytes | None = None
@@ -668,7 +668,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
                 out.applied += 1
             else:
                 out.duplicates += 1
-        rows.append(copy_rows(sums))
+        rows.append(parser.render(sums))
         users.append(parser.user_hashes(sums))
 
     if b.opaque_count:
@@ -699,14 +699,16 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
                     out.rejects.append((offset, index, raw, why))
                 else:
                     out.duplicates += 1
-            rows.append(copy_rows(sums))
+            rows.append(parser.render(sums))
             users.append(parser.user_hashes(sums))
         else:
             rows.extend(p.opaque_sum_rows for p in b.parts)  # the workers' rendering
             users.extend(p.opaque_users for p in b.parts)
             out.applied += b.opaque_count
 
-    out.pending_minutes = store.add_to_totals(b"".join(rows))
+    # streamed to COPY a few MiB at a time: no process holds a large batch's rows whole
+    out.pending_minutes = store.add_to_totals((c for r in rows for c in r.chunks()),
+                                              sum(r.count for r in rows), sum(r.size for r in rows))
     out.users = users
     claim.record()
     return out

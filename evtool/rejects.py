@@ -124,7 +124,8 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
         outcomes.append((outcome, fp, offset))
         if len(report.lines) < MAX_LINES_KEPT:
             report.lines.append((path, line_no, outcome))
-    store.add_to_totals(copy_rows(sums))
+    rows = copy_rows(sums)
+    store.add_to_totals([rows], len(sums), len(rows))
     claim.record()
     store.mark_reapplied(fp, outcomes, new_reasons)
     report.reasons_updated += len(new_reasons)

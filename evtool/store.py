@@ -600,9 +600,10 @@ class Store:
                 out[bytes(d)] = (bytes(c) if c is not None else None, f"{p} line {n}" if p else None)
             return out
 
-    def add_to_totals(self, rows: bytes) -> bool:
-        """Add per-(user, minute) sums, as COPY rows (see copy_rows), to the totals, the
-        per-minute figures (event time) and the revenue log, in the caller's transaction.
+    def add_to_totals(self, rows: Iterable[bytes], count: int, size: int) -> bool:
+        """Add per-(user, minute) sums, as COPY rows (see copy_rows: `count` rows of `size`
+        bytes, in any chunks), to the totals, the per-minute figures (event time) and the
+        revenue log, in the caller's transaction.
 
         A user may have several rows (one per minute, per part of a batch); they are summed
         here. Totals are upserted in user order, so concurrent processors never deadlock. The
@@ -610,10 +611,10 @@ class Store:
         to revenue_minutes_pending as they are (readers sum both, see MINUTES); the return
         value says they were appended. The minute "" (no event time) is kept as -infinity.
         """
-        if not rows:
+        if not count:
             return False
         self._ensure_temp()
-        pending = rows.count(b"\n") >= PENDING_MINUTE_ROWS
+        pending = count >= PENDING_MINUTE_ROWS
         minute = ("CASE WHEN minute = '' THEN '-infinity'::timestamptz"
                   " ELSE (minute || ':00Z')::timestamptz END")
         if pending:
@@ -629,10 +630,11 @@ class Store:
         with self.conn.cursor() as cur:
             # The batch's sorts and aggregates in memory, not spilled at the default 4 MB: about
             # four times the rows' text, within bounds (SET LOCAL: this transaction only).
-            work_mem = min(MAX_WORK_MEM_MB, max(4, len(rows) * 4 >> 20))
+            work_mem = min(MAX_WORK_MEM_MB, max(4, size * 4 >> 20))
             cur.execute(f"SET LOCAL work_mem = '{work_mem}MB'")
             with cur.copy("COPY batch_minute_sums FROM STDIN") as copy:
-                copy.write(rows)
+                for chunk in rows:
+                    copy.write(chunk)
             cur.execute(
                 f"""
                 WITH s AS MATERIALIZED (

@@ -147,8 +147,10 @@ def _reference(data: bytes, strict: bool) -> parser.ParsedPart:
     return out
 
 
-def _row_sums(rows: bytes) -> dict:
+def _row_sums(rows: bytes | parser.Rows) -> dict:
     """COPY rows (store.copy_rows) summed per (user, minute), as PostgreSQL sums them."""
+    if isinstance(rows, parser.Rows):
+        rows = b"".join(rows.chunks())
     out: dict = {}
     for row in rows.decode().split("\n")[:-1]:  # (escaped as COPY escapes them: the same both sides)
         user, minute, *s = row.split("\t")
@@ -440,3 +442,30 @@ def test_a_sums_table_renders_what_the_dicts_would(loop: str) -> None:
     assert sorted(array("q", table.users())) == sorted({hash(k[0]) for k in sums})
     assert table.held <= table.nbytes < 2 * table.held  # what parser.held counts, and what is reserved
     assert _facts(part) == _facts(_reference(data, False))
+
+
+def test_a_workers_rows_go_through_its_spill_file_in_chunks(tmp_path, monkeypatch) -> None:
+    """With a spill file (the committing process's), parse_range writes each group's COPY rows
+    there, ROW_CHUNK table keys at a time, and the part carries only where they are: read back
+    through the file, they are the rows the same part renders in memory."""
+    monkeypatch.setattr(parser, "ROW_CHUNK", 100)  # many chunks
+    path = tmp_path / "j.jsonl"
+    src = "00000000000000aa"
+    path.write_bytes(b"".join(
+        b'{"userId":"user%d","name":"add_revenue","value":%d%s}\n'
+        % (i % 997, i, b',"eventId":"%s:%d"' % (src.encode(), i + 1) if i % 2 else b"") for i in range(20_000)))
+    st = path.stat()
+    here = parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size)
+    spill = tmp_path / "spill"
+    spill.write_bytes(b"")
+    sst = spill.stat()
+    there = parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size, spill=(str(spill), sst.st_dev,
+                                                                                           sst.st_ino))
+    assert here.fresh_rows.offset == -1 and there.fresh_rows.offset >= 0 and there.fresh_rows.data == b""
+    with open(spill, "rb") as f:
+        there.spill_fd = f.fileno()
+        batch = parser.Batch([there])  # gives each Rows the file's descriptor
+        for mine, theirs in [(here.fresh_rows, there.fresh_rows),
+                             (here.sources[src].rows, batch.parts[0].sources[src].rows)]:
+            assert theirs.count == mine.count == 997 and theirs.size == mine.size
+            assert b"".join(theirs.chunks(size=1000)) == mine.data

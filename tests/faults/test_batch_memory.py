@@ -178,7 +178,7 @@ def test_a_worker_part_crosses_as_rows_and_counts_not_as_sums_and_user_ids(tmp_p
                     b'{"userId":"%s","name":"add_revenue","value":%d}\n' % (user.encode(), i % 7 + 1))
     st = path.stat()
     part = parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size)
-    rows = part.fresh_rows + b"".join(p.rows for p in part.sources.values())
+    rows = part.fresh_rows.data + b"".join(p.rows.data for p in part.sources.values())
     assert rows.count(b"\n") == n and len(part.users) == n
     pickled = len(pickle.dumps(part))
     # the rows once, 8 bytes a user (+ slack for the cells and the dataclasses), nothing else
@@ -311,4 +311,7 @@ def test_a_worker_writes_only_to_the_spill_file_it_was_given(tmp_path: Path):
                               spill=(str(other), ost.st_dev, ost.st_ino))
     source = part.sources["00000000000000aa"]
     assert source.cells == {} and source.count == 3000 and len(source.spilled) % 3 == 0
-    assert other.stat().st_size == 3000 * identity.ENTRY
+    # the entries, then the rows (written from byte 0: "keep me" was overwritten, never truncated)
+    rows = [r for r in (part.fresh_rows, part.opaque_sum_rows, source.rows) if r.size]
+    assert [r.offset for r in rows] == [3000 * identity.ENTRY] and source.rows.count == rows[0].count
+    assert other.stat().st_size == 3000 * identity.ENTRY + source.rows.length
