@@ -224,27 +224,28 @@ static int sender_id(span e, long long *number, unsigned char chain[8])
 
 /* -- sums held in C: parser.Sums for the lines this loop takes ------------------------------------
  *
- * A Table holds a summing group's sums per (user, minute) in flat arrays: about 40 bytes a key,
- * 16 of index and the user's bytes, where a dict of (str, str) -> [int, int, int, int] costs
- * ~800. A worker part can then hold several times the users in the same memory (parser.held),
+ * A Table holds a summing group's sums per (user, minute) in flat arrays: 32 bytes a key, ~8
+ * of index and the user's bytes, where a dict of (str, str) -> [int, int, int, int] costs ~800. A worker part can then hold several times the users in the same memory (parser.held),
  * so batches of a journal with many distinct users are larger and upsert each user less often.
  * The Python side reads it whole: rows() (the COPY rows store.copy_rows would write), users()
  * (hash() of each distinct user), count, nbytes, and to_dict() for the tests. */
 
 typedef struct {
     uint32_t user;      /* offset of the user's bytes in the arena */
-    uint16_t n;         /* their length: 1 to MAX_USER_ID */
-    uint16_t spare;
-    uint32_t minute;    /* index in the table's minutes */
+    uint32_t key;       /* minute << 8 | (length - 1): the index in the table's minutes, 1 to 256 bytes */
     uint32_t count[2];  /* adds, subtracts */
     uint64_t amount[2]; /* added, subtracted: integers below 10**18 each */
-} entry_t;
+} entry_t;               /* 32 bytes */
+
+#define MAX_MINUTES (1u << 24)
+#define E_LEN(e) ((Py_ssize_t)((e)->key & 0xff) + 1)
+#define E_MINUTE(e) ((e)->key >> 8)
 
 typedef struct {
     PyObject_HEAD
     entry_t *entries;
     Py_ssize_t used, cap;
-    uint64_t *slots; /* (hash's high half << 32) | (entry index + 1); 0: empty */
+    uint32_t *slots; /* entry index + 1, or 0: empty; at most 7/10 full */
     size_t mask;     /* slots - 1 (a power of two less one), or 0 before the first key */
     char *arena;
     size_t arena_used, arena_cap;
@@ -311,8 +312,8 @@ static long long table_minute(Table *T, PyObject *minute)
         if (PyErr_Occurred())
             return -1;
         i = PyList_GET_SIZE(T->minutes);
-        if (i >= UINT32_MAX) {
-            PyErr_SetString(PyExc_OverflowError, "a sums table holds at most 2**32 minutes");
+        if (i >= MAX_MINUTES) {
+            PyErr_SetString(PyExc_OverflowError, "a sums table holds at most 2**24 minutes");
             return -1;
         }
         PyObject *v = PyLong_FromLongLong(i);
@@ -332,18 +333,18 @@ static long long table_minute(Table *T, PyObject *minute)
 static int table_grow_slots(Table *T)
 {
     size_t size = T->mask ? (T->mask + 1) * 2 : 1024;
-    uint64_t *slots = PyMem_Calloc(size, sizeof(uint64_t));
+    uint32_t *slots = PyMem_Calloc(size, sizeof(uint32_t));
     if (slots == NULL) {
         PyErr_NoMemory();
         return -1;
     }
     for (Py_ssize_t k = 0; k < T->used; k++) {
         entry_t *e = &T->entries[k];
-        uint64_t h = key_hash(T->arena + e->user, e->n, e->minute);
+        uint64_t h = key_hash(T->arena + e->user, E_LEN(e), E_MINUTE(e));
         size_t i = (size_t)h & (size - 1);
         while (slots[i])
             i = (i + 1) & (size - 1);
-        slots[i] = (h >> 32 << 32) | (uint64_t)(k + 1);
+        slots[i] = (uint32_t)(k + 1);
     }
     PyMem_Free(T->slots);
     T->slots = slots;
@@ -354,8 +355,8 @@ static int table_grow_slots(Table *T)
 /* Move an entry's sums to T->extra (added to what is there), leaving it at zero. */
 static int table_spill(Table *T, entry_t *e)
 {
-    PyObject *user = PyUnicode_FromStringAndSize(T->arena + e->user, e->n);
-    PyObject *key = user ? PyTuple_Pack(2, user, PyList_GET_ITEM(T->minutes, e->minute)) : NULL;
+    PyObject *user = PyUnicode_FromStringAndSize(T->arena + e->user, E_LEN(e));
+    PyObject *key = user ? PyTuple_Pack(2, user, PyList_GET_ITEM(T->minutes, E_MINUTE(e))) : NULL;
     Py_XDECREF(user);
     if (key == NULL)
         return -1;
@@ -393,19 +394,17 @@ static int table_spill(Table *T, entry_t *e)
 static int table_add(Table *T, const char *user, Py_ssize_t n, uint32_t minute, int is_add, uint64_t value)
 {
     int k = !is_add;
+    uint32_t key = minute << 8 | (uint32_t)(n - 1);
     uint64_t h = key_hash(user, n, minute);
     if (T->mask == 0 && table_grow_slots(T) < 0)
         return -1;
     size_t i = (size_t)h & T->mask;
-    uint64_t tag = h >> 32 << 32;
     for (;; i = (i + 1) & T->mask) {
-        uint64_t s = T->slots[i];
+        uint32_t s = T->slots[i];
         if (s == 0)
             break;
-        if ((s & 0xffffffff00000000ULL) != tag)
-            continue;
-        entry_t *e = &T->entries[(s & 0xffffffffULL) - 1];
-        if (e->minute != minute || e->n != n || memcmp(T->arena + e->user, user, n) != 0)
+        entry_t *e = &T->entries[s - 1];
+        if (e->key != key || memcmp(T->arena + e->user, user, n) != 0)
             continue;
         if ((e->count[k] == UINT32_MAX || e->amount[k] + value < e->amount[k]) && table_spill(T, e) < 0)
             return -1;
@@ -439,19 +438,21 @@ static int table_add(Table *T, const char *user, Py_ssize_t n, uint32_t minute, 
         }
         T->arena = grown, T->arena_cap = cap;
     }
+    if (T->used >= (Py_ssize_t)UINT32_MAX - 1) {
+        PyErr_SetString(PyExc_OverflowError, "a sums table holds at most 2**32 - 2 keys");
+        return -1;
+    }
     entry_t *e = &T->entries[T->used];
     e->user = (uint32_t)T->arena_used;
-    e->n = (uint16_t)n;
-    e->spare = 0;
-    e->minute = minute;
+    e->key = key;
     e->count[k] = 1, e->count[!k] = 0;
     e->amount[k] = value, e->amount[!k] = 0;
     memcpy(T->arena + T->arena_used, user, n);
     T->arena_used += n;
-    T->slots[i] = tag | (uint64_t)(T->used + 1);
+    T->slots[i] = (uint32_t)(T->used + 1);
     T->used++;
     T->events++;
-    if ((size_t)T->used * 4 > (T->mask + 1) * 3) /* at most 3/4 full: short probes */
+    if ((size_t)T->used * 10 > (T->mask + 1) * 7) /* at most 7/10 full: short probes */
         return table_grow_slots(T);
     return 0;
 }
@@ -484,7 +485,7 @@ static PyObject *table_rows(Table *T, PyObject *args)
         }
     }
     for (Py_ssize_t k = start; k < stop; k++)
-        bound += T->entries[k].n + mlen[T->entries[k].minute] + 2 * 10 + 2 * 20 + 5;
+        bound += E_LEN(&T->entries[k]) + mlen[E_MINUTE(&T->entries[k])] + 2 * 10 + 2 * 20 + 5;
     PyObject *out = PyBytes_FromStringAndSize(NULL, bound);
     if (out == NULL) {
         PyMem_Free(mtext);
@@ -496,11 +497,11 @@ static PyObject *table_rows(Table *T, PyObject *args)
         entry_t *e = &T->entries[k];
         if (e->count[0] == 0 && e->count[1] == 0)
             continue; /* all of it in extra */
-        memcpy(w, T->arena + e->user, e->n);
-        w += e->n;
+        memcpy(w, T->arena + e->user, E_LEN(e));
+        w += E_LEN(e);
         *w++ = '\t';
-        memcpy(w, mtext[e->minute], mlen[e->minute]);
-        w += mlen[e->minute];
+        memcpy(w, mtext[E_MINUTE(e)], mlen[E_MINUTE(e)]);
+        w += mlen[E_MINUTE(e)];
         w += sprintf(w, "\t%u\t%llu\t%u\t%llu\n", e->count[0], (unsigned long long)e->amount[0], e->count[1],
                      (unsigned long long)e->amount[1]);
     }
@@ -531,7 +532,7 @@ static PyObject *table_users(Table *T, PyObject *unused)
     Py_ssize_t got = 0;
     for (Py_ssize_t k = 0; k < T->used; k++) {
         entry_t *e = &T->entries[k];
-        int64_t h = (int64_t)_Py_HashBytes(T->arena + e->user, e->n);
+        int64_t h = (int64_t)_Py_HashBytes(T->arena + e->user, E_LEN(e));
         size_t i = (size_t)((uint64_t)h * 0x9E3779B97F4A7C15ULL >> 17) & (size - 1);
         while ((seen[i] != 0 || zero[i]) && seen[i] != h)
             i = (i + 1) & (size - 1);
@@ -554,8 +555,8 @@ static PyObject *table_to_dict(Table *T, PyObject *unused)
     PyObject *d = PyDict_New();
     for (Py_ssize_t k = 0; d != NULL && k < T->used; k++) {
         entry_t *e = &T->entries[k];
-        PyObject *user = PyUnicode_FromStringAndSize(T->arena + e->user, e->n);
-        PyObject *key = user ? PyTuple_Pack(2, user, PyList_GET_ITEM(T->minutes, e->minute)) : NULL;
+        PyObject *user = PyUnicode_FromStringAndSize(T->arena + e->user, E_LEN(e));
+        PyObject *key = user ? PyTuple_Pack(2, user, PyList_GET_ITEM(T->minutes, E_MINUTE(e))) : NULL;
         PyObject *s = key ? Py_BuildValue("[kKkK]", (unsigned long)e->count[0], (unsigned long long)e->amount[0],
                                           (unsigned long)e->count[1], (unsigned long long)e->amount[1])
                           : NULL;
@@ -589,18 +590,18 @@ static PyObject *table_to_dict(Table *T, PyObject *unused)
 static PyObject *table_count(Table *T, void *unused) { return PyLong_FromLongLong(T->events); }
 
 /* Table.held: the bytes its keys take, growing smoothly with them (what parser.held bounds): an
- * entry, 16 bytes of index (between 3/8 and 3/4 full) and the id's bytes each. What it reserves
+ * entry, 8 bytes of index (between 7/20 and 7/10 full) and the id's bytes each. What it reserves
  * (nbytes) is at most about a quarter more, and the index's doubling. */
 static PyObject *table_held(Table *T, void *unused)
 {
-    return PyLong_FromSize_t((size_t)T->used * (sizeof(entry_t) + 16) + T->arena_used +
+    return PyLong_FromSize_t((size_t)T->used * (sizeof(entry_t) + 8) + T->arena_used +
                              (size_t)PyList_GET_SIZE(T->minutes) * 120);
 }
 
 static PyObject *table_nbytes(Table *T, void *unused)
 {
     return PyLong_FromSize_t(sizeof(Table) + (size_t)T->cap * sizeof(entry_t) +
-                             (T->mask ? (T->mask + 1) * sizeof(uint64_t) : 0) + T->arena_cap +
+                             (T->mask ? (T->mask + 1) * sizeof(uint32_t) : 0) + T->arena_cap +
                              (size_t)PyList_GET_SIZE(T->minutes) * 120);
 }
 

@@ -41,6 +41,9 @@ PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
 # bytes a key plus its id's characters (an estimate, see `held`). The processor sizes later
 # batches to fit (Processor._learn), so a cut part is rare and wastes little parsing.
 MAX_HELD = 32 << 20
+# What a worker part's C tables may hold before their rows go to its spill file (ParsedPart.flush):
+# with a spill file they do not count toward MAX_HELD, so many users never cut a batch short.
+TABLE_FLUSH = 48 << 20
 _KEY_BYTES = 250  # a dict key's entry, tuple, sums list and ints, beside its id's characters
 _OPAQUE_BYTES = 400  # an opaque-id event's tuple, digests, key and value
 _MAX_INT = events.MAX_INT
@@ -69,38 +72,41 @@ class Rows:
 
     data: bytes = b""
     count: int = 0  # rows
-    offset: int = -1  # where they start in the spill file, or -1: they are in `data`
-    length: int = 0
+    spans: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) in the spill file
     fd: int = -1  # that file's descriptor in the committing process (set by Batch)
 
     @property
     def size(self) -> int:
-        return len(self.data) if self.offset < 0 else self.length
+        return len(self.data) + sum(n for _, n in self.spans)
 
     def chunks(self, size: int = 4 << 20) -> Iterator[bytes]:
         """The rows, a few MiB at a time."""
-        if self.offset < 0:
-            if self.data:
-                yield self.data
-            return
-        end = self.offset + self.length
-        for at in range(self.offset, end, size):
-            yield _read(self.fd, at, min(size, end - at))
+        if self.data:
+            yield self.data
+        for offset, length in self.spans:
+            for at in range(offset, offset + length, size):
+                yield _read(self.fd, at, min(size, offset + length - at))
 
 
-def render(sums: Sums, table: object | None = None, f: BinaryIO | None = None) -> Rows:
-    """The COPY rows of a group's `sums` and `table` (a _fastlines.Table); a key in both has
-    two rows, which PostgreSQL sums like a user's rows from two parts. With a file `f` (the
-    worker's spill file) they are written there, ROW_CHUNK keys at a time, not held."""
+def render(sums: Sums, table: object | None = None, f: BinaryIO | None = None, into: Rows | None = None) -> Rows:
+    """The COPY rows of a group's `sums` and `table` (a _fastlines.Table), added to `into`; a
+    key in both (or in two flushes of a table, see ParsedPart.flush) has two rows, which
+    PostgreSQL sums like a user's rows from two parts. With a file `f` (the worker's spill file)
+    they are written there, ROW_CHUNK keys at a time, not held."""
+    out = Rows() if into is None else into
     chunks = _row_chunks(sums, table)
     if f is None:
         data = b"".join(chunks)
-        return Rows(data, data.count(b"\n"))
-    out = Rows(offset=f.tell())
+        out.data += data
+        out.count += data.count(b"\n")
+        return out
+    offset, length = f.tell(), 0
     for chunk in chunks:
         out.count += chunk.count(b"\n")
-        out.length += len(chunk)
+        length += len(chunk)
         f.write(chunk)
+    if length:
+        out.spans.append((offset, length))
     return out
 
 
@@ -136,8 +142,8 @@ class SourcePart:
 
     def close(self, f: BinaryIO | None = None) -> None:
         """Sort each cell's entries; note repeats; render the rows (to `f`, see render)."""
-        self.rows = render(self.sums, self.table, f)
-        self.users = user_hashes(self.sums, self.table)
+        self.rows = render(self.sums, self.table, f, self.rows)
+        self.users.extend(user_hashes(self.sums, self.table))
         for cell, packed in self.cells.items():
             self.cells[cell] = self._sorted(cell, packed)
 
@@ -198,6 +204,7 @@ class ParsedPart:
     cut: bool = False  # ended before the planned end: it held more than MAX_HELD
     held: int = 0  # what it held at the end (see `held`), for the processor to size batches
     fresh_count: int = 0  # events in `fresh`
+    fresh_flushed: int = 0  # events of `fresh_table` flushed already (see flush)
     digest: bytes = b""  # of the bytes parsed: checked against the file before the commit
 
     def finish(self, f: BinaryIO | None = None) -> None:
@@ -205,7 +212,7 @@ class ParsedPart:
         spill file, when given: see render) and user hashes."""
         for part in self.sources.values():
             part.close(f)
-        self.fresh_count = count(self.fresh, self.fresh_table)
+        self.fresh_count = self.fresh_flushed + count(self.fresh, self.fresh_table)
         opaque = self.opaque_sums = {}
         if self.opaque:  # optimistic, as for sender ids: the sums if every opaque id is new
             pack, start, digest_rows = store.DIGEST_ROW.pack, self.offset, []
@@ -215,10 +222,26 @@ class ParsedPart:
             self.opaque_count = len(self.opaque)
             self.opaque_repeats = len({o[0] for o in self.opaque}) != self.opaque_count
             self.opaque_rows = b"".join(digest_rows)
-        self.fresh_rows = render(self.fresh, self.fresh_table, f)
-        self.fresh_users = user_hashes(self.fresh, self.fresh_table)
+        self.fresh_rows = render(self.fresh, self.fresh_table, f, self.fresh_rows)
+        self.fresh_users.extend(user_hashes(self.fresh, self.fresh_table))
         self.opaque_sum_rows = render(opaque, None, f)
         self.opaque_users = user_hashes(opaque)
+
+    def flush(self, f: BinaryIO) -> None:
+        """Write the C tables' rows to the worker's spill file `f` and start them afresh: a
+        table's memory stays bounded (TABLE_FLUSH) however many users a part has, and the batch
+        is not cut. A key seen again after a flush has a second row, which PostgreSQL sums; the
+        minute is part of the key, so a journal's keys rarely come back after a flush."""
+        if self.fresh_table is not None and len(self.fresh_table):  # type: ignore[arg-type]
+            render({}, self.fresh_table, f, self.fresh_rows)
+            self.fresh_users.extend(user_hashes({}, self.fresh_table))
+            self.fresh_flushed += self.fresh_table.count  # type: ignore[attr-defined]
+            self.fresh_table = _new_table()
+        for part in self.sources.values():
+            if part.table is not None and len(part.table):  # type: ignore[arg-type]
+                render({}, part.table, f, part.rows)
+                part.users.extend(user_hashes({}, part.table))
+                part.table = _new_table()
 
     @property
     def users(self) -> set[int]:
@@ -441,13 +464,12 @@ def exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def held(part: ParsedPart) -> int:
+def held(part: ParsedPart, tables: bool = True) -> int:
     """Bytes a part holds, what its memory grows with: the C tables' own count (Table.held: it
     grows smoothly with the keys, so batches planned to fit do fit; the arrays reserve up to about
     a third more), the dicts' keys and opaque-id events estimated (a key's id length from a
     sample of the keys, so the check stays cheap)."""
-    tables = (part.fresh_table, *(p.table for p in part.sources.values()))
-    in_tables = sum(t.held for t in tables if t is not None)  # type: ignore[attr-defined]
+    in_tables = tables_held(part) if tables else 0
     keys = len(part.fresh) + sum(len(p.sums) for p in part.sources.values())
     sample = [k[0] for k in itertools.islice(part.fresh, 256)]
     if not sample:
@@ -457,6 +479,12 @@ def held(part: ParsedPart) -> int:
                 break
     mean = sum(map(len, sample)) / len(sample) if sample else 0
     return int(in_tables + keys * (mean + _KEY_BYTES) + len(part.opaque) * _OPAQUE_BYTES)
+
+
+def tables_held(part: ParsedPart) -> int:
+    """Bytes the part's C tables hold (Table.held)."""
+    tables = (part.fresh_table, *(p.table for p in part.sources.values()))
+    return sum(t.held for t in tables if t is not None)  # type: ignore[attr-defined]
 
 
 def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
@@ -502,13 +530,15 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
             if sf is not None:
                 for part in out.sources.values():
                     part.spill(sf, max(part.cells, default=None))
-            if pos - len(rest) < end and held(out) > max_held:
+                if tables_held(out) > TABLE_FLUSH:
+                    out.flush(sf)
+            if pos - len(rest) < end and held(out, tables=sf is None) > max_held:
                 out.end, out.cut = pos - len(rest), True
                 break
         if sf is not None:
             for part in out.sources.values():
                 part.spill(sf)
-        out.held = held(out)
+        out.held = held(out, tables=sf is None)
         out.finish(sf)  # the rows go to the spill file, where there is one
     out.digest = h.digest()
     out.slim()

@@ -451,17 +451,17 @@ def test_a_workers_rows_go_through_its_spill_file_in_chunks(tmp_path, monkeypatc
     monkeypatch.setattr(parser, "ROW_CHUNK", 100)  # many chunks
     path = tmp_path / "j.jsonl"
     src = "00000000000000aa"
-    path.write_bytes(b"".join(
-        b'{"userId":"user%d","name":"add_revenue","value":%d%s}\n'
-        % (i % 997, i, b',"eventId":"%s:%d"' % (src.encode(), i + 1) if i % 2 else b"") for i in range(20_000)))
+    ids = [b',"eventId":"%s:%d"' % (src.encode(), i + 1) if i % 2 else b"" for i in range(20_000)]
+    path.write_bytes(b"".join(b'{"userId":"user%d","name":"add_revenue","value":%d%s}\n' % (i % 997, i, eid)
+                              for i, eid in enumerate(ids)))
     st = path.stat()
     here = parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size)
     spill = tmp_path / "spill"
     spill.write_bytes(b"")
     sst = spill.stat()
-    there = parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size, spill=(str(spill), sst.st_dev,
-                                                                                           sst.st_ino))
-    assert here.fresh_rows.offset == -1 and there.fresh_rows.offset >= 0 and there.fresh_rows.data == b""
+    there = parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size,
+                               spill=(str(spill), sst.st_dev, sst.st_ino))
+    assert here.fresh_rows.spans == [] and len(there.fresh_rows.spans) == 1 and there.fresh_rows.data == b""
     with open(spill, "rb") as f:
         there.spill_fd = f.fileno()
         batch = parser.Batch([there])  # gives each Rows the file's descriptor

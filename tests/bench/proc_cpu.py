@@ -16,8 +16,10 @@ and what a worker part may hold (`parser.MAX_HELD`): to measure what other batch
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("--evtool", help="import evtool from this source directory")
     ap.add_argument("--batch-mb", type=int, help="batch size (default: evtool's)")
     ap.add_argument("--max-held-mb", type=int, help="what a worker part may hold (default: evtool's)")
+    ap.add_argument("--table-flush-mb", type=int, help="parser.TABLE_FLUSH (default: evtool's)")
     ap.add_argument("journal", type=Path)
     a = ap.parse_args()
     if a.evtool:
@@ -37,7 +40,9 @@ def main() -> None:
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    from evtool import processor
+    from evtool import parser, processor
+
+    from .procs import _poll_tree_memory
 
     pm = psutil.Process(int((a.pgdata / "postmaster.pid").read_text().split()[0]))
 
@@ -60,18 +65,24 @@ def main() -> None:
         conn.execute("DROP DATABASE IF EXISTS evtool_proc_cpu")
         conn.execute("CREATE DATABASE evtool_proc_cpu")
     dsn = make_conninfo(a.server, dbname="evtool_proc_cpu")
+    if a.table_flush_mb:
+        parser.TABLE_FLUSH = a.table_flush_mb << 20  # before the workers are forked
+    stop, peak = threading.Event(), [0, 0]  # this process and its workers: RSS and PSS sums
+    threading.Thread(target=_poll_tree_memory, args=(os.getpid(), stop, peak), daemon=True).start()
     p0, m0, t0 = server_cpu(), own_cpu(), time.perf_counter()
     tuning = {"max_held": a.max_held_mb << 20} if a.max_held_mb else {}
     if a.batch_mb:
         tuning["batch_bytes"] = a.batch_mb << 20
     report = processor.process(dsn, [a.journal], **tuning)
     wall = time.perf_counter() - t0
+    stop.set()
     p1, m1 = server_cpu(), own_cpu()
     with psycopg.connect(dsn) as conn:
         users, total = conn.execute("SELECT count(*), sum(revenue) FROM users_revenue").fetchone()
     print(f"{report.applied / wall:,.0f} events/s, {wall:.1f} s; evtool {m1 - m0:.1f} CPU-s, "
           f"PostgreSQL {p1 - p0:.1f} CPU-s; {report.files[0].batches} batches; children's peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10} MiB; "
+          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10} MiB, tree peak PSS "
+          f"{peak[1] >> 10} MiB (polled every 20 ms, costing some CPU); "
           f"{users} users, total {total}")
 
 

@@ -1,17 +1,21 @@
 """Issue 9 item 7 (second bullet): what a batch holds is bounded by distinct users too, not only
-by `--batch-mb`: a worker part ends once it holds parser.MAX_HELD bytes of sums, and the batch there.
+by `--batch-mb`. The sums of the C loop are in tables that a worker writes to its spill file once
+they hold parser.TABLE_FLUSH bytes (and starts afresh): they never cut a batch. What cannot go
+there (the Python loops' dicts: decimal values here; opaque-id events) ends a worker part once it
+holds parser.MAX_HELD bytes, and the batch there.
 
-A sums table (parser's C loop) holds at least 40 bytes a (user, minute) key besides the id's
-bytes, and a dict more: so a part that passed its cap held at most `_users(cap, id_len)` users
-before the piece that passed it."""
+A dict key is estimated at parser._KEY_BYTES besides the id's characters: so a part that passed
+its cap held at most `_users(cap, id_len)` users before the piece that passed it."""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
 import tracemalloc
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -22,24 +26,52 @@ from ..conftest import totals
 
 
 def _users(cap: int, id_len: int) -> int:
-    """The most users of `id_len` characters a part holds without passing `cap` bytes."""
-    return cap // (40 + id_len)
+    """The most users of `id_len` characters a part holds in dicts without passing `cap` bytes."""
+    return cap // (parser._KEY_BYTES + id_len)
 
 
-def test_a_batch_ends_where_a_part_holds_too_many_distinct_users(dsn, tmp_path: Path):
-    n, cap = 60_000, 1_500_000
+def test_many_distinct_users_flush_the_tables_and_never_cut_the_batch(dsn, tmp_path: Path, monkeypatch):
+    """Issue 11: 60,000 distinct 256-character users, integer values (the C loop's tables): one
+    batch, its workers' tables written to their spill files whenever they held 1 MB."""
+    monkeypatch.setattr(parser, "TABLE_FLUSH", 1 << 20)  # the workers are forked after this
+    n = 60_000
     path = tmp_path / "server-events.jsonl"
     with open(path, "wb") as f:
         for i in range(n):
             user = f"{i:08d}" + "x" * 248  # 256 characters, all distinct
             f.write(b'{"userId":"%s","name":"add_revenue","value":%d}\n' % (user.encode(), i % 7 + 1))
     report = processor.process(dsn, [path], batch_bytes=64 << 20, workers=2, inline_bytes=0,
+                               piece_bytes=64 << 10, max_held=1 << 20)
+    assert report.applied == n and report.rejected == 0 and report.files[0].batches == 1
+    got = totals(dsn)
+    assert len(got) == n and sum(got.values()) == sum(i % 7 + 1 for i in range(n))
+    # what a worker did: many flushes, each table within the bound (plus one piece) when written
+    st = path.stat()
+    with open(tmp_path / "spill", "w+b") as sf:
+        sst = os.fstat(sf.fileno())
+        part = parser.parse_range(str(path), (st.st_dev, st.st_ino), 0, st.st_size, piece=64 << 10,
+                                  spill=(sf.name, sst.st_dev, sst.st_ino))
+    spans = part.fresh_rows.spans
+    assert not part.cut and part.fresh_count == n and part.fresh_rows.count == n and len(spans) >= 10
+    row = len(b"\t\t1\t1\t0\t0\n") + 256  # at most a row's bytes, here
+    assert max(length for _, length in spans) < ((1 << 20) // (32 + 256) + (64 << 10) // 300) * row
+
+
+def test_a_batch_ends_where_a_part_holds_too_many_distinct_users(dsn, tmp_path: Path):
+    """The same users with decimal values: summed by the Python loops in dicts, which are cut."""
+    n, cap = 60_000, 2_500_000
+    path = tmp_path / "server-events.jsonl"
+    with open(path, "wb") as f:
+        for i in range(n):
+            user = f"{i:08d}" + "x" * 248  # 256 characters, all distinct
+            f.write(b'{"userId":"%s","name":"add_revenue","value":%d.5}\n' % (user.encode(), i % 7 + 1))
+    report = processor.process(dsn, [path], batch_bytes=64 << 20, workers=2, inline_bytes=0,
                                piece_bytes=64 << 10, max_held=cap)
     assert report.applied == n and report.rejected == 0
     # each batch held at most workers * (cap + one piece) users: many batches, not one
     assert report.files[0].batches >= n // (2 * (_users(cap, 256) + 300)), report.files[0].batches
     got = totals(dsn)
-    assert len(got) == n and sum(got.values()) == sum(i % 7 + 1 for i in range(n))
+    assert len(got) == n and sum(got.values()) == sum(Decimal(i % 7 + 1) + Decimal("0.5") for i in range(n))
     # and a rerun finds nothing left: every cut batch ended on a line boundary, nothing twice
     again = processor.process(dsn, [path], batch_bytes=64 << 20, workers=2, inline_bytes=0, max_held=cap)
     assert again.applied == 0 and again.duplicates == 0
@@ -47,7 +79,7 @@ def test_a_batch_ends_where_a_part_holds_too_many_distinct_users(dsn, tmp_path: 
 
 def test_a_part_is_cut_after_the_piece_that_passes_the_cap(tmp_path: Path):
     path = tmp_path / "j.jsonl"
-    lines = [b'{"userId":"u%d","name":"add_revenue","value":1}\n' % i for i in range(1000)]
+    lines = [b'{"userId":"u%d","name":"add_revenue","value":1.5}\n' % i for i in range(1000)]
     path.write_bytes(b"".join(lines))
     st = path.stat()
     cap = 30_000
@@ -81,13 +113,13 @@ def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path
     then grew with the number of cuts: 1M events of 100k users ran 4x slower). Nor is the
     first cut's work thrown away, before the run has learnt the journal's density."""
     # an opaque-id event is held as ~400 bytes (parser._OPAQUE_BYTES): the cap is some pieces' worth
-    n, cap = 80_000, (800 << 10 if ids == "opaque" else 128 << 10)
+    n, cap = 80_000, 800 << 10
     path = tmp_path / "server-events.jsonl"
     eid = {"none": lambda i: b"", "sender": lambda i: b',"eventId":"00000000000000ab:%d"' % (i + 1),
            "opaque": lambda i: b',"eventId":"order-%d"' % i}[ids]
     with open(path, "wb") as f:
         for i in range(n):
-            f.write(b'{"userId":"u%d","name":"add_revenue","value":%d%s}\n' % (i, i % 7 + 1, eid(i)))
+            f.write(b'{"userId":"u%d","name":"add_revenue","value":%d.5%s}\n' % (i, i % 7 + 1, eid(i)))
     size = path.stat().st_size
     # batches of a third of the file: the first one planned blind is followed by others
     proc = processor.Processor(dsn, batch_bytes=size // 3, workers=2, inline_bytes=0, piece_bytes=16 << 10,
@@ -110,7 +142,7 @@ def test_many_users_are_parsed_once_not_again_after_each_cut(dsn, tmp_path: Path
     # every byte parsed once: a cut keeps the parts after it, and only the rest of the cut
     # part's own range is parsed again
     assert proc.parsed_bytes == size, (proc.parsed_bytes, size)
-    assert sum(totals(dsn).values()) == sum(i % 7 + 1 for i in range(n))
+    assert sum(totals(dsn).values()) == sum(Decimal(i % 7 + 1) + Decimal("0.5") for i in range(n))
     if ids != "none":  # the ids of the parts kept across a cut (sender cells spilled) were recorded
         copy = tmp_path / "copy.jsonl"
         copy.write_bytes(b'{"userId":"other","name":"add_revenue","value":1}\n' + path.read_bytes())
@@ -124,16 +156,16 @@ def test_the_short_batch_that_ends_a_cut_parts_rest_does_not_resize_the_batches_
     """The rest of a part cut short is planned in batches sized to fit, the last one shorter
     (it ends where the rest ends). That one holds few users because it is short, not because
     the journal thinned out: batches after it stay sized to fit, and are not cut again."""
-    n, cap = 40_000, 128 << 10
+    n, cap = 40_000, 512 << 10
     path = tmp_path / "server-events.jsonl"
     with open(path, "wb") as f:
         for i in range(n):
-            f.write(b'{"userId":"u%d","name":"add_revenue","value":1}\n' % i)
+            f.write(b'{"userId":"u%d","name":"add_revenue","value":1.5}\n' % i)
     size = path.stat().st_size
     cut = _note_cuts(monkeypatch)
     report = processor.process(dsn, [path], batch_bytes=size // 3, workers=1, inline_bytes=0,
                                piece_bytes=16 << 10, max_held=cap)
-    assert report.applied == n and sum(totals(dsn).values()) == n
+    assert report.applied == n and sum(totals(dsn).values()) == Decimal("1.5") * n
     assert report.files[0].batches > 3 and cut == {0}, (report.files[0].batches, sorted(cut))
 
 
@@ -313,5 +345,5 @@ def test_a_worker_writes_only_to_the_spill_file_it_was_given(tmp_path: Path):
     assert source.cells == {} and source.count == 3000 and len(source.spilled) % 3 == 0
     # the entries, then the rows (written from byte 0: "keep me" was overwritten, never truncated)
     rows = [r for r in (part.fresh_rows, part.opaque_sum_rows, source.rows) if r.size]
-    assert [r.offset for r in rows] == [3000 * identity.ENTRY] and source.rows.count == rows[0].count
-    assert other.stat().st_size == 3000 * identity.ENTRY + source.rows.length
+    assert [r.spans[0][0] for r in rows] == [3000 * identity.ENTRY] and source.rows.count == rows[0].count
+    assert other.stat().st_size == 3000 * identity.ENTRY + source.rows.size
