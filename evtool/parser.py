@@ -46,6 +46,7 @@ MAX_HELD = 32 << 20
 TABLE_FLUSH = 48 << 20
 _KEY_BYTES = 250  # a dict key's entry, tuple, sums list and ints, beside its id's characters
 _OPAQUE_BYTES = 400  # an opaque-id event's tuple, digests, key and value
+_REJECT_BYTES = 200  # a rejected line's tuple and reason, beside the line's bytes
 _MAX_INT = events.MAX_INT
 _CELL_LINES, _ENTRY = identity.CELL_LINES, identity.ENTRY
 _SLOTS = [slot.to_bytes(2, "big") for slot in range(_CELL_LINES)]  # identity.entry's first bytes
@@ -88,7 +89,8 @@ class Rows:
                 yield _read(self.fd, at, min(size, offset + length - at))
 
 
-def render(sums: Sums, table: object | None = None, f: BinaryIO | None = None, into: Rows | None = None) -> Rows:
+def render(sums: Sums, table: object | None = None, f: BinaryIO | None = None,
+           into: Rows | None = None) -> Rows:
     """The COPY rows of a group's `sums` and `table` (a _fastlines.Table), added to `into`; a
     key in both (or in two flushes of a table, see ParsedPart.flush) has two rows, which
     PostgreSQL sums like a user's rows from two parts. With a file `f` (the worker's spill file)
@@ -465,10 +467,11 @@ def exit_with_parent(parent: int) -> None:
 
 
 def held(part: ParsedPart, tables: bool = True) -> int:
-    """Bytes a part holds, what its memory grows with: the C tables' own count (Table.held: it
-    grows smoothly with the keys, so batches planned to fit do fit; the arrays reserve up to about
-    a third more), the dicts' keys and opaque-id events estimated (a key's id length from a
-    sample of the keys, so the check stays cheap)."""
+    """Bytes a part holds, what its memory grows with: the rejected lines, the C tables' own
+    count (Table.held: it grows smoothly with the keys, so batches planned to fit do fit; the
+    arrays reserve up to about a third more; not counted when `tables` is False: a worker with a
+    spill file writes them there, see ParsedPart.flush), the dicts' keys and opaque-id events
+    estimated (a key's id length from a sample of the keys, so the check stays cheap)."""
     in_tables = tables_held(part) if tables else 0
     keys = len(part.fresh) + sum(len(p.sums) for p in part.sources.values())
     sample = [k[0] for k in itertools.islice(part.fresh, 256)]
@@ -478,7 +481,8 @@ def held(part: ParsedPart, tables: bool = True) -> int:
             if sample:
                 break
     mean = sum(map(len, sample)) / len(sample) if sample else 0
-    return int(in_tables + keys * (mean + _KEY_BYTES) + len(part.opaque) * _OPAQUE_BYTES)
+    rejects = len(part.rejects) * _REJECT_BYTES + sum(len(r[2]) for r in part.rejects)
+    return int(in_tables + keys * (mean + _KEY_BYTES) + len(part.opaque) * _OPAQUE_BYTES + rejects)
 
 
 def tables_held(part: ParsedPart) -> int:

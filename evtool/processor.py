@@ -31,7 +31,17 @@ from .parser import Batch, ParsedPart
 from .store import Store, path_text, retrying
 
 log = logging.getLogger(__name__)
-DEFAULT_BATCH_BYTES = 128 * 1024 * 1024  # one transaction: its cost is one upsert per user
+# One transaction. Its cost in PostgreSQL is one upsert per user it touched, so with many users
+# fewer, larger batches cost much less (10M events of 1M users: 62 batches of 128 MiB, 104.6
+# CPU-s of PostgreSQL; one batch, 18.6). A batch's memory does not grow with its bytes (the
+# workers' tables go to their spill files, parser.TABLE_FLUSH; what cannot is capped,
+# parser.MAX_HELD); what it costs is the work redone when a batch fails, and how long its
+# totals wait to be seen.
+DEFAULT_BATCH_BYTES = 2048 * 1024 * 1024
+# A batch whose sender lines must be decided one by one (some were applied before, or repeat
+# within it: identity.Claim.line) holds those lines' entries and sums in this process: larger
+# batches are parsed again at most this size (see SlowPathTooLarge).
+LINE_BY_LINE_BYTES = 128 * 1024 * 1024
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
 MAX_REJECT_SAMPLES = 20
 
@@ -205,6 +215,11 @@ class ParsePool:
             self._pool = None
 
 
+class SlowPathTooLarge(Exception):
+    """A batch larger than LINE_BY_LINE_BYTES needs its sender lines decided one by one: its
+    transaction is rolled back, and the range is planned again in batches of that size."""
+
+
 class Interrupted(BaseException):
     """A stop signal ended a wait on the parse workers (no transaction was open then).
 
@@ -344,6 +359,7 @@ class Processor:
         self.strict = strict  # events.validate without normalization
         self.mapping = mapping  # the declared mapping lines are read under; recorded per batch
         self.batch_bytes = batch_bytes
+        self.batch_limit = batch_bytes  # for the journal being applied: see SlowPathTooLarge
         self.inline_bytes = inline_bytes
         self.retry_for = retry_for
         self.on_retry = on_retry
@@ -388,7 +404,7 @@ class Processor:
     def _plan(self, f: BinaryIO, path: str, start: int, limit: int | None = None) -> _Planned | None:
         """The next batch from `start` (ending by `limit`, a line end, when given), handed to the
         workers (or parsed here when small)."""
-        size = self.batch_bytes
+        size = self.batch_limit
         if self.part_bytes is not None:
             size = min(size, self.part_bytes * max(1, self.workers))
         end = journal.batch_end(f, start, size)
@@ -449,6 +465,7 @@ class Processor:
              on_progress: ProgressFn | None) -> None:
         """Commit batch after batch; the workers parse the next batches during each commit."""
         planned: deque[_Planned | _Range] = deque()
+        self.batch_limit = self.batch_bytes
 
         def plan(depth: int) -> None:
             """Hand the first `depth` batches to the workers: new ones after the last planned,
@@ -495,9 +512,23 @@ class Processor:
             else:
                 current = Batch.empty(offset)
             started = time.perf_counter()
-            status = self._with_retry(
-                lambda s, b=current: self._transaction(s, f, fp, resolved, b, report)
-            )
+            try:
+                status = self._with_retry(
+                    lambda s, b=current: self._transaction(s, f, fp, resolved, b, report)
+                )
+            except SlowPathTooLarge:
+                # Rolled back. The batch's range, and the rest of this journal, in smaller batches:
+                # a journal with sender lines seen before tends to have more of them.
+                log.info("%s: bytes %d-%d hold sender lines applied before or repeated; applying "
+                         "them in batches of at most %d MiB", resolved, current.offset, current.end,
+                         LINE_BY_LINE_BYTES >> 20)
+                for p in planned:
+                    p.cancel()
+                planned.clear()
+                self.batch_limit = min(self.batch_limit, LINE_BY_LINE_BYTES)
+                self.part_bytes = None
+                depth = 1
+                continue
             if status == _COMMITTED:
                 # What bounds a run, batch by batch: the parse (a wait here) or the database.
                 wait, commit = started - waited, time.perf_counter() - started
@@ -528,7 +559,7 @@ class Processor:
         if not dense:
             if self.part_bytes is not None:
                 self.part_bytes *= 2
-                if self.part_bytes * max(1, self.workers) >= self.batch_bytes:
+                if self.part_bytes * max(1, self.workers) >= self.batch_limit:
                     self.part_bytes = None
             return
         per_held = min((p.end - p.offset) / p.held for p in dense)
@@ -565,6 +596,11 @@ class Processor:
                 return _DONE
 
             def reread() -> bytes:
+                # The slow paths hold the batch's bytes and what they decide line by line in
+                # this process: a large batch is rolled back and planned again smaller (once:
+                # batch_end may go a quarter past the size it is given).
+                if b.end - b.offset > LINE_BY_LINE_BYTES and self.batch_limit > LINE_BY_LINE_BYTES:
+                    raise SlowPathTooLarge
                 f.seek(b.offset)
                 return f.read(b.end - b.offset)
 
@@ -641,7 +677,8 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
     """Apply a parsed batch inside the caller's transaction; only never-applied events count.
 
     `b` is only read, so a failed transaction can apply it again. `reread` returns the
-    batch's bytes, needed only when some sender lines may have been applied before.
+    batch's bytes, needed only when some sender lines may have been applied before or an
+    opaque id was seen before (it raises SlowPathTooLarge for a batch too large for that).
     `fingerprint`, `path` and `first_line` (the batch's first line number) say where opaque
     ids were first seen, for the reason of a later conflict. An opaque id seen again with
     other content is returned in `rejects` (offset, index in batch, raw, reason).

@@ -14,9 +14,9 @@ from .base import Failed, cli, dsn_option, mapping_option, strict_option
 @cli.command()
 @click.argument("journals", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @dsn_option
-@click.option("--batch-mb", type=click.IntRange(1, 4096), default=128, show_default=True,
-              help="Batch size in MiB of complete lines; each batch is one transaction. "
-                   "Memory does not grow with it (lines are read 1 MiB at a time).")
+@click.option("--batch-mb", type=click.IntRange(1, 4096), default=2048, show_default=True,
+              help="Batch size in MiB of complete lines; each batch is one transaction. Larger "
+                   "batches upsert each user less often; memory does not grow with it.")
 @click.option("--retry-for", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds to keep retrying a lost database connection before giving up.")
 @click.option("--fail-on-reject", is_flag=True, help="Exit 1 when any line was rejected in this run.")
