@@ -124,8 +124,8 @@ def _batch(store: Store, fp: bytes, after: int, where: str, params: list[Any], s
         outcomes.append((outcome, fp, offset))
         if len(report.lines) < MAX_LINES_KEPT:
             report.lines.append((path, line_no, outcome))
-    rows = copy_rows(sums)
-    store.add_to_totals([rows], len(sums), len(rows))
+    copied = copy_rows(sums)
+    store.add_to_totals([copied], len(sums), len(copied))
     claim.record()
     store.mark_reapplied(fp, outcomes, new_reasons)
     report.reasons_updated += len(new_reasons)

@@ -81,7 +81,9 @@ def test_follow_logs_json_and_serves_metrics(dsn, tmp_path):
         until(lambda: applied(1), "1 applied", proc)
         with open(journal, "ab") as f:
             f.write(event_line("u2", "2", "e2") + b"\n" + event_line("u2", "2", "e2") + b"\n" + b'{"x": 1}\n')
-        text = until(lambda: applied(2), "2 applied", proc)
+        # the lag gauges are set just after the counters (a scrape may fall between): wait for both
+        lag = 'evtool_process_lag_bytes{journal="server-events.jsonl"}'
+        text = until(lambda: (t := applied(2)) and samples(t).get(lag) == 0 and t, "2 applied, no lag", proc)
         got = samples(text)
         assert got["evtool_process_duplicates_total"] == 1
         assert got["evtool_process_lines_rejected_total"] == 2
