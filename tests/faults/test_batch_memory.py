@@ -315,6 +315,15 @@ def test_the_count_of_users_touched_is_exact_then_bounded(dsn, tmp_path: Path, m
         many.update([hash(f"user{i}") for i in range(start, start + 50_000)] * 2)
     assert not many.exact and abs(len(many) - 300_000) < 300_000 * 0.04, len(many)
     assert many._exact is None and len(many._registers) == 1 << 14  # what it holds: 16 KiB
+    # one batch of 1M users (one big batch) never makes a set of them on the way to the estimate
+    hashes = [hash(f"big{i}") for i in range(1_000_000)]
+    tracemalloc.start()
+    big = processor.DistinctUsers()
+    big.update(hashes)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert not big.exact and abs(len(big) - 1_000_000) < 1_000_000 * 0.04
+    assert peak < 16 << 20, peak  # a set of 1M hashes: ~40 MiB; of EXACT_USERS: ~5
     # through the CLI's report: the estimate is said to be one
     monkeypatch.setattr(processor.DistinctUsers, "EXACT_USERS", 100)
     path = tmp_path / "server-events.jsonl"
