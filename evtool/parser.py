@@ -34,12 +34,13 @@ from .mapping import Mapping
 Key = tuple[str, str]
 Sums = dict[Key, list]
 PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
-# What a worker part may hold, in bytes (see `held`): its sums, COPY rows and pickle grow with
-# distinct users (and opaque-id events), not with the journal's bytes, so a part (and with it
-# the batch) ends at the piece where they pass this. Sums the C loop took are held in C tables
-# (~60-100 bytes a short-id key, counted as they are); those of the Python loops in dicts, ~300
-# bytes a key plus its id's characters (an estimate, see `held`). The processor sizes later
-# batches to fit (Processor._learn), so a cut part is rare and wastes little parsing.
+# What a worker part may hold, in bytes (see `held`), of what grows with distinct users and
+# opaque-id events rather than with the journal's bytes: a part (and with it the batch) ends at
+# the piece where it passes this. The Python loops' sums are dicts, ~250 bytes a key plus its
+# id's characters (an estimate); the C loop's are tables (~45 bytes a key, counted as they are),
+# which a worker with a spill file writes out at TABLE_FLUSH instead (so they never cut a batch).
+# The processor sizes later batches to fit (Processor._learn), so a cut part is rare and wastes
+# little parsing.
 MAX_HELD = 32 << 20
 # What a worker part's C tables may hold before their rows go to its spill file (ParsedPart.flush):
 # with a spill file they do not count toward MAX_HELD, so many users never cut a batch short.
@@ -57,8 +58,9 @@ _fastlines = native.loops
 
 
 def _new_table() -> object | None:
-    """A group's sums held in C (_fastlines.Table: ~40 bytes a key where a dict entry is ~800),
-    which the C loop adds to; the lines it leaves go to the group's dict. None without it."""
+    """A group's sums held in C (_fastlines.Table: ~45 bytes a (user, minute) key with its index
+    and id, where a dict entry is ~800), which the C loop adds to; the lines it leaves go to the
+    group's dict. None without the C module."""
     return None if _fastlines is None else _fastlines.Table()
 
 
@@ -232,8 +234,9 @@ class ParsedPart:
     def flush(self, f: BinaryIO) -> None:
         """Write the C tables' rows to the worker's spill file `f` and start them afresh: a
         table's memory stays bounded (TABLE_FLUSH) however many users a part has, and the batch
-        is not cut. A key seen again after a flush has a second row, which PostgreSQL sums; the
-        minute is part of the key, so a journal's keys rarely come back after a flush."""
+        is not cut. A key seen again after a flush has a second row, which PostgreSQL sums: in a
+        journal spanning few minutes most keys come back, so flushes are large (docs/scaling.md:
+        24 MiB ones cost PostgreSQL 31 CPU-s instead of 19 on 10M events over 1M users)."""
         if self.fresh_table is not None and len(self.fresh_table):  # type: ignore[arg-type]
             render({}, self.fresh_table, f, self.fresh_rows)
             self.fresh_users.extend(user_hashes({}, self.fresh_table))
@@ -318,7 +321,7 @@ class Batch:
                 parts = parts[:i + 1]
                 break
         self.parts = parts
-        for p in parts:  # rows a worker wrote to its spill file are read through this process's
+        for p in parts:  # rows a worker wrote to its spill file: read through this process's copy
             for r in (p.fresh_rows, p.opaque_sum_rows, *(s.rows for s in p.sources.values())):
                 r.fd = p.spill_fd
         self.offset = parts[0].offset

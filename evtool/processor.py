@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 # parser.MAX_HELD); what it costs is the work redone when a batch fails, and how long its
 # totals wait to be seen.
 DEFAULT_BATCH_BYTES = 2048 * 1024 * 1024
-# A batch whose sender lines must be decided one by one (some were applied before, or repeat
-# within it: identity.Claim.line) holds those lines' entries and sums in this process: larger
-# batches are parsed again at most this size (see SlowPathTooLarge).
+# A batch whose lines must be decided one by one (sender lines applied before or repeated within
+# it, identity.Claim.line; an opaque id seen before) holds its bytes, and those lines' entries and
+# sums, in this process: larger batches are parsed again at most this size (SlowPathTooLarge).
 LINE_BY_LINE_BYTES = 128 * 1024 * 1024
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
 MAX_REJECT_SAMPLES = 20
@@ -224,8 +224,8 @@ class ParsePool:
 
 
 class SlowPathTooLarge(Exception):
-    """A batch larger than LINE_BY_LINE_BYTES needs its sender lines decided one by one: its
-    transaction is rolled back, and the range is planned again in batches of that size."""
+    """A batch larger than LINE_BY_LINE_BYTES needs lines decided one by one (see there): its
+    transaction is rolled back, and the journal from there is planned in batches of that size."""
 
 
 class Interrupted(BaseException):
@@ -526,9 +526,9 @@ class Processor:
                 )
             except SlowPathTooLarge:
                 # Rolled back. The batch's range, and the rest of this journal, in smaller batches:
-                # a journal with sender lines seen before tends to have more of them.
-                log.info("%s: bytes %d-%d hold sender lines applied before or repeated; applying "
-                         "them in batches of at most %d MiB", resolved, current.offset, current.end,
+                # a journal with ids seen before tends to have more of them.
+                log.info("%s: bytes %d-%d hold ids seen before or repeated; applying the journal "
+                         "from there in batches of at most %d MiB", resolved, current.offset, current.end,
                          LINE_BY_LINE_BYTES >> 20)
                 for p in planned:
                     p.cancel()
