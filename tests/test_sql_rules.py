@@ -325,4 +325,7 @@ def test_a_lost_worker_connection_relayed_by_citus_is_retried():
 
     lost = errors.InternalError_("terminating connection due to unexpected postmaster exit")
     assert isinstance(_translate(lost), DatabaseUnavailable)
+    # a worker killed inside a transaction that wrote through it (seen by test_citus's kill test)
+    essential = errors.InternalError_("failure on connection marked as essential: 127.0.0.1:48707")
+    assert isinstance(_translate(essential), DatabaseUnavailable)
     assert type(_translate(errors.InternalError_("could not find shard 7"))) is DatabaseError
