@@ -59,10 +59,13 @@ _RETRYABLE_STATES = {"40001", "40P01", "57P01", "57P02", "57P03", "53300"}
 # What a server says when a connection to it is lost: a Citus coordinator relays a worker's
 # (killed, restarted, failing over) with the internal-error code XX000 instead of class 08, or
 # says its own "failure on connection marked as essential" when the worker died inside a
-# transaction that had written through it (MarkRemoteTransactionFailed).
+# transaction that had written through it (MarkRemoteTransactionFailed), or "could not commit
+# transaction for shard N on at least one active node" when it died at COMMIT (the outcome is
+# then the 2PC recovery's: the retry waits for the batch's rows, and finds the journal's offset
+# moved if it committed, so nothing is applied twice).
 _LOST = re.compile(r"server closed the connection unexpectedly|terminating connection due to"
                    r"|connection not open|could not connect|lost connection|connection to the remote node"
-                   r"|failure on connection marked as essential")
+                   r"|failure on connection marked as essential|could not commit transaction")
 
 
 def _relayed_connection_loss(exc: psycopg.Error, state: str, message: str) -> bool:

@@ -328,4 +328,7 @@ def test_a_lost_worker_connection_relayed_by_citus_is_retried():
     # a worker killed inside a transaction that wrote through it (seen by test_citus's kill test)
     essential = errors.InternalError_("failure on connection marked as essential: 127.0.0.1:48707")
     assert isinstance(_translate(essential), DatabaseUnavailable)
+    at_commit = errors.InternalError_("could not commit transaction for shard 102034 on at least one "
+                                      "active node")
+    assert isinstance(_translate(at_commit), DatabaseUnavailable)
     assert type(_translate(errors.InternalError_("could not find shard 7"))) is DatabaseError
