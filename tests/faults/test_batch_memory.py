@@ -30,16 +30,23 @@ def _users(cap: int, id_len: int) -> int:
     return cap // (parser._KEY_BYTES + id_len)
 
 
+def _distinct_long_users(tmp_path: Path, n: int, fraction: bytes) -> Path:
+    """A journal of `n` events of distinct 256-character users, values i % 7 + 1 then `fraction`."""
+    path = tmp_path / "server-events.jsonl"
+    with open(path, "wb") as f:
+        for i in range(n):
+            user = f"{i:08d}" + "x" * 248
+            f.write(b'{"userId":"%s","name":"add_revenue","value":%d%s}\n'
+                    % (user.encode(), i % 7 + 1, fraction))
+    return path
+
+
 def test_many_distinct_users_flush_the_tables_and_never_cut_the_batch(dsn, tmp_path: Path, monkeypatch):
     """Issue 11: 60,000 distinct 256-character users, integer values (the C loop's tables): one
     batch, its workers' tables written to their spill files whenever they held 1 MB."""
     monkeypatch.setattr(parser, "TABLE_FLUSH", 1 << 20)  # the workers are forked after this
     n = 60_000
-    path = tmp_path / "server-events.jsonl"
-    with open(path, "wb") as f:
-        for i in range(n):
-            user = f"{i:08d}" + "x" * 248  # 256 characters, all distinct
-            f.write(b'{"userId":"%s","name":"add_revenue","value":%d}\n' % (user.encode(), i % 7 + 1))
+    path = _distinct_long_users(tmp_path, n, b"")
     report = processor.process(dsn, [path], batch_bytes=64 << 20, workers=2, inline_bytes=0,
                                piece_bytes=64 << 10, max_held=1 << 20)
     assert report.applied == n and report.rejected == 0 and report.files[0].batches == 1
@@ -60,11 +67,7 @@ def test_many_distinct_users_flush_the_tables_and_never_cut_the_batch(dsn, tmp_p
 def test_a_batch_ends_where_a_part_holds_too_many_distinct_users(dsn, tmp_path: Path):
     """The same users with decimal values: summed by the Python loops in dicts, which are cut."""
     n, cap = 60_000, 2_500_000
-    path = tmp_path / "server-events.jsonl"
-    with open(path, "wb") as f:
-        for i in range(n):
-            user = f"{i:08d}" + "x" * 248  # 256 characters, all distinct
-            f.write(b'{"userId":"%s","name":"add_revenue","value":%d.5}\n' % (user.encode(), i % 7 + 1))
+    path = _distinct_long_users(tmp_path, n, b".5")
     report = processor.process(dsn, [path], batch_bytes=64 << 20, workers=2, inline_bytes=0,
                                piece_bytes=64 << 10, max_held=cap)
     assert report.applied == n and report.rejected == 0
