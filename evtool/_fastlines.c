@@ -484,8 +484,10 @@ static PyObject *table_rows(Table *T, PyObject *args)
             return NULL;
         }
     }
+    /* a row: the id, a tab, the minute, four tabs and a newline, 2 x 10 + 2 x 20 digits at most
+     * (sprintf's closing NUL goes to the byte a bytes object keeps past its size) */
     for (Py_ssize_t k = start; k < stop; k++)
-        bound += E_LEN(&T->entries[k]) + mlen[E_MINUTE(&T->entries[k])] + 2 * 10 + 2 * 20 + 5;
+        bound += E_LEN(&T->entries[k]) + mlen[E_MINUTE(&T->entries[k])] + 6 + 2 * 10 + 2 * 20;
     PyObject *out = PyBytes_FromStringAndSize(NULL, bound);
     if (out == NULL) {
         PyMem_Free(mtext);
