@@ -42,7 +42,7 @@
 #define MAX_DIGITS 18
 
 /* Set once by configure(): the Python side of the contract. */
-static PyObject *SourcePart, *stamp_minutes, *stamp_minute, *money_add, *event_digest, *content_digest;
+static PyObject *SourcePart, *stamp_minutes, *stamp_minute, *event_digest, *content_digest;
 static PyObject *ZERO, *EMPTY, *s_cells, *s_in_order, *s_table;
 
 typedef struct {
@@ -1093,11 +1093,11 @@ static PyObject *plain_body(PyObject *self, PyObject *args)
 
 static PyObject *configure(PyObject *self, PyObject *args)
 {
-    PyObject *a[6];
-    if (!PyArg_ParseTuple(args, "OO!OOOO:configure", &a[0], &PyDict_Type, &a[1], &a[2], &a[3], &a[4], &a[5]))
+    PyObject *a[5];
+    if (!PyArg_ParseTuple(args, "OO!OOO:configure", &a[0], &PyDict_Type, &a[1], &a[2], &a[3], &a[4]))
         return NULL;
-    PyObject **slots[6] = {&SourcePart, &stamp_minutes, &stamp_minute, &money_add, &event_digest, &content_digest};
-    for (int i = 0; i < 6; i++) {
+    PyObject **slots[5] = {&SourcePart, &stamp_minutes, &stamp_minute, &event_digest, &content_digest};
+    for (int i = 0; i < 5; i++) {
         Py_INCREF(a[i]);
         Py_XSETREF(*slots[i], a[i]);
     }
@@ -1113,7 +1113,7 @@ static PyMethodDef methods[] = {
     {"plain_body", plain_body, METH_VARARGS,
      "plain_body(body, max_line) -> (lines, with_ids) or None: the receiver's whole-body check."},
     {"configure", configure, METH_VARARGS,
-     "configure(SourcePart, STAMP_MINUTE, stamp_minute, money_add, event_digest, content_digest)"},
+     "configure(SourcePart, STAMP_MINUTE, stamp_minute, event_digest, content_digest)"},
     {NULL, NULL, 0, NULL},
 };
 

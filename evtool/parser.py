@@ -585,7 +585,7 @@ def _sum_python(data: bytes, offset: int, out: ParsedPart) -> None:
 
 
 if _fastlines is not None:
-    _fastlines.configure(SourcePart, eventtime.STAMP_MINUTE, eventtime.stamp_minute, money_add,
+    _fastlines.configure(SourcePart, eventtime.STAMP_MINUTE, eventtime.stamp_minute,
                          identity.event_digest, identity.content_digest)
 # Lines the C loop leaves to the Python loops in one piece before the rest of the piece goes to
 # them whole (a journal of decimal values, say, which the C loop never takes).
