@@ -21,7 +21,9 @@
  *   of at most 18 digits (far below events.MAX_INT);
  * - timestamp a text eventtime.STAMP_MINUTE knows or eventtime.stamp_minute accepts;
  * - eventId absent, a sender id (identity.SOURCE_ID), a receiver id, or any other of at most
- *   events.MAX_EVENT_ID characters (an opaque id: its digests come from identity's functions).
+ *   events.MAX_EVENT_ID characters (an opaque id: given a list, its event goes there as a tuple
+ *   with digests from identity's functions; given a Table and a bytearray, as a worker does,
+ *   its digests are computed here and its store.DIGEST_ROW appended, its sums to the table).
  *
  * Anything else (a decimal or string value, escapes, other members, a bad stamp...) stops it.
  * The sender cells follow parser._SenderCells.add step for step. The sums go to a Table (below),
@@ -758,14 +760,69 @@ static Table *sender_add(senders_t *S, PyObject *sources, const char *source, lo
     return (Table *)S->table;
 }
 
+/* BLAKE2b of a contiguous message (defined with the sender's loop, below). */
+static void b2_digest(unsigned char *out, int outlen, const unsigned char person[16], const unsigned char *msg,
+                      Py_ssize_t n);
+
+/* identity._CONTENT_HASH's personalisation, zero-padded to the parameter block's 16 bytes. */
+static const unsigned char CONTENT_PERSON[16] = "evtool-content";
+
+#define DIGEST_ROW 58 /* store.DIGEST_ROW: a batch_digests row in COPY's binary format */
+
+static inline unsigned char *put_be(unsigned char *p, uint64_t v, int bytes)
+{
+    for (int i = bytes - 1; i >= 0; i--, v >>= 8)
+        p[i] = (unsigned char)(v & 0xff);
+    return p + bytes;
+}
+
+/* An opaque-id line without a Python object (the fast mode of sum_lines): its digests
+ * (identity.event_digest, identity.content_digest, computed here) as one store.DIGEST_ROW
+ * appended to `rows` (digest, content, the part's offset, the line's index in the part, as
+ * parser.ParsedPart.finish packs them), its sums into `T`. */
+static int opaque_row(Table *T, PyObject *rows, const line_t *L, uint32_t minute, int is_add,
+                      long long part_offset, Py_ssize_t index)
+{
+    unsigned char row[DIGEST_ROW], text[MAX_USER_ID + 3 + 24], *r = row;
+    r = put_be(r, 4, 2);
+    r = put_be(r, 16, 4);
+    b2_digest(r, 16, NULL, (const unsigned char *)L->eid.p, L->eid.n);
+    r = put_be(r + 16, 8, 4);
+    /* format_value's text of an int: "user\0+\0digits" (content_digest) */
+    memcpy(text, L->user.p, L->user.n);
+    Py_ssize_t n = L->user.n;
+    text[n++] = 0;
+    text[n++] = is_add ? '+' : '-';
+    text[n++] = 0;
+    n += snprintf((char *)text + n, 24, "%lld", L->value);
+    b2_digest(r, 8, CONTENT_PERSON, text, n);
+    r = put_be(r + 8, 8, 4);
+    r = put_be(r, (uint64_t)part_offset, 8);
+    r = put_be(r, 8, 4);
+    put_be(r, (uint64_t)index, 8);
+    Py_ssize_t size = PyByteArray_GET_SIZE(rows);
+    if (PyByteArray_Resize(rows, size + DIGEST_ROW) < 0)
+        return -1;
+    memcpy(PyByteArray_AS_STRING(rows) + size, row, DIGEST_ROW);
+    return table_add(T, L->user.p, L->user.n, minute, is_add, (uint64_t)L->value);
+}
+
 static PyObject *sum_lines(PyObject *self, PyObject *args)
 {
     Py_buffer buf;
     Py_ssize_t pos, offset, index;
-    PyObject *fresh, *sources, *opaque;
-    if (!PyArg_ParseTuple(args, "y*nnnO!O!O!:sum_lines", &buf, &pos, &offset, &index, &TableType, &fresh,
-                          &PyDict_Type, &sources, &PyList_Type, &opaque))
+    PyObject *fresh, *sources, *opaque, *rows = Py_None;
+    long long part_offset = 0;
+    if (!PyArg_ParseTuple(args, "y*nnnO!O!O|OL:sum_lines", &buf, &pos, &offset, &index, &TableType, &fresh,
+                          &PyDict_Type, &sources, &opaque, &rows, &part_offset))
         return NULL;
+    /* opaque ids: a list of tuples (the Python loops' form), or a Table with `rows` a bytearray */
+    int fast = rows != Py_None;
+    if (fast ? !PyObject_TypeCheck(opaque, &TableType) || !PyByteArray_Check(rows) : !PyList_Check(opaque)) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_TypeError, "sum_lines: opaque must be a list, or a Table with a bytearray of rows");
+        return NULL;
+    }
     if (SourcePart == NULL) {
         PyBuffer_Release(&buf);
         PyErr_SetString(PyExc_RuntimeError, "_fastlines.configure was not called");
@@ -833,7 +890,10 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
         int is_add = L.name.n == 11; /* add_revenue (read_line checked it is one of the two) */
         PyObject *value = NULL; /* made only where an object is needed: not for a key seen before */
         int r = 0;
-        if (kind == OPAQUE) {
+        if (kind == OPAQUE && fast) {
+            long long m = table_minute((Table *)opaque, minute);
+            r = m < 0 ? -1 : opaque_row((Table *)opaque, rows, &L, (uint32_t)m, is_add, part_offset, index);
+        } else if (kind == OPAQUE) {
             value = PyLong_FromLongLong(L.value);
             PyObject *user = value ? PyUnicode_FromStringAndSize(L.user.p, L.user.n) : NULL;
             PyObject *key = user ? PyTuple_Pack(2, user, minute) : NULL;
@@ -873,6 +933,36 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
     if (failed)
         return NULL;
     return Py_BuildValue("nn", (Py_ssize_t)(p - data), index);
+}
+
+/* digest_repeats(rows): whether an opaque id's digest occurs twice among store.DIGEST_ROW rows
+ * (parser._repeats' answer, sorted here rather than hashed into a set of bytes objects). */
+typedef struct {
+    unsigned char d[16];
+} digest_t;
+
+static int digest_cmp(const void *a, const void *b) { return memcmp(a, b, 16); }
+
+static PyObject *digest_repeats(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "y*:digest_repeats", &buf))
+        return NULL;
+    Py_ssize_t n = buf.len / DIGEST_ROW;
+    digest_t *all = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(digest_t));
+    if (all == NULL) {
+        PyBuffer_Release(&buf);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        memcpy(all[i].d, (const char *)buf.buf + i * DIGEST_ROW + 6, 16);
+    PyBuffer_Release(&buf);
+    qsort(all, (size_t)n, sizeof(digest_t), digest_cmp);
+    int twice = 0;
+    for (Py_ssize_t i = 1; i < n && !twice; i++)
+        twice = memcmp(all[i - 1].d, all[i].d, 16) == 0;
+    PyMem_Free(all);
+    return PyBool_FromLong(twice);
 }
 
 /* -- the sender's id loop (sender._id_lines) ------------------------------------------------------ */
@@ -945,6 +1035,31 @@ static void b2_compress(uint64_t h[8], const unsigned char block[128], uint64_t 
     }
     for (int i = 0; i < 8; i++)
         h[i] ^= v[i] ^ v[i + 8];
+}
+
+/* blake2b(msg, digest_size=outlen, person=person) into out (no key, no salt). */
+static void b2_digest(unsigned char *out, int outlen, const unsigned char person[16], const unsigned char *msg,
+                      Py_ssize_t n)
+{
+    uint64_t h[8];
+    unsigned char block[128];
+    memcpy(h, B2_IV, sizeof h);
+    h[0] ^= 0x01010000ULL ^ (uint64_t)outlen; /* depth 1, fanout 1, no key */
+    if (person != NULL) {
+        h[6] ^= load64(person);
+        h[7] ^= load64(person + 8);
+    }
+    uint64_t done = 0;
+    while (n - (Py_ssize_t)done > 128) {
+        done += 128;
+        b2_compress(h, msg + done - 128, done, 0);
+    }
+    Py_ssize_t rest = n - (Py_ssize_t)done;
+    memcpy(block, msg + done, rest);
+    memset(block + rest, 0, 128 - rest);
+    b2_compress(h, block, (uint64_t)n, 1);
+    for (int i = 0; i < outlen; i++)
+        out[i] = (unsigned char)(h[i / 8] >> (8 * (i % 8)));
 }
 
 /* blake2b(a + b, digest_size=8) into out[8]: `a` the 8-byte chain, `b` the line. */
@@ -1106,12 +1221,14 @@ static PyObject *configure(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"sum_lines", sum_lines, METH_VARARGS,
-     "sum_lines(data, pos, offset, index, fresh, sources, opaque) -> (pos, index): sum the lines this "
-     "loop takes from byte pos; stop at the first it does not."},
+     "sum_lines(data, pos, offset, index, fresh, sources, opaque[, rows, part_offset]) -> (pos, index): "
+     "sum the lines this loop takes from byte pos; stop at the first it does not."},
     {"id_lines", id_lines, METH_VARARGS,
      "id_lines(segment, lineno, chain, member) -> (ided, chain, before) or None: the sender's ids."},
     {"plain_body", plain_body, METH_VARARGS,
      "plain_body(body, max_line) -> (lines, with_ids) or None: the receiver's whole-body check."},
+    {"digest_repeats", digest_repeats, METH_VARARGS,
+     "digest_repeats(rows) -> bool: whether a digest occurs twice among DIGEST_ROW rows."},
     {"configure", configure, METH_VARARGS,
      "configure(SourcePart, STAMP_MINUTE, stamp_minute, event_digest, content_digest)"},
     {NULL, NULL, 0, NULL},

@@ -39,6 +39,7 @@ PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
 # the piece where it passes this. The Python loops' sums are dicts, ~250 bytes a key plus its
 # id's characters (an estimate); the C loop's are tables (~45 bytes a key, counted as they are),
 # which a worker with a spill file writes out at TABLE_FLUSH instead (so they never cut a batch).
+# An opaque id the C loop takes is a 58-byte DIGEST_ROW (ParsedPart.opaque_buf): ~550k a part.
 # The processor sizes later batches to fit (Processor._learn), so a cut part is rare and wastes
 # little parsing.
 MAX_HELD = 32 << 20
@@ -191,8 +192,13 @@ class ParsedPart:
     lines: int = 0
     # The opaque events' batch_digests binary COPY rows (store.DIGEST_ROW), rendered by the
     # worker; the worker then ships only these and their count, not the events (`shipped`).
-    opaque_rows: bytes = b""
+    opaque_rows: bytes | bytearray = b""
     opaque_count: int = 0
+    # The C loop's opaque-id events, in a worker (parse_range): their DIGEST_ROWs as the loop
+    # writes them and their sums, with no object per event. None: they go to `opaque`, as the
+    # Python loops' do (the committing process parses so when it decides event by event).
+    opaque_table: object | None = None
+    opaque_buf: bytearray | None = None
     opaque_sums: Sums = field(default_factory=dict)  # the opaque events' sums, as if all new
     opaque_repeats: bool = False  # an opaque id occurs twice in the part (a client's retry)
     # Each group's sums (`fresh`, `opaque_sums`; each source has its own, see SourcePart) as
@@ -218,18 +224,22 @@ class ParsedPart:
             part.close(f)
         self.fresh_count = self.fresh_flushed + count(self.fresh, self.fresh_table)
         opaque = self.opaque_sums = {}
-        if self.opaque:  # optimistic, as for sender ids: the sums if every opaque id is new
-            pack, start, digest_rows = store.DIGEST_ROW.pack, self.offset, []
+        # optimistic, as for sender ids: the sums if every opaque id is new
+        rows = self.opaque_buf if self.opaque_buf is not None else bytearray()
+        if self.opaque:
+            pack, start = store.DIGEST_ROW.pack, self.offset
             for d, c, key, is_add, value, _, i in self.opaque:
                 add(opaque, key, is_add, value)
-                digest_rows.append(pack(4, 16, d, 8, c, 8, start, 8, i))
-            self.opaque_count = len(self.opaque)
-            self.opaque_repeats = len({o[0] for o in self.opaque}) != self.opaque_count
-            self.opaque_rows = b"".join(digest_rows)
+                rows += pack(4, 16, d, 8, c, 8, start, 8, i)
+        self.opaque_count = len(rows) // store.DIGEST_ROW.size
+        if self.opaque_count:
+            self.opaque_repeats = _repeats(rows)
+            self.opaque_rows = rows
+        self.opaque_buf = None
         self.fresh_rows = render(self.fresh, self.fresh_table, f, self.fresh_rows)
         self.fresh_users.extend(user_hashes(self.fresh, self.fresh_table))
-        self.opaque_sum_rows = render(opaque, None, f)
-        self.opaque_users = user_hashes(opaque)
+        self.opaque_sum_rows = render(opaque, self.opaque_table, f, self.opaque_sum_rows)
+        self.opaque_users.extend(user_hashes(opaque, self.opaque_table))
 
     def flush(self, f: BinaryIO) -> None:
         """Write the C tables' rows to the worker's spill file `f` and start them afresh: a
@@ -242,6 +252,10 @@ class ParsedPart:
             self.fresh_users.extend(user_hashes({}, self.fresh_table))
             self.fresh_flushed += self.fresh_table.count  # type: ignore[attr-defined]
             self.fresh_table = _new_table()
+        if self.opaque_table is not None and len(self.opaque_table):  # type: ignore[arg-type]
+            render({}, self.opaque_table, f, self.opaque_sum_rows)
+            self.opaque_users.extend(user_hashes({}, self.opaque_table))
+            self.opaque_table = _new_table()
         for part in self.sources.values():
             if part.table is not None and len(part.table):  # type: ignore[arg-type]
                 render({}, part.table, f, part.rows)
@@ -258,7 +272,7 @@ class ParsedPart:
         process as bytes and counts, never as a dict per user beside its rows. The committing
         process re-derives a group's sums from the journal when some of its lines were seen."""
         self.fresh, self.fresh_table = {}, None
-        self.opaque_sums = {}
+        self.opaque_sums, self.opaque_table = {}, None
         for part in self.sources.values():
             part.sums, part.table = {}, None
 
@@ -473,8 +487,9 @@ def held(part: ParsedPart, tables: bool = True) -> int:
     """Bytes a part holds, what its memory grows with: the rejected lines, the C tables' own
     count (Table.held: it grows smoothly with the keys, so batches planned to fit do fit; the
     arrays reserve up to about a third more; not counted when `tables` is False: a worker with a
-    spill file writes them there, see ParsedPart.flush), the dicts' keys and opaque-id events
-    estimated (a key's id length from a sample of the keys, so the check stays cheap)."""
+    spill file writes them there, see ParsedPart.flush), the C loop's opaque-id rows, the dicts'
+    keys and opaque-id events estimated (a key's id length from a sample of the keys, so the
+    check stays cheap)."""
     in_tables = tables_held(part) if tables else 0
     keys = len(part.fresh) + sum(len(p.sums) for p in part.sources.values())
     sample = [k[0] for k in itertools.islice(part.fresh, 256)]
@@ -485,12 +500,22 @@ def held(part: ParsedPart, tables: bool = True) -> int:
                 break
     mean = sum(map(len, sample)) / len(sample) if sample else 0
     rejects = len(part.rejects) * _REJECT_BYTES + sum(len(r[2]) for r in part.rejects)
-    return int(in_tables + keys * (mean + _KEY_BYTES) + len(part.opaque) * _OPAQUE_BYTES + rejects)
+    opaque = len(part.opaque) * _OPAQUE_BYTES + len(part.opaque_buf or b"")
+    return int(in_tables + keys * (mean + _KEY_BYTES) + opaque + rejects)
+
+
+def _repeats(rows: bytes | bytearray) -> bool:
+    """Whether an opaque id's digest occurs twice among DIGEST_ROW rows."""
+    if _fastlines is not None:
+        return _fastlines.digest_repeats(rows)
+    size, view = store.DIGEST_ROW.size, memoryview(rows)
+    digests = {bytes(view[i + 6:i + 22]) for i in range(0, len(rows), size)}
+    return len(digests) != len(rows) // size
 
 
 def tables_held(part: ParsedPart) -> int:
     """Bytes the part's C tables hold (Table.held)."""
-    tables = (part.fresh_table, *(p.table for p in part.sources.values()))
+    tables = (part.fresh_table, part.opaque_table, *(p.table for p in part.sources.values()))
     return sum(t.held for t in tables if t is not None)  # type: ignore[attr-defined]
 
 
@@ -509,6 +534,8 @@ def parse_range(path: str, identity: tuple[int, int], start: int, end: int,
     the sender cells go to piece by piece (SourcePart.spill), so no process holds a part's entries.
     """
     out = ParsedPart(start, end, strict=strict, mapping=mapping)
+    if _fastlines is not None:  # the C loop's opaque ids as rows: see ParsedPart.opaque_table
+        out.opaque_table, out.opaque_buf = _new_table(), bytearray()
     h = journal.range_digest()
     # r+b, not wb: nothing is truncated before the file is known to be the one given
     with open(opener or path, "rb") as f, open(spill[0], "r+b") if spill else nullcontext() as sf:
@@ -598,9 +625,10 @@ def _sum_native(data: bytes, offset: int, out: ParsedPart) -> None:
     the piece goes to the Python loops whole. Each loop gives any line the same result (the
     tests pin them to the shared validator), so the part is the same as theirs."""
     pos, size, stops = 0, len(data), 0
-    fresh, sources, opaque = out.fresh_table, out.sources, out.opaque
+    fresh, sources = out.fresh_table, out.sources
+    opaque = (out.opaque,) if out.opaque_table is None else (out.opaque_table, out.opaque_buf, out.offset)
     while True:
-        pos, out.lines = _fastlines.sum_lines(data, pos, offset, out.lines, fresh, sources, opaque)
+        pos, out.lines = _fastlines.sum_lines(data, pos, offset, out.lines, fresh, sources, *opaque)
         if pos >= size:
             return
         end = data.find(b"\n", pos) + 1

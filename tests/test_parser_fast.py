@@ -172,6 +172,26 @@ def _facts(part: parser.ParsedPart) -> tuple:
             sorted(part.users), part.fresh_count)
 
 
+def _opaque_rows(rows: bytes | bytearray) -> list[bytes]:
+    size = store.DIGEST_ROW.size
+    return sorted(bytes(rows[i:i + size]) for i in range(0, len(rows), size))
+
+
+def _worker_facts(part: parser.ParsedPart) -> tuple:
+    """_facts as a worker's part (parse_range) has them: its opaque ids that the C loop took are
+    DIGEST_ROWs and sums in a table, not events (ParsedPart.opaque_table): the same rows in
+    another order, and the same sums as COPY rows."""
+    facts = list(_facts(part))
+    facts[2] = None  # the events: only the Python loops' are kept
+    facts[7:9] = [_opaque_rows(part.opaque_rows), _row_sums(part.opaque_sum_rows)]
+    return tuple(facts)
+
+
+def _in_worker_mode(part: parser.ParsedPart) -> parser.ParsedPart:
+    part.opaque_table, part.opaque_buf = parser._new_table(), bytearray()
+    return part
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lines=st.lists(_line(), max_size=40), crlf=st.lists(st.booleans(), max_size=40),
        cut=st.integers(0, 40), strict=st.booleans())
@@ -188,6 +208,11 @@ def test_parse_decides_every_line_as_the_full_validator(lines: list[bytes], crlf
     parser.parse(head, 0, out, close=False)
     parser.parse(data[len(head):], len(head), out)
     assert _facts(out) == _facts(want)
+    # as a worker parses (parse_range): the C loop's opaque ids as rows, in C
+    out = _in_worker_mode(parser.ParsedPart(0, len(data), strict=strict))
+    parser.parse(head, 0, out, close=False)
+    parser.parse(data[len(head):], len(head), out)
+    assert _worker_facts(out) == _worker_facts(want)
 
 
 def test_a_run_of_serve_lines_sums_per_user_minute_and_keeps_every_entry() -> None:
@@ -469,3 +494,47 @@ def test_a_workers_rows_go_through_its_spill_file_in_chunks(tmp_path, monkeypatc
                              (here.sources[src].rows, batch.parts[0].sources[src].rows)]:
             assert theirs.count == mine.count == 997 and theirs.size == mine.size
             assert b"".join(theirs.chunks(size=1000)) == mine.data
+
+
+def test_a_workers_opaque_ids_are_the_rows_and_sums_the_python_loops_give(tmp_path, monkeypatch) -> None:
+    """In a worker (parse_range) the C loop computes an opaque id's digests itself (BLAKE2b, as
+    identity.event_digest and content_digest) and writes its DIGEST_ROW: at the limits of the
+    id and user lengths (a digest over one 128-byte block and over several), beside lines the
+    Python loops take (a decimal value, an escape), a repeated id, and a table flushed to the
+    spill file (TABLE_FLUSH small): the same rows, sums, users, count and repeat as the
+    reference. The committing process, which decides event by event, parses the usual way."""
+    monkeypatch.setattr(parser, "TABLE_FLUSH", 4096)
+    lines = []
+    for i in range(3000):
+        user = ("x" * 256 if i % 7 == 0 else f"user{i % 301}").encode()
+        eid = ("e" * 127 + str(i % 10) if i % 5 == 0 else f"id-{i}-{'z' * (i % 200)}"[:128]).encode()
+        value = b"%d.5" % i if i % 11 == 0 else b"%d" % (i * 999_999_999_999 % 10**18)
+        name = b"add_revenue" if i % 3 else b"subtract_revenue"
+        stamp = b',"timestamp":"2026-11-23T14:%02d:00Z"' % (i % 60) if i % 4 else b""
+        lines.append(b'{"userId":"%s","name":"%s","value":%s,"eventId":"%s"%s}'
+                     % (user, name, value, eid, stamp))
+    lines.append(b'{"userId":"\\u00e9","name":"add_revenue","value":1,"eventId":"esc"}')
+    lines.append(lines[10])  # a client's retry: the same id again
+    data = b"\n".join(lines) + b"\n"
+    path = tmp_path / "j.jsonl"
+    path.write_bytes(data)
+    st_ = path.stat()
+    spill = tmp_path / "spill"
+    spill.write_bytes(b"")
+    sst = spill.stat()
+    want = _reference(data, False)
+    assert want.opaque_repeats and want.opaque_count == len(lines)
+    got = parser.parse_range(str(path), (st_.st_dev, st_.st_ino), 0, len(data), piece=16384,
+                             spill=(str(spill), sst.st_dev, sst.st_ino))
+    with open(spill, "rb") as f:
+        got.spill_fd = f.fileno()
+        parser.Batch([got])  # gives each Rows the file's descriptor
+        assert (got.opaque_count, got.opaque_repeats) == (want.opaque_count, True)
+        assert _opaque_rows(got.opaque_rows) == _opaque_rows(want.opaque_rows)
+        assert _row_sums(got.opaque_sum_rows) == _row_sums(want.opaque_sum_rows)
+        assert sorted(set(got.opaque_users)) == sorted(set(want.opaque_users))
+        if parser._fastlines is not None:
+            assert len(got.opaque_sum_rows.spans) > 1  # flushed while it parsed
+            assert len(got.opaque) < 600  # the Python loops' events only: the C loop's are rows
+        else:
+            assert len(got.opaque) == want.opaque_count
