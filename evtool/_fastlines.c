@@ -965,6 +965,109 @@ static PyObject *digest_repeats(PyObject *self, PyObject *args)
     return PyBool_FromLong(twice);
 }
 
+/* sort_digest_rows(rows): sort a bytearray of store.DIGEST_ROW rows by digest, in place: a
+ * worker's part arrives sorted, so the committing process merges the parts (claim_rows). */
+static int row_cmp(const void *a, const void *b) { return memcmp((const char *)a + 6, (const char *)b + 6, 16); }
+
+static PyObject *sort_digest_rows(PyObject *self, PyObject *args)
+{
+    PyObject *rows;
+    if (!PyArg_ParseTuple(args, "O!:sort_digest_rows", &PyByteArray_Type, &rows))
+        return NULL;
+    qsort(PyByteArray_AS_STRING(rows), (size_t)(PyByteArray_GET_SIZE(rows) / DIGEST_ROW), DIGEST_ROW, row_cmp);
+    Py_RETURN_NONE;
+}
+
+/* claim_rows(parts, bases, fingerprint, first_line, at, limit) -> bytes: up to `limit` rows of
+ * applied_events (digest, content, journal, line_no) in COPY's binary format, merged in digest
+ * order from `parts` (each a sorted buffer of DIGEST_ROW rows, see sort_digest_rows): journal the
+ * fingerprint, line_no first_line + the part's base (lines before it in the batch) + the row's
+ * index. `at` (a list, a row index per part) says where each part stands and is moved on. */
+static PyObject *claim_rows(PyObject *self, PyObject *args)
+{
+    PyObject *parts, *bases, *at;
+    Py_buffer fp;
+    long long first_line;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "O!O!y*LO!n:claim_rows", &PyList_Type, &parts, &PyList_Type, &bases, &fp,
+                          &first_line, &PyList_Type, &at, &limit))
+        return NULL;
+    Py_ssize_t k = PyList_GET_SIZE(parts);
+    PyObject *out = NULL;
+    Py_buffer *bufs = PyMem_Calloc((size_t)(k ? k : 1), sizeof(Py_buffer));
+    Py_ssize_t *pos = PyMem_Calloc((size_t)(k ? k : 1), sizeof(Py_ssize_t));
+    long long *base = PyMem_Calloc((size_t)(k ? k : 1), sizeof(long long));
+    Py_ssize_t got = 0, rows = 0, row_size = 2 + 4 + 16 + 4 + 8 + 4 + fp.len + 4 + 8;
+    if (bufs == NULL || pos == NULL || base == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (PyList_GET_SIZE(bases) != k || PyList_GET_SIZE(at) != k) {
+        PyErr_SetString(PyExc_ValueError, "claim_rows: parts, bases and at differ in length");
+        goto done;
+    }
+    for (; got < k; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(parts, got), &bufs[got], PyBUF_SIMPLE) < 0)
+            goto done;
+        pos[got] = PyLong_AsSsize_t(PyList_GET_ITEM(at, got));
+        base[got] = PyLong_AsLongLong(PyList_GET_ITEM(bases, got));
+        if (PyErr_Occurred()) {
+            got++;
+            goto done;
+        }
+        Py_ssize_t n = bufs[got].len / DIGEST_ROW;
+        rows += pos[got] < 0 ? 0 : pos[got] > n ? 0 : n - pos[got];
+    }
+    if (rows > limit)
+        rows = limit;
+    out = PyBytes_FromStringAndSize(NULL, rows * row_size);
+    if (out == NULL)
+        goto done;
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        int best = -1;
+        const unsigned char *row = NULL;
+        for (Py_ssize_t i = 0; i < k; i++) { /* a few parts: the smallest head by a scan */
+            if (pos[i] < 0 || pos[i] >= bufs[i].len / DIGEST_ROW)
+                continue;
+            const unsigned char *c = (const unsigned char *)bufs[i].buf + pos[i] * DIGEST_ROW;
+            if (best < 0 || memcmp(c + 6, row + 6, 16) < 0) {
+                best = (int)i;
+                row = c;
+            }
+        }
+        pos[best]++;
+        /* DIGEST_ROW: count, len 16, digest (6), len 8, content (26), len 8, part, len 8, index (50) */
+        w = put_be(w, 4, 2);
+        memcpy(w, row + 2, 4 + 16 + 4 + 8); /* the digest and content fields as they are */
+        w += 4 + 16 + 4 + 8;
+        w = put_be(w, (uint64_t)fp.len, 4);
+        memcpy(w, fp.buf, fp.len);
+        w += fp.len;
+        w = put_be(w, 8, 4);
+        uint64_t index = 0;
+        for (int j = 0; j < 8; j++)
+            index = index << 8 | row[50 + j];
+        w = put_be(w, (uint64_t)(first_line + base[best] + (long long)index), 8);
+    }
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *v = PyLong_FromSsize_t(pos[i]);
+        if (v == NULL || PyList_SetItem(at, i, v) < 0) {
+            Py_CLEAR(out);
+            break;
+        }
+    }
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        if (bufs[i].obj != NULL)
+            PyBuffer_Release(&bufs[i]);
+    PyBuffer_Release(&fp);
+    PyMem_Free(bufs);
+    PyMem_Free(pos);
+    PyMem_Free(base);
+    return out;
+}
+
 /* -- the sender's id loop (sender._id_lines) ------------------------------------------------------ */
 
 /* BLAKE2b (RFC 7693) with an 8-byte digest, no key: identity.chain_next's hash, written here so
@@ -1229,6 +1332,11 @@ static PyMethodDef methods[] = {
      "plain_body(body, max_line) -> (lines, with_ids) or None: the receiver's whole-body check."},
     {"digest_repeats", digest_repeats, METH_VARARGS,
      "digest_repeats(rows) -> bool: whether a digest occurs twice among DIGEST_ROW rows."},
+    {"sort_digest_rows", sort_digest_rows, METH_VARARGS,
+     "sort_digest_rows(rows): sort a bytearray of DIGEST_ROW rows by digest, in place."},
+    {"claim_rows", claim_rows, METH_VARARGS,
+     "claim_rows(parts, bases, fingerprint, first_line, at, limit) -> bytes: applied_events COPY rows, "
+     "merged in digest order."},
     {"configure", configure, METH_VARARGS,
      "configure(SourcePart, STAMP_MINUTE, stamp_minute, event_digest, content_digest)"},
     {NULL, NULL, 0, NULL},

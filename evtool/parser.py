@@ -234,6 +234,8 @@ class ParsedPart:
         self.opaque_count = len(rows) // store.DIGEST_ROW.size
         if self.opaque_count:
             self.opaque_repeats = _repeats(rows)
+            if _fastlines is not None:  # in digest order, for claim_rows to merge
+                _fastlines.sort_digest_rows(rows)
             self.opaque_rows = rows
         self.opaque_buf = None
         self.fresh_rows = render(self.fresh, self.fresh_table, f, self.fresh_rows)
@@ -502,6 +504,29 @@ def held(part: ParsedPart, tables: bool = True) -> int:
     rejects = len(part.rejects) * _REJECT_BYTES + sum(len(r[2]) for r in part.rejects)
     opaque = len(part.opaque) * _OPAQUE_BYTES + len(part.opaque_buf or b"")
     return int(in_tables + keys * (mean + _KEY_BYTES) + opaque + rejects)
+
+
+CLAIM_CHUNK = 65536  # applied_events rows a chunk of claim_rows (~4.3 MB)
+
+
+def claim_rows(batch: Batch, fingerprint: bytes, first_line: int) -> Iterator[bytes] | None:
+    """The batch's opaque ids as applied_events rows in COPY's binary format (without its
+    header and trailer), in digest order, CLAIM_CHUNK rows a chunk: the parts' rows (sorted
+    by each part's finish) merged, each with the journal's `fingerprint` and its line number
+    (`first_line` + the lines before its part + its index). For store.claim_new_digests, which
+    inserts them as they come. None without the C module (the parts are not sorted then)."""
+    if _fastlines is None:
+        return None
+    with_ids = [(p.opaque_rows, base) for p, (_, base) in zip(batch.parts, batch.part_lines, strict=True)
+                if p.opaque_count]
+    parts, bases = [r for r, _ in with_ids], [b for _, b in with_ids]
+
+    def chunks() -> Iterator[bytes]:
+        at = [0] * len(parts)
+        while chunk := _fastlines.claim_rows(parts, bases, fingerprint, first_line, at, CLAIM_CHUNK):
+            yield chunk
+
+    return chunks()
 
 
 def _repeats(rows: bytes | bytearray) -> bool:

@@ -720,11 +720,15 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
         # The common case is decided by a count: every opaque id is new and none repeats, so
         # the workers' optimistic sums stand. Otherwise decide event by event, from the
         # events themselves (parsed here again when the workers kept them).
-        digest_rows = b"".join(p.opaque_rows for p in b.parts)
         # an id twice in a part: no point trying the all-new insert
         hopeful = not any(p.opaque_repeats for p in b.parts)
-        recorded = store.claim_digest_rows(digest_rows, b.opaque_count, fingerprint, first_line, b.part_lines,
-                                           hopeful)
+        merged = parser.claim_rows(b, fingerprint, first_line) if hopeful else None
+        if merged is not None and store.claim_new_digests(merged):
+            recorded = None
+        else:  # (an id seen before: the all-new insert would fail again)
+            digest_rows = b"".join(p.opaque_rows for p in b.parts)
+            recorded = store.claim_digest_rows(digest_rows, b.opaque_count, fingerprint, first_line,
+                                               b.part_lines, hopeful and merged is None)
         if recorded is not None:
             data = reread() if data is None else data
             if len(b.opaque) != b.opaque_count:  # parsed again, once: a retry reuses it

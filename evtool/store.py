@@ -583,6 +583,33 @@ class Store:
                 return None
             return {row[0] for row in cur.fetchall()}
 
+    def claim_new_digests(self, rows: Iterable[bytes]) -> bool:
+        """Record opaque event digests straight into applied_events: `rows` its rows in COPY's
+        binary format, in digest order, none twice (parser.claim_rows). True when every one was
+        new; False, with nothing recorded, when one was recorded before (or is being recorded
+        by a concurrent processor, once it commits): then claim_digest_rows says which.
+
+        Half the cost of claim_digest_rows' batch table, join and sort (1M new ids: 1.2 CPU-s of
+        PostgreSQL against 2.5; beside 9M recorded: 3.0 against 4.5), for the common case. In
+        digest order, as claim_digests, so processors sharing events wait instead of deadlocking.
+        """
+        with self.conn.cursor() as cur:
+            cur.execute("SAVEPOINT claim_new_digests")
+            try:
+                with cur.copy("COPY applied_events (digest, content, journal, line_no) FROM STDIN"
+                              " (FORMAT binary)") as copy:
+                    copy.write(_BINARY_HEADER)
+                    for chunk in rows:
+                        copy.write(chunk)
+                    copy.write(_BINARY_TRAILER)
+            except psycopg.Error as exc:
+                if not _unique_violation(exc):
+                    raise
+                cur.execute("ROLLBACK TO SAVEPOINT claim_new_digests")
+                return False
+            cur.execute("RELEASE SAVEPOINT claim_new_digests")
+            return True
+
     def digests_seen(self, old: list[bytes]) -> dict[bytes, tuple[bytes | None, str | None]]:
         """{digest: (content, "path line n" where first seen)} of digests recorded before."""
         if not old:

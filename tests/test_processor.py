@@ -231,6 +231,44 @@ def test_opaque_ids_parsed_by_workers_keep_their_lines_repeats_and_conflicts(dsn
     assert totals(dsn) == want
 
 
+def test_a_batch_of_new_opaque_ids_is_copied_straight_in_and_one_seen_before_undoes_it(dsn, tmp_path):
+    """The all-new case copies the parts' rows, merged in digest order, straight into
+    applied_events (store.claim_new_digests). One id recorded before, or the same id in two
+    parts of the batch (each part's own check cannot see it), fails that copy: it is undone
+    and the batch decided event by event, every new id recorded once at its own line."""
+    from evtool.identity import event_digest
+
+    journal = tmp_path / "j.jsonl"
+    tuning = {"workers": 2, "inline_bytes": 0, "piece_bytes": 4_000}
+    write(journal, *(line(f"u{n % 7}", "add_revenue", n, f"a-{n}") for n in range(1, 201)))
+    assert process(dsn, [journal], **tuning).applied == 200
+    assert stored_digests(dsn) == {event_digest(f"a-{n}"): n for n in range(1, 201)}
+    # the next batch: new ids in several parts, one id of the first batch (a late retry), and
+    # a new id both near the start and near the end (two parts)
+    later = [line(f"u{n % 7}", "add_revenue", n, f"b-{n}") for n in range(201, 401)]
+    later[50] = line("u3", "add_revenue", 17, "a-17")  # as the first batch had it
+    later[3] = later[190] = line("u2", "add_revenue", 1000, "twice")
+    write(journal, *later)
+    report = process(dsn, [journal], **tuning)
+    assert report.files[0].batches == 1
+    assert (report.applied, report.duplicates, report.rejected) == (198, 2, 0)
+    want: dict[str, int] = {}
+    for n in range(1, 401):
+        if n not in (251, 204, 391):
+            want[f"u{n % 7}"] = want.get(f"u{n % 7}", 0) + n
+    want["u2"] += 1000
+    assert totals(dsn) == want
+    got = stored_digests(dsn)
+    assert len(got) == 200 + 198
+    assert got[event_digest("twice")] == 204 and got[event_digest("a-17")] == 17
+    assert all(got[event_digest(f"b-{n}")] == n for n in range(201, 401) if n not in (251, 204, 391))
+
+
+def stored_digests(dsn: str) -> dict[bytes, int]:
+    with psycopg.connect(dsn) as conn:
+        return {bytes(d): n for d, n in conn.execute("SELECT digest, line_no FROM applied_events")}
+
+
 def test_the_tables_updated_in_place_leave_room_for_hot_updates(dsn, tmp_path):
     """Issue 11: every batch updates a user's minutes in place; with full pages each update adds
     an entry to both of revenue_by_minute's indexes, with room on the page it adds none (HOT)."""
