@@ -233,9 +233,8 @@ class ParsedPart:
                 rows += pack(4, 16, d, 8, c, 8, start, 8, i)
         self.opaque_count = len(rows) // store.DIGEST_ROW.size
         if self.opaque_count:
-            self.opaque_repeats = _repeats(rows)
-            if _fastlines is not None:  # in digest order, for claim_rows to merge
-                _fastlines.sort_digest_rows(rows)
+            # in digest order where the C module is, for claim_rows to merge
+            self.opaque_repeats = _repeats(rows) if _fastlines is None else _fastlines.sort_digest_rows(rows)
             self.opaque_rows = rows
         self.opaque_buf = None
         self.fresh_rows = render(self.fresh, self.fresh_table, f, self.fresh_rows)
@@ -530,9 +529,8 @@ def claim_rows(batch: Batch, fingerprint: bytes, first_line: int) -> Iterator[by
 
 
 def _repeats(rows: bytes | bytearray) -> bool:
-    """Whether an opaque id's digest occurs twice among DIGEST_ROW rows."""
-    if _fastlines is not None:
-        return _fastlines.digest_repeats(rows)
+    """Whether an opaque id's digest occurs twice among DIGEST_ROW rows (with the C module,
+    _fastlines.sort_digest_rows says it)."""
     size, view = store.DIGEST_ROW.size, memoryview(rows)
     digests = {bytes(view[i + 6:i + 22]) for i in range(0, len(rows), size)}
     return len(digests) != len(rows) // size

@@ -538,3 +538,29 @@ def test_a_workers_opaque_ids_are_the_rows_and_sums_the_python_loops_give(tmp_pa
             assert len(got.opaque) < 600  # the Python loops' events only: the C loop's are rows
         else:
             assert len(got.opaque) == want.opaque_count
+
+
+def test_a_parts_digest_rows_are_sorted_and_a_repeat_found_however_the_ids_fall(loop: str) -> None:
+    """_fastlines.sort_digest_rows sorts a part's rows by digest (65,536 buckets by the first two
+    bytes, each by insertion) and finds an id given twice: also where ids were chosen to crowd
+    one bucket (a hostile client can find digests with a common prefix: that bucket is sorted
+    by qsort, never quadratically) and in a bucket of one."""
+    if loop != "c":
+        pytest.skip("the C loop's own test")
+    import random
+
+    rng = random.Random(7)
+
+    def row(digest: bytes, i: int) -> bytes:
+        return store.DIGEST_ROW.pack(4, 16, digest, 8, b"c" * 8, 8, 0, 8, i)
+
+    rows = [row(rng.randbytes(16), i) for i in range(5000)]
+    rows += [row(b"\x00\x00" + rng.randbytes(14), i) for i in range(400)]  # a crowded bucket
+    rows += [row(b"\xff\xff" + b"\x00" * 14, 1)]  # alone in the last bucket
+    for repeat in (None, 5001, 5401):
+        got = rows + ([] if repeat is None else [rows[repeat - 1]])
+        rng.shuffle(got)
+        buf = bytearray(b"".join(got))
+        assert parser._fastlines.sort_digest_rows(buf) is (repeat is not None)
+        assert bytes(buf) == b"".join(sorted(got, key=lambda r: r[6:22]))
+    assert parser._fastlines.sort_digest_rows(bytearray()) is False
