@@ -227,22 +227,16 @@ class Claim:
         return True
 
     def digests(self, digests: list[bytes], contents: list[bytes] | None = None,
-                origins: list[tuple[bytes, int, str]] | None = None,
-                recorded: set[bytes] | None = None) -> list[bool | None]:
+                origins: list[tuple[bytes, int, str]] | None = None) -> list[bool | None]:
         """Claim each digest, in order: True for the first occurrence of one never applied,
         False for a repeat of the same content, None for the same id with different content
         (`conflicts` then says where the first one was seen). `origins` are the lines'
-        (journal fingerprint, line number, path), remembered for that message. `recorded`:
-        the digests this transaction already recorded (store.claim_digest_rows), so only the
-        others are looked up."""
+        (journal fingerprint, line number, path), remembered for that message."""
         if not digests:
             return []
         if contents is None:
             contents = [b""] * len(digests)
-        if recorded is None:
-            known = self.store.claim_digests(digests, contents, origins)
-        else:
-            known = self.store.digests_seen([d for d in dict.fromkeys(digests) if d not in recorded])
+        known = self.store.claim_digests(digests, contents, origins)
         out: list[bool | None] = []
         first: dict[bytes, tuple[bytes, int]] = {}  # claimed in this batch: content, index
         for i, (d, c) in enumerate(zip(digests, contents, strict=True)):

@@ -464,6 +464,25 @@ def _event(raw: bytes, strict: bool = False,
     return (ev.user_id, eventtime.minute_key(ev.time)), ev.name == "add_revenue", ev.value, ev.event_id
 
 
+def event_of(raw: bytes, strict: bool = False,
+             mapping: Mapping | None = None) -> tuple[Key, bool, events.Value, str | None]:
+    """((user, minute), is_add, value, eventId) of a valid line, as the loops read it; raises
+    InvalidEvent."""
+    return _event(raw, strict, mapping)
+
+
+def take_back(sums: Sums, key: Key, is_add: bool, value: events.Value) -> None:
+    """Count an event out of `sums` (as `add` counts one in): rows of such sums, added to rows
+    that counted the event, cancel it (PostgreSQL sums a key's rows)."""
+    s = sums.setdefault(key, [0, 0, 0, 0])
+    if is_add:
+        s[0] -= 1
+        s[1] = money_add(s[1], -value)
+    else:
+        s[2] -= 1
+        s[3] = money_add(s[3], -value)
+
+
 def event_id(raw: bytes, mapping: Mapping | None = None) -> str:
     """The eventId of a valid line (for a message)."""
     return str(_event(raw, False, mapping)[3])

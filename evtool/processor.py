@@ -10,6 +10,7 @@ one of bytes the file no longer holds (`journal.check_range`, just before the co
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import math
@@ -17,6 +18,7 @@ import multiprocessing
 import os
 import tempfile
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -39,10 +41,12 @@ log = logging.getLogger(__name__)
 # parser.MAX_HELD); what it costs is the work redone when a batch fails, and how long its
 # totals wait to be seen.
 DEFAULT_BATCH_BYTES = 2048 * 1024 * 1024
-# A batch whose lines must be decided one by one (sender lines applied before or repeated within
-# it, identity.Claim.line; an opaque id seen before) holds its bytes, and those lines' entries and
-# sums, in this process: larger batches are parsed again at most this size (SlowPathTooLarge).
+# A batch whose sender lines must be decided one by one (some applied before or repeated within
+# it, identity.Claim.line) holds its bytes, and those lines' entries and sums, in this process:
+# larger batches are parsed again at most this size (SlowPathTooLarge). Opaque ids seen before
+# do not: the database names the lines not applied, and only those are read (read_lines).
 LINE_BY_LINE_BYTES = 128 * 1024 * 1024
+READ_LINES_CHUNK = 4 << 20  # what read_lines reads at once
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
 MAX_REJECT_SAMPLES = 20
 
@@ -613,7 +617,8 @@ class Processor:
                 return f.read(b.end - b.offset)
 
             first_line = p.lines + 1
-            outcome = apply(store, b, reread, fp, resolved, first_line)
+            outcome = apply(store, b, reread, fp, resolved, first_line,
+                            lambda wanted: read_lines(f, b.offset, b.end, wanted))
             rejects = b.rejects + outcome.rejects
             store.record_rejects(
                 (fp, offset, first_line + index, resolved, raw, reason)
@@ -675,13 +680,38 @@ class Processor:
         return report
 
 
-def _line_at(data: bytes, at: int) -> bytes:
-    end = data.find(b"\n", at)
-    return data[at:end if end >= 0 else len(data)].rstrip(b"\r")
+def read_lines(f: BinaryIO, start: int, end: int, wanted: list[int]) -> dict[int, tuple[int, bytes]]:
+    """The lines of index `wanted` among the lines of bytes [start, end) of `f` (which ends at
+    a line's end): {index: (offset in the file, the line without its end)}. Read a few MiB at a
+    time, so a large batch is never held whole to find a few of its lines."""
+    out: dict[int, tuple[int, bytes]] = {}
+    todo = sorted(set(wanted))
+    k, index, offset, rest, left = 0, 0, start, b"", end - start
+    f.seek(start)
+    while k < len(todo) and left > 0:
+        block = f.read(min(READ_LINES_CHUNK, left))
+        if not block:  # the file shrank: check_range refuses the batch anyway
+            break
+        left -= len(block)
+        data = rest + block
+        cut = data.rfind(b"\n") + 1
+        lines = data.count(b"\n", 0, cut)
+        at, at_index = 0, index
+        while k < len(todo) and todo[k] < index + lines:
+            while at_index < todo[k]:
+                at = data.index(b"\n", at) + 1
+                at_index += 1
+            out[todo[k]] = (offset + at, data[at:data.index(b"\n", at)].rstrip(b"\r"))
+            k += 1
+        index += lines
+        offset += cut
+        rest = data[cut:]
+    return out
 
 
 def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: bytes = b"",
-          path: str = "", first_line: int = 1) -> Outcome:
+          path: str = "", first_line: int = 1,
+          lines_at: Callable[[list[int]], dict[int, tuple[int, bytes]]] | None = None) -> Outcome:
     """Apply a parsed batch inside the caller's transaction; only never-applied events count.
 
     `b` is only read, so a failed transaction can apply it again. `reread` returns the
@@ -691,6 +721,11 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
     ids were first seen, for the reason of a later conflict. An opaque id seen again with
     other content is returned in `rejects` (offset, index in batch, raw, reason).
     """
+    if lines_at is None:
+        def lines_at(wanted: list[int]) -> dict[int, tuple[int, bytes]]:
+            got = read_lines(io.BytesIO(reread()), 0, b.end - b.offset, wanted)
+            return {i: (b.offset + at, raw) for i, (at, raw) in got.items()}
+
     out = Outcome(applied=sum(p.fresh_count for p in b.parts))
     # The parts' COPY rows, group by group (PostgreSQL sums a user's rows): the workers'
     # rendering wherever the lines are all new, sums made here only for what was re-decided.
@@ -698,6 +733,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
     users: list[Iterable[int]] = [p.fresh_users for p in b.parts]
     claim = identity.Claim(store, {s: lines.cell_ids() for s, lines in b.sources.items()})
     data: bytes | None = None
+    taken_back: set[str] = set()
     for source, lines in b.sources.items():
         if not lines.repeats and claim.cells(source, lines):
             rows.extend(part.rows for part in lines.parts)  # the common case: all new
@@ -718,46 +754,46 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
 
     if b.opaque_count:
         # The common case is decided by a count: every opaque id is new and none repeats, so
-        # the workers' optimistic sums stand. Otherwise decide event by event, from the
-        # events themselves (parsed here again when the workers kept them).
+        # the workers' optimistic sums stand. Otherwise the database says which lines were not
+        # applied (an id seen before, or again within the batch), usually few: only those are
+        # read again, decided one by one, and their events taken back out of the sums.
         # an id twice in a part: no point trying the all-new insert
         hopeful = not any(p.opaque_repeats for p in b.parts)
         merged = parser.claim_rows(b, fingerprint, first_line) if hopeful else None
         if merged is not None and store.claim_new_digests(merged):
-            recorded = None
+            skipped = None
         else:  # (an id seen before: the all-new insert would fail again)
             digest_rows = b"".join(p.opaque_rows for p in b.parts)
-            recorded = store.claim_digest_rows(digest_rows, b.opaque_count, fingerprint, first_line,
-                                               b.part_lines, hopeful and merged is None)
-        if recorded is not None:
-            data = reread() if data is None else data
-            if len(b.opaque) != b.opaque_count:  # parsed again, once: a retry reuses it
-                b.opaque = parser.parse(data, b.offset, close=False, strict=b.strict,
-                                        mapping=b.mapping).opaque
-            opaque = b.opaque
-            sums = {}
-            claimed = claim.digests([o[0] for o in opaque], [o[1] for o in opaque],
-                                    [(fingerprint, first_line + o[6], path) for o in opaque], recorded)
-            for (d, _, key, is_add, value, offset, index), new in zip(opaque, claimed, strict=True):
-                if new:
-                    parser.add(sums, key, is_add, value)
-                    out.applied += 1
-                elif new is None:  # the id names another event: record it, never drop it silently
-                    raw = _line_at(data, offset - b.offset)
-                    why = identity.conflict_reason(parser.event_id(raw, b.mapping), claim.conflicts[d])
-                    out.rejects.append((offset, index, raw, why))
+            skipped = store.claim_digest_rows(digest_rows, b.opaque_count, fingerprint, first_line,
+                                              b.part_lines, hopeful and merged is None)
+        rows.extend(p.opaque_sum_rows for p in b.parts)  # the workers' rendering, as if all new
+        users.extend(p.opaque_users for p in b.parts)
+        out.applied += b.opaque_count
+        if skipped is not None:
+            known = store.digests_seen(list(dict.fromkeys(d for d, _, _ in skipped)))
+            lines = lines_at([i for _, _, i in skipped])
+            back: parser.Sums = {}  # the events not applied, subtracted from the sums
+            for d, c, index in skipped:
+                offset, raw = lines[index]
+                key, is_add, value, eid = parser.event_of(raw, b.strict, b.mapping)
+                was, where = known[d]
+                if was and c and was != c:  # the id names another event: record it, never drop it
+                    out.rejects.append((offset, index, raw, identity.conflict_reason(str(eid), where)))
                 else:
                     out.duplicates += 1
-            rows.append(parser.render(sums))
-            users.append(parser.user_hashes(sums))
-        else:
-            rows.extend(p.opaque_sum_rows for p in b.parts)  # the workers' rendering
-            users.extend(p.opaque_users for p in b.parts)
-            out.applied += b.opaque_count
+                parser.take_back(back, key, is_add, value)
+                out.applied -= 1
+            rows.append(parser.render(back))
+            taken_back = {key[0] for key in back}
 
     # streamed to COPY a few MiB at a time: no process holds a large batch's rows whole
     out.pending_minutes = store.add_to_totals((c for r in rows for c in r.chunks()),
-                                              sum(r.count for r in rows), sum(r.size for r in rows))
+                                              sum(r.count for r in rows), sum(r.size for r in rows),
+                                              net=bool(taken_back))
+    if taken_back:  # a user all of whose events in the batch were taken back was not touched
+        gone = {hash(u) for u in store.users_without_events(sorted(taken_back))}
+        if gone:
+            users = [array("q", (h for h in hashes if h not in gone)) for hashes in users]
     out.users = users
     claim.record()
     return out

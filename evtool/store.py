@@ -534,24 +534,28 @@ class Store:
         return self.digests_seen([d for d in dict.fromkeys(digests) if d not in new])
 
     def claim_digest_rows(self, rows: bytes, events: int, fingerprint: bytes, first_line: int,
-                          parts: list[tuple[int, int]], hopeful: bool = True) -> set[bytes] | None:
+                          parts: list[tuple[int, int]], hopeful: bool = True
+                          ) -> list[tuple[bytes, bytes, int]] | None:
         """Claim opaque event digests from binary COPY rows the workers rendered (DIGEST_ROW:
         digest, content, part offset, line index in the part; see parser.ParsedPart.finish):
-        record the ones never recorded, at line `first_line` + the lines before their part
-        (`parts`: part offset -> lines before it in the batch) + their index.
+        record the ones never recorded, each at its first line in the batch: `first_line` + the
+        lines before its part (`parts`: part offset -> lines before it in the batch) + its index.
 
         None when all `events` were recorded now (every id new, none repeated: the common
-        case, decided by a count, with nothing sent back); else the digests recorded now, for
-        the caller to decide event by event (see identity.Claim.digests). Inserted in digest
-        order, as claim_digests. `hopeful` False skips the all-new attempt (an id is known to
-        repeat).
+        case, decided by a count, with nothing sent back); else the lines not applied, as
+        (digest, content, line index in the batch) in line order: an id recorded before (by an
+        earlier batch, or a concurrent processor once it commits), and every later occurrence
+        of an id within the batch. Few, as a rule: the caller reads only those lines again
+        (processor.apply). Inserted in digest order, as claim_digests. `hopeful` False skips
+        the all-new attempt (an id is known to repeat).
         """
         self._ensure_temp()
-        select = ("SELECT {} b.digest, b.content, %s::bytea, %s::int8 + p.base + b.line_no"
-                  " FROM batch_digests b"
-                  " JOIN unnest(%s::int8[], %s::int8[]) AS p(start, base) ON p.start = b.part"
-                  " ORDER BY b.digest, p.base + b.line_no")
-        params = (fingerprint, first_line, [s for s, _ in parts], [b for _, b in parts])
+        joined = ("FROM batch_digests b"
+                  " JOIN unnest(%(starts)s::int8[], %(bases)s::int8[]) AS p(start, base) ON p.start = b.part")
+        select = ("SELECT {} b.digest, b.content, %(journal)s::bytea, %(first)s::int8 + p.base + b.line_no "
+                  + joined + " ORDER BY b.digest, p.base + b.line_no")
+        params = {"journal": fingerprint, "first": first_line,
+                  "starts": [s for s, _ in parts], "bases": [b for _, b in parts]}
         with self.conn.cursor() as cur:
             # The sort by digest in memory, not spilled at the default 4 MB: ~2 bytes a byte of
             # binary row (SET LOCAL: this transaction only).
@@ -576,12 +580,19 @@ class Store:
                 else:
                     cur.execute("RELEASE SAVEPOINT claim_digests")
                     return None
-            cur.execute("INSERT INTO applied_events (digest, content, journal, line_no) "
-                        + select.format("DISTINCT ON (b.digest)")
-                        + " ON CONFLICT DO NOTHING RETURNING digest", params)
-            if cur.rowcount == events:  # a concurrent processor's claim rolled back meanwhile
-                return None
-            return {row[0] for row in cur.fetchall()}
+            # The lines whose id was not recorded at that very line: an anti-join with what the
+            # insert returns, all in the server (nothing per id comes back but those lines).
+            skipped = cur.execute(
+                "WITH recorded AS (INSERT INTO applied_events (digest, content, journal, line_no) "
+                + select.format("DISTINCT ON (b.digest)")
+                + " ON CONFLICT DO NOTHING RETURNING digest, line_no)"
+                " SELECT b.digest, b.content, p.base + b.line_no AS i " + joined
+                + " WHERE NOT EXISTS (SELECT 1 FROM recorded r WHERE r.digest = b.digest"
+                "  AND r.line_no = %(first)s::int8 + p.base + b.line_no)"
+                " ORDER BY i", params).fetchall()
+        if not skipped:  # a concurrent processor's claim rolled back meanwhile
+            return None
+        return [(bytes(d), bytes(c), i) for d, c, i in skipped]
 
     def claim_new_digests(self, rows: Iterable[bytes]) -> bool:
         """Record opaque event digests straight into applied_events: `rows` its rows in COPY's
@@ -633,10 +644,12 @@ class Store:
                 out[bytes(d)] = (bytes(c) if c is not None else None, f"{p} line {n}" if p else None)
             return out
 
-    def add_to_totals(self, rows: Iterable[bytes], count: int, size: int) -> bool:
+    def add_to_totals(self, rows: Iterable[bytes], count: int, size: int, net: bool = False) -> bool:
         """Add per-(user, minute) sums, as COPY rows (see copy_rows: `count` rows of `size`
         bytes, in any chunks), to the totals, the per-minute figures (event time) and the
-        revenue log, in the caller's transaction.
+        revenue log, in the caller's transaction. With `net`, some rows take events back out
+        (parser.take_back: negative counts and amounts): the rows are summed per (user, minute)
+        even where they would be appended, and a user or minute left with no event is skipped.
 
         A user may have several rows (one per minute, per part of a batch); they are summed
         here. Totals are upserted in user order, so concurrent processors never deadlock. The
@@ -650,7 +663,13 @@ class Store:
         pending = count >= PENDING_MINUTE_ROWS
         minute = ("CASE WHEN minute = '' THEN '-infinity'::timestamptz"
                   " ELSE (minute || ':00Z')::timestamptz END")
-        if pending:
+        some = "HAVING sum(adds) + sum(subtracts) > 0" if net else ""  # (every row has an event)
+        if pending and net:
+            minutes = f"""
+                    INSERT INTO revenue_minutes_pending (user_id, minute, adds, added, subtracts, subtracted)
+                    SELECT user_id, {minute}, sum(adds), sum(added), sum(subtracts), sum(subtracted)
+                    FROM batch_minute_sums GROUP BY user_id, minute {some}"""
+        elif pending:
             minutes = f"""
                     INSERT INTO revenue_minutes_pending (user_id, minute, adds, added, subtracts, subtracted)
                     SELECT user_id, {minute}, adds, added, subtracts, subtracted FROM batch_minute_sums"""
@@ -658,7 +677,7 @@ class Store:
             minutes = f"""
                     INSERT INTO revenue_by_minute AS r (user_id, minute, adds, added, subtracts, subtracted)
                     SELECT user_id, {minute}, sum(adds), sum(added), sum(subtracts), sum(subtracted)
-                    FROM batch_minute_sums GROUP BY user_id, minute ORDER BY user_id, minute
+                    FROM batch_minute_sums GROUP BY user_id, minute {some} ORDER BY user_id, minute
                     {_ADD_MINUTE}"""
         with self.conn.cursor() as cur:
             # The batch's sorts and aggregates in memory, not spilled at the default 4 MB: about
@@ -673,7 +692,7 @@ class Store:
                 WITH s AS MATERIALIZED (
                     SELECT user_id, sum(adds) AS adds, sum(added) AS added,
                            sum(subtracts) AS subtracts, sum(subtracted) AS subtracted
-                    FROM batch_minute_sums GROUP BY user_id
+                    FROM batch_minute_sums GROUP BY user_id {some}
                 ), minutes AS ({minutes}
                 ), totals AS (
                     -- now() in the inserted row, not in DO UPDATE SET: Citus refuses a
@@ -689,6 +708,15 @@ class Store:
                 """
             )
         return pending
+
+    def users_without_events(self, users: list[str]) -> list[str]:
+        """Of `users`, those the batch's rows (add_to_totals, this transaction) leave with no
+        event: every one of theirs was taken back."""
+        with self.conn.cursor() as cur:
+            have = {u for (u,) in cur.execute(
+                "SELECT user_id FROM batch_minute_sums WHERE user_id = ANY(%s)"
+                " GROUP BY user_id HAVING sum(adds) + sum(subtracts) > 0", (users,))}
+        return [u for u in users if u not in have]
 
     def fold_minutes(self) -> tuple[int, int]:
         """Move the pending per-minute rows into revenue_by_minute, summed per (user, minute),

@@ -231,37 +231,66 @@ def test_opaque_ids_parsed_by_workers_keep_their_lines_repeats_and_conflicts(dsn
     assert totals(dsn) == want
 
 
-def test_a_batch_of_new_opaque_ids_is_copied_straight_in_and_one_seen_before_undoes_it(dsn, tmp_path):
+@pytest.mark.parametrize("appended", [False, True], ids=["upserted", "appended"])
+def test_a_batch_of_new_opaque_ids_is_copied_straight_in_and_one_seen_before_undoes_it(dsn, tmp_path,
+                                                                                      monkeypatch, appended):
     """The all-new case copies the parts' rows, merged in digest order, straight into
     applied_events (store.claim_new_digests). One id recorded before, or the same id in two
     parts of the batch (each part's own check cannot see it), fails that copy: it is undone
-    and the batch decided event by event, every new id recorded once at its own line."""
+    and the batch decided event by event, every new id recorded once at its own line. Only the
+    lines not applied are read again; their events are taken back out of the workers' sums
+    (negative rows, summed per user and minute whether the minutes are upserted or appended:
+    store.PENDING_MINUTE_ROWS), and a user left with no event is not touched at all."""
+    from evtool import store
     from evtool.identity import event_digest
+
+    if appended:
+        monkeypatch.setattr(store, "PENDING_MINUTE_ROWS", 1)
 
     journal = tmp_path / "j.jsonl"
     tuning = {"workers": 2, "inline_bytes": 0, "piece_bytes": 4_000}
-    write(journal, *(line(f"u{n % 7}", "add_revenue", n, f"a-{n}") for n in range(1, 201)))
+    write(journal, *(line(f"u{n % 7}", "add_revenue", n, f"a-{n}") for n in range(1, 200)),
+          line("u9", "add_revenue", 3, "c-1"))
     assert process(dsn, [journal], **tuning).applied == 200
-    assert stored_digests(dsn) == {event_digest(f"a-{n}"): n for n in range(1, 201)}
+    first = {event_digest(f"a-{n}"): n for n in range(1, 200)}
+    assert stored_digests(dsn) == {**first, event_digest("c-1"): 200}
     # the next batch: new ids in several parts, one id of the first batch (a late retry), and
     # a new id both near the start and near the end (two parts)
     later = [line(f"u{n % 7}", "add_revenue", n, f"b-{n}") for n in range(201, 401)]
     later[50] = line("u3", "add_revenue", 17, "a-17")  # as the first batch had it
     later[3] = later[190] = line("u2", "add_revenue", 1000, "twice")
+    later[100] = line("u8", "subtract_revenue", 5, "other")  # a new user
+    later[120] = line("u8", "add_revenue", 6, "other")  # the same id, other content: a reject
+    later[150] = line("u8", "subtract_revenue", 5, "other")  # and a plain retry
+    later[170] = line("u9", "add_revenue", 3, "c-1")  # a user whose only event is a retry
+    later[180] = line("u10", "add_revenue", 4, "c-1")  # a new user whose only event is a reject
     write(journal, *later)
     report = process(dsn, [journal], **tuning)
     assert report.files[0].batches == 1
-    assert (report.applied, report.duplicates, report.rejected) == (198, 2, 0)
+    assert (report.applied, report.duplicates, report.rejected) == (194, 4, 2)
+    assert len(report.users) == 8  # u0-u6 and u8: u9's only event was not applied
     want: dict[str, int] = {}
-    for n in range(1, 401):
-        if n not in (251, 204, 391):
+    for n in range(201, 401):
+        if n not in (251, 204, 391, 301, 321, 351, 371, 381):  # not "b-n" lines
             want[f"u{n % 7}"] = want.get(f"u{n % 7}", 0) + n
+    for n in range(1, 200):
+        want[f"u{n % 7}"] += n
     want["u2"] += 1000
-    assert totals(dsn) == want
+    want["u8"], want["u9"] = -5, 3
+    assert totals(dsn) == want  # and no row for u10, nor for anyone with nothing applied
+    with psycopg.connect(dsn) as conn:
+        (reason, line_no), (_, other) = conn.execute(
+            "SELECT reason, line_no FROM rejected_lines ORDER BY line_no").fetchall()
+    assert (line_no, other) == (321, 381)
+    assert reason.startswith(f"eventId other was already applied with different content (first seen in "
+                             f"{journal.resolve()} line 301)")
     got = stored_digests(dsn)
-    assert len(got) == 200 + 198
+    assert len(got) == 200 + 194  # one a line applied
     assert got[event_digest("twice")] == 204 and got[event_digest("a-17")] == 17
-    assert all(got[event_digest(f"b-{n}")] == n for n in range(201, 401) if n not in (251, 204, 391))
+    assert got[event_digest("other")] == 301
+    taken = (251, 204, 391, 301, 321, 351, 371, 381)
+    assert all(got[event_digest(f"b-{n}")] == n for n in range(201, 401) if n not in taken)
+    assert sum(minute_sums(dsn).values()) == sum(want.values())
 
 
 def stored_digests(dsn: str) -> dict[bytes, int]:
