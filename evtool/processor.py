@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import identity, journal, parser
-from .errors import EvtoolError, JournalChanged, JournalError, SourceError
+from .errors import EvtoolError, InvalidEvent, JournalChanged, JournalError, SourceError
 from .mapping import Mapping
 from .parser import Batch, ParsedPart
 from .store import Store, path_text, retrying
@@ -774,8 +774,12 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
             lines = lines_at([i for _, _, i in skipped])
             back: parser.Sums = {}  # the events not applied, subtracted from the sums
             for d, c, index in skipped:
-                offset, raw = lines[index]
-                key, is_add, value, eid = parser.event_of(raw, b.strict, b.mapping)
+                try:
+                    offset, raw = lines[index]
+                    key, is_add, value, eid = parser.event_of(raw, b.strict, b.mapping)
+                except (KeyError, InvalidEvent):  # not the line parsed: the file changed under the run
+                    raise JournalChanged(f"{path} was overwritten while a batch of it was being processed. "
+                                         "Nothing of the batch was applied") from None
                 was, where = known[d]
                 if was and c and was != c:  # the id names another event: record it, never drop it
                     out.rejects.append((offset, index, raw, identity.conflict_reason(str(eid), where)))
