@@ -1,7 +1,7 @@
 """One `process` run with its CPU split: the processor's (self + workers) and PostgreSQL's.
 
     python -m tests.bench.proc_cpu --server DSN --pgdata DIR JOURNAL [--evtool SRC_DIR]
-        [--batch-mb MB] [--max-held-mb MB]
+        [--batch-mb MB] [--max-held-mb MB] [--table-flush-mb MB] [--retries N]
 
 Creates (or recreates) the database `evtool_proc_cpu` on the server DSN points at, applies
 JOURNAL with `evtool.processor.process` (from SRC_DIR when given, to compare two checkouts on
@@ -10,7 +10,9 @@ the server's CPU-s (the postmaster's reaped children plus the live ones: DIR is 
 directory, for postmaster.pid), then the totals. CPU-s hold on a shared machine where wall time
 does not; run it on a server nothing else uses. --batch-mb and --max-held-mb set the batch size
 and what a worker part may hold (`parser.MAX_HELD`): to measure what other batch sizes would cost
-(a cap far above the default lets a part's memory grow with its users).
+(a cap far above the default lets a part's memory grow with its users). --retries N applies a
+copy of JOURNAL (in TMPDIR) with N lines each written again 1-49 lines later (seeded), as a
+client's retries land: with opaque ids, the lines the database finds not applied.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ def main() -> None:
     ap.add_argument("--batch-mb", type=int, help="batch size (default: evtool's)")
     ap.add_argument("--max-held-mb", type=int, help="what a worker part may hold (default: evtool's)")
     ap.add_argument("--table-flush-mb", type=int, help="parser.TABLE_FLUSH (default: evtool's)")
+    ap.add_argument("--retries", type=int, default=0, help="lines written twice (a copy of JOURNAL)")
     ap.add_argument("journal", type=Path)
     a = ap.parse_args()
+    if a.retries:
+        a.journal = _with_retries(a.journal, a.retries)
     if a.evtool:
         sys.path.insert(0, a.evtool)
     import psutil
@@ -84,6 +89,24 @@ def main() -> None:
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10} MiB, tree peak PSS "
           f"{peak[1] >> 10} MiB (polled every 20 ms, costing some CPU); "
           f"{users} users, total {total}")
+    if a.retries:
+        a.journal.unlink()
+
+
+def _with_retries(journal: Path, n: int) -> Path:
+    """A copy of `journal` in TMPDIR with `n` lines each written again 1-49 lines later."""
+    import random
+    import tempfile
+
+    lines = journal.read_bytes().splitlines(keepends=True)
+    rng = random.Random(3)
+    for _ in range(n):
+        i = rng.randrange(len(lines) - 100)
+        lines.insert(i + rng.randrange(1, 50), lines[i])
+    fd, name = tempfile.mkstemp(suffix=".jsonl", prefix="proc-cpu-retries-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"".join(lines))
+    return Path(name)
 
 
 if __name__ == "__main__":
