@@ -190,13 +190,13 @@ class ParsedPart:
     opaque: list[tuple[bytes, bytes, Key, bool, events.Value, int, int]] = field(default_factory=list)
     rejects: list[tuple[int, int, bytes, str]] = field(default_factory=list)  # offset, index, raw, why
     lines: int = 0
-    # The opaque events' batch_digests binary COPY rows (store.DIGEST_ROW), rendered by the
-    # worker; the worker then ships only these and their count, not the events (`shipped`).
+    # The opaque events' batch_digests binary COPY rows (store.DIGEST_ROW), sorted by digest
+    # where the C module is; the worker ships only these and their count, not the events.
     opaque_rows: bytes | bytearray = b""
     opaque_count: int = 0
     # The C loop's opaque-id events, in a worker (parse_range): their DIGEST_ROWs as the loop
     # writes them and their sums, with no object per event. None: they go to `opaque`, as the
-    # Python loops' do (the committing process parses so when it decides event by event).
+    # Python loops' do (a part parsed in the committing process, or without the C module).
     opaque_table: object | None = None
     opaque_buf: bytearray | None = None
     opaque_sums: Sums = field(default_factory=dict)  # the opaque events' sums, as if all new
@@ -278,11 +278,10 @@ class ParsedPart:
             part.sums, part.table = {}, None
 
     def shipped(self) -> ParsedPart:
-        """What a worker sends back: the opaque events stay behind (their COPY rows go) unless
-        an id repeats within the part (a client's retry), which is then decided event by
-        event. The rarer batch with an id seen before parses its bytes again."""
-        if not self.opaque_repeats:
-            self.opaque = []
+        """What a worker sends back: the opaque events stay behind, their rows go. A batch with
+        an id seen before, or repeated, has the database name the lines not applied, and reads
+        only those again (processor.apply)."""
+        self.opaque = []
         return self
 
 
@@ -366,14 +365,11 @@ class Batch:
                     have.repeats = have.repeats or len(unique) != len(got)
                     have.cells[cell] = b"".join(unique)
                 have.parts.append(part)
-        # as in ParsedPart, with the line's index in the batch; empty when the parts were
-        # shipped by workers (see ParsedPart.shipped): then only the counts and rows are here
-        self.opaque = []
+        # the opaque ids: only their count and the parts' rows (see ParsedPart.shipped)
         self.opaque_count = sum(p.opaque_count for p in parts)
         self.part_lines: list[tuple[int, int]] = []  # (part offset, lines before it in the batch)
         base = 0
         for p in parts:
-            self.opaque.extend((d, c, u, a, v, off, base + i) for d, c, u, a, v, off, i in p.opaque)
             self.part_lines.append((p.offset, base))
             base += p.lines
         self.strict = parts[0].strict

@@ -715,11 +715,12 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
     """Apply a parsed batch inside the caller's transaction; only never-applied events count.
 
     `b` is only read, so a failed transaction can apply it again. `reread` returns the
-    batch's bytes, needed only when some sender lines may have been applied before or an
-    opaque id was seen before (it raises SlowPathTooLarge for a batch too large for that).
-    `fingerprint`, `path` and `first_line` (the batch's first line number) say where opaque
-    ids were first seen, for the reason of a later conflict. An opaque id seen again with
-    other content is returned in `rejects` (offset, index in batch, raw, reason).
+    batch's bytes, needed only when some sender lines may have been applied before (it raises
+    SlowPathTooLarge for a batch too large for that); `lines_at` some of its lines by index
+    (read_lines; by default from `reread`), for the lines whose opaque id was seen before or
+    repeats. `fingerprint`, `path` and `first_line` (the batch's first line number) say where
+    opaque ids were first seen, for the reason of a later conflict. An opaque id seen again
+    with other content is returned in `rejects` (offset, index in batch, raw, reason).
     """
     if lines_at is None:
         def lines_at(wanted: list[int]) -> dict[int, tuple[int, bytes]]:
