@@ -936,12 +936,17 @@ static PyObject *sum_lines(PyObject *self, PyObject *args)
 }
 
 /* sort_digest_rows(rows) -> bool: sort a bytearray of store.DIGEST_ROW rows by digest, in place,
- * and say whether a digest occurs twice (an id repeated within the part: parser._repeats). A
+ * an id's occurrences by line, and say whether a digest occurs twice (an id repeated within the
+ * part: parser._repeats). A
  * worker's part arrives sorted, so the committing process merges the parts (claim_rows). By the
  * digest's first two bytes into 65,536 buckets (digests are uniform), then each bucket by
  * insertion (a crowded one by qsort): linear in the rows, where a qsort of them all cost several
  * times as much. */
-static int row_cmp(const unsigned char *a, const unsigned char *b) { return memcmp(a + 6, b + 6, 16); }
+static int row_cmp(const unsigned char *a, const unsigned char *b)
+{
+    int c = memcmp(a + 6, b + 6, 16);
+    return c ? c : memcmp(a + 50, b + 50, 8); /* an id's occurrences by line (big-endian index) */
+}
 static int row_qcmp(const void *a, const void *b) { return row_cmp(a, b); }
 
 static PyObject *sort_digest_rows(PyObject *self, PyObject *args)
@@ -992,7 +997,7 @@ static PyObject *sort_digest_rows(PyObject *self, PyObject *args)
             }
         }
         for (unsigned char *r = lo + DIGEST_ROW; r < hi && !twice; r += DIGEST_ROW)
-            twice = row_cmp(r - DIGEST_ROW, r) == 0;
+            twice = memcmp(r - DIGEST_ROW + 6, r + 6, 16) == 0;
     }
     memcpy(all, out, (size_t)n * DIGEST_ROW);
     PyMem_Free(start);
@@ -1001,20 +1006,37 @@ static PyObject *sort_digest_rows(PyObject *self, PyObject *args)
     return PyBool_FromLong(twice);
 }
 
-/* claim_rows(parts, bases, fingerprint, first_line, at, limit) -> bytes: up to `limit` rows of
- * applied_events (digest, content, journal, line_no) in COPY's binary format, merged in digest
- * order from `parts` (each a sorted buffer of DIGEST_ROW rows, see sort_digest_rows): journal the
- * fingerprint, line_no first_line + the part's base (lines before it in the batch) + the row's
- * index. `at` (a list, a row index per part) says where each part stands and is moved on. */
+static inline uint64_t be64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int j = 0; j < 8; j++)
+        v = v << 8 | p[j];
+    return v;
+}
+
+/* claim_rows(parts, bases, fingerprint, first_line, at, limit, last, repeats) -> bytes: the rows
+ * of applied_events (digest, content, journal, line_no) in COPY's binary format, merged in digest
+ * order from `parts` (each a buffer of DIGEST_ROW rows sorted by sort_digest_rows), taking up to
+ * `limit` of their rows: journal the fingerprint, line_no first_line + the part's base (lines
+ * before it in the batch) + the row's index. An id's later occurrences (a client's retry, in one
+ * part or two) are not written but appended to `repeats` as (digest, content, index in the
+ * batch, the first's content, the first's index). `at` (a row index per part) and `last` (a
+ * bytearray: the last id written, its content and index) carry the merge from call to call. */
 static PyObject *claim_rows(PyObject *self, PyObject *args)
 {
-    PyObject *parts, *bases, *at;
+    PyObject *parts, *bases, *at, *last, *repeats;
     Py_buffer fp;
     long long first_line;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "O!O!y*LO!n:claim_rows", &PyList_Type, &parts, &PyList_Type, &bases, &fp,
-                          &first_line, &PyList_Type, &at, &limit))
+    if (!PyArg_ParseTuple(args, "O!O!y*LO!nO!O!:claim_rows", &PyList_Type, &parts, &PyList_Type, &bases, &fp,
+                          &first_line, &PyList_Type, &at, &limit, &PyByteArray_Type, &last, &PyList_Type,
+                          &repeats))
         return NULL;
+    /* the last id written: digest (16), content (8), index in the batch (8, native) */
+    unsigned char prev[32];
+    int have_prev = PyByteArray_GET_SIZE(last) == 32;
+    if (have_prev)
+        memcpy(prev, PyByteArray_AS_STRING(last), 32);
     Py_ssize_t k = PyList_GET_SIZE(parts);
     PyObject *out = NULL;
     Py_buffer *bufs = PyMem_Calloc((size_t)(k ? k : 1), sizeof(Py_buffer));
@@ -1046,7 +1068,7 @@ static PyObject *claim_rows(PyObject *self, PyObject *args)
     out = PyBytes_FromStringAndSize(NULL, rows * row_size);
     if (out == NULL)
         goto done;
-    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(out);
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(out), *w0 = w;
     for (Py_ssize_t r = 0; r < rows; r++) {
         int best = -1;
         const unsigned char *row = NULL;
@@ -1054,12 +1076,31 @@ static PyObject *claim_rows(PyObject *self, PyObject *args)
             if (pos[i] < 0 || pos[i] >= bufs[i].len / DIGEST_ROW)
                 continue;
             const unsigned char *c = (const unsigned char *)bufs[i].buf + pos[i] * DIGEST_ROW;
+            /* strictly smaller: of an id in two parts, the earlier part's (its lines come first) */
             if (best < 0 || memcmp(c + 6, row + 6, 16) < 0) {
                 best = (int)i;
                 row = c;
             }
         }
         pos[best]++;
+        long long line = base[best] + (long long)be64(row + 50); /* the line's index in the batch */
+        if (have_prev && memcmp(prev, row + 6, 16) == 0) { /* again: the first was written */
+            long long first;
+            memcpy(&first, prev + 24, 8);
+            PyObject *t = Py_BuildValue("(y#y#Ly#L)", row + 6, (Py_ssize_t)16, row + 26, (Py_ssize_t)8, line,
+                                        prev + 16, (Py_ssize_t)8, first);
+            if (t == NULL || PyList_Append(repeats, t) < 0) {
+                Py_XDECREF(t);
+                Py_CLEAR(out);
+                goto done;
+            }
+            Py_DECREF(t);
+            continue;
+        }
+        memcpy(prev, row + 6, 16);
+        memcpy(prev + 16, row + 26, 8);
+        memcpy(prev + 24, &line, 8);
+        have_prev = 1;
         /* DIGEST_ROW: count, len 16, digest (6), len 8, content (26), len 8, part, len 8, index (50) */
         w = put_be(w, 4, 2);
         memcpy(w, row + 2, 4 + 16 + 4 + 8); /* the digest and content fields as they are */
@@ -1068,10 +1109,16 @@ static PyObject *claim_rows(PyObject *self, PyObject *args)
         memcpy(w, fp.buf, fp.len);
         w += fp.len;
         w = put_be(w, 8, 4);
-        uint64_t index = 0;
-        for (int j = 0; j < 8; j++)
-            index = index << 8 | row[50 + j];
-        w = put_be(w, (uint64_t)(first_line + base[best] + (long long)index), 8);
+        w = put_be(w, (uint64_t)(first_line + line), 8);
+    }
+    if (_PyBytes_Resize(&out, w - w0) < 0)
+        goto done;
+    if (have_prev) {
+        if (PyByteArray_Resize(last, 32) < 0) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        memcpy(PyByteArray_AS_STRING(last), prev, 32);
     }
     for (Py_ssize_t i = 0; i < k; i++) {
         PyObject *v = PyLong_FromSsize_t(pos[i]);
@@ -1356,8 +1403,8 @@ static PyMethodDef methods[] = {
     {"sort_digest_rows", sort_digest_rows, METH_VARARGS,
      "sort_digest_rows(rows) -> bool: sort DIGEST_ROW rows by digest in place; whether one repeats."},
     {"claim_rows", claim_rows, METH_VARARGS,
-     "claim_rows(parts, bases, fingerprint, first_line, at, limit) -> bytes: applied_events COPY rows, "
-     "merged in digest order."},
+     "claim_rows(parts, bases, fingerprint, first_line, at, limit, last, repeats) -> bytes: applied_events "
+     "COPY rows, merged in digest order; an id's later occurrences go to repeats."},
     {"configure", configure, METH_VARARGS,
      "configure(SourcePart, STAMP_MINUTE, stamp_minute, event_digest, content_digest)"},
     {NULL, NULL, 0, NULL},

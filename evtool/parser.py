@@ -523,22 +523,29 @@ def held(part: ParsedPart, tables: bool = True) -> int:
 CLAIM_CHUNK = 65536  # applied_events rows a chunk of claim_rows (~4.3 MB)
 
 
-def claim_rows(batch: Batch, fingerprint: bytes, first_line: int) -> Iterator[bytes] | None:
+def claim_rows(batch: Batch, fingerprint: bytes, first_line: int,
+               repeats: list[tuple[bytes, bytes, int, bytes, int]]) -> Iterator[bytes] | None:
     """The batch's opaque ids as applied_events rows in COPY's binary format (without its
     header and trailer), in digest order, CLAIM_CHUNK rows a chunk: the parts' rows (sorted
     by each part's finish) merged, each with the journal's `fingerprint` and its line number
-    (`first_line` + the lines before its part + its index). For store.claim_new_digests, which
-    inserts them as they come. None without the C module (the parts are not sorted then)."""
+    (`first_line` + the lines before its part + its index). An id's first occurrence in the
+    batch is written; each later one (a client's retry) goes to `repeats` as (digest, content,
+    index in the batch, the first's content, the first's index). For store.claim_new_digests,
+    which inserts them as they come. None without the C module (the parts are not sorted)."""
     if _fastlines is None:
         return None
     with_ids = [(p.opaque_rows, base) for p, (_, base) in zip(batch.parts, batch.part_lines, strict=True)
                 if p.opaque_count]
     parts, bases = [r for r, _ in with_ids], [b for _, b in with_ids]
+    total = sum(len(r) for r in parts) // store.DIGEST_ROW.size
 
     def chunks() -> Iterator[bytes]:
-        at = [0] * len(parts)
-        while chunk := _fastlines.claim_rows(parts, bases, fingerprint, first_line, at, CLAIM_CHUNK):
-            yield chunk
+        at, last = [0] * len(parts), bytearray()
+        while sum(at) < total:
+            chunk = _fastlines.claim_rows(parts, bases, fingerprint, first_line, at, CLAIM_CHUNK,
+                                          last, repeats)
+            if chunk:
+                yield chunk
 
     return chunks()
 

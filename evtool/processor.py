@@ -754,24 +754,28 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
         users.append(parser.user_hashes(sums))
 
     if b.opaque_count:
-        # The common case is decided by a count: every opaque id is new and none repeats, so
-        # the workers' optimistic sums stand. Otherwise the database says which lines were not
-        # applied (an id seen before, or again within the batch), usually few: only those are
-        # read again, decided one by one, and their events taken back out of the sums.
-        # an id twice in a part: no point trying the all-new insert
-        hopeful = not any(p.opaque_repeats for p in b.parts)
-        merged = parser.claim_rows(b, fingerprint, first_line) if hopeful else None
+        # The common case: every id is new. The parts' rows, merged in digest order, are copied
+        # straight in, each id at its first line; its later lines in the batch (a client's
+        # retry) are compared with that one here. An id recorded before fails the copy: the
+        # database then records the others and names every line not applied. Either way the
+        # workers' sums stand, less the events of those lines, usually few: only they are read
+        # again.
+        repeats: list[tuple[bytes, bytes, int, bytes, int]] = []
+        merged = parser.claim_rows(b, fingerprint, first_line, repeats)
         if merged is not None and store.claim_new_digests(merged):
-            skipped = None
-        else:  # (an id seen before: the all-new insert would fail again)
+            skipped = [(d, c, i) for d, c, i, _, _ in repeats]
+            known = {d: (was, f"{path} line {first_line + at}") for d, _, _, was, at in repeats}
+        else:
             digest_rows = b"".join(p.opaque_rows for p in b.parts)
+            # (without the C module, an all-new attempt unless an id repeats within a part)
+            hopeful = merged is None and not any(p.opaque_repeats for p in b.parts)
             skipped = store.claim_digest_rows(digest_rows, b.opaque_count, fingerprint, first_line,
-                                              b.part_lines, hopeful and merged is None)
+                                              b.part_lines, hopeful) or []
+            known = store.digests_seen(list(dict.fromkeys(d for d, _, _ in skipped)))
         rows.extend(p.opaque_sum_rows for p in b.parts)  # the workers' rendering, as if all new
         users.extend(p.opaque_users for p in b.parts)
         out.applied += b.opaque_count
-        if skipped is not None:
-            known = store.digests_seen(list(dict.fromkeys(d for d, _, _ in skipped)))
+        if skipped:
             lines = lines_at([i for _, _, i in skipped])
             back: parser.Sums = {}  # the events not applied, subtracted from the sums
             for d, c, index in skipped:

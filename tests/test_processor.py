@@ -293,6 +293,38 @@ def test_a_batch_of_new_opaque_ids_is_copied_straight_in_and_one_seen_before_und
     assert sum(minute_sums(dsn).values()) == sum(want.values())
 
 
+def test_retries_within_a_batch_of_new_opaque_ids_keep_it_on_the_copy(dsn, tmp_path, monkeypatch):
+    """A client's retries within a batch (in one part or two) and an id reused there with other
+    content are found by the merge: the copy of the new ids stands (the batch table is never
+    used), each retry counts as a duplicate, the reuse is rejected naming the first line."""
+    from evtool.identity import event_digest
+    from evtool.store import Store
+
+    def never(*args, **kwargs):
+        raise AssertionError("the batch table was used")
+
+    monkeypatch.setattr(Store, "claim_digest_rows", never)
+    journal = tmp_path / "j.jsonl"
+    lines = [line(f"u{n % 5}", "add_revenue", n, f"id-{n}") for n in range(1, 301)]
+    lines[9] = lines[4]  # a retry in the same part
+    lines[280] = lines[20]  # and in another part
+    lines[290] = line("u9", "add_revenue", 1, "id-31")  # a reuse, new user: nothing of u9 applied
+    write(journal, *lines)
+    report = process(dsn, [journal], workers=2, inline_bytes=0, piece_bytes=4_000)
+    assert (report.applied, report.duplicates, report.rejected) == (297, 2, 1)
+    assert len(report.users) == 5
+    want: dict[str, int] = {}
+    for n in range(1, 301):
+        if n not in (10, 281, 291):
+            want[f"u{n % 5}"] = want.get(f"u{n % 5}", 0) + n
+    assert totals(dsn) == want
+    with psycopg.connect(dsn) as conn:
+        reason, line_no = conn.execute("SELECT reason, line_no FROM rejected_lines").fetchone()
+    assert line_no == 291 and f"(first seen in {journal.resolve()} line 31)" in reason
+    got = stored_digests(dsn)
+    assert len(got) == 297 and got[event_digest("id-5")] == 5 and got[event_digest("id-21")] == 21
+
+
 def stored_digests(dsn: str) -> dict[bytes, int]:
     with psycopg.connect(dsn) as conn:
         return {bytes(d): n for d, n in conn.execute("SELECT digest, line_no FROM applied_events")}
