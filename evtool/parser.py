@@ -39,8 +39,7 @@ PIECE_BYTES = 1024 * 1024  # what a worker reads at once: bounds its memory
 # the piece where it passes this. The Python loops' sums are dicts, ~250 bytes a key plus its
 # id's characters (an estimate); the C loop's are tables (~45 bytes a key, counted as they are),
 # which a worker with a spill file writes out at TABLE_FLUSH instead (so they never cut a batch).
-# An opaque id the C loop takes is a 58-byte DIGEST_ROW (ParsedPart.opaque_buf), counted at what
-# deciding its line may cost the committing process (_OPAQUE_ROW_BYTES): ~130k a part.
+# An opaque id the C loop takes is a 58-byte DIGEST_ROW (ParsedPart.opaque_buf): ~550k a part.
 # The processor sizes later batches to fit (Processor._learn), so a cut part is rare and wastes
 # little parsing.
 MAX_HELD = 32 << 20
@@ -49,12 +48,6 @@ MAX_HELD = 32 << 20
 TABLE_FLUSH = 48 << 20
 _KEY_BYTES = 250  # a dict key's entry, tuple, sums list and ints, beside its id's characters
 _OPAQUE_BYTES = 400  # an opaque-id event's tuple, digests, key and value
-# A C-loop opaque id: its 58-byte row here, and in the committing process, when its id was seen
-# before or repeats, the line read again and decided as Python objects (~700 bytes). Counted at
-# a third of that, so a batch of re-sent ids (a file sent twice: every line decided) stays
-# bounded: 2M lines, every id twice, 801 -> 366 MiB of tree PSS; a batch of new ids costs ~5%
-# (1M UUIDs in 6 batches instead of 1: 381k against 404k events/s).
-_OPAQUE_ROW_BYTES = 250
 _REJECT_BYTES = 200  # a rejected line's tuple and reason, beside the line's bytes
 _MAX_INT = events.MAX_INT
 _CELL_LINES, _ENTRY = identity.CELL_LINES, identity.ENTRY
@@ -523,8 +516,7 @@ def held(part: ParsedPart, tables: bool = True) -> int:
                 break
     mean = sum(map(len, sample)) / len(sample) if sample else 0
     rejects = len(part.rejects) * _REJECT_BYTES + sum(len(r[2]) for r in part.rejects)
-    rows = len(part.opaque_buf or b"") // store.DIGEST_ROW.size
-    opaque = len(part.opaque) * _OPAQUE_BYTES + rows * _OPAQUE_ROW_BYTES
+    opaque = len(part.opaque) * _OPAQUE_BYTES + len(part.opaque_buf or b"")
     return int(in_tables + keys * (mean + _KEY_BYTES) + opaque + rejects)
 
 
