@@ -20,7 +20,7 @@ import tempfile
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -31,7 +31,7 @@ from . import identity, journal, parser
 from .errors import EvtoolError, InvalidEvent, JournalChanged, JournalError, SourceError
 from .mapping import Mapping
 from .parser import Batch, ParsedPart
-from .store import Store, path_text, retrying
+from .store import SKIPPED, Store, path_text, retrying
 
 log = logging.getLogger(__name__)
 # One transaction. Its cost in PostgreSQL is one upsert per user it touched, so with many users
@@ -47,6 +47,7 @@ DEFAULT_BATCH_BYTES = 2048 * 1024 * 1024
 # do not: the database names the lines not applied, and only those are read (read_lines).
 LINE_BY_LINE_BYTES = 128 * 1024 * 1024
 READ_LINES_CHUNK = 4 << 20  # what read_lines reads at once
+DECIDE_LINES = 65536  # lines not applied decided at a time (what apply holds for them)
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
 MAX_REJECT_SAMPLES = 20
 
@@ -680,38 +681,38 @@ class Processor:
         return report
 
 
-def read_lines(f: BinaryIO, start: int, end: int, wanted: list[int]) -> dict[int, tuple[int, bytes]]:
-    """The lines of index `wanted` among the lines of bytes [start, end) of `f` (which ends at
-    a line's end): {index: (offset in the file, the line without its end)}. Read a few MiB at a
-    time, so a large batch is never held whole to find a few of its lines."""
-    out: dict[int, tuple[int, bytes]] = {}
-    todo = sorted(set(wanted))
-    k, index, offset, rest, left = 0, 0, start, b"", end - start
+def read_lines(f: BinaryIO, start: int, end: int, wanted: Iterable[int]) -> Iterator[tuple[int, int, bytes]]:
+    """The lines of index `wanted` (increasing, taken as they are needed) among the lines of
+    bytes [start, end) of `f` (which ends at a line's end), as (index, offset in the file, the
+    line without its end), in one pass a few MiB at a time: a large batch is never held whole
+    to find some of its lines."""
+    todo = iter(wanted)
+    w = next(todo, None)
+    index, offset, rest, left = 0, start, b"", end - start
     f.seek(start)
-    while k < len(todo) and left > 0:
+    while w is not None and left > 0:
         block = f.read(min(READ_LINES_CHUNK, left))
-        if not block:  # the file shrank: check_range refuses the batch anyway
-            break
+        if not block:  # the file shrank: the caller finds lines missing
+            return
         left -= len(block)
         data = rest + block
         cut = data.rfind(b"\n") + 1
         lines = data.count(b"\n", 0, cut)
         at, at_index = 0, index
-        while k < len(todo) and todo[k] < index + lines:
-            while at_index < todo[k]:
+        while w is not None and w < index + lines:
+            while at_index < w:
                 at = data.index(b"\n", at) + 1
                 at_index += 1
-            out[todo[k]] = (offset + at, data[at:data.index(b"\n", at)].rstrip(b"\r"))
-            k += 1
+            yield w, offset + at, data[at:data.index(b"\n", at)].rstrip(b"\r")
+            w = next(todo, None)
         index += lines
         offset += cut
         rest = data[cut:]
-    return out
 
 
 def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: bytes = b"",
           path: str = "", first_line: int = 1,
-          lines_at: Callable[[list[int]], dict[int, tuple[int, bytes]]] | None = None) -> Outcome:
+          lines_at: Callable[[Iterable[int]], Iterator[tuple[int, int, bytes]]] | None = None) -> Outcome:
     """Apply a parsed batch inside the caller's transaction; only never-applied events count.
 
     `b` is only read, so a failed transaction can apply it again. `reread` returns the
@@ -723,9 +724,9 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
     with other content is returned in `rejects` (offset, index in batch, raw, reason).
     """
     if lines_at is None:
-        def lines_at(wanted: list[int]) -> dict[int, tuple[int, bytes]]:
-            got = read_lines(io.BytesIO(reread()), 0, b.end - b.offset, wanted)
-            return {i: (b.offset + at, raw) for i, (at, raw) in got.items()}
+        def lines_at(wanted: Iterable[int]) -> Iterator[tuple[int, int, bytes]]:
+            for i, at, raw in read_lines(io.BytesIO(reread()), 0, b.end - b.offset, wanted):
+                yield i, b.offset + at, raw
 
     out = Outcome(applied=sum(p.fresh_count for p in b.parts))
     # The parts' COPY rows, group by group (PostgreSQL sums a user's rows): the workers'
@@ -762,36 +763,55 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
         # again.
         repeats: list[tuple[bytes, bytes, int, bytes, int]] = []
         merged = parser.claim_rows(b, fingerprint, first_line, repeats)
+        # the lines not applied, by line, DECIDE_LINES at a time (what is held for them here):
+        # (digest, content, index in the batch, the first's content and index where known)
+        chunks: Callable[[], Iterator[list[tuple[bytes, bytes, int, bytes | None, int]]]]
         if merged is not None and store.claim_new_digests(merged):
-            skipped = [(d, c, i) for d, c, i, _, _ in repeats]
-            known = {d: (was, f"{path} line {first_line + at}") for d, _, _, was, at in repeats}
+            repeats.sort(key=lambda r: r[2])
+
+            def chunks() -> Iterator[list[tuple[bytes, bytes, int, bytes | None, int]]]:
+                for k in range(0, len(repeats), DECIDE_LINES):
+                    yield repeats[k:k + DECIDE_LINES]  # type: ignore[misc]
+            some = bool(repeats)
         else:
             digest_rows = b"".join(p.opaque_rows for p in b.parts)
             # (without the C module, an all-new attempt unless an id repeats within a part)
             hopeful = merged is None and not any(p.opaque_repeats for p in b.parts)
-            skipped = store.claim_digest_rows(digest_rows, b.opaque_count, fingerprint, first_line,
-                                              b.part_lines, hopeful) or []
-            known = store.digests_seen(list(dict.fromkeys(d for d, _, _ in skipped)))
+            packed = store.claim_digest_rows(digest_rows, b.opaque_count, fingerprint, first_line,
+                                             b.part_lines, hopeful) or b""
+            del digest_rows
+            size = SKIPPED.size
+
+            def chunks() -> Iterator[list[tuple[bytes, bytes, int, bytes | None, int]]]:
+                for k in range(0, len(packed), DECIDE_LINES * size):
+                    yield [(d, c, i, None, -1)  # where first seen: asked per chunk
+                           for d, c, i in SKIPPED.iter_unpack(packed[k:k + DECIDE_LINES * size])]
+            some = bool(packed)
         rows.extend(p.opaque_sum_rows for p in b.parts)  # the workers' rendering, as if all new
         users.extend(p.opaque_users for p in b.parts)
         out.applied += b.opaque_count
-        if skipped:
-            lines = lines_at([i for _, _, i in skipped])
+        if some:
+            lines = lines_at(r[2] for chunk in chunks() for r in chunk)  # the batch read once
             back: parser.Sums = {}  # the events not applied, subtracted from the sums
-            for d, c, index in skipped:
-                try:
-                    offset, raw = lines[index]
-                    key, is_add, value, eid = parser.event_of(raw, b.strict, b.mapping)
-                except (KeyError, InvalidEvent):  # not the line parsed: the file changed under the run
-                    raise JournalChanged(f"{path} was overwritten while a batch of it was being processed. "
-                                         "Nothing of the batch was applied") from None
-                was, where = known[d]
-                if was and c and was != c:  # the id names another event: record it, never drop it
-                    out.rejects.append((offset, index, raw, identity.conflict_reason(str(eid), where)))
-                else:
-                    out.duplicates += 1
-                parser.take_back(back, key, is_add, value)
-                out.applied -= 1
+            for chunk in chunks():
+                seen = store.digests_seen(list(dict.fromkeys(d for d, _, _, was, _ in chunk if was is None)))
+                for d, c, index, was, at in chunk:
+                    got = next(lines, None)
+                    try:
+                        if got is None or got[0] != index:
+                            raise KeyError(index)
+                        _, offset, raw = got
+                        key, is_add, value, eid = parser.event_of(raw, b.strict, b.mapping)
+                    except (KeyError, InvalidEvent):  # not the line parsed: the file changed under the run
+                        raise JournalChanged(f"{path} was overwritten while a batch of it was being "
+                                             "processed. Nothing of the batch was applied") from None
+                    was, where = seen[d] if was is None else (was, f"{path} line {first_line + at}")
+                    if was and c and was != c:  # the id names another event: record it, never drop it
+                        out.rejects.append((offset, index, raw, identity.conflict_reason(str(eid), where)))
+                    else:
+                        out.duplicates += 1
+                    parser.take_back(back, key, is_add, value)
+                    out.applied -= 1
             rows.append(parser.render(back))
             taken_back = {key[0] for key in back}
 

@@ -34,6 +34,7 @@ CELL_WRITE_BYTES = 1 << 20  # applied_lines entries written per statement (write
 # (8), part offset, line index in the part (int8 each). Fixed width: packed in one call, ~2x
 # cheaper for the workers than hex text, and nothing for the server to parse.
 DIGEST_ROW = struct.Struct(">hi16si8siqiq")
+SKIPPED = struct.Struct(">16s8sq")  # a line claim_digest_rows says was not applied: digest, content, index
 _BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _BINARY_TRAILER = struct.pack(">h", -1)
 TEMP_BUFFERS_MB = 64  # a session's buffers for the batch tables (see _ensure_temp)
@@ -534,16 +535,16 @@ class Store:
         return self.digests_seen([d for d in dict.fromkeys(digests) if d not in new])
 
     def claim_digest_rows(self, rows: bytes, events: int, fingerprint: bytes, first_line: int,
-                          parts: list[tuple[int, int]], hopeful: bool = True
-                          ) -> list[tuple[bytes, bytes, int]] | None:
+                          parts: list[tuple[int, int]], hopeful: bool = True) -> bytes | None:
         """Claim opaque event digests from binary COPY rows the workers rendered (DIGEST_ROW:
         digest, content, part offset, line index in the part; see parser.ParsedPart.finish):
         record the ones never recorded, each at its first line in the batch: `first_line` + the
         lines before its part (`parts`: part offset -> lines before it in the batch) + its index.
 
         None when all `events` were recorded now (every id new, none repeated: the common
-        case, decided by a count, with nothing sent back); else the lines not applied, as
-        (digest, content, line index in the batch) in line order: an id recorded before (by an
+        case, decided by a count, with nothing sent back); else the lines not applied, packed
+        as SKIPPED (digest, content, line index in the batch) in line order, streamed from the
+        server (32 bytes a line, not a tuple each): an id recorded before (by an
         earlier batch, or a concurrent processor once it commits), and every later occurrence
         of an id within the batch. Few, as a rule: the caller reads only those lines again
         (processor.apply). Inserted in digest order, as claim_digests. `hopeful` False skips
@@ -582,17 +583,19 @@ class Store:
                     return None
             # The lines whose id was not recorded at that very line: an anti-join with what the
             # insert returns, all in the server (nothing per id comes back but those lines).
-            skipped = cur.execute(
+            skipped, pack = bytearray(), SKIPPED.pack
+            for d, c, i in cur.stream(
                 "WITH recorded AS (INSERT INTO applied_events (digest, content, journal, line_no) "
                 + select.format("DISTINCT ON (b.digest)")
                 + " ON CONFLICT DO NOTHING RETURNING digest, line_no)"
                 " SELECT b.digest, b.content, p.base + b.line_no AS i " + joined
                 + " WHERE NOT EXISTS (SELECT 1 FROM recorded r WHERE r.digest = b.digest"
                 "  AND r.line_no = %(first)s::int8 + p.base + b.line_no)"
-                " ORDER BY i", params).fetchall()
+                " ORDER BY i", params):
+                skipped += pack(d, c, i)
         if not skipped:  # a concurrent processor's claim rolled back meanwhile
             return None
-        return [(bytes(d), bytes(c), i) for d, c, i in skipped]
+        return bytes(skipped)
 
     def claim_new_digests(self, rows: Iterable[bytes]) -> bool:
         """Record opaque event digests straight into applied_events: `rows` its rows in COPY's

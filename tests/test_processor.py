@@ -246,6 +246,7 @@ def test_a_batch_of_new_opaque_ids_is_copied_straight_in_and_one_seen_before_und
 
     if appended:
         monkeypatch.setattr(store, "PENDING_MINUTE_ROWS", 1)
+    monkeypatch.setattr("evtool.processor.DECIDE_LINES", 2)  # decided a few at a time, read once
 
     journal = tmp_path / "j.jsonl"
     tuning = {"workers": 2, "inline_bytes": 0, "piece_bytes": 4_000}
@@ -304,6 +305,7 @@ def test_retries_within_a_batch_of_new_opaque_ids_keep_it_on_the_copy(dsn, tmp_p
         raise AssertionError("the batch table was used")
 
     monkeypatch.setattr(Store, "claim_digest_rows", never)
+    monkeypatch.setattr("evtool.processor.DECIDE_LINES", 2)
     journal = tmp_path / "j.jsonl"
     lines = [line(f"u{n % 5}", "add_revenue", n, f"id-{n}") for n in range(1, 301)]
     lines[9] = lines[4]  # a retry in the same part
