@@ -25,7 +25,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from . import identity, journal, parser
 from .errors import EvtoolError, InvalidEvent, JournalChanged, JournalError, SourceError
@@ -34,6 +34,7 @@ from .parser import Batch, ParsedPart
 from .store import SKIPPED, Store, path_text, retrying
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # One transaction. Its cost in PostgreSQL is one upsert per user it touched, so with many users
 # fewer, larger batches cost much less (10M events of 1M users: 62 batches of 128 MiB, 104.6
 # CPU-s of PostgreSQL; one batch, 18.6). A batch's memory does not grow with its bytes (the
@@ -710,6 +711,13 @@ def read_lines(f: BinaryIO, start: int, end: int, wanted: Iterable[int]) -> Iter
         rest = data[cut:]
 
 
+def _in_chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size`, the last shorter."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
 def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: bytes = b"",
           path: str = "", first_line: int = 1,
           lines_at: Callable[[Iterable[int]], Iterator[tuple[int, int, bytes]]] | None = None) -> Outcome:
@@ -763,37 +771,29 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
         # again.
         repeats: list[tuple[bytes, bytes, int, bytes, int]] = []
         merged = parser.claim_rows(b, fingerprint, first_line, repeats)
-        # the lines not applied, by line, DECIDE_LINES at a time (what is held for them here):
-        # (digest, content, index in the batch, the first's content and index where known)
-        chunks: Callable[[], Iterator[list[tuple[bytes, bytes, int, bytes | None, int]]]]
+        # the lines not applied, by line: (digest, content, index in the batch, and the first
+        # occurrence's content and index where the merge knows them), read twice (lines, decisions)
+        skipped: Callable[[], Iterator[tuple[bytes, bytes, int, bytes | None, int]]]
+        packed = b""
         if merged is not None and store.claim_new_digests(merged):
             repeats.sort(key=lambda r: r[2])
-
-            def chunks() -> Iterator[list[tuple[bytes, bytes, int, bytes | None, int]]]:
-                for k in range(0, len(repeats), DECIDE_LINES):
-                    yield repeats[k:k + DECIDE_LINES]  # type: ignore[misc]
-            some = bool(repeats)
+            skipped = lambda: iter(repeats)  # noqa: E731
         else:
+            repeats.clear()  # (a failed copy's: the database names every line not applied now)
             digest_rows = b"".join(p.opaque_rows for p in b.parts)
             # (without the C module, an all-new attempt unless an id repeats within a part)
             hopeful = merged is None and not any(p.opaque_repeats for p in b.parts)
             packed = store.claim_digest_rows(digest_rows, b.opaque_count, fingerprint, first_line,
                                              b.part_lines, hopeful) or b""
             del digest_rows
-            size = SKIPPED.size
-
-            def chunks() -> Iterator[list[tuple[bytes, bytes, int, bytes | None, int]]]:
-                for k in range(0, len(packed), DECIDE_LINES * size):
-                    yield [(d, c, i, None, -1)  # where first seen: asked per chunk
-                           for d, c, i in SKIPPED.iter_unpack(packed[k:k + DECIDE_LINES * size])]
-            some = bool(packed)
+            skipped = lambda: ((d, c, i, None, -1) for d, c, i in SKIPPED.iter_unpack(packed))  # noqa: E731
         rows.extend(p.opaque_sum_rows for p in b.parts)  # the workers' rendering, as if all new
         users.extend(p.opaque_users for p in b.parts)
         out.applied += b.opaque_count
-        if some:
-            lines = lines_at(r[2] for chunk in chunks() for r in chunk)  # the batch read once
+        if repeats or packed:
+            lines = lines_at(r[2] for r in skipped())  # the batch read once
             back: parser.Sums = {}  # the events not applied, subtracted from the sums
-            for chunk in chunks():
+            for chunk in _in_chunks(skipped(), DECIDE_LINES):  # what is held for them here
                 seen = store.digests_seen(list(dict.fromkeys(d for d, _, _, was, _ in chunk if was is None)))
                 for d, c, index, was, at in chunk:
                     got = next(lines, None)
