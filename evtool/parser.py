@@ -479,6 +479,37 @@ def take_back(sums: Sums, key: Key, is_add: bool, value: events.Value) -> None:
         s[3] = money_add(s[3], -value)
 
 
+def take_back_lines(sums: Sums, raws: list[bytes], strict: bool = False,
+                    mapping: Mapping | None = None) -> list[tuple[bytes, bytes]] | None:
+    """Count the opaque-id events of lines `raws` out of `sums` (as take_back, line by line)
+    and return each line's (event digest, content digest), for the caller to check that they
+    are the events it parsed before. Parsed as one piece, by the same loops as a part (the C
+    loop where it is built: no object per line). None, with `sums` unchanged, when a line is not
+    a valid event with an opaque id (the file changed under the run)."""
+    data = b"\n".join(raws) + b"\n"
+    out = ParsedPart(0, len(data), strict=strict, mapping=mapping)
+    if _fastlines is not None:
+        out.opaque_table, out.opaque_buf = _new_table(), bytearray()
+    parse(data, 0, out, close=False)
+    if (out.rejects or out.sources or count(out.fresh, out.fresh_table) or out.lines != len(raws)
+            or len(out.opaque) + len(out.opaque_buf or b"") // store.DIGEST_ROW.size != len(raws)):
+        return None
+    ids: list[tuple[bytes, bytes]] = [(b"", b"")] * len(raws)
+    for _, _, d, _, c, _, _, _, i in store.DIGEST_ROW.iter_unpack(out.opaque_buf or b""):
+        ids[i] = (d, c)
+    for d, c, key, is_add, value, _, i in out.opaque:
+        ids[i] = (d, c)
+        take_back(sums, key, is_add, value)
+    if out.opaque_table is not None:
+        for key, (adds, added, subtracts, subtracted) in out.opaque_table.to_dict().items():  # type: ignore[attr-defined]
+            s = sums.setdefault(key, [0, 0, 0, 0])
+            s[0] -= adds
+            s[1] = money_add(s[1], -added)
+            s[2] -= subtracts
+            s[3] = money_add(s[3], -subtracted)
+    return ids
+
+
 def event_id(raw: bytes, mapping: Mapping | None = None) -> str:
     """The eventId of a valid line (for a message)."""
     return str(_event(raw, False, mapping)[3])

@@ -10,7 +10,6 @@ one of bytes the file no longer holds (`journal.check_range`, just before the co
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import math
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from . import identity, journal, parser
-from .errors import EvtoolError, InvalidEvent, JournalChanged, JournalError, SourceError
+from .errors import EvtoolError, JournalChanged, JournalError, SourceError
 from .mapping import Mapping
 from .parser import Batch, ParsedPart
 from .store import SKIPPED, Store, path_text, retrying
@@ -48,7 +47,7 @@ DEFAULT_BATCH_BYTES = 2048 * 1024 * 1024
 # do not: the database names the lines not applied, and only those are read (read_lines).
 LINE_BY_LINE_BYTES = 128 * 1024 * 1024
 READ_LINES_CHUNK = 4 << 20  # what read_lines reads at once
-DECIDE_LINES = 65536  # lines not applied decided at a time (what apply holds for them)
+DECIDE_LINES = 32768  # lines not applied decided at a time (what apply holds for them: ~15 MiB)
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
 MAX_REJECT_SAMPLES = 20
 
@@ -619,8 +618,8 @@ class Processor:
                 return f.read(b.end - b.offset)
 
             first_line = p.lines + 1
-            outcome = apply(store, b, reread, fp, resolved, first_line,
-                            lambda wanted: read_lines(f, b.offset, b.end, wanted))
+            outcome = apply(store, b, reread, lambda wanted: read_lines(f, b.offset, b.end, wanted),
+                            fp, resolved, first_line)
             rejects = b.rejects + outcome.rejects
             store.record_rejects(
                 (fp, offset, first_line + index, resolved, raw, reason)
@@ -686,16 +685,17 @@ def read_lines(f: BinaryIO, start: int, end: int, wanted: Iterable[int]) -> Iter
     """The lines of index `wanted` (increasing, taken as they are needed) among the lines of
     bytes [start, end) of `f` (which ends at a line's end), as (index, offset in the file, the
     line without its end), in one pass a few MiB at a time: a large batch is never held whole
-    to find some of its lines."""
+    to find some of its lines. Read at their offsets (os.pread), never from a buffer the file
+    object kept: the bytes as the file holds them now, for the caller to check against the parse."""
     todo = iter(wanted)
     w = next(todo, None)
-    index, offset, rest, left = 0, start, b"", end - start
-    f.seek(start)
-    while w is not None and left > 0:
-        block = f.read(min(READ_LINES_CHUNK, left))
+    index, offset, rest, pos = 0, start, b"", start
+    fd = f.fileno()
+    while w is not None and pos < end:
+        block = os.pread(fd, min(READ_LINES_CHUNK, end - pos), pos)
         if not block:  # the file shrank: the caller finds lines missing
             return
-        left -= len(block)
+        pos += len(block)
         data = rest + block
         cut = data.rfind(b"\n") + 1
         lines = data.count(b"\n", 0, cut)
@@ -718,24 +718,19 @@ def _in_chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: bytes = b"",
-          path: str = "", first_line: int = 1,
-          lines_at: Callable[[Iterable[int]], Iterator[tuple[int, int, bytes]]] | None = None) -> Outcome:
+def apply(store: Store, b: Batch, reread: Callable[[], bytes],
+          lines_at: Callable[[Iterable[int]], Iterator[tuple[int, int, bytes]]],
+          fingerprint: bytes = b"", path: str = "", first_line: int = 1) -> Outcome:
     """Apply a parsed batch inside the caller's transaction; only never-applied events count.
 
     `b` is only read, so a failed transaction can apply it again. `reread` returns the
     batch's bytes, needed only when some sender lines may have been applied before (it raises
     SlowPathTooLarge for a batch too large for that); `lines_at` some of its lines by index
-    (read_lines; by default from `reread`), for the lines whose opaque id was seen before or
-    repeats. `fingerprint`, `path` and `first_line` (the batch's first line number) say where
-    opaque ids were first seen, for the reason of a later conflict. An opaque id seen again
-    with other content is returned in `rejects` (offset, index in batch, raw, reason).
+    (read_lines), for the lines whose opaque id was seen before or repeats. `fingerprint`,
+    `path` and `first_line` (the batch's first line number) say where opaque ids were first
+    seen, for the reason of a later conflict. An opaque id seen again with other content is
+    returned in `rejects` (offset, index in batch, raw, reason).
     """
-    if lines_at is None:
-        def lines_at(wanted: Iterable[int]) -> Iterator[tuple[int, int, bytes]]:
-            for i, at, raw in read_lines(io.BytesIO(reread()), 0, b.end - b.offset, wanted):
-                yield i, b.offset + at, raw
-
     out = Outcome(applied=sum(p.fresh_count for p in b.parts))
     # The parts' COPY rows, group by group (PostgreSQL sums a user's rows): the workers'
     # rendering wherever the lines are all new, sums made here only for what was re-decided.
@@ -794,24 +789,30 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes], fingerprint: byte
             lines = lines_at(r[2] for r in skipped())  # the batch read once
             back: parser.Sums = {}  # the events not applied, subtracted from the sums
             for chunk in _in_chunks(skipped(), DECIDE_LINES):  # what is held for them here
+                got = list(itertools.islice(lines, len(chunk)))
+                # each line must be the very event parsed: its index, then its digests
+                ids = parser.take_back_lines(back, [raw for _, _, raw in got], b.strict, b.mapping) \
+                    if [g[0] for g in got] == [r[2] for r in chunk] else None
+                if ids is None or any(i != (d, c) for i, (d, c, *_) in zip(ids, chunk, strict=True)):
+                    raise JournalChanged(f"{path} was overwritten while a batch of it was being "
+                                         "processed. Nothing of the batch was applied")
+                # the first content, where the database did not say it; then where each id that
+                # names another event here was first seen, for its reason (one read each)
                 seen = store.digests_seen(list(dict.fromkeys(d for d, _, _, was, _ in chunk if was is None)))
-                for d, c, index, was, at in chunk:
-                    got = next(lines, None)
-                    try:
-                        if got is None or got[0] != index:
-                            raise KeyError(index)
-                        _, offset, raw = got
-                        key, is_add, value, eid = parser.event_of(raw, b.strict, b.mapping)
-                    except (KeyError, InvalidEvent):  # not the line parsed: the file changed under the run
-                        raise JournalChanged(f"{path} was overwritten while a batch of it was being "
-                                             "processed. Nothing of the batch was applied") from None
-                    was, where = seen[d] if was is None else (was, f"{path} line {first_line + at}")
-                    if was and c and was != c:  # the id names another event: record it, never drop it
-                        out.rejects.append((offset, index, raw, identity.conflict_reason(str(eid), where)))
-                    else:
-                        out.duplicates += 1
-                    parser.take_back(back, key, is_add, value)
-                    out.applied -= 1
+                conflicts = []
+                for entry, line in zip(chunk, got, strict=True):
+                    d, c, _, was, _ = entry
+                    was = seen.get(d, (None, None))[0] if was is None else was
+                    if was and c and was != c:  # the id names another event: recorded, never dropped
+                        conflicts.append((entry, line))
+                seen |= store.digests_seen(list(dict.fromkeys(e[0] for e, _ in conflicts
+                                                              if e[4] < 0 and e[0] not in seen)))
+                for (d, _, index, _, at), (_, offset, raw) in conflicts:
+                    where = f"{path} line {first_line + at}" if at >= 0 else seen.get(d, (None, None))[1]
+                    out.rejects.append((offset, index, raw,
+                                        identity.conflict_reason(parser.event_id(raw, b.mapping), where)))
+                out.duplicates += len(chunk) - len(conflicts)
+                out.applied -= len(chunk)
             rows.append(parser.render(back))
             taken_back = {key[0] for key in back}
 

@@ -535,15 +535,15 @@ class Store:
         return self.digests_seen([d for d in dict.fromkeys(digests) if d not in new])
 
     def claim_digest_rows(self, rows: bytes, events: int, fingerprint: bytes, first_line: int,
-                          parts: list[tuple[int, int]], hopeful: bool = True) -> bytes | None:
+                          parts: list[tuple[int, int]], hopeful: bool = True) -> bytearray | None:
         """Claim opaque event digests from binary COPY rows the workers rendered (DIGEST_ROW:
         digest, content, part offset, line index in the part; see parser.ParsedPart.finish):
         record the ones never recorded, each at its first line in the batch: `first_line` + the
         lines before its part (`parts`: part offset -> lines before it in the batch) + its index.
 
         None when all `events` were recorded now (every id new, none repeated: the common
-        case, decided by a count, with nothing sent back); else the lines not applied, packed
-        as SKIPPED (digest, content, line index in the batch) in line order, streamed from the
+        case, decided by a count, with nothing sent back); else the lines not applied, as
+        SKIPPED rows (digest, content, line index in the batch) in line order, packed by the
         server (32 bytes a line, not a tuple each): an id recorded before (by an
         earlier batch, or a concurrent processor once it commits), and every later occurrence
         of an id within the batch. Few, as a rule: the caller reads only those lines again
@@ -582,20 +582,26 @@ class Store:
                     cur.execute("RELEASE SAVEPOINT claim_digests")
                     return None
             # The lines whose id was not recorded at that very line: an anti-join with what the
-            # insert returns, all in the server (nothing per id comes back but those lines).
-            skipped, pack = bytearray(), SKIPPED.pack
-            for d, c, i in cur.stream(
+            # insert returns, all in the server, packed there as SKIPPED rows 65,536 lines to a
+            # value: nothing per line crosses but its 32 bytes. (The contents their ids were
+            # first recorded with are read by chunk after, digests_seen: joined in here, they
+            # cost the server more than the reads; and Citus plans those reads by shard.)
+            skipped = bytearray()
+            for v, in cur.stream(  # a value at a time: never the list and its join both whole
                 "WITH recorded AS (INSERT INTO applied_events (digest, content, journal, line_no) "
                 + select.format("DISTINCT ON (b.digest)")
-                + " ON CONFLICT DO NOTHING RETURNING digest, line_no)"
-                " SELECT b.digest, b.content, p.base + b.line_no AS i " + joined
+                + " ON CONFLICT DO NOTHING RETURNING digest, line_no),"
+                " skipped AS (SELECT b.digest, b.content, p.base + b.line_no AS i " + joined
                 + " WHERE NOT EXISTS (SELECT 1 FROM recorded r WHERE r.digest = b.digest"
-                "  AND r.line_no = %(first)s::int8 + p.base + b.line_no)"
-                " ORDER BY i", params):
-                skipped += pack(d, c, i)
+                "  AND r.line_no = %(first)s::int8 + p.base + b.line_no))"
+                " SELECT string_agg(digest || content || int8send(i), ''::bytea ORDER BY i)"
+                " FROM skipped GROUP BY i >> 16 ORDER BY i >> 16", params):
+                skipped += v
         if not skipped:  # a concurrent processor's claim rolled back meanwhile
             return None
-        return bytes(skipped)
+        if len(skipped) % SKIPPED.size:  # never expected: digests are 16 bytes, contents 8
+            raise DatabaseError("the database sent the lines not applied in an unexpected form")
+        return skipped
 
     def claim_new_digests(self, rows: Iterable[bytes]) -> bool:
         """Record opaque event digests straight into applied_events: `rows` its rows in COPY's
@@ -633,7 +639,7 @@ class Store:
             # fingerprint, and Citus refuses a join that is not on both distribution columns.
             seen = cur.execute(
                 "SELECT digest, content, journal, line_no FROM applied_events"
-                " WHERE digest = ANY(%s::bytea[])",
+                " WHERE digest = ANY(%b::bytea[])",  # binary: no hex text of 65,536 digests
                 (old,),
             ).fetchall()
             journals = {bytes(j) for _, _, j, _ in seen if j is not None}

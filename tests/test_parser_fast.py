@@ -562,3 +562,35 @@ def test_a_parts_digest_rows_are_sorted_and_a_repeat_found_however_the_ids_fall(
         assert parser._fastlines.sort_digest_rows(buf) is (repeat is not None)
         assert bytes(buf) == b"".join(sorted(got, key=lambda r: r[6:22]))
     assert parser._fastlines.sort_digest_rows(bytearray()) is False
+
+
+def test_lines_taken_back_cancel_what_they_counted_and_name_their_events() -> None:
+    """processor.apply takes the events of the lines not applied back out of a batch's sums,
+    a chunk of lines at a time (parser.take_back_lines, the same loops as a part): what they
+    take back cancels exactly what the lines counted in, whichever loop takes a line (decimals,
+    escapes, amounts past 64 bits go to the Python loop), and each line's digests are the ones
+    its parse gave, for the caller to check the line is still the event parsed. A line that
+    is no opaque-id event (the file changed under the run) takes nothing back."""
+    lines = [
+        b'{"userId":"u1","name":"add_revenue","value":5,"eventId":"a"}',
+        b'{"userId":"u1","name":"subtract_revenue","value":2,"eventId":"b",'
+        b'"eventTime":"2026-11-23T14:34:29Z"}',
+        b'{"userId":"u\\u00e9","name":"add_revenue","value":1.25,"eventId":"c"}',
+        b'{"userId":"u2","name":"add_revenue","value":99999999999999999999,"eventId":"d"}',
+        b'{"userId":"u2","name":"add_revenue","value":99999999999999999999,"eventId":"e"}',
+        b'{"userId":"u1","name":"add_revenue","value":5,"eventId":"a"}',  # a retry: taken back twice
+    ]
+    counted = parser.parse(b"\n".join(lines) + b"\n", 0)
+    assert counted.opaque_count == len(lines) and not counted.rejects
+    back: parser.Sums = {}
+    ids = parser.take_back_lines(back, lines)
+    assert ids == [(d, c) for d, c, *_ in sorted(counted.opaque, key=lambda o: o[-1])]
+    assert ids[0] == (identity.event_digest("a"), identity.content_digest("u1", True, 5))
+    parser.merge(back, counted.opaque_sums)
+    assert back.keys() == counted.opaque_sums.keys() and all(s == [0, 0, 0, 0] for s in back.values())
+    for other in (b'{"userId":"u1","name":"add_revenue","value":5}',  # no id: a fresh event
+                  f'{{"userId":"u1","name":"add_revenue","value":5,"eventId":"{SRC}:1:{CHAIN}"}}'.encode(),
+                  b'{"userId":"u1","name":"add_revenue","value":-5,"eventId":"a"}',  # invalid
+                  b'{"userId":"u1","name":"add_revenue","value":5,"eventId":"a"'):  # cut short
+        back = {}
+        assert parser.take_back_lines(back, [lines[0], other]) is None and back == {}

@@ -327,6 +327,39 @@ def test_retries_within_a_batch_of_new_opaque_ids_keep_it_on_the_copy(dsn, tmp_p
     assert len(got) == 297 and got[event_digest("id-5")] == 5 and got[event_digest("id-21")] == 21
 
 
+def test_a_line_not_applied_that_is_another_event_when_read_again_stops_the_batch(dsn, tmp_path, monkeypatch):
+    """The lines not applied are read again to take their events back out of the sums: one
+    that is no longer the event parsed (the journal overwritten in place under the run, here
+    a retry's id changed, same user and amount) stops the batch with a message and nothing of
+    it applied, never taken back as the duplicate it was; the next run applies the journal as
+    it now is."""
+    from evtool import processor
+    from evtool.errors import JournalChanged
+
+    journal = tmp_path / "j.jsonl"
+    write(journal, *(line(f"u{n % 3}", "add_revenue", n, f"a-{n}") for n in range(1, 21)))
+    assert process(dsn, [journal]).applied == 20
+    before = totals(dsn)
+    at = journal.stat().st_size
+    write(journal, line("u2", "add_revenue", 5, "a-5"), line("u1", "add_revenue", 100, "b-1"))
+    real = processor.read_lines
+
+    def overwritten(f, start, end, wanted):
+        with open(journal, "r+b") as w:  # the retry of a-5 becomes a new event, z-5
+            w.seek(at + journal.read_bytes()[at:].index(b'"a-5"'))
+            w.write(b'"z-5"')
+        return real(f, start, end, wanted)
+
+    monkeypatch.setattr(processor, "read_lines", overwritten)
+    with pytest.raises(JournalChanged, match="was overwritten while a batch of it was being processed"):
+        process(dsn, [journal])
+    assert totals(dsn) == before
+    monkeypatch.setattr(processor, "read_lines", real)
+    report = process(dsn, [journal])
+    assert (report.applied, report.duplicates) == (2, 0)
+    assert totals(dsn) == {**before, "u2": before["u2"] + 5, "u1": before["u1"] + 100}
+
+
 def stored_digests(dsn: str) -> dict[bytes, int]:
     with psycopg.connect(dsn) as conn:
         return {bytes(d): n for d, n in conn.execute("SELECT digest, line_no FROM applied_events")}
