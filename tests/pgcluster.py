@@ -58,8 +58,12 @@ class Server:
     settings: dict[str, str] = field(default_factory=dict)
 
     def _cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(args, capture_output=True, text=True, user=_run_as(), check=check,
-                              timeout=120, cwd="/")
+        user = _run_as()
+        # the server's own HOME: libpq in it (Citus reaching its workers) looks for client
+        # certificates there, and root's may be a directory it may not even look into
+        env = {**os.environ, "HOME": pwd.getpwnam(user).pw_dir} if user else None
+        return subprocess.run(args, capture_output=True, text=True, user=user, check=check,
+                              timeout=120, cwd="/", env=env)
 
     @classmethod
     def create(cls, bindir: Path, settings: dict[str, str] | None = None) -> Server:
