@@ -768,6 +768,7 @@ static void b2_digest(unsigned char *out, int outlen, const unsigned char person
 static const unsigned char CONTENT_PERSON[16] = "evtool-content";
 
 #define DIGEST_ROW 58 /* store.DIGEST_ROW: a batch_digests row in COPY's binary format */
+#define REPEAT 48     /* parser.REPEAT: a later occurrence of an id in a batch (claim_rows) */
 
 static inline unsigned char *put_be(unsigned char *p, uint64_t v, int bytes)
 {
@@ -949,6 +950,25 @@ static int row_cmp(const unsigned char *a, const unsigned char *b)
 }
 static int row_qcmp(const void *a, const void *b) { return row_cmp(a, b); }
 
+/* sort_repeats(repeats): claim_rows' REPEAT records in line order (their first 8 bytes: the
+ * index, big-endian, never negative, so bytes compare as numbers; no two the same). */
+static int repeat_qcmp(const void *a, const void *b) { return memcmp(a, b, 8); }
+
+static PyObject *sort_repeats(PyObject *self, PyObject *args)
+{
+    PyObject *repeats;
+    if (!PyArg_ParseTuple(args, "O!:sort_repeats", &PyByteArray_Type, &repeats))
+        return NULL;
+    Py_ssize_t n = PyByteArray_GET_SIZE(repeats);
+    if (n % REPEAT) {
+        PyErr_SetString(PyExc_ValueError, "sort_repeats: not whole REPEAT records");
+        return NULL;
+    }
+    if (n)
+        qsort(PyByteArray_AS_STRING(repeats), (size_t)(n / REPEAT), REPEAT, repeat_qcmp);
+    Py_RETURN_NONE;
+}
+
 static PyObject *sort_digest_rows(PyObject *self, PyObject *args)
 {
     PyObject *rows;
@@ -1019,8 +1039,9 @@ static inline uint64_t be64(const unsigned char *p)
  * order from `parts` (each a buffer of DIGEST_ROW rows sorted by sort_digest_rows), taking up to
  * `limit` of their rows: journal the fingerprint, line_no first_line + the part's base (lines
  * before it in the batch) + the row's index. An id's later occurrences (a client's retry, in one
- * part or two) are not written but appended to `repeats` as (digest, content, index in the
- * batch, the first's content, the first's index). `at` (a row index per part) and `last` (a
+ * part or two) are not written but appended to `repeats`, a bytearray, as REPEAT records: index
+ * in the batch, digest, content, the first's content, the first's index (48 bytes, the indexes
+ * big-endian: sort_repeats puts them in line order). `at` (a row index per part) and `last` (a
  * bytearray: the last id written, its content and index) carry the merge from call to call. */
 static PyObject *claim_rows(PyObject *self, PyObject *args)
 {
@@ -1029,7 +1050,7 @@ static PyObject *claim_rows(PyObject *self, PyObject *args)
     long long first_line;
     Py_ssize_t limit;
     if (!PyArg_ParseTuple(args, "O!O!y*LO!nO!O!:claim_rows", &PyList_Type, &parts, &PyList_Type, &bases, &fp,
-                          &first_line, &PyList_Type, &at, &limit, &PyByteArray_Type, &last, &PyList_Type,
+                          &first_line, &PyList_Type, &at, &limit, &PyByteArray_Type, &last, &PyByteArray_Type,
                           &repeats))
         return NULL;
     /* the last id written: digest (16), content (8), index in the batch (8, native) */
@@ -1087,14 +1108,17 @@ static PyObject *claim_rows(PyObject *self, PyObject *args)
         if (have_prev && memcmp(prev, row + 6, 16) == 0) { /* again: the first was written */
             long long first;
             memcpy(&first, prev + 24, 8);
-            PyObject *t = Py_BuildValue("(y#y#Ly#L)", row + 6, (Py_ssize_t)16, row + 26, (Py_ssize_t)8, line,
-                                        prev + 16, (Py_ssize_t)8, first);
-            if (t == NULL || PyList_Append(repeats, t) < 0) {
-                Py_XDECREF(t);
+            Py_ssize_t n = PyByteArray_GET_SIZE(repeats);
+            if (PyByteArray_Resize(repeats, n + REPEAT) < 0) { /* (grows by a share: amortized) */
                 Py_CLEAR(out);
                 goto done;
             }
-            Py_DECREF(t);
+            unsigned char *rp = (unsigned char *)PyByteArray_AS_STRING(repeats) + n;
+            rp = put_be(rp, (uint64_t)line, 8);
+            memcpy(rp, row + 6, 16);
+            memcpy(rp + 16, row + 26, 8);
+            memcpy(rp + 24, prev + 16, 8);
+            put_be(rp + 32, (uint64_t)first, 8);
             continue;
         }
         memcpy(prev, row + 6, 16);
@@ -1404,7 +1428,8 @@ static PyMethodDef methods[] = {
      "sort_digest_rows(rows) -> bool: sort DIGEST_ROW rows by digest in place; whether one repeats."},
     {"claim_rows", claim_rows, METH_VARARGS,
      "claim_rows(parts, bases, fingerprint, first_line, at, limit, last, repeats) -> bytes: applied_events "
-     "COPY rows, merged in digest order; an id's later occurrences go to repeats."},
+     "COPY rows, merged in digest order; an id's later occurrences go to repeats (REPEAT records)."},
+    {"sort_repeats", sort_repeats, METH_VARARGS, "sort_repeats(repeats): REPEAT records in line order."},
     {"configure", configure, METH_VARARGS,
      "configure(SourcePart, STAMP_MINUTE, stamp_minute, event_digest, content_digest)"},
     {NULL, NULL, 0, NULL},

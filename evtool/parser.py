@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import struct
 import threading
 import time
 from array import array
@@ -552,17 +553,21 @@ def held(part: ParsedPart, tables: bool = True) -> int:
 
 
 CLAIM_CHUNK = 65536  # applied_events rows a chunk of claim_rows (~4.3 MB)
+# A later occurrence of an opaque id in a batch (claim_rows, in C): its index in the batch, digest,
+# content, and the first occurrence's content and index.
+REPEAT = struct.Struct(">q16s8s8sq")
 
 
 def claim_rows(batch: Batch, fingerprint: bytes, first_line: int,
-               repeats: list[tuple[bytes, bytes, int, bytes, int]]) -> Iterator[bytes] | None:
+               repeats: bytearray) -> Iterator[bytes] | None:
     """The batch's opaque ids as applied_events rows in COPY's binary format (without its
     header and trailer), in digest order, CLAIM_CHUNK rows a chunk: the parts' rows (sorted
     by each part's finish) merged, each with the journal's `fingerprint` and its line number
     (`first_line` + the lines before its part + its index). An id's first occurrence in the
-    batch is written; each later one (a client's retry) goes to `repeats` as (digest, content,
-    index in the batch, the first's content, the first's index). For store.claim_new_digests,
-    which inserts them as they come. None without the C module (the parts are not sorted)."""
+    batch is written; each later one (a client's retry) goes to `repeats` as a REPEAT record
+    (48 bytes, not a tuple each: a batch of retries stays small), in line order once the last
+    chunk is taken. For store.claim_new_digests, which inserts them as they come. None without
+    the C module (the parts are not sorted)."""
     if _fastlines is None:
         return None
     with_ids = [(p.opaque_rows, base) for p, (_, base) in zip(batch.parts, batch.part_lines, strict=True)
@@ -577,6 +582,7 @@ def claim_rows(batch: Batch, fingerprint: bytes, first_line: int,
                                           last, repeats)
             if chunk:
                 yield chunk
+        _fastlines.sort_repeats(repeats)
 
     return chunks()
 

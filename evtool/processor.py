@@ -764,15 +764,15 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
         # database then records the others and names every line not applied. Either way the
         # workers' sums stand, less the events of those lines, usually few: only they are read
         # again.
-        repeats: list[tuple[bytes, bytes, int, bytes, int]] = []
+        repeats = bytearray()
         merged = parser.claim_rows(b, fingerprint, first_line, repeats)
         # the lines not applied, by line: (digest, content, index in the batch, and the first
         # occurrence's content and index where the merge knows them), read twice (lines, decisions)
         skipped: Callable[[], Iterator[tuple[bytes, bytes, int, bytes | None, int]]]
         packed = b""
         if merged is not None and store.claim_new_digests(merged):
-            repeats.sort(key=lambda r: r[2])
-            skipped = lambda: iter(repeats)  # noqa: E731
+            skipped = lambda: ((d, c, i, was, at)  # noqa: E731
+                               for i, d, c, was, at in parser.REPEAT.iter_unpack(repeats))
         else:
             repeats.clear()  # (a failed copy's: the database names every line not applied now)
             digest_rows = b"".join(p.opaque_rows for p in b.parts)

@@ -72,7 +72,8 @@ def main() -> None:
     def copy_rows(store: Store, rows: bytearray) -> None:
         parser._fastlines.sort_digest_rows(rows)  # as a part's finish does (needs the C module)
         part = SimpleNamespace(opaque_rows=rows, opaque_count=n)
-        merged = parser.claim_rows(SimpleNamespace(parts=[part], part_lines=[(0, 0)]), fingerprint, 1)
+        batch = SimpleNamespace(parts=[part], part_lines=[(0, 0)])
+        merged = parser.claim_rows(batch, fingerprint, 1, bytearray())
         assert merged is not None and store.claim_new_digests(merged)
 
     for k in range(rounds):
