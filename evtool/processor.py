@@ -775,12 +775,10 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
                                for i, d, c, was, at in parser.REPEAT.iter_unpack(repeats))
         else:
             repeats.clear()  # (a failed copy's: the database names every line not applied now)
-            digest_rows = b"".join(p.opaque_rows for p in b.parts)
             # (without the C module, an all-new attempt unless an id repeats within a part)
             hopeful = merged is None and not any(p.opaque_repeats for p in b.parts)
-            packed = store.claim_digest_rows(digest_rows, b.opaque_count, fingerprint, first_line,
-                                             b.part_lines, hopeful) or b""
-            del digest_rows
+            packed = store.claim_digest_rows([p.opaque_rows for p in b.parts], b.opaque_count, fingerprint,
+                                             first_line, b.part_lines, hopeful) or b""
             skipped = lambda: ((d, c, i, None, -1) for d, c, i in SKIPPED.iter_unpack(packed))  # noqa: E731
         rows.extend(p.opaque_sum_rows for p in b.parts)  # the workers' rendering, as if all new
         users.extend(p.opaque_users for p in b.parts)

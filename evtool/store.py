@@ -534,11 +534,13 @@ class Store:
             new = {row[0] for row in cur.fetchall()}
         return self.digests_seen([d for d in dict.fromkeys(digests) if d not in new])
 
-    def claim_digest_rows(self, rows: bytes, events: int, fingerprint: bytes, first_line: int,
-                          parts: list[tuple[int, int]], hopeful: bool = True) -> bytearray | None:
+    def claim_digest_rows(self, rows: Iterable[bytes | bytearray], events: int, fingerprint: bytes,
+                          first_line: int, parts: list[tuple[int, int]],
+                          hopeful: bool = True) -> bytearray | None:
         """Claim opaque event digests from binary COPY rows the workers rendered (DIGEST_ROW:
-        digest, content, part offset, line index in the part; see parser.ParsedPart.finish):
-        record the ones never recorded, each at its first line in the batch: `first_line` + the
+        digest, content, part offset, line index in the part; see parser.ParsedPart.finish; a
+        buffer a part, `events` rows in all): record the ones never recorded, each at its first
+        line in the batch: `first_line` + the
         lines before its part (`parts`: part offset -> lines before it in the batch) + its index.
 
         None when all `events` were recorded now (every id new, none repeated: the common
@@ -560,11 +562,13 @@ class Store:
         with self.conn.cursor() as cur:
             # The sort by digest in memory, not spilled at the default 4 MB: ~2 bytes a byte of
             # binary row (SET LOCAL: this transaction only).
-            cur.execute(f"SET LOCAL work_mem = '{min(MAX_WORK_MEM_MB, max(4, len(rows) * 5 >> 21))}MB'")
+            size = events * DIGEST_ROW.size
+            cur.execute(f"SET LOCAL work_mem = '{min(MAX_WORK_MEM_MB, max(4, size * 5 >> 21))}MB'")
             with cur.copy("COPY batch_digests (digest, content, part, line_no) FROM STDIN (FORMAT binary)"
                           ) as copy:
                 copy.write(_BINARY_HEADER)
-                copy.write(rows)
+                for part in rows:  # each part's rows as they are: never joined into one copy
+                    copy.write(part)
                 copy.write(_BINARY_TRAILER)
             # Optimistic: a plain insert costs about half an ON CONFLICT one. A digest recorded
             # before (or by a concurrent processor, once it commits), or twice in the batch,

@@ -56,7 +56,7 @@ def main() -> None:
         rows = b"".join(DIGEST_ROW.pack(4, 16, d, 8, c, 8, 0, 8, i) for d, c, i in ds)
         t = backend_cpu()
         with store.transaction():
-            assert store.claim_digest_rows(rows, N, fingerprint, first_line, [(0, 0)]) is None
+            assert store.claim_digest_rows([rows], N, fingerprint, first_line, [(0, 0)]) is None
         return backend_cpu() - t
 
     def copy_in(ds: list[tuple[bytes, bytes, int]]) -> float:

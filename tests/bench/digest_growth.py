@@ -67,7 +67,7 @@ def main() -> None:
         return (int(fields[11]) + int(fields[12])) / tick
 
     def claim_rows(store: Store, rows: bytearray) -> None:
-        assert store.claim_digest_rows(bytes(rows), n, fingerprint, 1, [(0, 0)]) is None
+        assert store.claim_digest_rows([rows], n, fingerprint, 1, [(0, 0)]) is None
 
     def copy_rows(store: Store, rows: bytearray) -> None:
         parser._fastlines.sort_digest_rows(rows)  # as a part's finish does (needs the C module)
