@@ -568,7 +568,7 @@ class Store:
                           ) as copy:
                 copy.write(_BINARY_HEADER)
                 for part in rows:  # each part's rows as they are: never joined into one copy
-                    copy.write(part)
+                    copy.write(memoryview(part))  # (sliced by psycopg without copies)
                 copy.write(_BINARY_TRAILER)
             # Optimistic: a plain insert costs about half an ON CONFLICT one. A digest recorded
             # before (or by a concurrent processor, once it commits), or twice in the batch,
@@ -599,7 +599,7 @@ class Store:
                 + " WHERE NOT EXISTS (SELECT 1 FROM recorded r WHERE r.digest = b.digest"
                 "  AND r.line_no = %(first)s::int8 + p.base + b.line_no))"
                 " SELECT string_agg(digest || content || int8send(i), ''::bytea ORDER BY i)"
-                " FROM skipped GROUP BY i >> 16 ORDER BY i >> 16", params):
+                " FROM skipped GROUP BY i >> 16 ORDER BY i >> 16", params, binary=True):
                 skipped += v
         if not skipped:  # a concurrent processor's claim rolled back meanwhile
             return None
