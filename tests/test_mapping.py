@@ -269,3 +269,24 @@ def test_rejects_of_an_undeclared_shape_are_reapplied_under_a_mapping(dsn, tmp_p
     evtool("rejects", "--reapply", "--mapping", "m.toml", cwd=tmp_path, check=True)
     assert totals(dsn) == {"bob": Decimal("1.5")}
     assert per_day(tmp_path) == {"2026-11-22": Decimal("1.5")}
+
+
+def test_a_mapped_journal_sent_twice_counts_its_client_ids_once(dsn, tmp_path):
+    """Client ids read through the mapping (txn_id), the file sent twice: the copy's lines are
+    decided against what was recorded and taken back under the same mapping (the Python loop
+    reads them: parser.take_back_lines), a retry within the file counting once either way."""
+    sample = (SAMPLES / "mixed.jsonl").read_bytes().splitlines(keepends=True)
+    lines = [raw for raw in sample if b"txn_id" in raw]
+    assert len(lines) == 3  # carol's refund, bob's order and its retry
+    journal = tmp_path / "j.jsonl"
+    journal.write_bytes(b"".join(lines))
+    args = ("process", "--mapping", str(SAMPLES / "mixed.toml"), "--json", str(journal))
+    first = json.loads(evtool(*args, cwd=tmp_path, check=True).stdout)
+    assert (first["applied"], first["duplicates"]) == (2, 1)
+    want = {"carol": Decimal("-0.5"), "bob": Decimal("30")}
+    assert totals(dsn) == want
+    with open(journal, "ab") as f:
+        f.write(b"".join(lines))
+    again = json.loads(evtool(*args, cwd=tmp_path, check=True).stdout)
+    assert (again["applied"], again["duplicates"], again["rejected"]) == (0, 3, 0)
+    assert totals(dsn) == want
