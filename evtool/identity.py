@@ -159,6 +159,45 @@ def conflict_reason(event_id: str, where: str | None) -> str:
 # -- claiming: what of a batch is new ---------------------------------------------------------------
 
 
+class _CellLines:
+    """The entries of one cell claimed line by line (stored, then claimed): a chain per slot in
+    one buffer, not an object per line (a resent batch holds every line's), and the rare other
+    chains of a slot (another event given the same line number) in a dict."""
+
+    __slots__ = ("chains", "taken", "more")
+
+    def __init__(self, packed: bytes) -> None:
+        self.chains = bytearray(CELL_LINES * 8)
+        self.taken = bytearray(CELL_LINES)
+        self.more: dict[int, set[bytes]] = {}
+        for i in range(0, len(packed), ENTRY):
+            self.add(int.from_bytes(packed[i:i + 2], "big"), packed[i + 2:i + ENTRY])
+
+    def add(self, slot: int, chain: bytes) -> bool:
+        """Take (slot, chain); False when it was taken already."""
+        if not self.taken[slot]:
+            self.taken[slot] = 1
+            self.chains[slot * 8:slot * 8 + 8] = chain
+            return True
+        if self.chains[slot * 8:slot * 8 + 8] == chain:
+            return False
+        others = self.more.setdefault(slot, set())
+        if chain in others:
+            return False
+        others.add(chain)
+        return True
+
+    def packed(self) -> bytes:
+        """The entries, sorted (by slot, then chain), as a cell stores them."""
+        out = []
+        for slot in range(CELL_LINES):
+            if self.taken[slot]:
+                prefix = slot.to_bytes(2, "big")
+                chains = {bytes(self.chains[slot * 8:slot * 8 + 8]), *self.more.get(slot, ())}
+                out.extend(prefix + c for c in sorted(chains))
+        return b"".join(out)
+
+
 class Claim:
     """The one step that decides what of a batch is new, inside the caller's transaction.
 
@@ -174,7 +213,7 @@ class Claim:
     def __init__(self, store: Store, cells: dict[str, Iterable[int]]) -> None:
         self.store = store
         self.stored: dict[Cell, bytes] = store.lock_cells({s: sorted(set(c)) for s, c in cells.items()})
-        self._sets: dict[Cell, set[bytes]] = {}  # cells claimed line by line: stored + claimed
+        self._sets: dict[Cell, _CellLines] = {}  # cells claimed line by line: stored + claimed
         self._whole: set[Cell] = set()  # cells claimed whole, and already written
         self.conflicts: dict[bytes, str | None] = {}  # digest -> where it was first seen
 
@@ -214,17 +253,29 @@ class Claim:
             self.store.write_cells(chunk)
         return True
 
+    def applied_before(self, source: str, lines: SourceLines) -> bool:
+        """Whether every line of a source in the batch was applied before (each line's entry is
+        in its cell's stored entries: a file sent twice, a resend of lines already processed).
+        Then every line is a duplicate, repeats within the batch too, and nothing is claimed:
+        the caller drops the source's sums whole, never reading its lines again. Reads the
+        cells' entries one at a time, as `cells`."""
+        for cell in sorted(lines.cell_ids()):
+            key = (source, cell)
+            have = self.stored.get(key, b"")
+            if not have or key in self._sets or key in self._whole:
+                return False
+            packed, _ = lines.entries(cell)
+            if not set(entries(packed)) <= set(entries(have)):
+                return False
+        return True
+
     def line(self, source: str, n: int, chain: bytes) -> bool:
         """Claim line `n` (with its chain) of a sender source."""
         key = (source, cell_of(n))
         seen = self._sets.get(key)
         if seen is None:
-            seen = self._sets[key] = set(entries(self.stored.get(key, b"")))
-        e = entry(n, chain)
-        if e in seen:
-            return False
-        seen.add(e)
-        return True
+            seen = self._sets[key] = _CellLines(self.stored.get(key, b""))
+        return seen.add((n - 1) % CELL_LINES, chain)
 
     def digests(self, digests: list[bytes], contents: list[bytes] | None = None,
                 origins: list[tuple[bytes, int, str]] | None = None) -> list[bool | None]:
@@ -258,5 +309,5 @@ class Claim:
 
     def record(self) -> None:
         """Write back the cells claimed line by line (cells claimed whole are written already)."""
-        changed = {key: b"".join(sorted(s)) for key, s in self._sets.items()}
+        changed = {key: s.packed() for key, s in self._sets.items()}
         self.store.write_cells({k: v for k, v in changed.items() if v != self.stored.get(k, b"")})

@@ -8,6 +8,7 @@ The parsed parts are small and cheap to pickle.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import re
@@ -990,22 +991,21 @@ def _sum_lines(data: bytes, offset: int, out: ParsedPart) -> None:
 
 
 def source_events(data: bytes, source: str, strict: bool = False,
-                  mapping: Mapping | None = None) -> list[tuple[int, bytes, Key, bool, events.Value]]:
+                  mapping: Mapping | None = None) -> Iterator[tuple[int, bytes, Key, bool, events.Value]]:
     """(line, chain, (user, minute), is_add, value) of every valid event of `source` in `data`, in order.
 
-    The slow path, used when some of a source's lines may have been applied already.
+    The slow path, used when some of a source's lines may have been applied already: lines are
+    taken one at a time, never a list of the batch's lines or events beside its bytes.
     """
-    found = []
     prefix = source.encode()
-    for line in data.split(b"\n"):
+    for line in io.BytesIO(data):
         if prefix not in line:
             continue
-        line = line.rstrip(b"\r")
+        line = line.rstrip(b"\r\n")
         try:
             key, is_add, value, eid = _event(line, strict, mapping)
         except InvalidEvent:
             continue
         _, m = identity.classify(eid)
         if m is not None and m[1] == source:
-            found.append((int(m[2]), identity.chain_of(m), key, is_add, value))
-    return found
+            yield int(m[2]), identity.chain_of(m), key, is_add, value

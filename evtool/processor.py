@@ -745,6 +745,9 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
             users.extend(part.users for part in lines.parts)
             out.applied += sum(part.count for part in lines.parts)
             continue
+        if claim.applied_before(source, lines):  # a file sent twice: its sums are dropped whole
+            out.duplicates += sum(part.count for part in lines.parts)
+            continue
         # Some lines were applied before, or repeat within the batch: decide line by line.
         data = reread() if data is None else data
         sums: parser.Sums = {}

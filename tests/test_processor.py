@@ -80,6 +80,49 @@ def test_sender_ids_resent_in_later_batches_count_once(dsn, tmp_path):
     assert totals(dsn) == want
 
 
+def test_a_file_of_sender_ids_sent_twice_drops_the_copy_whole_and_a_changed_line_still_counts(dsn, tmp_path):
+    """The copy of a file already applied (every line's (source, line, chain) stored): its
+    sources' sums are dropped whole, each line a duplicate, nothing read again. One line of the
+    copy carrying another chain (another event under the same line number) makes that source
+    go line by line, and that line counts, once, however often it comes."""
+    journal = tmp_path / "j.jsonl"
+    src, chains = "0123456789abcdef", [f"{n:016x}" for n in range(3000)]
+    lines = [line(f"u{n % 7}", "add_revenue", n, f"{src}:{n}:{chains[n]}") for n in range(1, 2500)]
+    write(journal, *lines)
+    tuning = {"workers": 2, "inline_bytes": 0, "piece_bytes": 8_000}
+    assert process(dsn, [journal], **tuning).applied == 2499
+    want = totals(dsn)
+    write(journal, *lines)  # sent twice
+    report = process(dsn, [journal], **tuning)
+    assert (report.applied, report.duplicates) == (0, 2499) and totals(dsn) == want
+    other = line("u1", "add_revenue", 1000, f"{src}:1300:{'f' * 16}")
+    write(journal, *lines[1000:1500], other, *lines[1500:2000], other)
+    report = process(dsn, [journal], **tuning)
+    assert (report.applied, report.duplicates) == (1, 1001)
+    assert totals(dsn) == {**want, "u1": want["u1"] + 1000}
+
+
+def test_a_cells_lines_claimed_one_by_one_are_the_stored_set_and_pack_as_it_would():
+    """identity._CellLines (a chain per slot and the rare others, no object per line) decides
+    and packs as a set of entries would."""
+    import random
+
+    from evtool import identity
+
+    rng = random.Random(7)
+    for _ in range(200):
+        chains = [rng.randbytes(8) for _ in range(3)]
+        stored = sorted({identity.entry(rng.randint(1, 1024), rng.choice(chains))
+                         for _ in range(rng.randint(0, 40))})
+        cell, ref = identity._CellLines(b"".join(stored)), set(stored)
+        for _ in range(rng.randint(0, 60)):
+            n, chain = rng.randint(1, 1024), rng.choice(chains)
+            e = identity.entry(n, chain)
+            assert cell.add((n - 1) % identity.CELL_LINES, chain) == (e not in ref)
+            ref.add(e)
+        assert cell.packed() == b"".join(sorted(ref))
+
+
 def test_identical_lines_count_twice_and_repeated_event_id_once(dsn, tmp_path):
     journal = tmp_path / "j.jsonl"
     same = line("u1", "add_revenue", 10)
