@@ -462,13 +462,6 @@ def _event(raw: bytes, strict: bool = False,
     return (ev.user_id, eventtime.minute_key(ev.time)), ev.name == "add_revenue", ev.value, ev.event_id
 
 
-def event_of(raw: bytes, strict: bool = False,
-             mapping: Mapping | None = None) -> tuple[Key, bool, events.Value, str | None]:
-    """((user, minute), is_add, value, eventId) of a valid line, as the loops read it; raises
-    InvalidEvent."""
-    return _event(raw, strict, mapping)
-
-
 def take_back(sums: Sums, key: Key, is_add: bool, value: events.Value) -> None:
     """Count an event out of `sums` (as `add` counts one in): rows of such sums, added to rows
     that counted the event, cancel it (PostgreSQL sums a key's rows)."""

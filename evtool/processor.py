@@ -797,8 +797,8 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
                 if ids is None or any(i != (d, c) for i, (d, c, *_) in zip(ids, chunk, strict=True)):
                     raise JournalChanged(f"{path} was overwritten while a batch of it was being "
                                          "processed. Nothing of the batch was applied")
-                # the first content, where the database did not say it; then where each id that
-                # names another event here was first seen, for its reason (one read each)
+                # the first content and where it was seen, where the database did not say them
+                # (the merge says both for a repeat within the batch)
                 seen = store.digests_seen(list(dict.fromkeys(d for d, _, _, was, _ in chunk if was is None)))
                 conflicts = []
                 for entry, line in zip(chunk, got, strict=True):
@@ -806,8 +806,6 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
                     was = seen.get(d, (None, None))[0] if was is None else was
                     if was and c and was != c:  # the id names another event: recorded, never dropped
                         conflicts.append((entry, line))
-                seen |= store.digests_seen(list(dict.fromkeys(e[0] for e, _ in conflicts
-                                                              if e[4] < 0 and e[0] not in seen)))
                 for (d, _, index, _, at), (_, offset, raw) in conflicts:
                     where = f"{path} line {first_line + at}" if at >= 0 else seen.get(d, (None, None))[1]
                     out.rejects.append((offset, index, raw,
