@@ -41,11 +41,13 @@ T = TypeVar("T")
 # parser.MAX_HELD); what it costs is the work redone when a batch fails, and how long its
 # totals wait to be seen.
 DEFAULT_BATCH_BYTES = 2048 * 1024 * 1024
-# A batch whose sender lines must be decided one by one (some applied before or repeated within
-# it, identity.Claim.line) holds its bytes, and those lines' entries and sums, in this process:
-# larger batches are parsed again at most this size (SlowPathTooLarge). Opaque ids seen before
-# do not: the database names the lines not applied, and only those are read (read_lines).
-LINE_BY_LINE_BYTES = 128 * 1024 * 1024
+# A batch whose sender lines must be decided one by one (some applied before and some new, or
+# repeated within it, identity.Claim.line) holds its bytes in this process and decides ~100k
+# lines a second in Python: a larger one is rolled back and the journal from there planned in
+# batches of at most this size (SlowPathTooLarge), which double again after each batch that
+# needs no line-by-line decision (a resent region is usually short). Opaque ids seen before do
+# not: the database names the lines not applied, and only those are read (read_lines).
+LINE_BY_LINE_BYTES = 32 * 1024 * 1024
 READ_LINES_CHUNK = 4 << 20  # what read_lines reads at once
 DECIDE_LINES = 32768  # lines not applied decided at a time (what apply holds for them: ~15 MiB)
 INLINE_BYTES = 1024 * 1024  # smaller batches are parsed in-process: no pool to start
@@ -373,6 +375,7 @@ class Processor:
         self.mapping = mapping  # the declared mapping lines are read under; recorded per batch
         self.batch_bytes = batch_bytes
         self.batch_limit = batch_bytes  # for the journal being applied: see SlowPathTooLarge
+        self.line_by_line = False  # the last batch's sender lines were decided one by one
         self.inline_bytes = inline_bytes
         self.retry_for = retry_for
         self.on_retry = on_retry
@@ -533,8 +536,8 @@ class Processor:
                 # Rolled back. The batch's range, and the rest of this journal, in smaller batches:
                 # a journal with ids seen before tends to have more of them.
                 log.info("%s: bytes %d-%d hold ids seen before or repeated; applying the journal "
-                         "from there in batches of at most %d MiB", resolved, current.offset, current.end,
-                         LINE_BY_LINE_BYTES >> 20)
+                         "from there in batches of at most %d MiB, larger again after batches of new "
+                         "lines", resolved, current.offset, current.end, LINE_BY_LINE_BYTES >> 20)
                 for p in planned:
                     p.cancel()
                 planned.clear()
@@ -543,6 +546,8 @@ class Processor:
                 depth = 1
                 continue
             if status == _COMMITTED:
+                if not self.line_by_line and self.batch_limit < self.batch_bytes:
+                    self.batch_limit = min(self.batch_bytes, self.batch_limit * 2)  # past a resent region
                 # What bounds a run, batch by batch: the parse (a wait here) or the database.
                 wait, commit = started - waited, time.perf_counter() - started
                 log.debug("%s: bytes %d-%d, %d lines: waited %.3f s for the parse, committed in %.3f s",
@@ -588,6 +593,7 @@ class Processor:
     def _transaction(self, store: Store, f: BinaryIO, fp: bytes, resolved: str, b: Batch,
                      report: FileReport) -> str:
         """One batch, one transaction. Counts go into `report` only once it committed."""
+        self.line_by_line = False  # whether the batch needed sender lines decided one by one
         with store.transaction():
             p = store.lock_progress(fp, resolved)
             try:
@@ -614,6 +620,7 @@ class Processor:
                 # batch_end may go a quarter past the size it is given).
                 if b.end - b.offset > LINE_BY_LINE_BYTES and self.batch_limit > LINE_BY_LINE_BYTES:
                     raise SlowPathTooLarge
+                self.line_by_line = True
                 f.seek(b.offset)
                 return f.read(b.end - b.offset)
 

@@ -363,16 +363,30 @@ def test_a_worker_writes_only_to_the_spill_file_it_was_given(tmp_path: Path):
 
 def test_a_large_batch_that_must_decide_lines_one_by_one_is_applied_in_smaller_batches(dsn, tmp_path: Path,
                                                                                         monkeypatch):
-    """Sender lines repeated within a batch, or applied before, are decided line by line with the
-    batch's bytes and entries in the committing process: a batch larger than
-    processor.LINE_BY_LINE_BYTES is rolled back and its range applied in batches of that size."""
+    """Sender lines repeated within a batch, or applied before with new ones beside them, are
+    decided line by line with the batch's bytes in the committing process: a batch larger than
+    processor.LINE_BY_LINE_BYTES is rolled back and the journal from there planned in batches of
+    that size, which grow again (doubling) after each batch of new lines."""
     monkeypatch.setattr(processor, "LINE_BY_LINE_BYTES", 64 << 10)
+    decided: list[int] = []  # the size of each batch whose lines were decided one by one
+    real_apply = processor.apply
+
+    def apply(store, b, reread, *args):
+        def counted() -> bytes:
+            data = reread()
+            decided.append(b.end - b.offset)
+            return data
+        return real_apply(store, b, counted, *args)
+
+    monkeypatch.setattr(processor, "apply", apply)
     path = tmp_path / "server-events.jsonl"
     first = _sender_lines(range(1, 20_001))
     path.write_bytes(first + _sender_lines(range(5000, 5100)))  # a retry of 100 lines, at the end
     report = processor.process(dsn, [path], workers=2, inline_bytes=0)
     assert (report.applied, report.duplicates, report.rejected) == (20_000, 100, 0)
-    assert report.files[0].batches >= path.stat().st_size // (64 << 10), report.files[0].batches
+    assert decided and max(decided) <= (64 << 10) * 5 // 4, decided  # (a batch may run a quarter over)
+    # fewer batches than the journal in slow-path-sized ones: they grew again in between
+    assert 1 < report.files[0].batches < path.stat().st_size // (64 << 10), report.files[0].batches
     want: dict[str, int] = {}
     for n in range(1, 20_001):
         want[f"u{n % 10}"] = want.get(f"u{n % 10}", 0) + n % 7 + 1
@@ -382,5 +396,7 @@ def test_a_large_batch_that_must_decide_lines_one_by_one_is_applied_in_smaller_b
     half = first[: first.index(b"\n", len(first) // 2) + 1]
     other.write_bytes(b'{"userId":"other","name":"add_revenue","value":1}\n' + half
                       + _sender_lines(range(20_001, 22_001)))
+    decided.clear()
     again = processor.process(dsn, [other], workers=2, inline_bytes=0)
     assert (again.duplicates, again.applied) == (half.count(b"\n"), 1 + 2000)
+    assert decided and max(decided) <= (64 << 10) * 5 // 4, decided
