@@ -232,7 +232,8 @@ class ParsePool:
 
 class SlowPathTooLarge(Exception):
     """A batch larger than LINE_BY_LINE_BYTES needs lines decided one by one (see there): its
-    transaction is rolled back, and the journal from there is planned in batches of that size."""
+    transaction is rolled back, and the journal from there is planned in batches of that size,
+    doubling again after each batch that needs no such decision."""
 
 
 class Interrupted(BaseException):
@@ -533,8 +534,8 @@ class Processor:
                     lambda s, b=current: self._transaction(s, f, fp, resolved, b, report)
                 )
             except SlowPathTooLarge:
-                # Rolled back. The batch's range, and the rest of this journal, in smaller batches:
-                # a journal with ids seen before tends to have more of them.
+                # Rolled back. The batch's range in smaller batches, which grow back after each
+                # batch of new lines (below): a resent region is usually short.
                 log.info("%s: bytes %d-%d hold ids seen before or repeated; applying the journal "
                          "from there in batches of at most %d MiB, larger again after batches of new "
                          "lines", resolved, current.offset, current.end, LINE_BY_LINE_BYTES >> 20)
