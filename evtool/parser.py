@@ -495,13 +495,9 @@ def take_back_lines(sums: Sums, raws: list[bytes], strict: bool = False,
     for d, c, key, is_add, value, _, i in out.opaque:
         ids[i] = (d, c)
         take_back(sums, key, is_add, value)
-    if out.opaque_table is not None:
-        for key, (adds, added, subtracts, subtracted) in out.opaque_table.to_dict().items():  # type: ignore[attr-defined]
-            s = sums.setdefault(key, [0, 0, 0, 0])
-            s[0] -= adds
-            s[1] = money_add(s[1], -added)
-            s[2] -= subtracts
-            s[3] = money_add(s[3], -subtracted)
+    if out.opaque_table is not None:  # the C loop's sums, counted out as merge counts sums in
+        merge(sums, {key: [-a, -x, -s, -y] for key, (a, x, s, y) in out.opaque_table.to_dict().items()},  # type: ignore[attr-defined]
+              take=True)
     return ids
 
 

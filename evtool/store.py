@@ -540,8 +540,8 @@ class Store:
         """Claim opaque event digests from binary COPY rows the workers rendered (DIGEST_ROW:
         digest, content, part offset, line index in the part; see parser.ParsedPart.finish; a
         buffer a part, `events` rows in all): record the ones never recorded, each at its first
-        line in the batch: `first_line` + the
-        lines before its part (`parts`: part offset -> lines before it in the batch) + its index.
+        line in the batch: `first_line` + the lines before its part (`parts`: part offset ->
+        lines before it in the batch) + its index.
 
         None when all `events` were recorded now (every id new, none repeated: the common
         case, decided by a count, with nothing sent back); else the lines not applied, as
@@ -643,7 +643,7 @@ class Store:
             # fingerprint, and Citus refuses a join that is not on both distribution columns.
             seen = cur.execute(
                 "SELECT digest, content, journal, line_no FROM applied_events"
-                " WHERE digest = ANY(%b::bytea[])",  # binary: no hex text of 65,536 digests
+                " WHERE digest = ANY(%b::bytea[])",  # binary: no hex text of a chunk's digests
                 (old,),
             ).fetchall()
             journals = {bytes(j) for _, _, j, _ in seen if j is not None}
