@@ -15,6 +15,7 @@ Old sender ids `<S>:<n>` (written by evtool 0.1) are read as chain ZERO_CHAIN.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 from decimal import Decimal
 from enum import Enum
@@ -34,6 +35,10 @@ CELL_LINES = 1024  # line numbers per applied_lines row
 ENTRY = 10  # bytes of one remembered line in a cell: slot (2, big endian) + chain (8)
 ZERO_CHAIN = bytes(8)  # the chain of an old `<S>:<n>` id
 BOM = b"\xef\xbb\xbf"
+# Sender lines of a source a batch may take back by finding them in the journal (a retried POST:
+# lines applied before, or repeated in the batch) instead of deciding every line of the source
+# one by one (Claim.retried).
+TAKE_BACK_MAX = 4096
 # `evtool serve` names itself (host and journal) in this header on /healthz, so a sender keeps
 # its resume state per receiver, not only per URL.
 RECEIVER_HEADER = "Evtool-Receiver"
@@ -217,16 +222,19 @@ class Claim:
         self._whole: set[Cell] = set()  # cells claimed whole, and already written
         self.conflicts: dict[bytes, str | None] = {}  # digest -> where it was first seen
 
-    def cells(self, source: str, lines: SourceLines) -> bool:
+    def cells(self, source: str, lines: SourceLines, *, retried: bool = False) -> bool:
         """Claim every cell of a source in the batch at once: only if none of their lines was
         applied before (the common case) and none repeats; else nothing is claimed and the
         caller goes line by line. Claimed cells are written at once, in statements of about
         store.CELL_WRITE_BYTES, each cell's entries read from where the batch keeps them
-        (parser.SourceLines): what this holds is a statement's worth, not the batch's entries."""
+        (parser.SourceLines): what this holds is a statement's worth, not the batch's entries.
+        `retried`: claim them whatever they hold, the caller taking back the lines `retried()`
+        named."""
         from .store import CELL_WRITE_BYTES
 
         ids = sorted(lines.cell_ids())
-        for cell in ids:  # first decide, reading only the cells that could hold a repeat
+        # first decide, reading only the cells that could hold a repeat
+        for cell in ids if not retried else ():
             key = (source, cell)
             if key in self._sets or key in self._whole:
                 return False
@@ -268,6 +276,37 @@ class Claim:
             if not set(entries(packed)) <= set(entries(have)):
                 return False
         return True
+
+    def retried(self, source: str, lines: SourceLines) -> dict[tuple[int, bytes], tuple[int, int]] | None:
+        """The lines of a source in the batch that are not applied, when they are few (a POST
+        retried after it landed: lines applied before, or written twice in the batch): for each
+        such entry (line number, chain), how many times it occurs in the batch and how many of
+        those count (the first of a line never applied; none of one applied before). The caller
+        takes back the others and claims the cells with `cells(..., retried=True)`. None when
+        they are more than TAKE_BACK_MAX or the parts could not name them all: go line by line."""
+        if lines.extra_over:
+            return None
+        out: dict[tuple[int, bytes], tuple[int, int]] = {}
+        occurrences = taken = 0
+        for cell in sorted(lines.cell_ids()):
+            key = (source, cell)
+            if key in self._sets or key in self._whole:
+                return None
+            packed, later = lines.occurrences(cell)
+            have = self.stored.get(key, b"")
+            unique = entries(packed)
+            occurrences += len(unique) + len(later)
+            counts = Counter(later)
+            applied = set(entries(have)).intersection(unique) if have else set()
+            for e in applied | counts.keys():
+                keep = 0 if e in applied else 1
+                out[(cell * CELL_LINES + int.from_bytes(e[:2], "big") + 1, e[2:])] = (counts[e] + 1, keep)
+                taken += counts[e] + 1 - keep
+            if taken > TAKE_BACK_MAX:
+                return None
+        if occurrences != sum(part.count for part in lines.parts):
+            return None  # (never expected: each part counts every occurrence)
+        return out
 
     def line(self, source: str, n: int, chain: bytes) -> bool:
         """Claim line `n` (with its chain) of a sender source."""

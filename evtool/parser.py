@@ -53,6 +53,9 @@ _OPAQUE_BYTES = 400  # an opaque-id event's tuple, digests, key and value
 _REJECT_BYTES = 200  # a rejected line's tuple and reason, beside the line's bytes
 _MAX_INT = events.MAX_INT
 _CELL_LINES, _ENTRY = identity.CELL_LINES, identity.ENTRY
+# Later occurrences of a sender entry a part records (SourcePart.extra): as many as a batch may
+# take back by finding them (identity.Claim.retried); more, and the batch goes line by line.
+EXTRA_MAX = identity.TAKE_BACK_MAX
 _SLOTS = [slot.to_bytes(2, "big") for slot in range(_CELL_LINES)]  # identity.entry's first bytes
 
 # The plain-shape loop in C (evtool/_fastlines.c), built with the package where a compiler is;
@@ -134,6 +137,11 @@ class SourcePart:
     sums: Sums = field(default_factory=dict)  # of the lines the Python loops summed
     table: object | None = field(default_factory=_new_table)  # of those the C loop summed
     repeats: bool = False  # an entry occurs twice in the chunk (a retry within the batch)
+    # cell -> each later occurrence of an entry that repeats within one of the part's records
+    # (packed entries, EXTRA_MAX at most: past that `extra_over`), so the committing process can
+    # take a few retried lines back instead of deciding the whole source line by line
+    extra: dict[int, bytes] = field(default_factory=dict)
+    extra_over: bool = False
     # Cells whose entries all came in strictly increasing lines (a sender's run, see
     # _SenderCells), so they are sorted and each once as they are; any other cell is sorted.
     in_order: set[int] = field(default_factory=set)
@@ -163,7 +171,14 @@ class SourcePart:
         got = identity.entries(bytes(packed))
         self.count += len(got)
         unique = sorted(set(got))
-        self.repeats = self.repeats or len(unique) != len(got)
+        if len(unique) != len(got):
+            self.repeats = True
+            later = _later_occurrences(got)
+            size = sum(map(len, self.extra.values())) + len(later) * _ENTRY
+            if self.extra_over or size > EXTRA_MAX * _ENTRY:
+                self.extra, self.extra_over = {}, True
+            else:
+                self.extra[cell] = self.extra.get(cell, b"") + b"".join(later)
         return b"".join(unique)
 
     def spill(self, f: BinaryIO, keep: int | None = None) -> None:
@@ -297,6 +312,10 @@ class SourceLines:
     parts: list[SourcePart]
     # cell -> its records in the parts' spill files: (fd, offset, length)
     spilled: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
+    # cell -> the later occurrences of entries repeated within a part's record or across the
+    # parts' cells held here (SourcePart.extra); across spilled records, see `occurrences`
+    extra: dict[int, list[bytes]] = field(default_factory=dict)
+    extra_over: bool = False  # a part had more than EXTRA_MAX of them: not all are known
 
     def cell_ids(self) -> set[int]:
         return self.cells.keys() | self.spilled.keys()
@@ -307,14 +326,33 @@ class SourceLines:
 
     def entries(self, cell: int) -> tuple[bytes, bool]:
         """A cell's entries in the batch, sorted, each once; and whether one occurred twice."""
+        packed, later = self.occurrences(cell)
+        return packed, bool(later)
+
+    def occurrences(self, cell: int) -> tuple[bytes, list[bytes]]:
+        """A cell's entries in the batch, sorted, each once; and each later occurrence of one
+        (complete unless `extra_over`)."""
         records = [_read(fd, offset, length) for fd, offset, length in self.spilled.get(cell, ())]
         if cell in self.cells:
             records.append(self.cells[cell])
+        later = list(self.extra.get(cell, ()))
         if len(records) == 1:
-            return records[0], False
+            return records[0], later
         got = [e for r in records for e in identity.entries(r)]
-        unique = sorted(set(got))
-        return b"".join(unique), len(unique) != len(got)
+        later.extend(_later_occurrences(got))
+        return b"".join(sorted(set(got))), later
+
+
+def _later_occurrences(entries: list[bytes]) -> list[bytes]:
+    """The entries of `entries` that occurred before in it (one per later occurrence)."""
+    seen: set[bytes] = set()
+    later = []
+    for e in entries:
+        if e in seen:
+            later.append(e)
+        else:
+            seen.add(e)
+    return later
 
 
 def _read(fd: int, offset: int, length: int) -> bytes:
@@ -352,10 +390,11 @@ class Batch:
             for source, part in p.sources.items():
                 have = self.sources.get(source)
                 if have is None:
-                    have = self.sources[source] = SourceLines(dict(part.cells), part.repeats, [part])
-                    _index_spilled(have, part, p.spill_fd)
-                    continue
+                    have = self.sources[source] = SourceLines({}, False, [])
                 have.repeats = have.repeats or part.repeats
+                have.extra_over = have.extra_over or part.extra_over
+                for cell, later in part.extra.items():
+                    have.extra.setdefault(cell, []).extend(identity.entries(later))
                 _index_spilled(have, part, p.spill_fd)
                 for cell, packed in part.cells.items():
                     before = have.cells.get(cell)
@@ -363,9 +402,11 @@ class Batch:
                         have.cells[cell] = packed
                         continue
                     got = identity.entries(before) + identity.entries(packed)
-                    unique = sorted(set(got))
-                    have.repeats = have.repeats or len(unique) != len(got)
-                    have.cells[cell] = b"".join(unique)
+                    later = _later_occurrences(got)  # (each record holds an entry once)
+                    if later:
+                        have.repeats = True
+                        have.extra.setdefault(cell, []).extend(later)
+                    have.cells[cell] = b"".join(sorted(set(got)))
                 have.parts.append(part)
         # the opaque ids: only their count and the parts' rows (see ParsedPart.shipped)
         self.opaque_count = sum(p.opaque_count for p in parts)
@@ -495,10 +536,48 @@ def take_back_lines(sums: Sums, raws: list[bytes], strict: bool = False,
     for d, c, key, is_add, value, _, i in out.opaque:
         ids[i] = (d, c)
         take_back(sums, key, is_add, value)
-    if out.opaque_table is not None:  # the C loop's sums, counted out as merge counts sums in
-        merge(sums, {key: [-a, -x, -s, -y] for key, (a, x, s, y) in out.opaque_table.to_dict().items()},  # type: ignore[attr-defined]
-              take=True)
+    _count_out(sums, {}, out.opaque_table)
     return ids
+
+
+def take_back_sender_lines(sums: Sums, raws: list[bytes], source: str, strict: bool = False,
+                           mapping: Mapping | None = None) -> list[tuple[int, bytes]] | None:
+    """Count the events of lines `raws`, each a sender line of `source`, out of `sums` (as
+    take_back), parsed as one piece by the same loops as a part; return their (line number,
+    chain), sorted, for the caller to check that they are the lines it chose. None, with `sums`
+    unchanged, when a line is not a valid event of `source` (the file changed under the run)."""
+    data = b"\n".join(raws) + b"\n"
+    out = ParsedPart(0, len(data), strict=strict, mapping=mapping)
+    parse(data, 0, out, close=False)
+    part = out.sources.get(source)
+    if (part is None or len(out.sources) != 1 or out.rejects or out.opaque
+            or count(out.fresh, out.fresh_table) or out.lines != len(raws)):
+        return None
+    got = sorted((cell * _CELL_LINES + int.from_bytes(e[:2], "big") + 1, e[2:])
+                 for cell, packed in part.cells.items() for e in identity.entries(bytes(packed)))
+    if len(got) != len(raws):
+        return None
+    _count_out(sums, part.sums, part.table)
+    return got
+
+
+def _count_out(sums: Sums, other: Sums, table: object | None) -> None:
+    """Count the sums of `other` and of a C `table` out of `sums`, as merge counts sums in."""
+    if table is not None:
+        other = {**other}
+        merge(other, table.to_dict(), take=True)  # type: ignore[attr-defined]
+    merge(sums, {key: [-a, -x, -s, -y] for key, (a, x, s, y) in other.items()}, take=True)
+
+
+def sender_entry(raw: bytes, source: str, strict: bool = False,
+                 mapping: Mapping | None = None) -> tuple[int, bytes] | None:
+    """(line number, chain) of a line that is a valid event with a sender id of `source`, else None."""
+    try:
+        eid = _event(raw, strict, mapping)[3]
+    except InvalidEvent:
+        return None
+    _, m = identity.classify(eid)
+    return (int(m[2]), identity.chain_of(m)) if m is not None and m[1] == source else None
 
 
 def event_id(raw: bytes, mapping: Mapping | None = None) -> str:

@@ -15,6 +15,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import tempfile
 import time
 from array import array
@@ -627,7 +628,8 @@ class Processor:
 
             first_line = p.lines + 1
             outcome = apply(store, b, reread, lambda wanted: read_lines(f, b.offset, b.end, wanted),
-                            fp, resolved, first_line)
+                            fp, resolved, first_line,
+                            find=lambda pattern: find_lines(f, b.offset, b.end, pattern))
             rejects = b.rejects + outcome.rejects
             store.record_rejects(
                 (fp, offset, first_line + index, resolved, raw, reason)
@@ -719,6 +721,74 @@ def read_lines(f: BinaryIO, start: int, end: int, wanted: Iterable[int]) -> Iter
         rest = data[cut:]
 
 
+def find_lines(f: BinaryIO, start: int, end: int, pattern: re.Pattern[bytes]) -> Iterator[tuple[int, bytes]]:
+    """The lines of bytes [start, end) of `f` in which `pattern` matches, each once, as (offset
+    in the file, the line without its end): one pass a few MiB at a time, read with os.pread
+    (as read_lines). A match must not span lines."""
+    fd = f.fileno()
+    pos, rest = start, b""
+    while pos < end:
+        block = os.pread(fd, min(READ_LINES_CHUNK, end - pos), pos)
+        if not block:  # the file shrank: the caller finds lines missing
+            return
+        pos += len(block)
+        data = rest + block
+        cut = data.rfind(b"\n") + 1
+        base, last = pos - len(data), -1
+        for m in pattern.finditer(data, 0, cut):
+            at = data.rfind(b"\n", 0, m.start()) + 1
+            if at != last:
+                last = at
+                yield base + at, data[at:data.index(b"\n", m.end())].rstrip(b"\r")
+        rest = data[cut:]
+
+
+def _trie(words: list[bytes]) -> bytes:
+    """A regex that matches any of `words` (none empty), as a trie: a position costs what it
+    shares with them, not a try of each word."""
+    root: dict = {}
+    for w in words:
+        node = root
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[None] = {}
+
+    def emit(node: dict) -> bytes:
+        alts = [re.escape(bytes([ch])) + emit(child) for ch, child in sorted(
+            (k, v) for k, v in node.items() if k is not None)]
+        if not alts:
+            return b""
+        body = alts[0] if len(alts) == 1 else b"(?:" + b"|".join(alts) + b")"
+        if None in node:  # a word ends here, and others go on
+            return (b"(?:" + body + b")" if len(alts) == 1 else body) + b"?"
+        return body
+    return emit(root)
+
+
+def _retried_lines(find: Callable[[re.Pattern[bytes]], Iterator[tuple[int, bytes]]], source: str,
+                   retried: dict[tuple[int, bytes], tuple[int, int]], strict: bool,
+                   mapping: Mapping | None) -> list[bytes] | None:
+    """The lines to take back of a source's retry (identity.Claim.retried: entry -> (times it
+    occurs, how many count)): every occurrence of each entry found by its id's text, checked by
+    parsing it, and all but the first of one never applied, in file order. None when an entry is
+    not found as often as the parts counted it (an id written with escapes, say): the caller
+    then decides line by line."""
+    numbers = sorted({b"%d:" % n for n, _ in retried})
+    pattern = re.compile(re.escape(f"{source}:".encode()) + _trie(numbers))
+    found: dict[tuple[int, bytes], list[tuple[int, bytes]]] = {}
+    for offset, raw in find(pattern):
+        e = parser.sender_entry(raw, source, strict, mapping)
+        if e in retried:
+            found.setdefault(e, []).append((offset, raw))
+    chosen: list[tuple[int, bytes]] = []
+    for e, (times, keep) in retried.items():
+        at = found.get(e, [])
+        if len(at) != times:
+            return None
+        chosen.extend(at[keep:])
+    return [raw for _, raw in sorted(chosen)]
+
+
 def _in_chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """`items` in lists of `size`, the last shorter."""
     it = iter(items)
@@ -728,12 +798,14 @@ def _in_chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 def apply(store: Store, b: Batch, reread: Callable[[], bytes],
           lines_at: Callable[[Iterable[int]], Iterator[tuple[int, int, bytes]]],
-          fingerprint: bytes = b"", path: str = "", first_line: int = 1) -> Outcome:
+          fingerprint: bytes = b"", path: str = "", first_line: int = 1,
+          find: Callable[[re.Pattern[bytes]], Iterator[tuple[int, bytes]]] | None = None) -> Outcome:
     """Apply a parsed batch inside the caller's transaction; only never-applied events count.
 
     `b` is only read, so a failed transaction can apply it again. `reread` returns the
-    batch's bytes, needed only when some sender lines may have been applied before (it raises
-    SlowPathTooLarge for a batch too large for that); `lines_at` some of its lines by index
+    batch's bytes, needed only when many sender lines may have been applied before (it raises
+    SlowPathTooLarge for a batch too large for that); `find` the lines in which a pattern
+    matches (find_lines), for the few sender lines of a retry; `lines_at` some of its lines by index
     (read_lines), for the lines whose opaque id was seen before or repeats. `fingerprint`,
     `path` and `first_line` (the batch's first line number) say where opaque ids were first
     seen, for the reason of a later conflict. An opaque id seen again with other content is
@@ -746,7 +818,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
     users: list[Iterable[int]] = [p.fresh_users for p in b.parts]
     claim = identity.Claim(store, {s: lines.cell_ids() for s, lines in b.sources.items()})
     data: bytes | None = None
-    taken_back: set[str] = set()
+    back: parser.Sums = {}  # the events of lines not applied, subtracted from the workers' sums
     for source, lines in b.sources.items():
         if not lines.repeats and claim.cells(source, lines):
             rows.extend(part.rows for part in lines.parts)  # the common case: all new
@@ -755,6 +827,22 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
             continue
         if claim.applied_before(source, lines):  # a file sent twice: its sums are dropped whole
             out.duplicates += sum(part.count for part in lines.parts)
+            continue
+        retried = claim.retried(source, lines) if find is not None else None
+        raws = _retried_lines(find, source, retried, b.strict, b.mapping) \
+            if find is not None and retried is not None else None
+        if raws is not None:  # a retry: the workers' sums stand, less the few lines not applied
+            mine: parser.Sums = {}
+            want = sorted(e for e, (times, keep) in retried.items() for _ in range(times - keep))  # type: ignore[union-attr]
+            if parser.take_back_sender_lines(mine, raws, source, b.strict, b.mapping) != want:
+                raise JournalChanged(f"{path} was overwritten while a batch of it was being "
+                                     "processed. Nothing of the batch was applied")
+            parser.merge(back, mine, take=True)
+            claim.cells(source, lines, retried=True)
+            rows.extend(part.rows for part in lines.parts)
+            users.extend(part.users for part in lines.parts)
+            out.applied += sum(part.count for part in lines.parts) - len(raws)
+            out.duplicates += len(raws)
             continue
         # Some lines were applied before, or repeat within the batch: decide line by line.
         data = reread() if data is None else data
@@ -796,7 +884,6 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
         out.applied += b.opaque_count
         if repeats or packed:
             lines = lines_at(r[2] for r in skipped())  # the batch read once
-            back: parser.Sums = {}  # the events not applied, subtracted from the sums
             for chunk in _in_chunks(skipped(), DECIDE_LINES):  # what is held for them here
                 got = list(itertools.islice(lines, len(chunk)))
                 # each line must be the very event parsed: its index, then its digests
@@ -820,8 +907,9 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
                                         identity.conflict_reason(parser.event_id(raw, b.mapping), where)))
                 out.duplicates += len(chunk) - len(conflicts)
                 out.applied -= len(chunk)
-            rows.append(parser.render(back))
-            taken_back = {key[0] for key in back}
+    taken_back = {key[0] for key in back}
+    if back:
+        rows.append(parser.render(back))
 
     # streamed to COPY a few MiB at a time: no process holds a large batch's rows whole
     out.pending_minutes = store.add_to_totals((c for r in rows for c in r.chunks()),

@@ -102,6 +102,125 @@ def test_a_file_of_sender_ids_sent_twice_drops_the_copy_whole_and_a_changed_line
     assert totals(dsn) == {**want, "u1": want["u1"] + 1000}
 
 
+def per_minute(dsn: str) -> dict[tuple[str, object], tuple[int, Decimal, int, Decimal]]:
+    """(user, minute) -> (adds, added, subtracts, subtracted), both minute tables summed."""
+    from evtool.store import MINUTES
+
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(f"SELECT user_id, minute, sum(adds), sum(added), sum(subtracts), sum(subtracted)"
+                            f" FROM {MINUTES} GROUP BY 1, 2").fetchall()
+    return {(u, m): (int(a), Decimal(x), int(s), Decimal(y)) for u, m, a, x, s, y in rows if a or s}
+
+
+def sender_lines(n: int, src: str = "0123456789abcdef", minute: str = "10") -> list[str]:
+    """Lines 1..n of a sender source, as `send` writes them (with a receive time)."""
+    return [line(f"u{k % 7}", "add_revenue" if k % 5 else "subtract_revenue", k,
+                 f"{src}:{k}:{k * 7919:016x}")[:-2] + f', "timestamp": "2026-11-24T09:{minute}:00Z"}}\n'
+            for k in range(1, n + 1)]
+
+
+def no_line_by_line(monkeypatch) -> None:
+    """Make the slow path (every line of a source decided one by one) fail the test."""
+    def never(*args, **kwargs):
+        raise AssertionError("a source was decided line by line")
+
+    monkeypatch.setattr("evtool.parser.source_events", never)
+
+
+def test_a_retried_bulk_of_sender_lines_is_taken_back_without_deciding_the_source_line_by_line(
+        dsn, tmp_path, monkeypatch):
+    """A POST that landed and was retried writes its lines again, in the batch (in one part or
+    two) or after lines already applied: only those lines are found in the journal and taken
+    back, each once and in its own minute (the copy came in another minute: the first counts);
+    the rest of the source stands as the workers summed it."""
+    no_line_by_line(monkeypatch)
+    journal = tmp_path / "j.jsonl"
+    tuning = {"workers": 2, "inline_bytes": 0, "piece_bytes": 8_000}
+    lines = sender_lines(3000)
+    retry = [x.replace("T09:10:", "T09:11:") for x in lines[1000:1100]]  # received a minute later
+    write(journal, *lines[:1500], *retry, *lines[1500:1600], lines[5], lines[5])
+    report = process(dsn, [journal], **tuning)
+    assert (report.applied, report.duplicates) == (1600, 102)
+    write(journal, *lines[1550:1650], *lines[1600:3000])  # straddling what was applied
+    report = process(dsn, [journal], **tuning)
+    assert (report.applied, report.duplicates) == (1400, 100)
+    want: dict[str, int] = {}
+    minutes: dict[tuple[str, str], list] = {}
+    for k in range(1, 3001):
+        sign = 1 if k % 5 else -1
+        want[f"u{k % 7}"] = want.get(f"u{k % 7}", 0) + sign * k
+        m = minutes.setdefault((f"u{k % 7}", "2026-11-24 09:10"), [0, 0, 0, 0])
+        m[0 if sign > 0 else 2] += 1
+        m[1 if sign > 0 else 3] += k
+    assert totals(dsn) == want
+    got = {(u, str(m)[:16]): v for (u, m), v in per_minute(dsn).items()}
+    assert got == {k: (a, Decimal(x), s, Decimal(y)) for k, (a, x, s, y) in minutes.items()}
+    assert process(dsn, [journal], **tuning).applied == 0
+
+
+@pytest.mark.parametrize("why", ["escaped", "over the limit", "too many in a part", "old ids"])
+def test_a_retry_whose_lines_cannot_all_be_found_goes_line_by_line_and_stays_exact(
+        dsn, tmp_path, monkeypatch, why):
+    """The retried lines are found by their id's text and counted against what the workers saw:
+    an id written with a JSON escape is not found as often, more lines than TAKE_BACK_MAX are
+    not looked for, a part that saw more later occurrences than it keeps (EXTRA_MAX) cannot name
+    them, an old `<S>:<n>` id has no chain to look for: the source then goes line by line, with
+    the same totals."""
+    from evtool import parser
+
+    calls = []
+    real = parser.source_events
+    monkeypatch.setattr(parser, "source_events", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if why == "over the limit":
+        monkeypatch.setattr("evtool.identity.TAKE_BACK_MAX", 5)
+    tuning = {"workers": 2, "inline_bytes": 0, "piece_bytes": 8_000}
+    if why == "too many in a part":
+        monkeypatch.setattr(parser, "EXTRA_MAX", 5)
+        tuning = {"workers": 1}  # one part: the repeats are its own
+    journal = tmp_path / "j.jsonl"
+    lines = sender_lines(400)
+    if why == "old ids":
+        lines = [x.replace(f":{k * 7919:016x}", "") for k, x in enumerate(lines, 1)]
+    retry = lines[100:110]
+    if why == "escaped":
+        retry[3] = retry[3].replace('0123456789abcdef:104:', '0123456789abcdef:10\\u0034:')
+    write(journal, *lines[:200], *retry, *lines[200:])
+    report = process(dsn, [journal], **tuning)
+    assert (report.applied, report.duplicates) == (400, 10)
+    assert calls
+    assert totals(dsn) == {f"u{u}": sum((k if k % 5 else -k) for k in range(1, 401) if k % 7 == u)
+                           for u in range(7)}
+
+
+def test_a_retried_line_overwritten_before_it_is_taken_back_stops_the_batch(dsn, tmp_path, monkeypatch):
+    """The journal changed in place between the parse and the search for a retry's lines (the
+    retry's amount rewritten): the batch stops with a message, nothing of it applied; the next
+    run applies the journal as it now is."""
+    from evtool import processor
+    from evtool.errors import JournalChanged
+
+    journal = tmp_path / "j.jsonl"
+    lines = sender_lines(300)
+    write(journal, *lines[:200], lines[50], *lines[200:])
+    real = processor.find_lines
+
+    def overwritten(f, start, end, pattern):
+        data = journal.read_bytes()
+        at = data.index(lines[50].encode(), data.index(lines[199].encode()))
+        with open(journal, "r+b") as w:  # the retry of line 51 now says 59 instead of 51
+            w.seek(at + lines[50].index('"value": 51') + len('"value": 5'))
+            w.write(b"9")
+        return real(f, start, end, pattern)
+
+    monkeypatch.setattr(processor, "find_lines", overwritten)
+    with pytest.raises(JournalChanged, match="while a batch of it was being processed"):
+        process(dsn, [journal], workers=2, inline_bytes=0, piece_bytes=8_000)
+    assert totals(dsn) == {}
+    monkeypatch.setattr(processor, "find_lines", real)
+    report = process(dsn, [journal])  # (a sender id names its line: the copy is a duplicate)
+    assert (report.applied, report.duplicates) == (300, 1)
+
+
 def test_a_cells_lines_claimed_one_by_one_are_the_stored_set_and_pack_as_it_would():
     """identity._CellLines (a chain per slot and the rare others, no object per line) decides
     and packs as a set of entries would."""
