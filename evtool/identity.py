@@ -38,7 +38,7 @@ BOM = b"\xef\xbb\xbf"
 # Sender lines of a source a batch may take back by finding them in the journal (a retried POST:
 # lines applied before, or repeated in the batch) instead of deciding every line of the source
 # one by one (Claim.retried).
-TAKE_BACK_MAX = 4096
+TAKE_BACK_MAX = 16384
 # `evtool serve` names itself (host and journal) in this header on /healthz, so a sender keeps
 # its resume state per receiver, not only per URL.
 RECEIVER_HEADER = "Evtool-Receiver"
