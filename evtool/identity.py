@@ -294,10 +294,9 @@ class Claim:
                 return None
             packed, later = lines.occurrences(cell)
             have = self.stored.get(key, b"")
-            unique = entries(packed)
-            occurrences += len(unique) + len(later)
+            occurrences += len(packed) // ENTRY + len(later)
             counts = Counter(later)
-            applied = set(entries(have)).intersection(unique) if have else set()
+            applied = set(entries(have)).intersection(entries(packed)) if have else set()
             for e in applied | counts.keys():
                 keep = 0 if e in applied else 1
                 out[(cell * CELL_LINES + int.from_bytes(e[:2], "big") + 1, e[2:])] = (counts[e] + 1, keep)

@@ -545,7 +545,9 @@ def take_back_sender_lines(sums: Sums, raws: list[bytes], source: str, strict: b
     """Count the events of lines `raws`, each a sender line of `source`, out of `sums` (as
     take_back), parsed as one piece by the same loops as a part; return their (line number,
     chain), sorted, for the caller to check that they are the lines it chose. None, with `sums`
-    unchanged, when a line is not a valid event of `source` (the file changed under the run)."""
+    unchanged, when a line is not a valid event of `source`."""
+    if not raws:
+        return []
     data = b"\n".join(raws) + b"\n"
     out = ParsedPart(0, len(data), strict=strict, mapping=mapping)
     parse(data, 0, out, close=False)
@@ -567,17 +569,6 @@ def _count_out(sums: Sums, other: Sums, table: object | None) -> None:
         other = {**other}
         merge(other, table.to_dict(), take=True)  # type: ignore[attr-defined]
     merge(sums, {key: [-a, -x, -s, -y] for key, (a, x, s, y) in other.items()}, take=True)
-
-
-def sender_entry(raw: bytes, source: str, strict: bool = False,
-                 mapping: Mapping | None = None) -> tuple[int, bytes] | None:
-    """(line number, chain) of a line that is a valid event with a sender id of `source`, else None."""
-    try:
-        eid = _event(raw, strict, mapping)[3]
-    except InvalidEvent:
-        return None
-    _, m = identity.classify(eid)
-    return (int(m[2]), identity.chain_of(m)) if m is not None and m[1] == source else None
 
 
 def event_id(raw: bytes, mapping: Mapping | None = None) -> str:

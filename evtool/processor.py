@@ -766,27 +766,30 @@ def _trie(words: list[bytes]) -> bytes:
 
 
 def _retried_lines(find: Callable[[re.Pattern[bytes]], Iterator[tuple[int, bytes]]], source: str,
-                   retried: dict[tuple[int, bytes], tuple[int, int]], strict: bool,
-                   mapping: Mapping | None) -> list[bytes] | None:
-    """The lines to take back of a source's retry (identity.Claim.retried: entry -> (times it
-    occurs, how many count)): every occurrence of each entry found by its id's text, checked by
-    parsing it, and all but the first of one never applied, in file order. None when an entry is
-    not found as often as the parts counted it (an id written with escapes, say): the caller
-    then decides line by line."""
+                   retried: dict[tuple[int, bytes], tuple[int, int]]) -> tuple[list, list] | None:
+    """The lines of a source's retry (identity.Claim.retried: entry -> (times it occurs, how
+    many count)), found by their id's text: (the lines to take back, the lines that count), each
+    a list of (line, entry) in file order; the first occurrence of an entry never applied counts.
+    None when an entry is not found as often as the parts counted it (an id written with an
+    escape, say): the caller then decides line by line. The caller checks the lines by parsing
+    them (an id's text may also stand in another field)."""
     numbers = sorted({b"%d:" % n for n, _ in retried})
-    pattern = re.compile(re.escape(f"{source}:".encode()) + _trie(numbers))
-    found: dict[tuple[int, bytes], list[tuple[int, bytes]]] = {}
-    for offset, raw in find(pattern):
-        e = parser.sender_entry(raw, source, strict, mapping)
+    pattern = re.compile(re.escape(f"{source}:".encode()) + b"(" + _trie(numbers) + b")([0-9a-f]{16})")
+    found: dict[tuple[int, bytes], list[bytes]] = {}
+    for _, raw in find(pattern):
+        m = pattern.search(raw)
+        e = (int(m[1][:-1]), bytes.fromhex(m[2].decode())) if m is not None else None
         if e in retried:
-            found.setdefault(e, []).append((offset, raw))
-    chosen: list[tuple[int, bytes]] = []
+            found.setdefault(e, []).append(raw)
+    back: list[tuple[bytes, tuple[int, bytes]]] = []
+    kept: list[tuple[bytes, tuple[int, bytes]]] = []
     for e, (times, keep) in retried.items():
         at = found.get(e, [])
         if len(at) != times:
             return None
-        chosen.extend(at[keep:])
-    return [raw for _, raw in sorted(chosen)]
+        kept.extend((raw, e) for raw in at[:keep])
+        back.extend((raw, e) for raw in at[keep:])
+    return back, kept
 
 
 def _in_chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -829,20 +832,20 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
             out.duplicates += sum(part.count for part in lines.parts)
             continue
         retried = claim.retried(source, lines) if find is not None else None
-        raws = _retried_lines(find, source, retried, b.strict, b.mapping) \
-            if find is not None and retried is not None else None
-        if raws is not None:  # a retry: the workers' sums stand, less the few lines not applied
-            mine: parser.Sums = {}
-            want = sorted(e for e, (times, keep) in retried.items() for _ in range(times - keep))  # type: ignore[union-attr]
-            if parser.take_back_sender_lines(mine, raws, source, b.strict, b.mapping) != want:
-                raise JournalChanged(f"{path} was overwritten while a batch of it was being "
-                                     "processed. Nothing of the batch was applied")
+        found = _retried_lines(find, source, retried) if find is not None and retried is not None else None
+        mine: parser.Sums = {}
+        # a retry: the workers' sums stand, less the few lines not applied, each of which (and
+        # each that counts) must be a valid event with the entry its text named, parsed as one
+        # piece by the part loops (so its sums leave the very keys they went to)
+        if found is not None and all(
+                parser.take_back_sender_lines(sums, [raw for raw, _ in got], source, b.strict, b.mapping)
+                == sorted(e for _, e in got) for sums, got in ((mine, found[0]), ({}, found[1]))):
             parser.merge(back, mine, take=True)
             claim.cells(source, lines, retried=True)
             rows.extend(part.rows for part in lines.parts)
             users.extend(part.users for part in lines.parts)
-            out.applied += sum(part.count for part in lines.parts) - len(raws)
-            out.duplicates += len(raws)
+            out.applied += sum(part.count for part in lines.parts) - len(found[0])
+            out.duplicates += len(found[0])
             continue
         # Some lines were applied before, or repeat within the batch: decide line by line.
         data = reread() if data is None else data

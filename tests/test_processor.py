@@ -158,11 +158,13 @@ def test_a_retried_bulk_of_sender_lines_is_taken_back_without_deciding_the_sourc
     assert process(dsn, [journal], **tuning).applied == 0
 
 
-@pytest.mark.parametrize("why", ["escaped", "over the limit", "too many in a part", "old ids"])
+@pytest.mark.parametrize("why", ["escaped", "escaped, and a decoy", "over the limit", "too many in a part",
+                                 "old ids"])
 def test_a_retry_whose_lines_cannot_all_be_found_goes_line_by_line_and_stays_exact(
         dsn, tmp_path, monkeypatch, why):
     """The retried lines are found by their id's text and counted against what the workers saw:
-    an id written with a JSON escape is not found as often, more lines than TAKE_BACK_MAX are
+    an id written with a JSON escape is not found as often (nor when another line carries its
+    text in another field, making up the count: each line found is parsed), more lines than TAKE_BACK_MAX are
     not looked for, a part that saw more later occurrences than it keeps (EXTRA_MAX) cannot name
     them, an old `<S>:<n>` id has no chain to look for: the source then goes line by line, with
     the same totals."""
@@ -182,14 +184,18 @@ def test_a_retry_whose_lines_cannot_all_be_found_goes_line_by_line_and_stays_exa
     if why == "old ids":
         lines = [x.replace(f":{k * 7919:016x}", "") for k, x in enumerate(lines, 1)]
     retry = lines[100:110]
-    if why == "escaped":
+    if why.startswith("escaped"):
         retry[3] = retry[3].replace('0123456789abcdef:104:', '0123456789abcdef:10\\u0034:')
-    write(journal, *lines[:200], *retry, *lines[200:])
+    decoy = line(f"0123456789abcdef:104:{104 * 7919:016x}", "add_revenue", 3,
+                 f"0123456789abcdef:401:{401 * 7919:016x}") if "decoy" in why else ""
+    write(journal, *lines[:200], *retry, *lines[200:], decoy)
     report = process(dsn, [journal], **tuning)
-    assert (report.applied, report.duplicates) == (400, 10)
+    assert (report.applied, report.duplicates) == (400 + bool(decoy), 10)
     assert calls
-    assert totals(dsn) == {f"u{u}": sum((k if k % 5 else -k) for k in range(1, 401) if k % 7 == u)
-                           for u in range(7)}
+    want = {f"u{u}": sum((k if k % 5 else -k) for k in range(1, 401) if k % 7 == u) for u in range(7)}
+    if decoy:
+        want[f"0123456789abcdef:104:{104 * 7919:016x}"] = 3
+    assert totals(dsn) == want
 
 
 def test_a_retried_line_overwritten_before_it_is_taken_back_stops_the_batch(dsn, tmp_path, monkeypatch):
