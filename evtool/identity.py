@@ -120,6 +120,17 @@ def entries(packed: bytes) -> list[bytes]:
     return [packed[i:i + ENTRY] for i in range(0, len(packed), ENTRY)]
 
 
+def within(packed: bytes, have: bytes) -> bool:
+    """Whether every entry of `packed` is one of `have`'s (both sorted, each entry once). A
+    cell sent again is mostly a run of the stored entries, found as bytes; else by sets."""
+    at = have.find(packed) if len(packed) <= len(have) else -1
+    while at >= 0:
+        if at % ENTRY == 0:
+            return True
+        at = have.find(packed, at + 1)
+    return set(entries(packed)) <= set(entries(have))
+
+
 def chain_of(m: re.Match[str]) -> bytes:
     """The chain value of a sender id's match (ZERO_CHAIN for an old `<S>:<n>` id)."""
     return bytes.fromhex(m[3]) if m[3] else ZERO_CHAIN
@@ -273,7 +284,7 @@ class Claim:
             if not have or key in self._sets or key in self._whole:
                 return False
             packed, _ = lines.entries(cell)
-            if not set(entries(packed)) <= set(entries(have)):
+            if not within(packed, have):
                 return False
         return True
 
@@ -296,7 +307,12 @@ class Claim:
             have = self.stored.get(key, b"")
             occurrences += len(packed) // ENTRY + len(later)
             counts = Counter(later)
-            applied = set(entries(have)).intersection(entries(packed)) if have else set()
+            if not have:
+                applied: set[bytes] = set()
+            elif within(packed, have):
+                applied = set(entries(packed))
+            else:
+                applied = set(entries(have)).intersection(entries(packed))
             for e in applied | counts.keys():
                 keep = 0 if e in applied else 1
                 out[(cell * CELL_LINES + int.from_bytes(e[:2], "big") + 1, e[2:])] = (counts[e] + 1, keep)

@@ -227,6 +227,24 @@ def test_a_retried_line_overwritten_before_it_is_taken_back_stops_the_batch(dsn,
     assert (report.applied, report.duplicates) == (300, 1)
 
 
+def test_within_says_whether_a_cells_entries_are_all_stored_as_sets_would():
+    """identity.within, the subset test of a resent cell: a run of the stored entries found as
+    bytes must start at an entry's boundary (a match across two entries is no match)."""
+    import random
+
+    from evtool.identity import ENTRY, entries, within
+
+    rng = random.Random(1)
+    for _ in range(3000):  # few distinct bytes: many runs found out of step with the entries
+        pool = sorted({bytes([rng.randrange(3)]) * 2 + bytes([rng.randrange(3)]) * 8 for _ in range(12)})
+        have = b"".join(sorted(rng.sample(pool, rng.randrange(0, len(pool) + 1))))
+        packed = b"".join(sorted(rng.sample(pool, rng.randrange(1, len(pool) + 1))))
+        assert within(packed, have) == (set(entries(packed)) <= set(entries(have))), (packed, have)
+    a, c = b"\x00\x01" + b"\x02" * 8, b"\x02\x02" + b"\x09" * 8
+    assert (a + c).find(b"\x02" * ENTRY) == 2  # found two bytes into the first entry: not an entry
+    assert not within(b"\x02" * ENTRY, a + c) and within(c, a + c) and within(a + c, a + c)
+
+
 def test_a_cells_lines_claimed_one_by_one_are_the_stored_set_and_pack_as_it_would():
     """identity._CellLines (a chain per slot and the rare others, no object per line) decides
     and packs as a set of entries would."""
