@@ -1,7 +1,7 @@
 """One `process` run with its CPU split: the processor's (self + workers) and PostgreSQL's.
 
     python -m tests.bench.proc_cpu --server DSN --pgdata DIR JOURNAL [--evtool SRC_DIR]
-        [--batch-mb MB] [--max-held-mb MB] [--table-flush-mb MB] [--retries N]
+        [--batch-mb MB] [--max-held-mb MB] [--table-flush-mb MB] [--retries N] [--retried-posts N]
 
 Creates (or recreates) the database `evtool_proc_cpu` on the server DSN points at, applies
 JOURNAL with `evtool.processor.process` (from SRC_DIR when given, to compare two checkouts on
@@ -13,6 +13,8 @@ and what a worker part may hold (`parser.MAX_HELD`): to measure what other batch
 (a cap far above the default lets a part's memory grow with its users). --retries N applies a
 copy of JOURNAL (in TMPDIR) with N lines each written again 1-49 lines later (seeded), as a
 client's retries land: with opaque ids, the lines the database finds not applied.
+--retried-posts N: N runs of 1,000 lines (what `send` POSTs at once) each written again right
+after itself (seeded), as a POST retried after it landed.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ def main() -> None:
     ap.add_argument("--max-held-mb", type=int, help="what a worker part may hold (default: evtool's)")
     ap.add_argument("--table-flush-mb", type=int, help="parser.TABLE_FLUSH (default: evtool's)")
     ap.add_argument("--retries", type=int, default=0, help="lines written twice (a copy of JOURNAL)")
+    ap.add_argument("--retried-posts", type=int, default=0, help="runs of 1,000 lines written twice")
     ap.add_argument("journal", type=Path)
     a = ap.parse_args()
-    if a.retries:
-        a.journal = _with_retries(a.journal, a.retries)
+    if a.retries or a.retried_posts:
+        a.journal = _with_retries(a.journal, a.retries, a.retried_posts)
     if a.evtool:
         sys.path.insert(0, a.evtool)
     import psutil
@@ -89,12 +92,13 @@ def main() -> None:
           f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10} MiB, tree peak PSS "
           f"{peak[1] >> 10} MiB (polled every 20 ms, costing some CPU); "
           f"{users} users, total {total}")
-    if a.retries:
+    if a.retries or a.retried_posts:
         a.journal.unlink()
 
 
-def _with_retries(journal: Path, n: int) -> Path:
-    """A copy of `journal` in TMPDIR with `n` lines each written again 1-49 lines later."""
+def _with_retries(journal: Path, n: int, posts: int = 0) -> Path:
+    """A copy of `journal` in TMPDIR with `n` lines each written again 1-49 lines later, and
+    `posts` runs of 1,000 lines each written again right after itself."""
     import random
     import tempfile
 
@@ -103,6 +107,8 @@ def _with_retries(journal: Path, n: int) -> Path:
     for _ in range(n):
         i = rng.randrange(len(lines) - 100)
         lines.insert(i + rng.randrange(1, 50), lines[i])
+    for end in sorted(rng.sample(range(1000, len(lines) - 1000, 1000), posts), reverse=True):
+        lines[end:end] = lines[end - 1000:end]
     fd, name = tempfile.mkstemp(suffix=".jsonl", prefix="proc-cpu-retries-")
     with os.fdopen(fd, "wb") as f:
         f.write(b"".join(lines))
