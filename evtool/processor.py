@@ -795,6 +795,36 @@ def _retried_lines(find: Callable[[re.Pattern[bytes]], Iterator[tuple[int, bytes
     return back, kept
 
 
+def _all_applied_before(store: Store, b: Batch, packed: bytes,
+                        lines_at: Callable[[Iterable[int]], Iterator[tuple[int, int, bytes]]],
+                        path: str) -> list[tuple[int, int, bytes, str]] | None:
+    """For a batch none of whose opaque ids is new (`packed`, the database's SKIPPED rows, names
+    every line: a file sent twice), the lines whose id was first recorded with other content, as
+    rejects (offset, index in batch, raw, reason); every other line is a duplicate, and the
+    caller drops the workers' sums whole: no line is read again but those. None when more than
+    DECIDE_LINES conflict (what this would hold for them): the caller decides line by line, in
+    chunks. The lines not read are checked with the rest of the batch by the commit's range check."""
+    conflicts: list[tuple[bytes, bytes, int, str | None]] = []
+    for chunk in _in_chunks(SKIPPED.iter_unpack(packed), DECIDE_LINES):
+        seen = store.digests_seen(list(dict.fromkeys(d for d, _, _ in chunk)))
+        for d, c, i in chunk:
+            was, where = seen.get(d, (None, None))
+            if was and c and was != c:  # the id names another event: recorded, never dropped
+                conflicts.append((d, c, i, where))
+        if len(conflicts) > DECIDE_LINES:
+            return None
+    if not conflicts:
+        return []
+    got = list(lines_at(i for _, _, i, _ in conflicts))
+    ids = parser.take_back_lines({}, [raw for _, _, raw in got], b.strict, b.mapping) \
+        if [g[0] for g in got] == [i for _, _, i, _ in conflicts] else None
+    if ids is None or ids != [(d, c) for d, c, _, _ in conflicts]:
+        raise JournalChanged(f"{path} was overwritten while a batch of it was being "
+                             "processed. Nothing of the batch was applied")
+    return [(offset, index, raw, identity.conflict_reason(parser.event_id(raw, b.mapping), where))
+            for (_, _, _, where), (index, offset, raw) in zip(conflicts, got, strict=True)]
+
+
 def _in_chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
     """`items` in lists of `size`, the last shorter."""
     it = iter(items)
@@ -885,10 +915,16 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
             packed = store.claim_digest_rows([p.opaque_rows for p in b.parts], b.opaque_count, fingerprint,
                                              first_line, b.part_lines, hopeful) or b""
             skipped = lambda: ((d, c, i, None, -1) for d, c, i in SKIPPED.iter_unpack(packed))  # noqa: E731
-        rows.extend(p.opaque_sum_rows for p in b.parts)  # the workers' rendering, as if all new
-        users.extend(p.opaque_users for p in b.parts)
-        out.applied += b.opaque_count
-        if repeats or packed:
+        applied_before = _all_applied_before(store, b, packed, lines_at, path) \
+            if len(packed) == b.opaque_count * SKIPPED.size else None
+        if applied_before is not None:  # a file sent twice: the workers' sums are dropped whole
+            out.duplicates += b.opaque_count - len(applied_before)
+            out.rejects.extend(applied_before)
+        else:
+            rows.extend(p.opaque_sum_rows for p in b.parts)  # the workers' rendering, as if all new
+            users.extend(p.opaque_users for p in b.parts)
+            out.applied += b.opaque_count
+        if (repeats or packed) and applied_before is None:
             lines = lines_at(r[2] for r in skipped())  # the batch read once
             for chunk in _in_chunks(skipped(), DECIDE_LINES):  # what is held for them here
                 got = list(itertools.islice(lines, len(chunk)))

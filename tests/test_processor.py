@@ -480,6 +480,50 @@ def test_a_batch_of_new_opaque_ids_is_copied_straight_in_and_one_seen_before_und
     assert sum(minute_sums(dsn).values()) == sum(want.values())
 
 
+@pytest.mark.parametrize("held", [None, 1], ids=["shortcut", "too many conflicts"])
+def test_a_file_of_opaque_ids_sent_twice_drops_the_copy_whole_reading_only_its_conflicts(
+        dsn, tmp_path, monkeypatch, held):
+    """A batch none of whose opaque ids is new (the copy of a file applied before): the workers'
+    sums are dropped whole and only the lines whose id came with other content are read again,
+    each rejected naming where the id was first seen. More conflicts than the shortcut holds
+    (DECIDE_LINES) and the batch is decided line by line instead: the same outcome."""
+    from evtool import processor
+
+    if held:
+        monkeypatch.setattr(processor, "DECIDE_LINES", held)
+    journal = tmp_path / "j.jsonl"
+    lines = [line(f"u{n % 5}", "add_revenue" if n % 4 else "subtract_revenue", n, f"id-{n}")
+             for n in range(1, 301)]
+    write(journal, *lines)
+    tuning = {"workers": 2, "inline_bytes": 0, "piece_bytes": 4_000}
+    assert process(dsn, [journal], **tuning).applied == 300
+    want, minutes = totals(dsn), minute_sums(dsn)
+    copy = list(lines)
+    copy[41] = line("u1", "add_revenue", 999, "id-42")  # the id of line 42, another event
+    copy[250] = line("u7", "add_revenue", 5, "id-251")  # and a new user's only event
+    write(journal, *copy)
+    read: list[int] = []
+    real = processor.read_lines
+
+    def counted(f, start, end, wanted):
+        for got in real(f, start, end, wanted):
+            read.append(got[0])
+            yield got
+
+    monkeypatch.setattr(processor, "read_lines", counted)
+    report = process(dsn, [journal], **tuning)
+    assert (report.applied, report.duplicates, report.rejected, report.files[0].batches) == (0, 298, 2, 1)
+    assert len(report.users) == 0
+    assert totals(dsn) == want and minute_sums(dsn) == minutes
+    if not held:
+        assert read == [41, 250]  # the conflicts' lines only
+    with psycopg.connect(dsn) as conn:
+        got = conn.execute("SELECT line_no, reason FROM rejected_lines ORDER BY line_no").fetchall()
+    assert [n for n, _ in got] == [342, 551]
+    assert got[0][1].startswith(f"eventId id-42 was already applied with different content (first seen in "
+                                f"{journal.resolve()} line 42)")
+
+
 def test_retries_within_a_batch_of_new_opaque_ids_keep_it_on_the_copy(dsn, tmp_path, monkeypatch):
     """A client's retries within a batch (in one part or two) and an id reused there with other
     content are found by the merge: the copy of the new ids stands (the batch table is never
