@@ -89,7 +89,16 @@ def run(dsn: str, tmp: Path) -> dict[str, Any]:
     # The audit trail: ids repeated across journals, re-applied lines, rejects.
     for user in ("o", "u1", "f", "h", "x"):
         out[f"events_{user}"] = json.loads(cli_run(dsn, "events", user, str(a), str(b), "--json"))
-    for key in ("process_a", "process_b", "process_again"):
+    # A file of client ids all applied before, one with other content: the copy is dropped
+    # whole and only that line is read again, to be rejected naming where the id was first seen.
+    c = tmp / "c.jsonl"
+    c.write_text(ev("o", 5, "opaque-1") + ev("p", 9, "opaque-3") + ev("p", 8, "opaque-3"))
+    out["process_c"] = json.loads(cli_run(dsn, "process", str(c), "--json"))
+    assert [out["process_c"][k] for k in ("applied", "duplicates", "rejected")] == [0, 2, 1]
+    rejects_c = cli_run(dsn, "rejects", "--json", "--file", str(c)).splitlines()
+    out["rejects_c"] = [_untimed(json.loads(x)) for x in rejects_c]
+    assert len(out["rejects_c"]) == 1 and "first seen in" in out["rejects_c"][0]["reason"]
+    for key in ("process_a", "process_b", "process_again", "process_c"):
         out[key] = {k: out[key][k] for k in ("applied", "duplicates", "rejected")}
     for key in ("report", "report_window", "after"):
         out[key] = {k: v for k, v in out[key].items() if k not in ("since", "until")}
