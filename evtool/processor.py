@@ -778,6 +778,9 @@ def _retried_lines(find: Callable[[re.Pattern[bytes]], Iterator[tuple[int, bytes
     them (an id's text may also stand in another field)."""
     numbers = sorted({b"%d:" % n for n, _ in retried})
     pattern = re.compile(re.escape(f"{source}:".encode()) + b"(" + _trie(numbers) + b")([0-9a-f]{16})")
+    # re keeps its last 512 patterns; one of 16,384 line numbers holds ~1 MB: a follower that
+    # met many retries over months would keep hundreds of MB of them
+    re.purge()
     found: dict[tuple[int, bytes], list[bytes]] = {}
     for _, raw in find(pattern):
         m = pattern.search(raw)
