@@ -694,24 +694,34 @@ class Processor:
         return report
 
 
-def read_lines(f: BinaryIO, start: int, end: int, wanted: Iterable[int]) -> Iterator[tuple[int, int, bytes]]:
-    """The lines of index `wanted` (increasing, taken as they are needed) among the lines of
-    bytes [start, end) of `f` (which ends at a line's end), as (index, offset in the file, the
-    line without its end), in one pass a few MiB at a time: a large batch is never held whole
-    to find some of its lines. Read at their offsets (os.pread), never from a buffer the file
-    object kept: the bytes as the file holds them now, for the caller to check against the parse."""
-    todo = iter(wanted)
-    w = next(todo, None)
-    index, offset, rest, pos = 0, start, b"", start
+def _blocks(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """Bytes [start, end) of `f` (which ends at a line's end) as (offset in the file, complete
+    lines), a few MiB at a time: a large batch is never held whole. Read at their offsets
+    (os.pread), never from a buffer the file object kept: the bytes as the file holds them now,
+    for the caller to check against the parse. Ends early if the file shrank (the caller finds
+    lines missing)."""
     fd = f.fileno()
-    while w is not None and pos < end:
+    pos, rest = start, b""
+    while pos < end:
         block = os.pread(fd, min(READ_LINES_CHUNK, end - pos), pos)
-        if not block:  # the file shrank: the caller finds lines missing
+        if not block:
             return
         pos += len(block)
         data = rest + block
         cut = data.rfind(b"\n") + 1
-        lines = data.count(b"\n", 0, cut)
+        rest = data[cut:]
+        yield pos - len(data), data[:cut]
+
+
+def read_lines(f: BinaryIO, start: int, end: int, wanted: Iterable[int]) -> Iterator[tuple[int, int, bytes]]:
+    """The lines of index `wanted` (increasing, taken as they are needed) among the lines of
+    bytes [start, end) of `f`, as (index, offset in the file, the line without its end), in one
+    pass (_blocks)."""
+    todo = iter(wanted)
+    w = next(todo, None)
+    index = 0
+    for offset, data in _blocks(f, start, end) if w is not None else ():
+        lines = data.count(b"\n")
         at, at_index = 0, index
         while w is not None and w < index + lines:
             while at_index < w:
@@ -719,31 +729,21 @@ def read_lines(f: BinaryIO, start: int, end: int, wanted: Iterable[int]) -> Iter
                 at_index += 1
             yield w, offset + at, data[at:data.index(b"\n", at)].rstrip(b"\r")
             w = next(todo, None)
+        if w is None:
+            return
         index += lines
-        offset += cut
-        rest = data[cut:]
 
 
 def find_lines(f: BinaryIO, start: int, end: int, pattern: re.Pattern[bytes]) -> Iterator[tuple[int, bytes]]:
     """The lines of bytes [start, end) of `f` in which `pattern` matches, each once, as (offset
-    in the file, the line without its end): one pass a few MiB at a time, read with os.pread
-    (as read_lines). A match must not span lines."""
-    fd = f.fileno()
-    pos, rest = start, b""
-    while pos < end:
-        block = os.pread(fd, min(READ_LINES_CHUNK, end - pos), pos)
-        if not block:  # the file shrank: the caller finds lines missing
-            return
-        pos += len(block)
-        data = rest + block
-        cut = data.rfind(b"\n") + 1
-        base, last = pos - len(data), -1
-        for m in pattern.finditer(data, 0, cut):
+    in the file, the line without its end), in one pass (_blocks). A match must not span lines."""
+    for base, data in _blocks(f, start, end):
+        last = -1
+        for m in pattern.finditer(data):
             at = data.rfind(b"\n", 0, m.start()) + 1
             if at != last:
                 last = at
                 yield base + at, data[at:data.index(b"\n", m.end())].rstrip(b"\r")
-        rest = data[cut:]
 
 
 def _trie(words: list[bytes]) -> bytes:

@@ -230,6 +230,29 @@ def test_a_retried_line_overwritten_before_it_is_taken_back_stops_the_batch(dsn,
     assert (report.applied, report.duplicates) == (300, 1)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4 << 20])
+def test_read_lines_and_find_lines_see_the_lines_whatever_the_blocks(tmp_path, monkeypatch, chunk):
+    """The two one-pass readers of a batch (processor._blocks): lines longer than a block,
+    CRLF ends, a range that starts and ends inside the file."""
+    from evtool import processor
+
+    monkeypatch.setattr(processor, "READ_LINES_CHUNK", chunk)
+    lines = [b"x" * (n * 13 % 50) + b"-%d" % n + (b"\r" if n % 3 == 0 else b"") for n in range(60)]
+    data = b"".join(x + b"\n" for x in lines)
+    path = tmp_path / "j"
+    path.write_bytes(b"head\n" + data + b"tail")
+    start, end = 5, 5 + len(data)
+    offsets = [start + sum(len(x) + 1 for x in lines[:i]) for i in range(len(lines))]
+    with open(path, "rb") as f:
+        wanted = [0, 1, 2, 17, 18, 59]
+        assert list(processor.read_lines(f, start, end, wanted)) == [
+            (i, offsets[i], lines[i].rstrip(b"\r")) for i in wanted]
+        assert list(processor.read_lines(f, start, end, [])) == []
+        found = list(processor.find_lines(f, start, end, re.compile(rb"-(?:5|4\d)\b|x-")))
+        want = [i for i, x in enumerate(lines) if re.search(rb"-(?:5|4\d)\b|x-", x)]
+        assert found == [(offsets[i], lines[i].rstrip(b"\r")) for i in want] and len(want) > 5
+
+
 def test_within_says_whether_a_cells_entries_are_all_stored_as_sets_would():
     """identity.within, the subset test of a resent cell: a run of the stored entries found as
     bytes must start at an entry's boundary (a match across two entries is no match)."""
