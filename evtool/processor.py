@@ -798,6 +798,38 @@ def _retried_lines(find: Callable[[re.Pattern[bytes]], Iterator[tuple[int, bytes
     return back, kept
 
 
+def _retry_taken_back(find: Callable[[re.Pattern[bytes]], Iterator[tuple[int, bytes]]],
+                      claim: identity.Claim, source: str, lines: parser.SourceLines,
+                      b: Batch) -> tuple[parser.Sums, int] | None:
+    """The sums of a source's lines not applied in the batch, and how many they are, when they
+    are a retry's few (identity.Claim.retried, found by _retried_lines). Each line taken back,
+    and each that counts, must be a valid event with the entry its text named, parsed as one
+    piece by the part loops (so its sums leave the very keys they went to). None: decide the
+    source line by line."""
+    retried = claim.retried(source, lines)
+    found = _retried_lines(find, source, retried) if retried is not None else None
+    if found is None:
+        return None
+    sums: parser.Sums = {}
+    for into, got in ((sums, found[0]), ({}, found[1])):
+        named = parser.take_back_sender_lines(into, [raw for raw, _ in got], source, b.strict, b.mapping)
+        if named != sorted(e for _, e in got):
+            return None
+    return sums, len(found[0])
+
+
+def _take_back_checked(sums: parser.Sums, got: list[tuple[int, int, bytes]],
+                       wanted: list[tuple[bytes, bytes, int]], b: Batch, path: str) -> None:
+    """Count the opaque-id lines `got` (read_lines: index, offset, raw) out of `sums`, each of
+    which must be the very event parsed: the line `wanted` names (digest, content, index), then
+    its digests; else the journal was overwritten under the run (JournalChanged)."""
+    ids = parser.take_back_lines(sums, [raw for _, _, raw in got], b.strict, b.mapping) \
+        if [g[0] for g in got] == [i for _, _, i in wanted] else None
+    if ids is None or ids != [(d, c) for d, c, _ in wanted]:
+        raise JournalChanged(f"{path} was overwritten while a batch of it was being "
+                             "processed. Nothing of the batch was applied")
+
+
 def _all_applied_before(store: Store, b: Batch, packed: bytes,
                         lines_at: Callable[[Iterable[int]], Iterator[tuple[int, int, bytes]]],
                         path: str) -> list[tuple[int, int, bytes, str]] | None:
@@ -819,11 +851,7 @@ def _all_applied_before(store: Store, b: Batch, packed: bytes,
     if not conflicts:
         return []
     got = list(lines_at(i for _, _, i, _ in conflicts))
-    ids = parser.take_back_lines({}, [raw for _, _, raw in got], b.strict, b.mapping) \
-        if [g[0] for g in got] == [i for _, _, i, _ in conflicts] else None
-    if ids is None or ids != [(d, c) for d, c, _, _ in conflicts]:
-        raise JournalChanged(f"{path} was overwritten while a batch of it was being "
-                             "processed. Nothing of the batch was applied")
+    _take_back_checked({}, got, [(d, c, i) for d, c, i, _ in conflicts], b, path)
     return [(offset, index, raw, identity.conflict_reason(parser.event_id(raw, b.mapping), where))
             for (_, _, _, where), (index, offset, raw) in zip(conflicts, got, strict=True)]
 
@@ -867,21 +895,15 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
         if claim.applied_before(source, lines):  # a file sent twice: its sums are dropped whole
             out.duplicates += sum(part.count for part in lines.parts)
             continue
-        retried = claim.retried(source, lines) if find is not None else None
-        found = _retried_lines(find, source, retried) if find is not None and retried is not None else None
-        mine: parser.Sums = {}
-        # a retry: the workers' sums stand, less the few lines not applied, each of which (and
-        # each that counts) must be a valid event with the entry its text named, parsed as one
-        # piece by the part loops (so its sums leave the very keys they went to)
-        if found is not None and all(
-                parser.take_back_sender_lines(sums, [raw for raw, _ in got], source, b.strict, b.mapping)
-                == sorted(e for _, e in got) for sums, got in ((mine, found[0]), ({}, found[1]))):
-            parser.merge(back, mine, take=True)
+        taken = _retry_taken_back(find, claim, source, lines, b) if find is not None else None
+        if taken is not None:  # a retry: the workers' sums stand, less the few lines not applied
+            sums, count = taken
+            parser.merge(back, sums, take=True)
             claim.cells(source, lines, retried=True)
             rows.extend(part.rows for part in lines.parts)
             users.extend(part.users for part in lines.parts)
-            out.applied += sum(part.count for part in lines.parts) - len(found[0])
-            out.duplicates += len(found[0])
+            out.applied += sum(part.count for part in lines.parts) - count
+            out.duplicates += count
             continue
         # Some lines were applied before, or repeat within the batch: decide line by line.
         data = reread() if data is None else data
@@ -931,12 +953,7 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
             lines = lines_at(r[2] for r in skipped())  # the batch read once
             for chunk in _in_chunks(skipped(), DECIDE_LINES):  # what is held for them here
                 got = list(itertools.islice(lines, len(chunk)))
-                # each line must be the very event parsed: its index, then its digests
-                ids = parser.take_back_lines(back, [raw for _, _, raw in got], b.strict, b.mapping) \
-                    if [g[0] for g in got] == [r[2] for r in chunk] else None
-                if ids is None or any(i != (d, c) for i, (d, c, *_) in zip(ids, chunk, strict=True)):
-                    raise JournalChanged(f"{path} was overwritten while a batch of it was being "
-                                         "processed. Nothing of the batch was applied")
+                _take_back_checked(back, got, [(d, c, i) for d, c, i, _, _ in chunk], b, path)
                 # the first content and where it was seen, where the database did not say them
                 # (the merge says both for a repeat within the batch)
                 seen = store.digests_seen(list(dict.fromkeys(d for d, _, _, was, _ in chunk if was is None)))

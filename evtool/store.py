@@ -38,31 +38,6 @@ SKIPPED = struct.Struct(">16s8sq")  # a line claim_digest_rows says was not appl
 _BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _BINARY_TRAILER = struct.pack(">h", -1)
 TEMP_BUFFERS_MB = 64  # a session's buffers for the batch tables (see _ensure_temp)
-
-
-class _Digests(bytes):
-    """A bytea[] parameter already in PostgreSQL's binary array form (see digest_array)."""
-
-
-class _DigestsDumper(psycopg.adapt.Dumper):
-    oid = 1001  # bytea[]
-    format = psycopg.pq.Format.BINARY
-
-    def dump(self, obj: Any) -> bytes:
-        return obj  # type: ignore[no-any-return]
-
-
-psycopg.adapters.register_dumper(_Digests, _DigestsDumper)
-
-
-def digest_array(digests: list[bytes]) -> _Digests:
-    """16-byte digests as one bytea[] parameter, packed here in one join: psycopg's dumper of a
-    list takes ~1 s a million items."""
-    if any(len(d) != 16 for d in digests):  # (never expected: event digests are 16 bytes)
-        raise ValueError("an event digest is not 16 bytes")
-    # one dimension, no NULLs, element type bytea (17); then its length and lower bound
-    head = struct.pack(">iiIii", 1, 0, 17, len(digests), 1)
-    return _Digests(head + b"".join(b"\x00\x00\x00\x10" + d for d in digests))
 MAX_WORK_MEM_MB = 256  # what one batch's statement may ask for each sort or hash (add_to_totals)
 # A batch with at least this many per-minute rows appends them to revenue_minutes_pending
 # instead of upserting them into revenue_by_minute (migration 013): many users, one probe each.
@@ -98,6 +73,31 @@ def _relayed_connection_loss(exc: psycopg.Error, state: str, message: str) -> bo
     """A lost connection to another node, relayed as an internal error: retrying the batch (one
     transaction, idempotent) is right; a real internal error fails again and ends the retries."""
     return state in ("", "XX000") and bool(_LOST.search(message))
+
+
+class _Digests(bytes):
+    """A bytea[] parameter already in PostgreSQL's binary array form (see digest_array)."""
+
+
+class _DigestsDumper(psycopg.adapt.Dumper):
+    oid = 1001  # bytea[]
+    format = psycopg.pq.Format.BINARY
+
+    def dump(self, obj: Any) -> bytes:
+        return obj  # type: ignore[no-any-return]
+
+
+psycopg.adapters.register_dumper(_Digests, _DigestsDumper)
+
+
+def digest_array(digests: list[bytes]) -> _Digests:
+    """16-byte digests as one bytea[] parameter, packed here in one join: psycopg's dumper of a
+    list takes ~1 s a million items."""
+    if any(len(d) != 16 for d in digests):  # (never expected: event digests are 16 bytes)
+        raise ValueError("an event digest is not 16 bytes")
+    # one dimension, no NULLs, element type bytea (17); then its length and lower bound
+    head = struct.pack(">iiIii", 1, 0, 17, len(digests), 1)
+    return _Digests(head + b"".join(b"\x00\x00\x00\x10" + d for d in digests))
 
 
 def _unique_violation(exc: psycopg.Error) -> bool:
