@@ -2,6 +2,7 @@
 
     python -m tests.bench.proc_cpu --server DSN --pgdata DIR JOURNAL [--evtool SRC_DIR]
         [--batch-mb MB] [--max-held-mb MB] [--table-flush-mb MB] [--retries N] [--retried-posts N]
+        [--collate NAME]
 
 Creates (or recreates) the database `evtool_proc_cpu` on the server DSN points at, applies
 JOURNAL with `evtool.processor.process` (from SRC_DIR when given, to compare two checkouts on
@@ -14,7 +15,8 @@ and what a worker part may hold (`parser.MAX_HELD`): to measure what other batch
 copy of JOURNAL (in TMPDIR) with N lines each written again 1-49 lines later (seeded), as a
 client's retries land: with opaque ids, the lines the database finds not applied.
 --retried-posts N: N runs of 1,000 lines (what `send` POSTs at once) each written again right
-after itself (seeded), as a POST retried after it landed.
+after itself (seeded), as a POST retried after it landed. --collate C creates the database from
+template0 with that LC_COLLATE (what the server's default collation costs the per-user writes).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--table-flush-mb", type=int, help="parser.TABLE_FLUSH (default: evtool's)")
     ap.add_argument("--retries", type=int, default=0, help="lines written twice (a copy of JOURNAL)")
     ap.add_argument("--retried-posts", type=int, default=0, help="runs of 1,000 lines written twice")
+    ap.add_argument("--collate", help="create the database with this LC_COLLATE (from template0)")
     ap.add_argument("journal", type=Path)
     a = ap.parse_args()
     if a.retries or a.retried_posts:
@@ -71,7 +74,8 @@ def main() -> None:
 
     with psycopg.connect(a.server, autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS evtool_proc_cpu")
-        conn.execute("CREATE DATABASE evtool_proc_cpu")
+        conn.execute("CREATE DATABASE evtool_proc_cpu" + (
+            f" TEMPLATE template0 LC_COLLATE '{a.collate}'" if a.collate else ""))
     dsn = make_conninfo(a.server, dbname="evtool_proc_cpu")
     if a.table_flush_mb:
         parser.TABLE_FLUSH = a.table_flush_mb << 20  # before the workers are forked
