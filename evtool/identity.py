@@ -350,7 +350,7 @@ class Claim:
                     was, at = first[d]
                     where = f"{origins[at][2]} line {origins[at][1]}" if origins else None
                 else:
-                    was, where = known[d]
+                    was, where = known.content(d), known.where(d)
                 if was and c and was != c:
                     self.conflicts[d] = where
                     out.append(None)

@@ -843,9 +843,9 @@ def _all_applied_before(store: Store, b: Batch, packed: bytes,
     for chunk in _in_chunks(SKIPPED.iter_unpack(packed), DECIDE_LINES):
         seen = store.digests_seen(list(dict.fromkeys(d for d, _, _ in chunk)))
         for d, c, i in chunk:
-            was, where = seen.get(d, (None, None))
+            was = seen.content(d)
             if was and c and was != c:  # the id names another event: recorded, never dropped
-                conflicts.append((d, c, i, where))
+                conflicts.append((d, c, i, seen.where(d)))
         if len(conflicts) > DECIDE_LINES:
             return None
     if not conflicts:
@@ -960,11 +960,11 @@ def apply(store: Store, b: Batch, reread: Callable[[], bytes],
                 conflicts = []
                 for entry, line in zip(chunk, got, strict=True):
                     d, c, _, was, _ = entry
-                    was = seen.get(d, (None, None))[0] if was is None else was
+                    was = seen.content(d) if was is None else was
                     if was and c and was != c:  # the id names another event: recorded, never dropped
                         conflicts.append((entry, line))
                 for (d, _, index, _, at), (_, offset, raw) in conflicts:
-                    where = f"{path} line {first_line + at}" if at >= 0 else seen.get(d, (None, None))[1]
+                    where = f"{path} line {first_line + at}" if at >= 0 else seen.where(d)
                     out.rejects.append((offset, index, raw,
                                         identity.conflict_reason(parser.event_id(raw, b.mapping), where)))
                 out.duplicates += len(chunk) - len(conflicts)

@@ -150,6 +150,35 @@ def path_of_text(text: str) -> str:
     return os.fsdecode(raw.encode("utf-8", "surrogateescape"))
 
 
+class Seen:
+    """Event digests recorded before (Store.digests_seen): each one's first content, and where it
+    was first seen. The "path line n" text is made only when asked (a conflict's reason): a
+    file sent twice reads a million digests, and a string each was a second of its run."""
+
+    def __init__(self, rows: dict[bytes, tuple[bytes | None, bytes | None, int | None]],
+                 paths: dict[bytes, str]) -> None:
+        self._rows = rows  # digest: (content, journal fingerprint, line number)
+        self._paths = paths
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def content(self, digest: bytes) -> bytes | None:
+        """The content the id was first recorded with (None: not recorded, or recorded
+        without one)."""
+        row = self._rows.get(digest)
+        return row[0] if row is not None else None
+
+    def where(self, digest: bytes) -> str | None:
+        """"path line n" where the id was first seen, when the database knows."""
+        row = self._rows.get(digest)
+        path = self._paths.get(row[1]) if row is not None and row[1] is not None else None
+        return f"{path} line {row[2]}" if path else None
+
+
 @dataclass
 class FileProgress:
     """A journal's committed progress, as locked for one batch."""
@@ -538,10 +567,9 @@ class Store:
                 )
 
     def claim_digests(self, digests: list[bytes], contents: list[bytes],
-                      origins: list[tuple[bytes, int, str]] | None = None
-                      ) -> dict[bytes, tuple[bytes | None, str | None]]:
+                      origins: list[tuple[bytes, int, str]] | None = None) -> Seen:
         """Claim event digests: record the ones never recorded (with their content and origin),
-        and return the others: {digest: (content, "path line n" where first seen)}.
+        and return the others, with their first content and where they were first seen.
 
         Inserted in digest order, so processors sharing events wait instead of deadlocking.
         """
@@ -659,28 +687,25 @@ class Store:
             cur.execute("RELEASE SAVEPOINT claim_new_digests")
             return True
 
-    def digests_seen(self, old: list[bytes]) -> dict[bytes, tuple[bytes | None, str | None]]:
-        """{digest: (content, "path line n" where first seen)} of digests recorded before."""
+    def digests_seen(self, old: list[bytes]) -> Seen:
+        """The digests of `old` recorded before: their first content, and where first seen."""
         if not old:
-            return {}
+            return Seen({}, {})
         with self.conn.cursor() as cur:
             # Two reads, not a join: applied_events is distributed by digest, journal_files by
             # fingerprint, and Citus refuses a join that is not on both distribution columns.
             # binary both ways: no hex text of a chunk's digests, nor of what comes back
-            seen = cur.execute(
+            rows = {d: (c, j, n) for d, c, j, n in cur.execute(
                 "SELECT digest, content, journal, line_no FROM applied_events WHERE digest = ANY(%b)",
                 (digest_array(old),), binary=True,
-            ).fetchall()
-            journals = {bytes(j) for _, _, j, _ in seen if j is not None}
+            )}
+            journals = {j for _, j, _ in rows.values()}
+            journals.discard(None)
             paths = dict(cur.execute(
                 "SELECT fingerprint, path FROM journal_files WHERE fingerprint = ANY(%s::bytea[])",
                 (list(journals),),
             ).fetchall()) if journals else {}
-            out: dict[bytes, tuple[bytes | None, str | None]] = {}
-            for d, c, j, n in seen:
-                p = paths.get(bytes(j)) if j is not None else None
-                out[bytes(d)] = (bytes(c) if c is not None else None, f"{p} line {n}" if p else None)
-            return out
+        return Seen(rows, paths)
 
     def add_to_totals(self, rows: Iterable[bytes], count: int, size: int, net: bool = False) -> bool:
         """Add per-(user, minute) sums, as COPY rows (see copy_rows: `count` rows of `size`
