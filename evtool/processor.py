@@ -841,7 +841,13 @@ def _all_applied_before(store: Store, b: Batch, packed: bytes,
     chunks. The lines not read are checked with the rest of the batch by the commit's range check."""
     conflicts: list[tuple[bytes, bytes, int, str | None]] = []
     for chunk in _in_chunks(SKIPPED.iter_unpack(packed), DECIDE_LINES):
-        seen = store.digests_seen(list(dict.fromkeys(d for d, _, _ in chunk)))
+        digests = list(dict.fromkeys(d for d, _, _ in chunk))
+        # usually every line is its id's first content again: then no line of the chunk is
+        # looked at one by one (a line conflicts only where its digest and content, joined,
+        # are not a pair the database holds)
+        if {d + c for d, c, _ in chunk} <= store.recorded_pairs(digests):
+            continue
+        seen = store.digests_seen(digests)
         for d, c, i in chunk:
             was = seen.content(d)
             if was and c and was != c:  # the id names another event: recorded, never dropped
