@@ -163,9 +163,6 @@ class Seen:
     def __contains__(self, digest: bytes) -> bool:
         return digest in self._rows
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
     def content(self, digest: bytes) -> bytes | None:
         """The content the id was first recorded with (None: not recorded, or recorded
         without one)."""
