@@ -162,7 +162,7 @@ class Bench:
                   "psql": "psql COPY + GROUP BY + upsert"}
         samples: dict[str, list[float]] = {ref: [] for ref, *_ in refs}
         ours: list[float] = []
-        reported, rss = [], []
+        reported: list[float] = []
         for _ in range(self.repeat):
             for ref in samples:
                 if ref == "duckdb":
@@ -180,7 +180,6 @@ class Bench:
                                        f"rejected {report['rejected']}")
                 check_totals(dsn, w.expected)
             ours.append(w.events / r.wall)
-            rss.append(r.maxrss_kib / 1024)
             reported.append(report["events_per_second"])
             self.log("  " + ", ".join(f"{ref} {fmt_rate(xs[-1])}/s" for ref, xs in samples.items())
                      + f", evtool {fmt_rate(ours[-1])}/s")
@@ -189,7 +188,7 @@ class Bench:
             fig = Figure(f"vs_{ref}", label, "events/s", labels[ref], kind, threshold,
                          evtool=list(ours), baseline=samples[ref], issue=issue)
             figs.append(fig)
-        figs[0].extra = {"evtool_reported_events_per_second": reported, "evtool_maxrss_mib": rss,
+        figs[0].extra = {"evtool_reported_events_per_second": reported,
                          "file": str(w.path)}
         figs[0].notes.append("wall time around each subprocess, start-up included; a fresh database each "
                              "run; input is a real serve journal (every line has an eventId); every run's "
@@ -249,13 +248,13 @@ class Bench:
             self.log("  PostgreSQL floor " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in steps.items()))
             mem.evtool.append(r.tree_pss_kib / 1024)
             rss.append(r.tree_rss_kib / 1024)
-            own.append(r.maxrss_kib / 1024)
+            own.append(r.main_hwm_kib / 1024)
             self.log(f"  PSS {mem.evtool[-1]:.0f} MiB, RSS sum {rss[-1]:.0f} MiB, "
                      f"main process {own[-1]:.0f} MiB")
-        mem.extra = {"tree_rss_sum_mib": rss, "main_process_maxrss_mib": own}
+        mem.extra = {"tree_rss_sum_mib": rss, "main_process_peak_rss_mib": own}
         mem.notes.append(f"separate untimed run(s) (repeat // 2), psutil polled every 20 ms; RSS sum "
-                         f"{max(rss):.0f} MiB, main process ru_maxrss {max(own):.0f} MiB")
-        floor.extra = {"seconds": steps}
+                         f"{max(rss):.0f} MiB, main process's own peak RSS (VmHWM) {max(own):.0f} MiB")
+        floor.extra = {"floor_seconds": steps}  # ("seconds" is the group's time, set by run.py)
         floor.notes.append(
             "the cheapest statements for what one batch of this journal must write, each timed alone in "
             "the memory run's database, emptied (then rolled back): its (user, minute) rows loaded "
@@ -345,13 +344,14 @@ class Bench:
                     r = self.process_once(w, dsn, tree_rss=True)
                 samples.append(r.tree_pss_kib / 1024)
                 rss[side].append(r.tree_rss_kib / 1024)
-                own[side].append(r.maxrss_kib / 1024)
+                own[side].append(r.main_hwm_kib / 1024)
             self.log(f"  PSS {fig.baseline[-1]:.0f} vs {fig.evtool[-1]:.0f} MiB; "
                      f"RSS sum {rss['small'][-1]:.0f} vs {rss['big'][-1]:.0f}; "
                      f"main process {own['small'][-1]:.0f} vs {own['big'][-1]:.0f}")
-        fig.extra = {"main_process_maxrss_mib": own, "tree_rss_sum_mib": rss}
+        fig.extra = {"main_process_peak_rss_mib": own, "tree_rss_sum_mib": rss}
         fig.notes.append("peak of the summed PSS of evtool and its worker processes (psutil, polled "
-                         "every 20 ms), cold runs; the RSS sum and the main process's ru_maxrss: JSON")
+                         "every 20 ms), cold runs; the RSS sum and the main process's own peak RSS "
+                         "(VmHWM): JSON")
         return fig
 
     # -- send -> serve -----------------------------------------------------------------------

@@ -79,7 +79,7 @@ def main() -> None:
     dsn = make_conninfo(a.server, dbname="evtool_proc_cpu")
     if a.table_flush_mb:
         parser.TABLE_FLUSH = a.table_flush_mb << 20  # before the workers are forked
-    stop, peak = threading.Event(), [0, 0]  # this process and its workers: RSS and PSS sums
+    stop, peak = threading.Event(), [0, 0, 0]  # this process and its workers: RSS and PSS sums; own peak
     threading.Thread(target=_poll_tree_memory, args=(os.getpid(), stop, peak), daemon=True).start()
     p0, m0, t0 = server_cpu(), own_cpu(), time.perf_counter()
     tuning = {"max_held": a.max_held_mb << 20} if a.max_held_mb else {}

@@ -41,12 +41,16 @@ class Run:
     """One finished subprocess: wall seconds, peak RSS (KiB), exit code and output."""
 
     wall: float
+    # wait4's ru_maxrss: NOT the child's own peak. Linux carries the spawning process's
+    # high-water mark into the program it execs (posix_spawn/vfork share the bench's memory
+    # until then), so this is at least the bench process's own peak. Use main_hwm_kib.
     maxrss_kib: int
     returncode: int
     stdout: str
     stderr: str
     tree_rss_kib: int = 0  # peak of the summed RSS of the process and its descendants (polled)
     tree_pss_kib: int = 0  # the same with PSS: pages shared between them count once in all
+    main_hwm_kib: int = 0  # the process's own peak RSS (its VmHWM, polled, last seen), with tree_rss
 
     def check(self, what: str) -> Run:
         if self.returncode != 0:
@@ -78,22 +82,27 @@ def _poll_tree_memory(pid: int, stop: threading.Event, peak: list[int]) -> None:
             pss += mem.pss
         peak[0] = max(peak[0], rss // 1024)
         peak[1] = max(peak[1], pss // 1024)
+        try:  # monotonic for the program's life: its last value is its peak so far
+            with open(f"/proc/{pid}/status", "rb") as f:
+                hwm = next((int(line.split()[1]) for line in f if line.startswith(b"VmHWM:")), 0)
+        except (OSError, ValueError, IndexError):
+            continue
+        peak[2] = max(peak[2], hwm)
 
 
 def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
         timeout: float = 1800, tree_rss: bool = False) -> Run:
     """Run `cmd`, timing it from spawn to exit; peak RSS comes from wait4 on that very child.
 
-    wait4's ru_maxrss is the child's own peak (or that of a descendant it waited for, whichever
-    is larger), not a sum over a process tree; `tree_rss` also polls the sums of RSS and PSS over
-    the tree (worker processes included).
+    `tree_rss` polls the sums of RSS and PSS over the tree (worker processes included) and the
+    process's own peak RSS; wait4's ru_maxrss is kept, but see Run.maxrss_kib.
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=cwd)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
-        stop, peak = threading.Event(), [0, 0]
+        stop, peak = threading.Event(), [0, 0, 0]
         poller = threading.Thread(target=_poll_tree_memory, args=(proc.pid, stop, peak), daemon=True)
         if tree_rss:
             poller.start()
