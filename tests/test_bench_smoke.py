@@ -34,3 +34,26 @@ def test_bench_tiny_run_prints_table_and_writes_json(tmp_path: Path) -> None:
         assert {"label", "unit", "evtool", "baseline", "ratio", "target", "met"} <= fig.keys()
         assert fig["evtool"]["median"] > 0 and fig["baseline"]["median"] > 0
         assert len(fig["evtool"]["samples"]) == len(fig["baseline"]["samples"]) == 1
+
+
+def test_bench_tiny_run_measures_the_floors_beside_their_targets(tmp_path: Path) -> None:
+    """The rows that bound unmet targets (PostgreSQL's floor for the big batch's writes, the 10th
+    UUID file's ceiling with a row per id) are measured in the same run as those targets."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.bench.run", "--events", "2000", "--repeat", "1",
+         "--only", "big,uuids10", "--cache", str(tmp_path / "cache"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = {f["key"]: f for f in json.loads(out.read_text())["figures"]}
+    assert {"process_big.db_floor", "process_10th_uuids.row_ceiling"} <= figures.keys()
+    floor = figures["process_big.db_floor"]
+    assert floor["error"] is None and floor["target"] == "-"
+    assert set(floor["extra"]["floor_seconds"]) == {"load", "sum", "users", "log", "minutes"}
+    # the floor is the events over the sum of its steps' seconds, beside DuckDB's own samples
+    steps = sum(v[0] for v in floor["extra"]["floor_seconds"].values())
+    assert abs(floor["evtool"]["median"] - 20_000 / steps) <= 1e-6 * floor["evtool"]["median"]
+    assert floor["baseline"]["samples"] == figures["process_big.vs_duckdb"]["baseline"]["samples"]
+    ceiling = figures["process_10th_uuids.row_ceiling"]
+    assert ceiling["error"] is None and len(ceiling["extra"]["growth_seconds"]) == 1
+    assert ceiling["baseline"]["samples"] == figures["process_10th_uuids"]["baseline"]["samples"]

@@ -243,7 +243,7 @@ class Bench:
                 r = self.process_once(w, dsn, tree_rss=True)
                 check_totals(dsn, w.expected)
                 for step, seconds in db_floor(dsn).items():
-                    steps.setdefault(step, []).append(round(seconds, 3))
+                    steps.setdefault(step, []).append(seconds)
                 floor.evtool.append(w.events / sum(xs[-1] for xs in steps.values()))
             self.log("  PostgreSQL floor " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in steps.items()))
             mem.evtool.append(r.tree_pss_kib / 1024)
