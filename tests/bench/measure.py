@@ -300,7 +300,7 @@ class Bench:
             fig.notes.append("the prefilled database (VACUUM ANALYZE after) is copied for each run "
                              "(CREATE DATABASE ... TEMPLATE)")
             # With opaque ids: what recording a file's ids costs PostgreSQL beside the 1st file's
-            # and beside the 9th's (the cheapest insert, server-side, rolled back), to bound how
+            # and beside all ten files' (the cheapest insert, server-side, rolled back), to bound how
             # close the 10th can come to the 1st while each id is a row and an index entry.
             grow: list[float] = []
             for _ in range(self.repeat):
