@@ -38,7 +38,7 @@ def evtool_cmd(*args: str) -> list[str]:
 
 @dataclass
 class Run:
-    """One finished subprocess: wall seconds, peak RSS (KiB), exit code and output."""
+    """One finished subprocess: wall seconds, memory figures (KiB), exit code and output."""
 
     wall: float
     # wait4's ru_maxrss: NOT the child's own peak. Linux carries the spawning process's
@@ -92,7 +92,7 @@ def _poll_tree_memory(pid: int, stop: threading.Event, peak: list[int]) -> None:
 
 def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
         timeout: float = 1800, tree_rss: bool = False) -> Run:
-    """Run `cmd`, timing it from spawn to exit; peak RSS comes from wait4 on that very child.
+    """Run `cmd`, timing it from spawn to exit.
 
     `tree_rss` polls the sums of RSS and PSS over the tree (worker processes included) and the
     process's own peak RSS; wait4's ru_maxrss is kept, but see Run.maxrss_kib.
