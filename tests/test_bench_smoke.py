@@ -49,11 +49,11 @@ def test_bench_tiny_run_measures_the_floors_beside_their_targets(tmp_path: Path)
     assert {"process_big.db_floor", "process_10th_uuids.row_ceiling"} <= figures.keys()
     floor = figures["process_big.db_floor"]
     assert floor["error"] is None and floor["target"] == "-"
-    assert set(floor["extra"]["floor_seconds"]) == {"load", "sum", "users", "log", "minutes"}
+    assert set(floor["extra"]["floor_steps"]) == {"load", "sum", "users", "log", "minutes"}
     # the floor is the events over the sum of its steps' seconds, beside DuckDB's own samples
-    steps = sum(v[0] for v in floor["extra"]["floor_seconds"].values())
+    steps = sum(v[0] for v in floor["extra"]["floor_steps"].values())
     assert abs(floor["evtool"]["median"] - 20_000 / steps) <= 1e-6 * floor["evtool"]["median"]
     assert floor["baseline"]["samples"] == figures["process_big.vs_duckdb"]["baseline"]["samples"]
     ceiling = figures["process_10th_uuids.row_ceiling"]
-    assert ceiling["error"] is None and len(ceiling["extra"]["growth_seconds"]) == 1
+    assert ceiling["error"] is None and len(ceiling["extra"]["id_growth"]) == 1
     assert ceiling["baseline"]["samples"] == figures["process_10th_uuids"]["baseline"]["samples"]

@@ -254,7 +254,7 @@ class Bench:
         mem.extra = {"tree_rss_sum_mib": rss, "main_process_peak_rss_mib": own}
         mem.notes.append(f"separate untimed run(s) (repeat // 2), psutil polled every 20 ms; RSS sum "
                          f"{max(rss):.0f} MiB, main process's own peak RSS (VmHWM) {max(own):.0f} MiB")
-        floor.extra = {"floor_seconds": steps}  # ("seconds" is the group's time, set by run.py)
+        floor.extra = {"floor_steps": steps}  # each step's seconds ("seconds" is the group's, run.py)
         floor.notes.append(
             "the cheapest statements for what one batch of this journal must write, each timed alone in "
             "the memory run's database, emptied (then rolled back): its (user, minute) rows loaded "
@@ -322,7 +322,7 @@ class Bench:
                          fig.baseline_label, "info", 0, issue="11",
                          evtool=[n / (n / r + g) for r, g in zip(fig.baseline, grow, strict=True)],
                          baseline=list(fig.baseline))
-        ceiling.extra = {"growth_seconds": [round(g, 3) for g in grow]}
+        ceiling.extra = {"id_growth": [round(g, 3) for g in grow]}  # seconds, a sample each
         ceiling.notes.append(
             "the 1st file's time plus what PostgreSQL's cheapest insert of as many new ids costs more "
             "beside all ten files' ids (after the 10th run) than beside the 1st's (sorted, server-side, "
