@@ -235,7 +235,7 @@ class Bench:
         # the ratio to DuckDB that no parse, however fast, can lift.
         floor = Figure("db_floor", f"{label}: PostgreSQL's floor for its writes",
                        "events/s", "DuckDB parse + aggregate", "info", 0, issue="11")
-        floor.baseline = list(figs[[f.key for f in figs].index("vs_duckdb")].baseline)
+        floor.baseline = list(next(f for f in figs if f.key == "vs_duckdb").baseline)
         steps: dict[str, list[float]] = {}
         rss, own = [], []
         for _ in range(max(1, self.repeat // 2)):
@@ -310,7 +310,8 @@ class Bench:
                 with self.pg.database(template) as dsn:
                     fig.evtool.append(n / self.process_once(chain[-1], dsn).wall)
                     last = digest_floor(dsn, n) if uuids else 0.0
-                grow.append(last - first)
+                if uuids:
+                    grow.append(last - first)
                 self.log(f"  1st {fmt_rate(fig.baseline[-1])}/s, last {fmt_rate(fig.evtool[-1])}/s"
                          + (f"; {short(n)} new ids recorded in {first:.2f} s beside the 1st file's, "
                             f"{last:.2f} s beside the last's" if uuids else ""))
